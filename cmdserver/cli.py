@@ -1,0 +1,31 @@
+"""The ``cmdserver`` console script (administration and client subcommands)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cmdserver import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmdserver",
+        description="cmdserver administration. Start the daemon with: twistd -n cmdserver",
+    )
+    parser.add_argument("--version", action="version", version=f"cmdserver {__version__}")
+    parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.subcommand is None:
+        parser.print_help()
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""The command registry every door shares."""
+
+from cmdserver.commands.base import Command, Context, ListSink, NullSink, Registry
+from cmdserver.commands.basic import Exit, Help, Ping, StatsCommand
+from cmdserver.commands.files import ComputeHash, ListDir
+from cmdserver.commands.lastlog import LastLog, LogSource
+
+__all__ = ["Command", "Context", "ListSink", "NullSink", "Registry", "default_registry"]
+
+
+def default_registry(log_source: LogSource) -> Registry:
+    """Every built-in command, each declared once."""
+    registry = Registry([Help(), Ping(), StatsCommand(), ListDir(), ComputeHash(),
+                         LastLog(log_source)])
+    registry.add(Exit(), "quit")
+    return registry

@@ -1,0 +1,131 @@
+"""File commands inside the jail: ``ls`` and ``comphash``.
+
+Both resolve the path and touch the disk in a thread, never on the reactor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+
+from cmdserver.commands.base import Command, Context
+from cmdserver.errors import CommandError, MissingArgument
+from cmdserver.policy import Policy
+
+ALGORITHMS = ("blake2b", "md5", "sha1", "sha256", "sha512")
+CHUNK = 1 << 20  # 1 MiB: large enough for hashlib to run at full speed without the GIL
+
+
+def os_error(e: OSError, path: str) -> CommandError:
+    """A one-line error for a failed file operation, naming the user's path."""
+    reasons = {
+        FileNotFoundError: "no such file or directory",
+        NotADirectoryError: "not a directory",
+        IsADirectoryError: "is a directory",
+        PermissionError: "permission denied",
+    }
+    reason = reasons.get(type(e)) or (e.strerror or str(e)).lower()
+    return CommandError(f"{reason}: {path}")
+
+
+def open_regular(real: str, shown: str) -> int:
+    """Open a regular file for reading without blocking on FIFOs or devices."""
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise os_error(e, shown) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = "is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise CommandError(f"{kind}: {shown}")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def hash_file(policy: Policy, path: str, algo: str, cancelled: threading.Event) -> str:
+    """Hash a file in fixed chunks: memory stays flat whatever its size."""
+    fd = open_regular(policy.resolve(path), path)
+    digest = hashlib.new(algo)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(fd, "rb", buffering=0, closefd=True) as f:
+        try:
+            while n := f.readinto(buf):
+                if cancelled.is_set():
+                    raise CancelledError()
+                digest.update(view[:n])
+        except OSError as e:
+            raise os_error(e, path) from None
+    return digest.hexdigest()
+
+
+def list_dir(policy: Policy, path: str | None, cancelled: threading.Event) -> list[str]:
+    real = policy.resolve(path)
+    try:
+        return sorted(os.listdir(real))
+    except OSError as e:
+        raise os_error(e, path or ".") from None
+
+
+class ComputeHash(Command):
+    name = "comphash"
+    summary = "Hash a file inside the allowed roots (sha256 unless --algo says)."
+    usage = f"comphash [--algo {'|'.join(ALGORITHMS)}] PATH"
+
+    def parse(self, argv: Sequence[str]) -> dict[str, Any]:
+        algo = "sha256"
+        args = list(argv)
+        rest: list[str] = []
+        while args:
+            word = args.pop(0)
+            if word == "--":
+                rest += args
+                break
+            if word == "--algo" or word.startswith("--algo="):
+                if "=" in word:
+                    algo = word.split("=", 1)[1]
+                elif args:
+                    algo = args.pop(0)
+                else:
+                    raise self.usage_error("--algo needs a name")
+            elif word.startswith("--"):
+                raise self.usage_error(f"unknown option {word}")
+            else:
+                rest.append(word)
+        if not rest:
+            raise MissingArgument("Please provide a path.")
+        if len(rest) > 1:
+            raise self.usage_error("one path only")
+        return {"path": rest[0], "algo": algo}
+
+    def run(self, ctx: Context, path: str, algo: str = "sha256") -> Deferred:
+        if algo not in ALGORITHMS:
+            raise CommandError(f"unknown algorithm {algo!r} (use one of {', '.join(ALGORITHMS)})")
+        return ctx.core.in_thread_cancellable(hash_file, ctx.policy, path, algo)
+
+    def text(self, result: Any) -> list[str]:
+        return [f"File hash is : {result}"]
+
+
+class ListDir(Command):
+    name = "ls"
+    summary = "List the names in a directory inside the allowed roots."
+    usage = "ls [PATH]"
+
+    def parse(self, argv: Sequence[str]) -> dict[str, Any]:
+        if len(argv) > 1:
+            raise self.usage_error()
+        return {"path": argv[0]} if argv else {}
+
+    def run(self, ctx: Context, path: str | None = None) -> Deferred:
+        return ctx.core.in_thread_cancellable(list_dir, ctx.policy, path)
+
+    def text(self, result: Any) -> list[str]:
+        return list(result)

@@ -1,0 +1,184 @@
+"""The command core: parse, run, audit and count commands for every door.
+
+The core knows nothing of transports.  Text doors call :meth:`CommandCore.run_line`
+and print the :class:`TextReply` it returns; PB calls :meth:`CommandCore.call`
+and gets the command's result value (or a failure) back.
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cmdserver.commands.base import Command, Context, Registry
+from cmdserver.errors import CommandError, NotFound, UsageError
+from cmdserver.policy import Policy
+from cmdserver.stats import Stats
+
+log = Logger()
+audit = Logger(namespace="cmdserver.audit")
+
+NOT_FOUND_TEXT = "Command not found."
+INTERNAL_ERROR = "internal error (see the server log)"
+
+
+@dataclass(frozen=True)
+class TextReply:
+    """What a text door prints after a command's streamed output."""
+
+    lines: list[str]
+    ok: bool
+
+
+def split_line(line: str) -> list[str]:
+    """Split a command line into words; quotes group words as in a shell."""
+    if '"' not in line and "'" not in line and "\\" not in line:
+        return line.split()
+    try:
+        return shlex.split(line)
+    except ValueError as e:  # "No closing quotation", "No escaped character"
+        raise UsageError(str(e).lower()) from None
+
+
+def error_text(failure: Failure) -> str:
+    """The one line a user sees for a failed command."""
+    if failure.check(CommandError):
+        return failure.value.text
+    if failure.check(CancelledError):
+        return "Error: cancelled"
+    return f"Error: {INTERNAL_ERROR}"
+
+
+class CommandCore:
+    """Runs commands from the registry under the policy, with audit and stats."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        policy: Policy,
+        reactor: Any = None,
+        run_in_thread: Callable[..., Deferred] | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.registry = registry
+        self.policy = policy
+        self.reactor = reactor
+        self.stats = Stats(reactor.seconds())
+        self._run_in_thread = run_in_thread
+
+    def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
+        """Run blocking work (file I/O, hashing) off the reactor thread."""
+        if self._run_in_thread is not None:
+            return self._run_in_thread(f, *args, **kwargs)
+        pool = self.reactor.getThreadPool()
+        return threads.deferToThreadPool(self.reactor, pool, f, *args, **kwargs)
+
+    def in_thread_cancellable(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        """Run ``f(*args, cancelled=event)`` off the reactor thread, cancellably.
+
+        Cancelling the returned Deferred fails it at once with ``CancelledError``
+        and sets ``event``; ``f`` checks it between chunks of work and gives up.
+        """
+        cancelled = threading.Event()
+        outer: Deferred = Deferred(lambda _: cancelled.set())
+        inner = self.in_thread(f, *args, cancelled=cancelled)
+
+        def relay(result: Any) -> None:
+            # After a cancel nobody waits for the result, so it is dropped.
+            if not outer.called:
+                outer.callback(result)  # a Failure here goes down the errback chain
+
+        inner.addBoth(relay)
+        return outer
+
+    def run_line(self, ctx: Context, line: str) -> Deferred:
+        """Run one text command line; fires with a :class:`TextReply`, never fails.
+
+        Cancelling the returned Deferred cancels the running command.
+        """
+        try:
+            argv = split_line(line)
+        except UsageError as e:
+            return defer.succeed(TextReply([e.text], False))
+        if not argv:
+            return defer.succeed(TextReply([], True))
+        name, args = argv[0], argv[1:]
+        command = self.registry.get(name)
+        if command is None:
+            self._audit(ctx, name, {"argv": args}, "not-found", 0.0, None)
+            return defer.succeed(TextReply([NOT_FOUND_TEXT], False))
+        try:
+            kwargs = command.parse(args)
+        except CommandError as e:
+            self._audit(ctx, name, {"argv": args}, "refused", 0.0, str(e))
+            self.stats.errors += 1
+            return defer.succeed(TextReply([e.text], False))
+        d = self._invoke(ctx, command, kwargs)
+        d.addCallbacks(
+            lambda result: TextReply(command.text(result), True),
+            self._text_failure,
+        )
+        return d
+
+    def call(self, ctx: Context, name: str, **kwargs: Any) -> Deferred:
+        """Run a command with keyword arguments; fires with its result value."""
+        command = self.registry.get(name)
+        if command is None:
+            return defer.fail(NotFound(NOT_FOUND_TEXT))
+        return self._invoke(ctx, command, kwargs)
+
+    def _text_failure(self, failure: Failure) -> TextReply:
+        return TextReply([error_text(failure)], False)
+
+    def _invoke(self, ctx: Context, command: Command, kwargs: dict[str, Any]) -> Deferred:
+        stats = self.stats
+        stats.commands[command.name] += 1
+        stats.in_flight += 1
+        started = self.reactor.seconds()
+        d = defer.maybeDeferred(command.run, ctx, **kwargs)
+
+        def done(result: Any) -> Any:
+            stats.in_flight -= 1
+            elapsed = self.reactor.seconds() - started
+            if isinstance(result, Failure):
+                stats.errors += 1
+                outcome, reason = _outcome(result)
+                if outcome == "internal-error":
+                    log.failure(
+                        "command {command} failed", result, command=command.name,
+                        user=ctx.user, peer=ctx.peer,
+                    )
+                self._audit(ctx, command.name, command.audit_args(kwargs), outcome,
+                            elapsed, reason)
+            else:
+                self._audit(ctx, command.name, command.audit_args(kwargs), "ok",
+                            elapsed, None)
+            return result
+
+        d.addBoth(done)
+        return d
+
+    def _audit(self, ctx: Context, command: str, args: dict[str, Any], outcome: str,
+               duration: float, error: str | None) -> None:
+        audit.info(
+            "{user}@{peer} via {door}: {command} -> {outcome}",
+            user=ctx.user, peer=ctx.peer, door=ctx.door, command=command,
+            args=args, outcome=outcome, duration=round(duration, 6), error=error,
+        )
+
+
+def _outcome(failure: Failure) -> tuple[str, str | None]:
+    if failure.check(CancelledError):
+        return "cancelled", None
+    if failure.check(CommandError):
+        return "error", str(failure.value)
+    return "internal-error", failure.getErrorMessage()

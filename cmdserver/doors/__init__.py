@@ -1,0 +1,1 @@
+"""Front doors: each translates its transport to the command core and back."""

@@ -1,0 +1,123 @@
+"""Connection limits shared by every door: in total and per client address.
+
+Twisted's ``LimitConnectionsByPeer`` indexes the address like a tuple, which
+today's ``IPv4Address`` does not support, so the count is kept here, keyed on
+``addr.host``.  One :class:`ConnectionLimits` is shared by all doors, so an SSH
+connection and a line connection from one host count against the same limit.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+from cmdserver.stats import Stats
+
+log = Logger()
+
+
+def peer_host(addr: IAddress) -> str | None:
+    """The client's host for per-address limits; None for local (UNIX) sockets."""
+    return getattr(addr, "host", None)
+
+
+def format_peer(addr: IAddress) -> str:
+    host, port = getattr(addr, "host", None), getattr(addr, "port", None)
+    if host is None:
+        return "local"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ConnectionLimits:
+    """Counts open connections; refuses past ``max_total`` or ``max_per_host``."""
+
+    def __init__(self, max_total: int, max_per_host: int) -> None:
+        self.max_total = max_total
+        self.max_per_host = max_per_host
+        self.total = 0
+        self.per_host: Counter[str] = Counter()
+
+    def acquire(self, host: str | None) -> bool:
+        if self.total >= self.max_total:
+            return False
+        if host is not None and self.per_host[host] >= self.max_per_host:
+            return False
+        self.total += 1
+        if host is not None:
+            self.per_host[host] += 1
+        return True
+
+    def release(self, host: str | None) -> None:
+        self.total -= 1
+        if host is not None:
+            self.per_host[host] -= 1
+            if not self.per_host[host]:
+                del self.per_host[host]
+
+
+class _Refusal(Protocol):
+    """Says why (if the door has words for it) and hangs up."""
+
+    def __init__(self, message: bytes | None) -> None:
+        self.message = message
+
+    def connectionMade(self) -> None:
+        if self.message:
+            self.transport.write(self.message)
+        self.transport.loseConnection()
+
+
+class _Counted(ProtocolWrapper):
+    """Remembers the host it was counted under, for an exact release."""
+
+    host: str | None = None
+
+
+class LimitedFactory(WrappingFactory):
+    """Wraps a door's factory; counts its connections against shared limits."""
+
+    protocol = _Counted
+    noisy = False
+
+    def __init__(self, wrapped: Factory, limits: ConnectionLimits, stats: Stats,
+                 door: str, refusal: bytes | None = None) -> None:
+        super().__init__(wrapped)
+        self.limits = limits
+        self.stats = stats
+        self.door = door
+        self.refusal = refusal
+
+    def logPrefix(self) -> str:
+        return self.door
+
+    def buildProtocol(self, addr: IAddress) -> Any:
+        host = peer_host(addr)
+        if not self.limits.acquire(host):
+            self.stats.refused += 1
+            log.info("{door}: refused {peer}: too many connections", door=self.door,
+                     peer=format_peer(addr))
+            return _Refusal(self.refusal)
+        inner = self.wrappedFactory.buildProtocol(addr)
+        if inner is None:  # the door declined the connection itself
+            self.limits.release(host)
+            return None
+        wrapper = self.protocol(self, inner)
+        wrapper.host = host
+        self.stats.connection_opened(self.door)
+        return wrapper
+
+    def unregisterProtocol(self, p: _Counted) -> None:
+        if p in self.protocols:
+            self.limits.release(p.host)
+            self.stats.connection_closed(self.door)
+        super().unregisterProtocol(p)
+
+    def disconnect_all(self) -> None:
+        """Drop every open connection (on shutdown)."""
+        for p in list(self.protocols):
+            p.transport.loseConnection()

@@ -1,0 +1,201 @@
+"""The line door: a ``LineReceiver`` a person drives with netcat or telnet.
+
+Commands from one connection run one after another and their output never
+interleaves; lines that arrive meanwhile wait in a short queue, and reading
+stops while the queue is full or while the client is not reading our output
+(the protocol is the transport's push producer).  A client that goes away
+cancels its running command.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+
+from cmdserver import __version__
+from cmdserver.commands.base import Context
+from cmdserver.core import CommandCore, TextReply
+from cmdserver.doors.limits import format_peer
+
+log = Logger()
+
+TOO_MANY = b"Too many connections. bye !\r\n"
+QUEUE_HIGH = 64  # queued lines at which reading stops
+QUEUE_LOW = 16  # queued lines at which it starts again
+# C0 controls (but tab) and DEL: kept out of what a terminal shows.
+_SANITIZE = {c: "\N{REPLACEMENT CHARACTER}" for c in [*range(0, 9), *range(10, 32), 127]}
+
+
+@dataclass(frozen=True)
+class LineSettings:
+    max_line: int = 4096
+    idle_timeout: float = 300
+    greeting: str = f"cmdserver {__version__} ready; type 'help' for the commands."
+
+
+class LineProtocol(LineReceiver, TimeoutMixin):
+    delimiter = b"\n"
+    door = "line"
+
+    def __init__(self, core: CommandCore, settings: LineSettings) -> None:
+        self.core = core
+        self.settings = settings
+        self.MAX_LENGTH = settings.max_line
+        self.ctx: Context | None = None
+        self._queue: deque[bytes] = deque()
+        self._running: Deferred | None = None
+        self._draining = False
+        self._write_paused = False
+        self._reading = True
+        self._closing = False
+        self._connected = False
+
+    # -- connection life --------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        self.ctx = Context(self.core, user="anonymous",
+                           peer=format_peer(self.transport.getPeer()),
+                           door=self.door, out=self, session=self)
+        self.transport.registerProducer(self, True)
+        self.setTimeout(self.settings.idle_timeout or None)
+        if self.settings.greeting:
+            self.line(self.settings.greeting)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._connected = False
+        self.setTimeout(None)
+        self._queue.clear()
+        if self._running is not None:
+            running, self._running = self._running, None
+            running.cancel()
+
+    def timeoutConnection(self) -> None:
+        if self._running is not None:  # a long command is not idleness
+            self.resetTimeout()
+            return
+        self.line(f"Timeout: idle for {self.settings.idle_timeout:g} s, closing the connection.")
+        self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._queue.clear()
+        self._closing = True
+        self.line(f"Error: line too long (the limit is {self.MAX_LENGTH} bytes)")
+        self.transport.loseConnection()
+
+    # -- input --------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._closing:
+            return
+        if self._running is not None or self._queue or self._write_paused:
+            self._queue.append(line)
+            self._update_reading()
+            return
+        self._handle(line)
+
+    def _handle(self, raw: bytes) -> None:
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.line("Error: the command is not valid UTF-8")
+            return
+        if not text.isprintable():
+            text = text.replace("\t", " ")
+            if not text.isprintable():
+                self.line("Error: control characters are not allowed in a command")
+                return
+        d = self.core.run_line(self.ctx, text)
+        self._running = d
+        d.addCallback(self._reply)
+
+    def _reply(self, reply: TextReply) -> None:
+        self._running = None
+        if not self._connected:
+            return
+        self.lines(reply.lines)
+        if self._closing:
+            self.transport.loseConnection()
+            return
+        self._drain()
+
+    def _drain(self) -> None:
+        """Run queued lines one by one (a loop, not recursion: replies may be synchronous)."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while (self._queue and self._running is None and not self._write_paused
+                   and not self._closing):
+                self._handle(self._queue.popleft())
+        finally:
+            self._draining = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        want = (not self._write_paused and not self._closing
+                and len(self._queue) < (QUEUE_LOW if not self._reading else QUEUE_HIGH))
+        if want != self._reading and self._connected:
+            self._reading = want
+            if want:
+                self.transport.resumeProducing()
+            else:
+                self.transport.pauseProducing()
+
+    # -- output (the command core's sink) ----------------------------------
+
+    def line(self, text: str) -> None:
+        if not text.isprintable():
+            text = text.translate(_SANITIZE)
+        self.transport.write(text.encode("utf-8", "backslashreplace") + b"\r\n")
+
+    def lines(self, texts: list[str]) -> None:
+        for text in texts:
+            self.line(text)
+
+    def end_session(self) -> None:
+        """``exit``: close once the reply is written; later input is ignored."""
+        self._closing = True
+        self._queue.clear()
+
+    # -- IPushProducer: the transport tells us when the client stops reading --
+
+    def pauseProducing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._write_paused = False
+        if self._connected:
+            self._drain()
+
+    def stopProducing(self) -> None:
+        self._write_paused = True
+
+
+class LineFactory(Factory):
+    """Builds a :class:`LineProtocol` per connection, all sharing one core."""
+
+    noisy = False
+
+    def __init__(self, core: CommandCore, settings: LineSettings) -> None:
+        self.core = core
+        self.settings = settings
+
+    def buildProtocol(self, addr: Any) -> LineProtocol:
+        p = LineProtocol(self.core, self.settings)
+        p.factory = self
+        return p

@@ -1,0 +1,45 @@
+"""Errors that reach users as one line of text (``Error: ...`` on the text doors)."""
+
+
+class CommandError(Exception):
+    """A refusal or failure whose message is safe and meant for the user.
+
+    The text doors print ``Error: <message>``; PB raises it as a ``pb.Error``
+    with the same message.  Anything else raised by a handler is an internal
+    error: its traceback goes to the log and the user only sees a short line.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def text(self) -> str:
+        """The line a text door prints."""
+        return f"Error: {self.message}"
+
+
+class UsageError(CommandError):
+    """The arguments do not fit the command's syntax."""
+
+
+class MissingArgument(UsageError):
+    """A required argument is missing; the text doors print the message as is."""
+
+    @property
+    def text(self) -> str:
+        return self.message
+
+
+class NotFound(CommandError):
+    """No command has that name."""
+
+
+class PathOutsideRoots(CommandError):
+    """A path resolves outside every allowed root."""
+
+    def __init__(self) -> None:
+        super().__init__("path outside allowed roots")

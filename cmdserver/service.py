@@ -1,0 +1,129 @@
+"""The one service: the command core, the connection limits and every door."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger, globalLogPublisher
+
+from cmdserver.audit import AuditFile
+from cmdserver.auth import Realm, build_portal
+from cmdserver.core import CommandCore
+from cmdserver.doors.limits import ConnectionLimits, LimitedFactory
+
+log = Logger()
+
+
+class DoorService(Service):
+    """Listens on one endpoint string for one door; ``listening`` fires with the port."""
+
+    def __init__(self, door: str, description: str, factory: LimitedFactory,
+                 reactor: Any) -> None:
+        self.door = door
+        self.description = description
+        self.factory = factory
+        self.reactor = reactor
+        self.port: IListeningPort | None = None
+        self.listening: Deferred = Deferred()
+        self._listen_called = False
+        self.setName(f"{door} {description}")
+
+    def privilegedStartService(self) -> None:
+        # Listen before twistd drops privileges (ports below 1024), fail loudly if we cannot.
+        self._listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._listen()
+        super().startService()
+
+    def _listen(self) -> None:
+        if self._listen_called:
+            return
+        self._listen_called = True
+        endpoint = serverFromString(self.reactor, self.description)
+        endpoint.listen(self.factory).addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        address = port.getHost()
+        where = getattr(address, "name", None) or f"{address.host}:{address.port}"
+        log.info("{door} door listening on {where}", door=self.door, where=where)
+        self.listening.callback(port)
+
+    def _failed(self, failure: Any) -> None:
+        log.failure("{door} door cannot listen on {description}", failure,
+                    door=self.door, description=self.description)
+        self.listening.errback(failure)
+        # A daemon that cannot open a door it was asked for must not run half-open.
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self) -> Deferred | None:
+        super().stopService()
+        self._listen_called = False
+        self.factory.disconnect_all()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+@dataclass
+class Limits:
+    max_clients: int = 100
+    max_per_ip: int = 10
+
+
+class CmdServerService(MultiService):
+    """Owns the core, the shared connection limits, the audit log and the doors."""
+
+    def __init__(self, core: CommandCore, limits: Limits, audit_log: str | None = None,
+                 portal: Portal | None = None) -> None:
+        super().__init__()
+        self.core = core
+        self.portal = portal or build_portal(Realm())
+        self.realm: Realm = self.portal.realm
+        self.limits = ConnectionLimits(limits.max_clients, limits.max_per_ip)
+        self.audit = AuditFile(audit_log) if audit_log else None
+        self.doors: list[DoorService] = []
+
+    def add_door(self, door: str, description: str, factory: Factory,
+                 refusal: bytes | None = None) -> DoorService:
+        """Serve ``factory`` on the endpoint ``description``, under the shared limits."""
+        limited = LimitedFactory(factory, self.limits, self.core.stats, door, refusal)
+        service = DoorService(door, description, limited, self.core.reactor)
+        service.setServiceParent(self)
+        self.doors.append(service)
+        return service
+
+    def privilegedStartService(self) -> None:
+        self._open_audit()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._open_audit()
+        super().startService()
+
+    def _open_audit(self) -> None:
+        if self.audit is not None and not self.audit.is_open:
+            self.audit.open()
+            globalLogPublisher.addObserver(self.audit)
+
+    def stopService(self) -> Deferred:
+        d = super().stopService()
+
+        def close_audit(result: Any) -> Any:
+            if self.audit is not None:
+                globalLogPublisher.removeObserver(self.audit)
+                self.audit.close()
+            return result
+
+        return d.addBoth(close_audit)
