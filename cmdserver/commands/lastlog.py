@@ -136,22 +136,22 @@ class LastLog(Command):
         except ValueError:
             raise self.usage_error(f"not a number: {argv[0]}") from None
 
-    def argv(self, n: int) -> list[str]:
-        """The child's argument list (never a shell)."""
+    def argv(self, n: int) -> tuple[str, list[str]]:
+        """The executable and the child's argument list (never a shell)."""
         if self.source.is_journal:
             if not self.journalctl:
                 raise CommandError("lastlog failed: journalctl not found")
-            return [self.journalctl, "-n", str(n), "--no-pager"]
+            return self.journalctl, ["journalctl", "-n", str(n), "--no-pager"]
         if not self.source.path:
             raise CommandError("lastlog failed: no log source is configured")
         if not self.tail:
             raise CommandError("lastlog failed: tail not found")
-        return [self.tail, "-n", str(n), "--", self.source.path]
+        return self.tail, ["tail", "-n", str(n), "--", self.source.path]
 
     def run(self, ctx: Context, n: int = DEFAULT_LINES) -> Deferred:
         if not isinstance(n, int) or not 1 <= n <= MAX_LINES:
             raise CommandError(f"lastlog takes 1 to {MAX_LINES} lines, not {n}")
-        argv = self.argv(n)
+        executable, argv = self.argv(n)
         protocol: _TailProtocol
 
         def cancel(_: Deferred) -> None:
@@ -163,8 +163,7 @@ class LastLog(Command):
         done: Deferred = Deferred(cancel)
         protocol = _TailProtocol(ctx.out, done)
         try:
-            ctx.reactor.spawnProcess(protocol, argv[0], argv, env=CHILD_ENV, childFDs={
-                0: "w", 1: "r", 2: "r"})
+            ctx.reactor.spawnProcess(protocol, executable, argv, env=CHILD_ENV)
         except OSError as e:
             raise CommandError(f"lastlog failed: {e.strerror or e}") from None
         protocol.transport.closeStdin()

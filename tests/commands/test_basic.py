@@ -1,0 +1,84 @@
+"""help, ping, stats and exit as the text doors print them."""
+
+from __future__ import annotations
+
+from twisted.trial import unittest
+
+from cmdserver.commands.basic import format_duration
+from tests.helpers import make_context, make_core
+
+
+class EndRecorder:
+    def __init__(self) -> None:
+        self.ended = 0
+
+    def end_session(self) -> None:
+        self.ended += 1
+
+
+class BasicCommandTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        self.core = make_core(self.mktemp())
+        self.session = EndRecorder()
+        self.ctx = make_context(self.core, session=self.session)
+
+    def lines(self, line: str) -> list[str]:
+        return self.successResultOf(self.core.run_line(self.ctx, line)).lines
+
+    def test_help_lists_every_command_once(self) -> None:
+        lines = self.lines("help")
+        self.assertEqual(lines[0], "Commands:")
+        names = [line.split()[0] for line in lines[1:-1]]
+        self.assertEqual(names, sorted(["comphash", "exit", "help", "lastlog", "ls", "ping",
+                                        "stats"]))
+        self.assertEqual(lines[-1], "Type 'help COMMAND' for its usage.")
+
+    def test_help_name_shows_usage(self) -> None:
+        self.assertEqual(self.lines("help ls"), [
+            "Usage: ls [PATH]",
+            "  List the names in a directory inside the allowed roots.",
+        ])
+
+    def test_help_for_an_alias(self) -> None:
+        self.assertEqual(self.lines("help quit")[0], "Usage: exit")
+
+    def test_help_errors(self) -> None:
+        self.assertEqual(self.lines("help nosuch"), ["Error: no such command: nosuch"])
+        self.assertEqual(self.lines("help a b"), ["Error: usage: help [COMMAND]"])
+
+    def test_ping(self) -> None:
+        self.assertEqual(self.lines("ping"), ["pong"])
+
+    def test_stats_text(self) -> None:
+        self.core.stats.connection_opened("line")
+        self.core.reactor.advance(3725)
+        self.lines("ping")
+        lines = self.lines("stats")
+        self.assertEqual(lines, [
+            "uptime: 01:02:05",
+            "connections: 1 open (line 1), 1 since start, 0 refused",
+            "commands in flight: 1",
+            "commands run: ping 1, stats 1",
+            "command errors: 0",
+        ])
+
+    def test_stats_value(self) -> None:
+        value = self.successResultOf(self.core.call(self.ctx, "stats"))
+        self.assertEqual(value["connections"], 0)
+        self.assertEqual(value["commands"], {"stats": 1})
+        self.assertEqual(value["in_flight"], 1)
+
+    def test_exit_and_quit_end_the_session(self) -> None:
+        self.assertEqual(self.lines("exit"), ["bye !"])
+        self.assertEqual(self.lines("quit"), ["bye !"])
+        self.assertEqual(self.session.ended, 2)
+
+    def test_exit_takes_no_arguments(self) -> None:
+        self.assertEqual(self.lines("exit now"), ["Error: usage: exit"])
+        self.assertEqual(self.session.ended, 0)
+
+
+def test_format_duration():
+    assert format_duration(0) == "00:00:00"
+    assert format_duration(59.9) == "00:00:59"
+    assert format_duration(86400 * 3 + 3600 * 4 + 65) == "3d 04:01:05"

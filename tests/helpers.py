@@ -1,0 +1,90 @@
+"""Test doubles shared by the suite: a process-spawning fake reactor and a ready core."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+
+from cmdserver.commands import default_registry
+from cmdserver.commands.base import Context, ListSink
+from cmdserver.commands.lastlog import LogSource
+from cmdserver.core import CommandCore
+from cmdserver.policy import Policy
+
+
+class FakeProcess:
+    """The transport a :class:`ProcessReactor` hands to a spawned protocol."""
+
+    def __init__(self, protocol: Any, executable: str, args: list[str], env: Any) -> None:
+        self.proto = protocol
+        self.executable = executable
+        self.args = args
+        self.env = env
+        self.signals: list[str] = []
+        self.stdin_closed = False
+        self.ended = False
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def signalProcess(self, signal: str) -> None:
+        if self.ended:
+            raise ProcessExitedAlready()
+        self.signals.append(signal)
+
+    # What the test makes the child do:
+    def out(self, data: bytes, fd: int = 1) -> None:
+        self.proto.childDataReceived(fd, data)
+
+    def exit(self, code: int = 0, signal: int | None = None) -> None:
+        self.ended = True
+        if code == 0 and signal is None:
+            reason = Failure(ProcessDone(0))
+        else:
+            reason = Failure(ProcessTerminated(code, signal))
+        self.proto.processEnded(reason)
+
+
+class ProcessReactor(MemoryReactorClock):
+    """MemoryReactorClock that records spawnProcess calls instead of forking."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.processes: list[FakeProcess] = []
+        self.spawn_error: OSError | None = None
+
+    def spawnProcess(self, processProtocol: Any, executable: str, args: Any = (),
+                     env: Any = None, path: Any = None, uid: Any = None, gid: Any = None,
+                     usePTY: Any = 0, childFDs: Any = None) -> FakeProcess:
+        if self.spawn_error is not None:
+            raise self.spawn_error
+        process = FakeProcess(processProtocol, executable, list(args), env)
+        self.processes.append(process)
+        processProtocol.makeConnection(process)
+        return process
+
+
+def synchronous(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+    """Run 'thread' work inline, so unit tests need no threads and no real reactor."""
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+def make_core(root: str, reactor: Any = None, source: LogSource | None = None,
+              run_in_thread: Callable[..., defer.Deferred] | None = synchronous,
+              roots: list[str] | None = None) -> CommandCore:
+    reactor = reactor if reactor is not None else ProcessReactor()
+    registry = default_registry(source or LogSource("/var/log/test.log"))
+    return CommandCore(registry, Policy(roots or [root]), reactor, run_in_thread=run_in_thread)
+
+
+def make_context(core: CommandCore, **kwargs: Any) -> Context:
+    kwargs.setdefault("user", "tester")
+    kwargs.setdefault("peer", "127.0.0.1:5555")
+    kwargs.setdefault("door", "test")
+    kwargs.setdefault("out", ListSink())
+    return Context(core, **kwargs)
