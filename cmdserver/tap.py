@@ -26,7 +26,10 @@ NONE = "none"
 def positive_int(value: Any) -> int:
     if isinstance(value, bool | float):
         raise ValueError(f"{value!r} is not a whole number")
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number") from None
     if number < 1:
         raise ValueError(f"{value!r} is not a positive whole number")
     return number
@@ -35,14 +38,14 @@ def positive_int(value: Any) -> int:
 def non_negative_number(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a number")
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number") from None
     if not 0 <= number < float("inf"):
         raise ValueError(f"{value!r} is not a number of seconds >= 0")
     return number
 
-
-positive_int.coerceDoc = "A whole number >= 1."  # type: ignore[attr-defined]
-non_negative_number.coerceDoc = "Seconds; 0 turns the timeout off."  # type: ignore[attr-defined]
 
 # Every option a TOML file may set too: name -> (default, coerce).  Lists are repeatable.
 SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
@@ -72,13 +75,12 @@ class Options(usage.Options):
          "Directory for state: keys, users, uploads; created with mode 0700. "
          "[default: ./cmdserver-data]"],
         ["max-clients", None, None, "Open connections allowed in total, all doors. "
-         "[default: 100]", positive_int],
+         "[default: 100]"],
         ["max-per-ip", None, None, "Open connections allowed from one client address. "
-         "[default: 10]", positive_int],
-        ["idle-timeout", None, None, "Seconds of silence before a client is disconnected. "
-         "[default: 300]", non_negative_number],
-        ["max-line", None, None, "Longest command line accepted, in bytes. [default: 4096]",
-         positive_int],
+         "[default: 10]"],
+        ["idle-timeout", None, None, "Seconds of silence before a client is disconnected; "
+         "0 turns it off. [default: 300]"],
+        ["max-line", None, None, "Longest command line accepted, in bytes. [default: 4096]"],
         ["log-source", None, None, "What lastlog reads: a log file, or 'journal'. [default: "
          "/var/log/syslog, /var/log/messages, the journal, else the audit log]"],
         ["audit-log", None, None, "File for the JSON-lines audit log, or 'none'. "
@@ -106,15 +108,15 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         config = load_config(self["config"]) if self["config"] else {}
         for name, (default, coerce) in SETTINGS.items():
-            given = self[name]
-            if given is None or given == []:
-                value = config.get(name, default)
-                if coerce is not None and value is not None:
-                    try:
-                        value = coerce(value)
-                    except (TypeError, ValueError) as e:
-                        raise usage.UsageError(f"{self['config']}: {name}: {e}") from None
-                self[name] = list(value) if name in REPEATABLE else value
+            value, where = self[name], f"--{name}"
+            if value is None or value == []:
+                value, where = config.get(name, default), f"{self['config']}: {name}"
+            if coerce is not None and value is not None:
+                try:
+                    value = coerce(value)
+                except (TypeError, ValueError) as e:
+                    raise usage.UsageError(f"{where}: {e}") from None
+            self[name] = list(value) if name in REPEATABLE else value
         self["data-dir"] = os.path.abspath(self["data-dir"])
         for root in self["root"]:
             if not os.path.isdir(root):

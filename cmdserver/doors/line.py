@@ -79,7 +79,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         if self._running is not None:  # a long command is not idleness
-            self.resetTimeout()
+            self.setTimeout(self.settings.idle_timeout)  # the mixin dropped its call
             return
         self.line(f"Timeout: idle for {self.settings.idle_timeout:g} s, closing the connection.")
         self.transport.loseConnection()
@@ -126,6 +126,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._running = None
         if not self._connected:
             return
+        self.resetTimeout()  # idleness counts from the end of the last command
         self.lines(reply.lines)
         if self._closing:
             self.transport.loseConnection()
@@ -146,9 +147,11 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._update_reading()
 
     def _update_reading(self) -> None:
-        want = (not self._write_paused and not self._closing
+        if self._closing or not self._connected:
+            return  # the transport is going away; leave it be
+        want = (not self._write_paused
                 and len(self._queue) < (QUEUE_LOW if not self._reading else QUEUE_HIGH))
-        if want != self._reading and self._connected:
+        if want != self._reading:
             self._reading = want
             if want:
                 self.transport.resumeProducing()

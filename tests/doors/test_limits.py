@@ -1,0 +1,104 @@
+"""Connection limits: in total and per address, counts exact however clients leave."""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from cmdserver.doors.limits import ConnectionLimits, LimitedFactory, format_peer
+from cmdserver.stats import Stats
+
+
+class LimitTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        self.limits = ConnectionLimits(max_total=4, max_per_host=2)
+        self.stats = Stats(0)
+        self.factory = LimitedFactory(Factory.forProtocol(Protocol), self.limits, self.stats,
+                                      "line", refusal=b"Too many connections. bye !\r\n")
+
+    def connect(self, host: str = "10.0.0.1", cls=IPv4Address):
+        addr = cls("TCP", host, 1234) if cls is not UNIXAddress else UNIXAddress(None)
+        protocol = self.factory.buildProtocol(addr)
+        transport = StringTransport(peerAddress=addr)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_per_address_limit(self) -> None:
+        self.connect()
+        self.connect()
+        _, refused = self.connect()
+        self.assertEqual(refused.value(), b"Too many connections. bye !\r\n")
+        self.assertTrue(refused.disconnecting)
+        _, other = self.connect("10.0.0.2")
+        self.assertFalse(other.disconnecting)
+        self.assertEqual(self.stats.refused, 1)
+        self.assertEqual(self.limits.per_host, {"10.0.0.1": 2, "10.0.0.2": 1})
+
+    def test_total_limit(self) -> None:
+        for i in range(4):
+            self.connect(f"10.0.0.{i}")
+        _, refused = self.connect("10.0.0.9")
+        self.assertTrue(refused.disconnecting)
+        self.assertEqual(self.limits.total, 4)
+        self.assertEqual(self.stats.connections["line"], 4)
+
+    def test_counts_are_exact_however_clients_leave(self) -> None:
+        conns = [self.connect(f"10.0.0.{i % 2}") for i in range(4)]
+        reasons = [ConnectionDone(), ConnectionLost(), ConnectionDone(), ConnectionLost()]
+        for (protocol, _), reason in zip(conns, reasons, strict=True):
+            protocol.connectionLost(Failure(reason))
+        self.assertEqual(self.limits.total, 0)
+        self.assertEqual(dict(self.limits.per_host), {})
+        self.assertEqual(self.stats.connections["line"], 0)
+        self.assertEqual(self.stats.connections_total, 4)
+        # ...and the slots are free again.
+        for _ in range(2):
+            self.assertFalse(self.connect()[1].disconnecting)
+
+    def test_refused_connections_do_not_count(self) -> None:
+        self.connect()
+        self.connect()
+        refused, _ = self.connect()
+        refused.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.limits.total, 2)
+        self.assertEqual(self.limits.per_host["10.0.0.1"], 2)
+
+    def test_ipv6_and_unix(self) -> None:
+        self.connect("::1", IPv6Address)
+        self.assertEqual(self.limits.per_host["::1"], 1)
+        for _ in range(3):  # local sockets only count in the total
+            self.assertFalse(self.connect(cls=UNIXAddress)[1].disconnecting)
+        self.assertTrue(self.connect(cls=UNIXAddress)[1].disconnecting)
+
+    def test_declined_connection_releases(self) -> None:
+        class Declining(Factory):
+            def buildProtocol(self, addr):
+                return None
+
+        factory = LimitedFactory(Declining(), self.limits, self.stats, "line")
+        self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1)))
+        self.assertEqual(self.limits.total, 0)
+
+    def test_silent_refusal(self) -> None:
+        factory = LimitedFactory(Factory.forProtocol(Protocol), ConnectionLimits(0, 1),
+                                 self.stats, "ssh")
+        protocol = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+
+    def test_disconnect_all(self) -> None:
+        transports = [self.connect(f"10.0.0.{i}")[1] for i in range(3)]
+        self.factory.disconnect_all()
+        self.assertTrue(all(t.disconnecting for t in transports))
+
+
+def test_format_peer():
+    assert format_peer(IPv4Address("TCP", "1.2.3.4", 5)) == "1.2.3.4:5"
+    assert format_peer(IPv6Address("TCP", "::1", 5)) == "[::1]:5"
+    assert format_peer(UNIXAddress(None)) == "local"

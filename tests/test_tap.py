@@ -1,0 +1,147 @@
+"""Options, the TOML file and what makeService builds."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+from twisted.python import usage
+
+from cmdserver import tap
+from cmdserver.commands.lastlog import LastLog
+from cmdserver.service import CmdServerService
+
+
+def parse(*argv: str) -> tap.Options:
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    options = parse()
+    assert options["line"] == ["tcp:9999:interface=127.0.0.1"]
+    assert options["data-dir"] == str(tmp_path / "cmdserver-data")
+    assert options["root"] == []
+    assert (options["max-clients"], options["max-per-ip"]) == (100, 10)
+    assert (options["idle-timeout"], options["max-line"]) == (300.0, 4096)
+    assert options["log-source"] is None and options["audit-log"] is None
+
+
+def test_repeatable_options(tmp_path):
+    options = parse("--line", "tcp:0:interface=127.0.0.1", "--line", f"unix:{tmp_path}/s",
+                    "--root", str(tmp_path), "--root", "/tmp")
+    assert options["line"] == ["tcp:0:interface=127.0.0.1", f"unix:{tmp_path}/s"]
+    assert options["root"] == [str(tmp_path), "/tmp"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-clients", "0"], "max-clients"),
+    (["--max-clients", "many"], "max-clients"),
+    (["--max-per-ip", "-1"], "max-per-ip"),
+    (["--idle-timeout", "-5"], "idle-timeout"),
+    (["--idle-timeout", "inf"], "idle-timeout"),
+    (["--max-line", "1.5"], "max-line"),
+    (["--line", "tcp:notaport"], "--line tcp:notaport"),
+    (["--line", "bogus:1"], "--line bogus:1"),
+    (["--line", "none"], "no front door"),
+    (["--root", "/nonexistent/dir"], "not an existing directory"),
+    (["--config", "/nonexistent.toml"], "No such file"),
+    (["--frobnicate"], "frobnicate"),
+])
+def test_invalid_values_are_rejected(argv, message):
+    with pytest.raises(usage.UsageError) as e:
+        parse(*argv)
+    assert message in str(e.value)
+
+
+def test_config_file_and_command_line_wins(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(f"""
+line = "tcp:0:interface=127.0.0.1"
+root = ["{tmp_path}"]
+max-clients = 7
+max-per-ip = 3
+idle-timeout = 12.5
+data-dir = "{tmp_path}/state"
+""")
+    options = parse("--config", str(config), "--max-clients", "9")
+    assert options["max-clients"] == 9
+    assert options["max-per-ip"] == 3
+    assert options["idle-timeout"] == 12.5
+    assert options["line"] == ["tcp:0:interface=127.0.0.1"]
+    assert options["root"] == [str(tmp_path)]
+    assert options["data-dir"] == str(tmp_path / "state")
+    options = parse("--config", str(config), "--line", "tcp:1:interface=127.0.0.1")
+    assert options["line"] == ["tcp:1:interface=127.0.0.1"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ("max-clients = 0", "max-clients"),
+    ("max-clients = true", "max-clients"),
+    ("max-clients = 2.5", "max-clients"),
+    ("line = 5", "line: expected a string or a list of strings"),
+    ("colour = 'blue'", "unknown setting(s): colour"),
+    ("this is not toml", "Expected"),
+])
+def test_bad_config_files(tmp_path, body, message):
+    config = tmp_path / "c.toml"
+    config.write_text(body)
+    with pytest.raises(usage.UsageError) as e:
+        parse("--config", str(config))
+    assert message in str(e.value)
+
+
+def test_make_service(tmp_path):
+    data = tmp_path / "data"
+    options = parse("--data-dir", str(data), "--line", "tcp:0:interface=127.0.0.1",
+                    "--line", f"unix:{tmp_path}/sock", "--log-source", "/var/log/x",
+                    "--max-clients", "5", "--max-per-ip", "2")
+    service = tap.makeService(options)
+    assert isinstance(service, CmdServerService)
+    assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
+    assert os.path.isdir(data / "files")
+    assert service.core.policy.roots == [os.path.realpath(data / "files")]
+    assert [d.description for d in service.doors] == ["tcp:0:interface=127.0.0.1",
+                                                      f"unix:{tmp_path}/sock"]
+    assert (service.limits.max_total, service.limits.max_per_host) == (5, 2)
+    assert service.audit.path == str(data / "audit.log")
+    lastlog = service.core.registry.get("lastlog")
+    assert isinstance(lastlog, LastLog) and lastlog.source.path == "/var/log/x"
+    # Every door shares the one core and the one set of limits.
+    assert {d.factory.wrappedFactory.core for d in service.doors} == {service.core}
+    assert {id(d.factory.limits) for d in service.doors} == {id(service.limits)}
+
+
+def test_existing_data_dir_is_tightened(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    os.chmod(data, 0o755)
+    tap.makeService(parse("--data-dir", str(data), "--audit-log", "none"))
+    assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
+
+
+def test_audit_log_off_and_own_log_fallback(tmp_path, monkeypatch):
+    from cmdserver.commands import lastlog
+
+    monkeypatch.setattr(lastlog, "SYSLOG_FILES", ())
+    monkeypatch.setattr(lastlog, "journal_works", lambda: False)
+    service = tap.makeService(parse("--data-dir", str(tmp_path), "--audit-log", "none"))
+    assert service.audit is None
+    service = tap.makeService(parse("--data-dir", str(tmp_path)))
+    assert service.core.registry.get("lastlog").source.path == str(tmp_path / "audit.log")
+
+
+def test_given_roots_are_used(tmp_path):
+    service = tap.makeService(parse("--data-dir", str(tmp_path / "d"), "--root", str(tmp_path)))
+    assert service.core.policy.roots == [os.path.realpath(tmp_path)]
+    assert not os.path.exists(tmp_path / "d" / "files")
+
+
+def test_help_documents_every_option():
+    text = str(tap.Options())
+    for name in tap.SETTINGS:
+        assert f"--{name}" in text
+    assert "--config" in text
