@@ -1,0 +1,222 @@
+"""The real service on loopback, driven through real sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from tests.end_to_end.support import LineClient, RunningService, in_thread
+
+GREETING = "cmdserver 0.1.0 ready; type 'help' for the commands."
+
+
+class ServiceCase(unittest.TestCase):
+    """A started service with a small log file; tests talk to it through sockets."""
+
+    argv: tuple[str, ...] = ()
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.tmp = os.path.abspath(self.mktemp())
+        os.makedirs(self.tmp)
+        self.log = os.path.join(self.tmp, "syslog")
+        with open(self.log, "w") as f:
+            f.writelines(f"log line {i}\n" for i in range(20))
+        self.server = RunningService(self.tmp, "--log-source", self.log, *self.argv)
+        yield self.server.start()
+        self.addCleanup(self.server.stop)
+
+    def client(self) -> LineClient:
+        c = LineClient(self.server.address)
+        self.addCleanup(c.close)
+        return c
+
+    @defer.inlineCallbacks
+    def wait_for(self, predicate, timeout: float = 10):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                self.fail("condition not reached")
+            yield task.deferLater(reactor, 0.02, lambda: None)
+
+
+class LineDoorEndToEnd(ServiceCase):
+    @defer.inlineCallbacks
+    def test_a_session(self):
+        with open(os.path.join(self.server.root, "notes.txt"), "wb") as f:
+            f.write(b"hello\n")
+        digest = hashlib.sha256(b"hello\n").hexdigest()
+
+        def session():
+            c = self.client()
+            assert c.read_line() == GREETING
+            assert c.ask("ping") == ["pong"]
+            assert c.ask("comphash notes.txt") == [f"File hash is : {digest}"]
+            assert c.ask("comphash") == ["Please provide a path."]
+            assert c.ask("ls") == ["notes.txt"]
+            assert c.ask("ls ..") == ["Error: path outside allowed roots"]
+            assert c.ask("lastlog 2", 4) == ["Begin lastlog", "log line 18", "log line 19",
+                                             "End lastlog"]
+            assert c.ask("nosuch") == ["Command not found."]
+            help_lines = c.ask("help", 9)
+            assert help_lines[0] == "Commands:" and help_lines[-1].startswith("Type 'help")
+            stats = c.ask("stats", 5)
+            assert stats[1].startswith("connections: 1 open (line 1)")
+            c.send(b"exit\n")
+            assert c.read_until_closed() == b"bye !\r\n"
+
+        yield in_thread(session)
+        audit = os.path.join(self.server.data_dir, "audit.log")
+        yield self.server.stop()
+        events = [json.loads(line) for line in open(audit)]
+        self.assertEqual([e["command"] for e in events],
+                         ["ping", "comphash", "comphash", "ls", "ls", "lastlog", "nosuch",
+                          "help", "stats", "exit"])
+        self.assertEqual({e["peer"].split(":")[0] for e in events}, {"127.0.0.1"})
+
+    @defer.inlineCallbacks
+    def test_telnet_style_and_pipelining(self):
+        def session():
+            c = self.client()
+            c.read_line()
+            c.send(b"ping\r\nlastlog 1\r\nping\r\n")
+            return c.read_lines(5)
+
+        lines = yield in_thread(session)
+        self.assertEqual(lines, ["pong", "Begin lastlog", "log line 19", "End lastlog", "pong"])
+
+    @defer.inlineCallbacks
+    def test_bad_input_over_the_wire(self):
+        def session():
+            c = self.client()
+            c.read_line()
+            c.send(b"\x00\x01\x02\xff\xfe\n")
+            first = c.read_line()
+            c.send(b"A" * 5000 + b"\n")
+            rest = c.read_until_closed()
+            return first, rest
+
+        first, rest = yield in_thread(session)
+        self.assertEqual(first, "Error: the command is not valid UTF-8")
+        self.assertEqual(rest, b"Error: line too long (the limit is 4096 bytes)\r\n")
+
+    @defer.inlineCallbacks
+    def test_disconnect_kills_the_running_tail(self):
+        fifo = os.path.join(self.tmp, "fifo")
+        os.mkfifo(fifo)  # tail blocks opening it: a command that never ends on its own
+        self.server.service.core.registry.get("lastlog").source = type(
+            self.server.service.core.registry.get("lastlog").source)(fifo)
+
+        def tails():
+            found = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if fifo.encode() in f.read():
+                            found.append(pid)
+                except OSError:
+                    pass
+            return found
+
+        c = yield in_thread(self.client)
+        yield in_thread(c.read_line)
+        yield in_thread(c.send, b"lastlog\n")
+        yield self.wait_for(lambda: tails() and self.server.service.core.stats.in_flight == 1)
+        c.reset()
+        yield self.wait_for(lambda: not tails())
+        yield self.wait_for(lambda: self.server.service.core.stats.in_flight == 0)
+
+
+class LimitsEndToEnd(ServiceCase):
+    argv = ("--max-per-ip", "2", "--max-clients", "3")
+
+    @defer.inlineCallbacks
+    def test_per_address_and_total_limits(self):
+        stats = self.server.service.core.stats
+        limits = self.server.service.limits
+
+        def open_two():
+            a, b = self.client(), self.client()
+            return a, b, a.read_line(), b.read_line()
+
+        a, b, *greetings = yield in_thread(open_two)
+        self.assertEqual(greetings, [GREETING, GREETING])
+
+        def refused():
+            c = self.client()
+            return c.read_until_closed()
+
+        self.assertEqual((yield in_thread(refused)), b"Too many connections. bye !\r\n")
+        # Another loopback address is another client address...
+        other = yield in_thread(LineClient, self.server.address, socket.AF_INET, 10,
+                                "127.0.0.2")
+        self.addCleanup(other.close)
+        self.assertEqual((yield in_thread(other.read_line)), GREETING)
+        # ...until the total is reached.
+        third = yield in_thread(LineClient, self.server.address, socket.AF_INET, 10,
+                                "127.0.0.3")
+        self.addCleanup(third.close)
+        self.assertEqual((yield in_thread(third.read_until_closed)),
+                         b"Too many connections. bye !\r\n")
+        # Counts stay exact however clients leave: a reset, a clean close.
+        a.reset()
+        b.close()
+        yield self.wait_for(lambda: limits.total == 1)
+        self.assertEqual(dict(limits.per_host), {"127.0.0.2": 1})
+        self.assertEqual(stats.refused, 2)
+        c = yield in_thread(self.client)
+        self.assertEqual((yield in_thread(c.read_line)), GREETING)
+
+
+class IdleEndToEnd(ServiceCase):
+    argv = ("--idle-timeout", "0.3")
+
+    def test_idle_client_is_told_and_disconnected(self):
+        def session():
+            c = self.client()
+            c.read_line()
+            return c.read_until_closed()
+
+        d = in_thread(session)
+        d.addCallback(self.assertEqual,
+                      b"Timeout: idle for 0.3 s, closing the connection.\r\n")
+        return d
+
+    def test_a_busy_client_stays(self):
+        def session():
+            c = self.client()
+            c.read_line()
+            for _ in range(6):
+                time.sleep(0.1)
+                assert c.ask("ping") == ["pong"]
+
+        return in_thread(session)
+
+
+class UnixSocketEndToEnd(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_unix_endpoint(self):
+        tmp = tempfile.mkdtemp(prefix="cmds", dir="/tmp")  # AF_UNIX paths are short
+        self.addCleanup(shutil.rmtree, tmp, True)
+        path = os.path.join(tmp, "line.sock")
+        server = RunningService(tmp, "--line", f"unix:{path}:mode=600")
+        yield server.start()
+        self.addCleanup(server.stop)
+
+        def session():
+            c = LineClient(path, socket.AF_UNIX)
+            try:
+                c.read_line()
+                return c.ask("ping")
+            finally:
+                c.close()
+
+        self.assertEqual((yield in_thread(session)), ["pong"])

@@ -1,0 +1,19 @@
+"""The tree stays ruff clean (ruff is a test dependency)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).exists():
+        pytest.skip("ruff is not installed")
+    done = subprocess.run([ruff, "check", "--no-cache", str(PROJECT)], capture_output=True,
+                          text=True, cwd=PROJECT, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
