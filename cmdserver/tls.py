@@ -153,7 +153,7 @@ def _read(path: str, what: str) -> bytes:
 
 
 def load_ca(path: str) -> list[Any]:
-    """The CA certificates in a PEM file, as pyOpenSSL objects; raises CredentialError."""
+    """The CA certificates in a PEM file; raises CredentialError."""
     data = _read(path, "--tls-client-ca")
     try:
         certs = x509.load_pem_x509_certificates(data)
@@ -161,8 +161,7 @@ def load_ca(path: str) -> list[Any]:
         certs = []
     if not certs:
         raise CredentialError(f"--tls-client-ca {path}: no PEM certificate found")
-    return [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)).original
-            for c in certs]
+    return [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certs]
 
 
 SUPPORTED_WITH_CA = {"privateKey", "certKey", "interface", "backlog", "extraCertChain"}
@@ -198,7 +197,7 @@ def client_ca_endpoint(reactor: Any, description: str, ca_path: str) -> SSL4Serv
         privateKey=private.privateKey.original,
         certificate=private.original,
         extraCertChain=chain,
-        trustRoot=ssl.OpenSSLCertificateAuthorities(load_ca(ca_path)),
+        trustRoot=ssl.trustRootFromCertificates(load_ca(ca_path)),
     )
     return SSL4ServerEndpoint(reactor, port, options, backlog=backlog,
                               interface=kwargs.get("interface", ""))
