@@ -147,7 +147,7 @@ class Credentials:
 
         def check() -> bool:
             if record is None:
-                bcrypt.checkpw(password or b"-", _decoy_hash(cost))
+                verify_password(password, _decoy_hash(cost).decode("ascii"))
                 return False
             return verify_password(password, record.hash)
 

@@ -20,7 +20,7 @@ from cmdserver.doors.line import TOO_MANY, LineFactory, LineSettings
 from cmdserver.doors.line_login import line_door_login
 from cmdserver.policy import Policy
 from cmdserver.service import CmdServerService, Limits
-from cmdserver.tls import load_ca
+from cmdserver.tls import is_tls, load_ca
 from cmdserver.users import DEFAULT_COST, CredentialError
 
 log = Logger()
@@ -63,7 +63,11 @@ def bcrypt_cost(value: Any) -> int:
     return cost
 
 
-line_auth_mode.coerceDoc = "required, optional or off."  # type: ignore[attr-defined]
+def poll_interval(value: Any) -> float:
+    return non_negative_number(value)
+
+
+poll_interval.coerceDoc = "Seconds; 0 turns polling off."  # type: ignore[attr-defined]
 bcrypt_cost.coerceDoc = "4 to 31; each step doubles the work."  # type: ignore[attr-defined]
 
 # Every option a TOML file may set too: name -> (default, coerce).  Lists are repeatable.
@@ -80,7 +84,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     # credentials, login and TLS (docs/security.md)
     "line-auth": (None, line_auth_mode),
     "bcrypt-cost": (DEFAULT_COST, bcrypt_cost),
-    "users-poll-interval": (2.0, non_negative_number),
+    "users-poll-interval": (2.0, poll_interval),
     "tls-client-ca": (None, str),
 }
 REPEATABLE = ("line", "root")
@@ -116,8 +120,7 @@ class Options(usage.Options):
         ["bcrypt-cost", None, None, "bcrypt cost for passwords the daemon hashes (the "
          "first-run admin). [default: 12]", bcrypt_cost],
         ["users-poll-interval", None, None, "Seconds between checks for a changed users "
-         "file or key file; 0 turns polling off (SIGHUP still reloads). [default: 2]",
-         non_negative_number],
+         "file or key file (SIGHUP reloads at once too). [default: 2]", poll_interval],
         ["tls-client-ca", None, None, "PEM file of the CA whose client certificates the "
          "ssl: line doors require; the certificate's common name is the user."],
     ]
@@ -162,6 +165,8 @@ class Options(usage.Options):
         for endpoint in self["line"]:
             check_endpoint("--line", endpoint)
         if self["tls-client-ca"]:
+            if not any(is_tls(e) for e in self["line"]):
+                raise usage.UsageError("--tls-client-ca needs an ssl: --line endpoint")
             try:
                 load_ca(self["tls-client-ca"])
             except CredentialError as e:

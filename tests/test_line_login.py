@@ -124,6 +124,12 @@ class LineLoginTests(unittest.TestCase):
                          [("error", "login failed", {"user": "ops"}),
                           ("error", "login failed", {"user": "ghost"})])
 
+    def test_overlong_password_is_a_plain_failure(self) -> None:
+        conn = self.connect()
+        for user in ("ops", "ghost"):
+            self.assertEqual(self.send(conn, f"login {user} {'x' * 100}", advance=30),
+                             ["Error: login failed"])
+
     def test_delay_doubles_per_address(self) -> None:
         delays = []
         for _ in range(4):

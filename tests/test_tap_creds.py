@@ -88,7 +88,8 @@ class MakeServiceTests(unittest.TestCase):
     def test_bad_options(self) -> None:
         for argv in (["--line-auth", "sometimes"], ["--bcrypt-cost", "3"],
                      ["--bcrypt-cost", "32"], ["--users-poll-interval", "-1"],
-                     ["--tls-client-ca", "/nonexistent/ca.pem"]):
+                     ["--tls-client-ca", "/nonexistent/ca.pem"],
+                     ["--line", "tcp:0", "--tls-client-ca", __file__]):
             self.assertRaises(usage.UsageError, self.options, *argv)
 
     def test_bad_line_auth_in_config_file(self) -> None:
