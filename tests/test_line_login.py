@@ -36,7 +36,8 @@ class LineLoginTests(unittest.TestCase):
             users["ops"] = UserRecord("ops", hash_password(PASSWORD, TEST_COST), (self.own,))
             users["dev"] = UserRecord("dev", hash_password("dev pw", TEST_COST))
         self.hashes = [u.hash for u in users.values()]
-        credentials = Credentials(store, run_now, TEST_COST)
+        self.store = store
+        self.credentials = credentials = Credentials(store, run_now, TEST_COST)
         credentials.load_now()
         portal = build_portal(Realm(credentials.account), build_checkers(credentials, run_now))
         self.clock = MemoryReactorClock()
@@ -189,6 +190,21 @@ class LineLoginTests(unittest.TestCase):
         self.assertEqual(peer_host("10.0.0.1:5"), "10.0.0.1")
         self.assertEqual(peer_host("[::1]:5"), "::1")
         self.assertEqual(peer_host("local"), "local")
+
+    def test_reload_keeps_open_sessions(self) -> None:
+        conn = self.connect()
+        self.send(conn, f"login ops '{PASSWORD}'")
+        with self.store.locked() as users:
+            del users["ops"]
+            users["new"] = UserRecord("new", hash_password("new pw", TEST_COST))
+        self.successResultOf(self.credentials.reload())
+        self.assertEqual(self.send(conn, "whoami"), ["ops"])  # still logged in
+        self.assertEqual(self.send(conn, "ls"), ["own.txt"])
+        other = self.connect(host="10.0.0.9")
+        self.assertEqual(self.send(other, f"login ops '{PASSWORD}'", advance=1),
+                         ["Error: login failed"])
+        self.assertEqual(self.send(other, "login new 'new pw'", advance=2),
+                         ["Logged in as new"])
 
     # -- modes ------------------------------------------------------------------
 
