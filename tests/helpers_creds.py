@@ -94,3 +94,13 @@ def make_client_cert(directory: str, ca: tuple[Any, Any, str], common_name: str
                                   serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()))
     return cert_path, key_path
+
+
+def temp_dir(test: Any) -> str:
+    """A fresh directory outside the work tree, removed when the test ends."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="cmdserver-test-")
+    test.addCleanup(shutil.rmtree, path, True)
+    return path

@@ -16,7 +16,7 @@ from zope.interface import Interface
 from cmdserver.auth import Account, IAccount, Realm, build_portal
 from cmdserver.credentials import Credentials, ReloadService, build_checkers
 from cmdserver.users import UserRecord, UserStore, hash_password
-from tests.helpers_creds import TEST_COST, capture_log, flatten_events, run_now
+from tests.helpers_creds import TEST_COST, capture_log, flatten_events, run_now, temp_dir
 
 
 def new_key() -> keys.Key:
@@ -35,7 +35,7 @@ class IOther(Interface):
 
 class PortalTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.store = UserStore(self.mktemp())
+        self.store = UserStore(temp_dir(self))
         self.ops_key = new_key()
         with self.store.locked() as users:
             users["ops"] = UserRecord("ops", hash_password("right pw", TEST_COST), ("/srv",))

@@ -6,6 +6,8 @@ keep reading then, or the handshake never finishes.
 
 from __future__ import annotations
 
+import tempfile
+
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
@@ -18,7 +20,8 @@ from cmdserver.policy import Policy
 
 class PausedWriterTests(unittest.TestCase):
     def test_reading_continues_until_the_queue_is_full(self) -> None:
-        core = CommandCore(Registry([Ping()]), Policy([self.mktemp()]), MemoryReactorClock())
+        core = CommandCore(Registry([Ping()]), Policy([tempfile.gettempdir()]),
+                           MemoryReactorClock())
         proto = LineProtocol(core, LineSettings(greeting="", idle_timeout=0))
         transport = StringTransport()
         proto.makeConnection(transport)

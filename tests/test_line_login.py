@@ -18,14 +18,14 @@ from cmdserver.credentials import Credentials, build_checkers
 from cmdserver.doors.line import LineProtocol, LineSettings
 from cmdserver.policy import Policy
 from cmdserver.users import UserRecord, UserStore, hash_password
-from tests.helpers_creds import TEST_COST, capture_log, flatten_events, run_now
+from tests.helpers_creds import TEST_COST, capture_log, flatten_events, run_now, temp_dir
 
 PASSWORD = "c0rrect horse"
 
 
 class LineLoginTests(unittest.TestCase):
     def setUp(self) -> None:
-        base = self.mktemp()
+        base = temp_dir(self)
         self.shared = os.path.join(base, "shared")
         self.own = os.path.join(base, "own")
         for path, name in ((self.shared, "shared.txt"), (self.own, "own.txt")):

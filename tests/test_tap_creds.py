@@ -15,12 +15,12 @@ from cmdserver.credentials import ReloadService
 from cmdserver.doors.line_login import default_login_mode
 from cmdserver.tap import Options, makeService
 from cmdserver.users import INITIAL_PASSWORD_FILE, UserStore
-from tests.helpers_creds import capture_log
+from tests.helpers_creds import capture_log, temp_dir
 
 
 class MakeServiceTests(unittest.TestCase):
     def options(self, *argv: str) -> Options:
-        self.data = getattr(self, "data", None) or os.path.abspath(self.mktemp())
+        self.data = getattr(self, "data", None) or os.path.join(temp_dir(self), "data")
         options = Options()
         options.parseOptions(["--data-dir", self.data, "--bcrypt-cost", "4",
                               "--audit-log", "none", *argv])
@@ -93,7 +93,7 @@ class MakeServiceTests(unittest.TestCase):
             self.assertRaises(usage.UsageError, self.options, *argv)
 
     def test_bad_line_auth_in_config_file(self) -> None:
-        config = self.mktemp()
+        config = os.path.join(temp_dir(self), "cmdserver.toml")
         with open(config, "w") as f:
             f.write('line-auth = "maybe"\n')
         self.assertRaises(usage.UsageError, self.options, "--config", config)

@@ -12,7 +12,7 @@ from twisted.trial import unittest
 from cmdserver.tap import Options, makeService
 from cmdserver.tls import gencert, quote
 from cmdserver.users import UserRecord, UserStore, hash_password
-from tests.helpers_creds import TEST_COST, make_ca, make_client_cert
+from tests.helpers_creds import TEST_COST, make_ca, make_client_cert, temp_dir
 
 PASSWORD = "tls pass word"
 
@@ -39,7 +39,7 @@ def tls_session(port: int, cafile: str, lines: list[str], cert: tuple[str, str] 
 
 class TLSDoorTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.data = os.path.abspath(self.mktemp())
+        self.data = os.path.join(temp_dir(self), "data")
         self.root = os.path.join(self.data, "files")
         os.makedirs(self.root)
         open(os.path.join(self.root, "hello.txt"), "w").close()
