@@ -177,14 +177,29 @@ class BcryptChecker:
         password = credentials.password
         if isinstance(password, str):
             password = password.encode("utf-8")
-        d = self._semaphore.run(self.credentials.check_password, name, password, self._run)
+        # Cancelling the answer (the client left) must not free the slot while bcrypt
+        # still runs in its thread, or connect-login-disconnect loops would pass the bound.
+        answer: Deferred = Deferred()
+
+        def check() -> Deferred | None:
+            if answer.called:  # cancelled while waiting for a slot: skip the work
+                return None
+            d = self.credentials.check_password(name, password, self._run)
+            return d.addBoth(deliver)
+
+        def deliver(result: Any) -> None:
+            if not answer.called:
+                answer.callback(result)  # a Failure goes down the errback chain
+
+        self._semaphore.run(check).addErrback(
+            lambda f: log.failure("password check failed", f))
 
         def result(ok: bool) -> str:
             if not ok:
                 raise UnauthorizedLogin()
             return name
 
-        return d.addCallback(result)
+        return answer.addCallback(result)
 
 
 @implementer(IAuthorizedKeysDB)

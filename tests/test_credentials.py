@@ -98,6 +98,36 @@ class PortalTests(unittest.TestCase):
         for secret in ("right pw", "wrong pw", self.credentials.users["ops"].hash):
             self.assertNotIn(secret, text)
 
+    def test_cancelled_check_keeps_its_slot_until_bcrypt_is_done(self) -> None:
+        from twisted.internet.defer import CancelledError, Deferred
+
+        from cmdserver.credentials import BcryptChecker
+
+        pending: list[tuple[Deferred, object]] = []
+
+        def later(f):
+            d = Deferred()
+            pending.append((d, f))
+            return d
+
+        checker = BcryptChecker(self.credentials, later, concurrency=1)
+        first = checker.requestAvatarId(UsernamePassword(b"ops", b"right pw"))
+        second = checker.requestAvatarId(UsernamePassword(b"dev", b"dev pw"))
+        third = checker.requestAvatarId(UsernamePassword(b"dev", b"dev pw"))
+        self.assertEqual(len(pending), 1)
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.assertEqual(len(pending), 1)  # the slot is still taken by the running check
+        third.cancel()  # cancelled while waiting: its check never runs
+        self.failureResultOf(third, CancelledError)
+        d, f = pending.pop()
+        d.callback(f())
+        self.assertEqual(len(pending), 1)
+        d, f = pending.pop()
+        d.callback(f())
+        self.assertEqual(self.successResultOf(second), "dev")
+        self.assertEqual(pending, [])
+
     # -- reloading ------------------------------------------------------------
 
     def reload_service(self, **kwargs):
