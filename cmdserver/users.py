@@ -147,6 +147,9 @@ def parse_keys(text: str, source: str) -> list[keys.Key]:
         try:
             key = keys.Key.fromString(line.encode("utf-8"))
         except (keys.BadKeyError, ValueError, UnicodeError):
+            if re.search(r"\s(ssh|ecdsa|sk)-", line):
+                raise CredentialError(f"{source}: line {number}: authorized_keys options "
+                                      "(from=, command=, ...) are not supported") from None
             raise CredentialError(f"{source}: line {number}: not an SSH public key") from None
         if not key.isPublic():
             raise CredentialError(f"{source}: line {number}: a private key, not a public one")

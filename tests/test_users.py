@@ -142,6 +142,12 @@ def test_bad_key_text(tmp_path, text):
     assert not os.path.exists(tmp_path / "keys" / "ops.pub")
 
 
+def test_key_options_refused(tmp_path):
+    line = 'from="10.0.0.1" ' + new_key().public().toString("OPENSSH").decode()
+    with pytest.raises(CredentialError, match="options"):
+        UserStore(str(tmp_path)).add_keys("ops", line)
+
+
 def test_private_key_refused(tmp_path):
     private = new_key().toString("OPENSSH").decode()
     with pytest.raises(CredentialError):
