@@ -117,8 +117,9 @@ class CommandCore:
         command = self.registry.get(name)
         if (ctx.login == "required" and ctx.user == ANONYMOUS
                 and (command is None or not command.open_before_login)):
-            # Input before login is untrusted (maybe a mistyped password): argv is not kept.
-            self._audit(ctx, name, {}, "refused", 0.0, LOGIN_REQUIRED)
+            # Input before login may be a password typed at the wrong prompt: only the
+            # name of a known command is kept, never the words.
+            self._audit(ctx, name if command else "?", {}, "refused", 0.0, LOGIN_REQUIRED)
             return defer.succeed(TextReply([f"Error: {LOGIN_REQUIRED}"], False))
         if command is None:
             self._audit(ctx, name, {"argv": args}, "not-found", 0.0, None)

@@ -71,13 +71,15 @@ class LineLoginTests(unittest.TestCase):
     def test_commands_before_login_are_refused(self) -> None:
         conn = self.connect()
         self.assertEqual(self.send(conn, "ls"), ["Error: login required"])
-        self.assertEqual(self.send(conn, "nosuchcommand x y"), ["Error: login required"])
+        self.assertEqual(self.send(conn, "hunter2 x y"), ["Error: login required"])
         self.assertEqual(self.send(conn, "ping"), ["pong"])
         self.assertEqual(self.send(conn, "whoami"), ["anonymous (not logged in)"])
         self.assertEqual(self.send(conn, "help ls")[0], "Usage: ls [PATH]")
         refused = self.audit()[0]
         self.assertEqual((refused["command"], refused["outcome"], refused["args"]),
                          ("ls", "refused", {}))
+        self.assertEqual(self.audit()[1]["command"], "?")
+        self.assertNotIn("hunter2", flatten_events(self.events))
         self.assertEqual(self.send(conn, "quit"), ["bye !"])
         self.assertTrue(conn[1].disconnecting)
 
