@@ -15,6 +15,8 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm, Portal
 from zope.interface import Interface, implementer
 
+from cmdserver.policy import Policy
+
 ANONYMOUS = "anonymous"
 
 
@@ -63,3 +65,8 @@ class Realm:
 
 def build_portal(realm: Realm, checkers: Sequence[ICredentialsChecker] = ()) -> Portal:
     return Portal(realm, list(checkers))
+
+
+def policy_for(account: Account, default: Policy) -> Policy:
+    """The policy a user's commands run under: their own roots if they have any."""
+    return Policy(account.roots) if account.roots else default

@@ -18,6 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cmdserver.auth import ANONYMOUS
 from cmdserver.commands.base import Command, Context, Registry
 from cmdserver.errors import CommandError, NotFound, UsageError
 from cmdserver.policy import Policy
@@ -27,6 +28,7 @@ log = Logger()
 audit = Logger(namespace="cmdserver.audit")
 
 NOT_FOUND_TEXT = "Command not found."
+LOGIN_REQUIRED = "login required"
 INTERNAL_ERROR = "internal error (see the server log)"
 
 
@@ -113,13 +115,19 @@ class CommandCore:
             return defer.succeed(TextReply([], True))
         name, args = argv[0], argv[1:]
         command = self.registry.get(name)
+        if (ctx.login == "required" and ctx.user == ANONYMOUS
+                and (command is None or not command.open_before_login)):
+            # Input before login may be a password typed at the wrong prompt: only the
+            # name of a known command is kept, never the words.
+            self._audit(ctx, name if command else "?", {}, "refused", 0.0, LOGIN_REQUIRED)
+            return defer.succeed(TextReply([f"Error: {LOGIN_REQUIRED}"], False))
         if command is None:
             self._audit(ctx, name, {"argv": args}, "not-found", 0.0, None)
             return defer.succeed(TextReply([NOT_FOUND_TEXT], False))
         try:
             kwargs = command.parse(args)
         except CommandError as e:
-            self._audit(ctx, name, {"argv": args}, "refused", 0.0, str(e))
+            self._audit(ctx, name, command.audit_argv(args), "refused", 0.0, str(e))
             self.stats.errors += 1
             return defer.succeed(TextReply([e.text], False))
         d = self._invoke(ctx, command, kwargs)

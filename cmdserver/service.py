@@ -25,7 +25,8 @@ class DoorService(Service):
     """Listens on one endpoint string for one door; ``listening`` fires with the port."""
 
     def __init__(self, door: str, description: str, factory: LimitedFactory,
-                 reactor: Any) -> None:
+                 reactor: Any, endpoint: Any = None) -> None:
+        self.endpoint = endpoint  # built by the caller when a string cannot say it all
         self.door = door
         self.description = description
         self.factory = factory
@@ -48,7 +49,7 @@ class DoorService(Service):
         if self._listen_called:
             return
         self._listen_called = True
-        endpoint = serverFromString(self.reactor, self.description)
+        endpoint = self.endpoint or serverFromString(self.reactor, self.description)
         endpoint.listen(self.factory).addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: IListeningPort) -> None:
@@ -96,10 +97,13 @@ class CmdServerService(MultiService):
         self.doors: list[DoorService] = []
 
     def add_door(self, door: str, description: str, factory: Factory,
-                 refusal: bytes | None = None) -> DoorService:
-        """Serve ``factory`` on the endpoint ``description``, under the shared limits."""
+                 refusal: bytes | None = None, endpoint: Any = None) -> DoorService:
+        """Serve ``factory`` on the endpoint ``description``, under the shared limits.
+
+        ``endpoint``, if given, is used instead of parsing ``description``.
+        """
         limited = LimitedFactory(factory, self.limits, self.core.stats, door, refusal)
-        service = DoorService(door, description, limited, self.core.reactor)
+        service = DoorService(door, description, limited, self.core.reactor, endpoint)
         service.setServiceParent(self)
         self.doors.append(service)
         return service

@@ -12,15 +12,21 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from cmdserver.commands import default_registry
+from cmdserver.commands.account import Login, PasswordLogin
 from cmdserver.commands.lastlog import choose_source
 from cmdserver.core import CommandCore
+from cmdserver.credentials import ReloadService, open_credentials
 from cmdserver.doors.line import TOO_MANY, LineFactory, LineSettings
+from cmdserver.doors.line_login import line_door_login
 from cmdserver.policy import Policy
 from cmdserver.service import CmdServerService, Limits
+from cmdserver.tls import is_tls, load_ca
+from cmdserver.users import DEFAULT_COST, CredentialError
 
 log = Logger()
 
 NONE = "none"
+LINE_AUTH_MODES = ("required", "optional", "off")
 
 
 def positive_int(value: Any) -> int:
@@ -47,6 +53,24 @@ def non_negative_number(value: Any) -> float:
     return number
 
 
+def line_auth_mode(value: Any) -> str:
+    if value not in LINE_AUTH_MODES:
+        raise ValueError(f"{value!r} is not one of {', '.join(LINE_AUTH_MODES)}")
+    return value
+
+
+def bcrypt_cost(value: Any) -> int:
+    cost = positive_int(value)
+    if not 4 <= cost <= 31:
+        raise ValueError(f"{value!r} is not a bcrypt cost from 4 to 31")
+    return cost
+
+
+def poll_interval(value: Any) -> float:
+    return non_negative_number(value)
+
+
+
 # Every option a TOML file may set too: name -> (default, coerce).  Lists are repeatable.
 SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "line": (["tcp:9999:interface=127.0.0.1"], None),
@@ -58,6 +82,11 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "max-line": (4096, positive_int),
     "log-source": (None, str),
     "audit-log": (None, str),
+    # credentials, login and TLS (docs/security.md)
+    "line-auth": (None, line_auth_mode),
+    "bcrypt-cost": (DEFAULT_COST, bcrypt_cost),
+    "users-poll-interval": (2.0, poll_interval),
+    "tls-client-ca": (None, str),
 }
 REPEATABLE = ("line", "root")
 
@@ -85,6 +114,14 @@ class Options(usage.Options):
          "/var/log/syslog, /var/log/messages, the journal, else the audit log]"],
         ["audit-log", None, None, "File for the JSON-lines audit log, or 'none'. "
          "[default: DATA-DIR/audit.log]"],
+        ["line-auth", None, None, "Login on the line door: required, optional or off. "
+         "[default: off on endpoints bound to a loopback address only, else required]"],
+        ["bcrypt-cost", None, None, "bcrypt cost for passwords the daemon hashes (the "
+         "first-run admin). [default: 12]"],
+        ["users-poll-interval", None, None, "Seconds between checks for a changed users "
+         "file or key file (SIGHUP reloads at once too). [default: 2]"],
+        ["tls-client-ca", None, None, "PEM file of the CA whose client certificates the "
+         "ssl: line doors require; the certificate's common name is the user."],
     ]
 
     def __init__(self) -> None:
@@ -126,6 +163,13 @@ class Options(usage.Options):
             raise usage.UsageError("no front door is open: give at least one --line endpoint")
         for endpoint in self["line"]:
             check_endpoint("--line", endpoint)
+        if self["tls-client-ca"]:
+            if not any(is_tls(e) for e in self["line"]):
+                raise usage.UsageError("--tls-client-ca needs an ssl: --line endpoint")
+            try:
+                load_ca(self["tls-client-ca"])
+            except CredentialError as e:
+                raise usage.UsageError(str(e)) from None
 
 
 def check_endpoint(option: str, description: str) -> None:
@@ -188,9 +232,17 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     log.info("lastlog reads {source}", source=source.describe())
 
     core = CommandCore(default_registry(source), Policy(roots), reactor)
+    credentials, portal = open_credentials(data_dir, options["bcrypt-cost"], core)
     service = CmdServerService(core, Limits(options["max-clients"], options["max-per-ip"]),
-                               audit_log)
+                               audit_log, portal)
+    ReloadService(credentials, options["users-poll-interval"], reactor=reactor
+                  ).setServiceParent(service)
+    core.registry.add(Login(PasswordLogin(portal, reactor)))
     settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"])
     for endpoint in options["line"]:
-        service.add_door("line", endpoint, LineFactory(core, settings), refusal=TOO_MANY)
+        door_settings, door_endpoint = line_door_login(
+            settings, endpoint, options["line-auth"], options["tls-client-ca"], credentials,
+            reactor)
+        service.add_door("line", endpoint, LineFactory(core, door_settings), refusal=TOO_MANY,
+                         endpoint=door_endpoint)
     return service

@@ -130,7 +130,7 @@ class CoreTests(unittest.SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.core.call(self.ctx, "ping")), "pong")
         help_ = self.successResultOf(self.core.call(self.ctx, "help"))
         self.assertEqual(set(help_), {"comphash", "exit", "help", "lastlog", "ls", "ping",
-                                      "stats"})
+                                      "stats", "whoami"})
 
     def test_call_unknown_command_fails_cleanly(self) -> None:
         f = self.failureResultOf(self.core.call(self.ctx, "nosuch"), NotFound)

@@ -1,5 +1,6 @@
 """The command registry every door shares."""
 
+from cmdserver.commands.account import Whoami
 from cmdserver.commands.base import Command, Context, ListSink, NullSink, Registry
 from cmdserver.commands.basic import Exit, Help, Ping, StatsCommand
 from cmdserver.commands.files import ComputeHash, ListDir
@@ -13,4 +14,5 @@ def default_registry(log_source: LogSource) -> Registry:
     registry = Registry([Help(), Ping(), StatsCommand(), ListDir(), ComputeHash(),
                          LastLog(log_source)])
     registry.add(Exit(), "quit")
+    registry.add(Whoami())  # `login` needs the portal: tap.makeService adds it
     return registry

@@ -62,6 +62,8 @@ class Context:
     out: OutputSink = field(default_factory=NullSink)
     session: Session | None = None
     policy: Policy = None  # type: ignore[assignment]  # the core's unless the user has own roots
+    login: str = "off"  # the door's login mode: "required", "optional" or "off"
+    login_failures: int = 0  # failed logins on this connection
 
     def __post_init__(self) -> None:
         if self.policy is None:
@@ -78,6 +80,7 @@ class Command:
     name: str = ""
     summary: str = ""
     usage: str = ""
+    open_before_login: bool = False  # may run before login on a door that requires it
 
     def parse(self, argv: Sequence[str]) -> dict[str, Any]:
         """Turn the text door's argument vector into keyword arguments for ``run``."""
@@ -95,6 +98,10 @@ class Command:
     def audit_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The arguments as the audit log records them (override to hide secrets)."""
         return kwargs
+
+    def audit_argv(self, argv: Sequence[str]) -> dict[str, Any]:
+        """The words of a refused command line as the audit log records them."""
+        return {"argv": list(argv)}
 
     def usage_error(self, detail: str | None = None) -> UsageError:
         prefix = f"{detail}; " if detail else ""

@@ -25,6 +25,7 @@ class Help(Command):
     name = "help"
     summary = "List the commands, or show how to use one."
     usage = "help [COMMAND]"
+    open_before_login = True
 
     def parse(self, argv: Sequence[str]) -> dict[str, Any]:
         if len(argv) > 1:
@@ -54,6 +55,7 @@ class Ping(Command):
     name = "ping"
     summary = "Answer pong: a cheap liveness probe."
     usage = "ping"
+    open_before_login = True
 
     def run(self, ctx: Context) -> defer.Deferred:
         return defer.succeed("pong")
@@ -85,6 +87,7 @@ class Exit(Command):
     name = "exit"
     summary = "Close this connection."
     usage = "exit"
+    open_before_login = True
 
     def run(self, ctx: Context) -> defer.Deferred:
         if ctx.session is not None:

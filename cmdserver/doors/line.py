@@ -10,6 +10,7 @@ cancels its running command.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,9 @@ class LineSettings:
     max_line: int = 4096
     idle_timeout: float = 300
     greeting: str = f"cmdserver {__version__} ready; type 'help' for the commands."
+    login: str = "off"  # "required", "optional" or "off" (see docs/security.md)
+    # Called once, before the first command, with (ctx, transport): TLS client-cert login.
+    peer_login: Callable[[Context, Any], None] | None = None
 
 
 class LineProtocol(LineReceiver, TimeoutMixin):
@@ -56,6 +60,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._reading = True
         self._closing = False
         self._connected = False
+        self._peer_login: Callable[[Context, Any], None] | None = None
 
     # -- connection life --------------------------------------------------
 
@@ -63,7 +68,9 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._connected = True
         self.ctx = Context(self.core, user="anonymous",
                            peer=format_peer(self.transport.getPeer()),
-                           door=self.door, out=self, session=self)
+                           door=self.door, out=self, session=self,
+                           login=self.settings.login)
+        self._peer_login = self.settings.peer_login
         self.transport.registerProducer(self, True)
         self.setTimeout(self.settings.idle_timeout or None)
         if self.settings.greeting:
@@ -118,6 +125,9 @@ class LineProtocol(LineReceiver, TimeoutMixin):
             if not text.isprintable():
                 self.line("Error: control characters are not allowed in a command")
                 return
+        if self._peer_login is not None:  # the TLS handshake is done once a line arrives
+            peer_login, self._peer_login = self._peer_login, None
+            peer_login(self.ctx, self.transport)
         d = self.core.run_line(self.ctx, text)
         self._running = d
         d.addCallback(self._reply)
@@ -149,8 +159,10 @@ class LineProtocol(LineReceiver, TimeoutMixin):
     def _update_reading(self) -> None:
         if self._closing or not self._connected:
             return  # the transport is going away; leave it be
-        want = (not self._write_paused
-                and len(self._queue) < (QUEUE_LOW if not self._reading else QUEUE_HIGH))
+        # A paused writer stops commands, not reading: lines queue and reading stops when
+        # the queue is full.  (TLS pauses its producer until the handshake is done; if
+        # that stopped reading, the handshake could never finish.)
+        want = len(self._queue) < (QUEUE_LOW if not self._reading else QUEUE_HIGH)
         if want != self._reading:
             self._reading = want
             if want:

@@ -30,7 +30,7 @@ class BasicCommandTests(unittest.SynchronousTestCase):
         self.assertEqual(lines[0], "Commands:")
         names = [line.split()[0] for line in lines[1:-1]]
         self.assertEqual(names, sorted(["comphash", "exit", "help", "lastlog", "ls", "ping",
-                                        "stats"]))
+                                        "stats", "whoami"]))
         self.assertEqual(lines[-1], "Type 'help COMMAND' for its usage.")
 
     def test_help_name_shows_usage(self) -> None:

@@ -203,15 +203,17 @@ class LineDoorTests(unittest.SynchronousTestCase):
         self.assertIs(self.transport.producer, self.protocol)
         self.assertTrue(self.transport.streaming)
 
-    def test_slow_reader_stops_commands_and_reading(self) -> None:
+    def test_slow_reader_stops_commands_then_reading(self) -> None:
         self.output()
         self.protocol.pauseProducing()  # the client is not reading its output
-        self.assertEqual(self.transport.producerState, "paused")
         self.send(b"ping\n" * 5)
         self.assertEqual(self.output(), [])
+        self.assertEqual(self.transport.producerState, "producing")
+        self.send(b"ping\n" * QUEUE_HIGH)  # the queue fills: reading stops
+        self.assertEqual(self.transport.producerState, "paused")
         self.protocol.resumeProducing()
         self.assertEqual(self.transport.producerState, "producing")
-        self.assertEqual(self.output(), ["pong"] * 5)
+        self.assertEqual(self.output(), ["pong"] * (5 + QUEUE_HIGH))
 
     def test_long_queue_stops_reading_until_it_drains(self) -> None:
         self.output()

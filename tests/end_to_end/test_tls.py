@@ -1,0 +1,99 @@
+"""TLS line doors end to end: Python's ssl client against the daemon on loopback port 0."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+
+from twisted.internet import defer, threads
+from twisted.trial import unittest
+
+from cmdserver.tap import Options, makeService
+from cmdserver.tls import gencert, quote
+from cmdserver.users import UserRecord, UserStore, hash_password
+from tests.helpers_creds import TEST_COST, make_ca, make_client_cert, temp_dir
+
+PASSWORD = "tls pass word"
+
+
+def tls_session(port: int, cafile: str, lines: list[str], cert: tuple[str, str] | None = None
+                ) -> list[str]:
+    """Blocking client: connect, send each line, return every line the server sent."""
+    context = ssl.create_default_context(cafile=cafile)
+    if cert is not None:
+        context.load_cert_chain(*cert)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as sock:
+        f = sock.makefile("rwb")
+        received = [f.readline().decode()]
+        for line in lines:
+            f.write(line.encode() + b"\n")
+            f.flush()
+            reply = f.readline().decode()
+            received.append(reply)
+            if not reply:
+                break
+        return [r.rstrip("\r\n") for r in received]
+
+
+class TLSDoorTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.data = os.path.join(temp_dir(self), "data")
+        self.root = os.path.join(self.data, "files")
+        os.makedirs(self.root)
+        open(os.path.join(self.root, "hello.txt"), "w").close()
+        with UserStore(self.data).locked() as users:
+            users["ops"] = UserRecord("ops", hash_password(PASSWORD, TEST_COST))
+        self.key, self.cert, _ = gencert(self.data, "localhost")
+
+    @defer.inlineCallbacks
+    def start(self, *argv: str):
+        endpoint = (f"ssl:0:interface=127.0.0.1:privateKey={quote(self.key)}"
+                    f":certKey={quote(self.cert)}")
+        options = Options()
+        options.parseOptions(["--data-dir", self.data, "--line", endpoint, "--bcrypt-cost",
+                              "4", "--users-poll-interval", "0", *argv])
+        service = makeService(options)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = yield service.doors[0].listening
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_login_over_tls(self):
+        port = yield self.start("--line-auth", "required")
+        received = yield threads.deferToThread(
+            tls_session, port, self.cert,
+            ["ls", f"login ops '{PASSWORD}'", "whoami", "ls", "quit"])
+        self.assertTrue(received[0].startswith("cmdserver "))
+        self.assertEqual(received[1:], ["Error: login required", "Logged in as ops", "ops",
+                                        "hello.txt", "bye !"])
+
+    @defer.inlineCallbacks
+    def test_client_certificate_logs_in(self):
+        ca = make_ca(self.data, "clients-ca")
+        ops = make_client_cert(self.data, ca, "ops")
+        ghost = make_client_cert(self.data, ca, "ghost")
+        elsewhere = os.path.join(self.data, "elsewhere")
+        os.mkdir(elsewhere)
+        stranger = make_client_cert(elsewhere, make_ca(elsewhere, "other-ca"), "ops")
+        port = yield self.start("--line-auth", "required", "--tls-client-ca", ca[2])
+
+        received = yield threads.deferToThread(tls_session, port, self.cert,
+                                               ["whoami", "ls"], ops)
+        self.assertEqual(received[1:], ["ops", "hello.txt"])
+
+        # A valid certificate for a name that is not a user: still anonymous.
+        received = yield threads.deferToThread(tls_session, port, self.cert,
+                                               ["whoami", "ls"], ghost)
+        self.assertEqual(received[1:], ["anonymous (not logged in)", "Error: login required"])
+
+        # No certificate, or one from another CA: the handshake fails, nothing is served.
+        for cert in (None, stranger):
+            try:
+                received = yield threads.deferToThread(tls_session, port, self.cert,
+                                                       ["whoami"], cert)
+            except (ssl.SSLError, ConnectionError):
+                continue
+            self.assertEqual(received, [""])  # closed before the greeting
