@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from zope.interface import alsoProvides
 
 from cmdserver.stats import Stats
 
@@ -73,9 +74,24 @@ class _Refusal(Protocol):
 
 
 class _Counted(ProtocolWrapper):
-    """Remembers the host it was counted under, for an exact release."""
+    """Remembers the host it was counted under, for an exact release.
+
+    Twisted's ``ProtocolWrapper`` drops half-close; this one passes it on when the
+    wrapped protocol supports it (``printf 'ping\n' | nc -N host port``).
+    """
 
     host: str | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(transport)  # this resets what self directly provides
+        if IHalfCloseableProtocol.providedBy(self.wrappedProtocol):
+            alsoProvides(self, IHalfCloseableProtocol)
+
+    def readConnectionLost(self) -> None:
+        self.wrappedProtocol.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        self.wrappedProtocol.writeConnectionLost()
 
 
 class LimitedFactory(WrappingFactory):

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from cmdserver import __version__
 from cmdserver.commands.base import Context
@@ -44,6 +46,7 @@ class LineSettings:
     peer_login: Callable[[Context, Any], None] | None = None
 
 
+@implementer(IHalfCloseableProtocol)
 class LineProtocol(LineReceiver, TimeoutMixin):
     delimiter = b"\n"
     door = "line"
@@ -60,6 +63,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._reading = True
         self._closing = False
         self._connected = False
+        self._eof = False  # the client closed its sending side (nc -N, shutdown(SHUT_WR))
         self._peer_login: Callable[[Context, Any], None] | None = None
 
     # -- connection life --------------------------------------------------
@@ -83,6 +87,22 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         if self._running is not None:
             running, self._running = self._running, None
             running.cancel()
+
+    def readConnectionLost(self) -> None:
+        """The client sent all it will send: answer it all, then close."""
+        self._eof = True
+        last = self.clearLineBuffer()  # a last line without its newline still counts
+        if last:
+            self.lineReceived(last)
+        self._close_if_done()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def _close_if_done(self) -> None:
+        if self._eof and self._running is None and not self._queue and not self._closing:
+            self._closing = True
+            self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
         if self._running is not None:  # a long command is not idleness
@@ -155,6 +175,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         finally:
             self._draining = False
         self._update_reading()
+        self._close_if_done()
 
     def _update_reading(self) -> None:
         if self._closing or not self._connected:

@@ -102,3 +102,32 @@ def test_format_peer():
     assert format_peer(IPv4Address("TCP", "1.2.3.4", 5)) == "1.2.3.4:5"
     assert format_peer(IPv6Address("TCP", "::1", 5)) == "[::1]:5"
     assert format_peer(UNIXAddress(None)) == "local"
+
+
+class HalfCloseTests(unittest.SynchronousTestCase):
+    def test_half_close_passes_through_the_wrapper(self) -> None:
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+        from zope.interface import implementer
+
+        @implementer(IHalfCloseableProtocol)
+        class HalfCloser(Protocol):
+            events: list[str] = []
+
+            def readConnectionLost(self) -> None:
+                self.events.append("read")
+
+            def writeConnectionLost(self) -> None:
+                self.events.append("write")
+
+        limits, stats = ConnectionLimits(5, 5), Stats(0)
+        for inner, expected in ((HalfCloser, True), (Protocol, False)):
+            factory = LimitedFactory(Factory.forProtocol(inner), limits, stats, "line")
+            wrapper = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1))
+            wrapper.makeConnection(StringTransport())
+            self.assertEqual(IHalfCloseableProtocol.providedBy(wrapper), expected)
+        wrapper = LimitedFactory(Factory.forProtocol(HalfCloser), limits, stats,
+                                 "line").buildProtocol(IPv4Address("TCP", "10.0.0.1", 1))
+        wrapper.makeConnection(StringTransport())
+        wrapper.readConnectionLost()
+        wrapper.writeConnectionLost()
+        self.assertEqual(HalfCloser.events, ["read", "write"])

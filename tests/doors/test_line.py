@@ -232,3 +232,26 @@ class LineDoorTests(unittest.SynchronousTestCase):
         self.send(b"gate a\n" + b"ping\n" * 5000)
         self.gate.release("a")
         self.assertEqual(len(self.output()), 5002)
+
+    def test_half_close_answers_everything_then_closes(self) -> None:
+        self.output()
+        self.send(b"gate a\nping\nping")  # the last line has no newline
+        self.protocol.readConnectionLost()
+        self.assertFalse(self.transport.disconnecting)
+        self.gate.release("a")
+        self.assertEqual(self.output(), ["start a", "done a", "pong", "pong"])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_half_close_when_idle_closes_at_once(self) -> None:
+        self.protocol.readConnectionLost()
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_half_close_waits_for_a_slow_reader(self) -> None:
+        self.output()
+        self.protocol.pauseProducing()
+        self.send(b"ping\n")
+        self.protocol.readConnectionLost()
+        self.assertFalse(self.transport.disconnecting)
+        self.protocol.resumeProducing()
+        self.assertEqual(self.output(), ["pong"])
+        self.assertTrue(self.transport.disconnecting)

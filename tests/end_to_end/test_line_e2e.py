@@ -97,6 +97,20 @@ class LineDoorEndToEnd(ServiceCase):
         self.assertEqual(lines, ["pong", "Begin lastlog", "log line 19", "End lastlog", "pong"])
 
     @defer.inlineCallbacks
+    def test_piped_commands_with_half_close(self):
+        """`printf 'ping\\nlastlog 1\\n' | nc -N host port` gets every answer."""
+
+        def session():
+            c = self.client()
+            c.send(b"ping\nlastlog 1\nping")
+            c.sock.shutdown(socket.SHUT_WR)
+            return c.read_until_closed()
+
+        data = yield in_thread(session)
+        self.assertEqual(data.decode().split("\r\n"), [
+            GREETING, "pong", "Begin lastlog", "log line 19", "End lastlog", "pong", ""])
+
+    @defer.inlineCallbacks
     def test_bad_input_over_the_wire(self):
         def session():
             c = self.client()
