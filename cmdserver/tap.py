@@ -15,7 +15,7 @@ from cmdserver.commands import default_registry
 from cmdserver.commands.lastlog import choose_source
 from cmdserver.core import CommandCore
 from cmdserver.doors.line import TOO_MANY, LineFactory, LineSettings
-from cmdserver.policy import Policy
+from cmdserver.policy import DEFAULT_SCAN_ALLOW, Policy, ScanPolicy, default_max_in_flight
 from cmdserver.service import CmdServerService, Limits
 
 log = Logger()
@@ -41,7 +41,15 @@ def non_negative_number(value: Any) -> float:
     return number
 
 
+def positive_number(value: Any) -> float:
+    number = non_negative_number(value)
+    if number == 0:
+        raise ValueError(f"{value!r} is not a number of seconds > 0")
+    return number
+
+
 positive_int.coerceDoc = "A whole number >= 1."  # type: ignore[attr-defined]
+positive_number.coerceDoc = "Seconds, more than 0."  # type: ignore[attr-defined]
 non_negative_number.coerceDoc = "Seconds; 0 turns the timeout off."  # type: ignore[attr-defined]
 
 # Every option a TOML file may set too: name -> (default, coerce).  Lists are repeatable.
@@ -55,8 +63,14 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "max-line": (4096, positive_int),
     "log-source": (None, str),
     "audit-log": (None, str),
+    # portscan: targets and limits (see docs/security.md)
+    "scan-allow": (list(DEFAULT_SCAN_ALLOW), None),
+    "scan-max-ports": (65535, positive_int),
+    "scan-concurrency": (ScanPolicy.DEFAULT_CONCURRENCY, positive_int),
+    "scan-timeout": (1.0, positive_number),
+    "scan-max-in-flight": (None, positive_int),
 }
-REPEATABLE = ("line", "root")
+REPEATABLE = ("line", "root", "scan-allow")
 
 
 class Options(usage.Options):
@@ -83,6 +97,14 @@ class Options(usage.Options):
          "/var/log/syslog, /var/log/messages, the journal, else the audit log]"],
         ["audit-log", None, None, "File for the JSON-lines audit log, or 'none'. "
          "[default: DATA-DIR/audit.log]"],
+        ["scan-max-ports", None, None, "Most ports one portscan may probe. [default: 65535]",
+         positive_int],
+        ["scan-concurrency", None, None, "Connects in flight per portscan. [default: "
+         f"{ScanPolicy.DEFAULT_CONCURRENCY}]", positive_int],
+        ["scan-timeout", None, None, "Seconds a portscan waits for one connect. [default: 1]",
+         positive_number],
+        ["scan-max-in-flight", None, None, "Connects in flight over all portscans at once. "
+         "[default: 4096, or half the open-files limit if lower]", positive_int],
     ]
 
     def __init__(self) -> None:
@@ -96,6 +118,12 @@ class Options(usage.Options):
     def opt_root(self, path: str) -> None:
         self["root"].append(path)
 
+    def opt_scan_allow(self, cidr: str) -> None:
+        self["scan-allow"].append(cidr)
+
+    opt_scan_allow.__doc__ = (
+        "Network (CIDR) portscan may target; repeatable; replaces the default. "
+        "[default: 127.0.0.0/8 and ::1/128]")
     opt_line.__doc__ = (
         "Endpoint for the line door: tcp:PORT:interface=ADDR, ssl:..., unix:PATH, or "
         "'none'; repeatable. [default: tcp:9999:interface=127.0.0.1]")
@@ -124,6 +152,12 @@ class Options(usage.Options):
             raise usage.UsageError("no front door is open: give at least one --line endpoint")
         for endpoint in self["line"]:
             check_endpoint("--line", endpoint)
+        try:
+            self["scan-policy"] = ScanPolicy(
+                self["scan-allow"], self["scan-max-ports"], self["scan-concurrency"],
+                self["scan-timeout"], self["scan-max-in-flight"] or default_max_in_flight())
+        except ValueError as e:
+            raise usage.UsageError(f"--scan-allow: {e}") from None
 
 
 def check_endpoint(option: str, description: str) -> None:
@@ -185,7 +219,7 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     source = choose_source(options["log-source"], audit_log)
     log.info("lastlog reads {source}", source=source.describe())
 
-    core = CommandCore(default_registry(source), Policy(roots), reactor)
+    core = CommandCore(default_registry(source), Policy(roots, options["scan-policy"]), reactor)
     service = CmdServerService(core, Limits(options["max-clients"], options["max-per-ip"]),
                                audit_log)
     settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"])

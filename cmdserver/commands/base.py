@@ -96,6 +96,10 @@ class Command:
         """The arguments as the audit log records them (override to hide secrets)."""
         return kwargs
 
+    def audit_result(self, result: Any) -> dict[str, Any] | None:
+        """What the audit log records of a successful result (None: nothing)."""
+        return None
+
     def usage_error(self, detail: str | None = None) -> UsageError:
         prefix = f"{detail}; " if detail else ""
         return UsageError(f"{prefix}usage: {self.usage}")
