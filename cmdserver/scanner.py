@@ -14,6 +14,8 @@ Here a :class:`Scan` is one Deferred for the whole scan and a *pump*:
 - a connect that is really still in progress becomes a :class:`_Probe`, an
   ``IWriteDescriptor`` registered with ``reactor.addWriter``; writability
   settles it, and one timer expires every probe older than ``timeout``;
+- a refused socket is reused for the next port (Linux allows it), so most
+  ports cost two ``connect()`` calls and no ``socket()``/``close()``;
 - an open port's socket is closed at once with ``SO_LINGER`` 0 (a reset, so no
   ``TIME_WAIT`` is left behind).
 
@@ -28,6 +30,7 @@ import errno
 import os
 import socket
 import struct
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -147,6 +150,10 @@ class Scan:
         self.on_open = on_open
         self.open: list[int] = []
         self.probed = 0
+        # Linux lets a socket whose connect was refused connect again (the refusal
+        # resets it to unconnected, its source port released): reusing it saves a
+        # socket() and a close() per closed port, a third of a loopback scan's time.
+        self.reuse_refused = sys.platform.startswith("linux")
         self._ports = iter(ports)
         self._exhausted = False
         self._new_socket = socket_factory
@@ -195,34 +202,46 @@ class Scan:
         """Start up to BATCH connects; most settle right here (the hot loop)."""
         pending, budget, ports = self._pending, self.budget, self._ports
         family, new_socket, sockaddr = self.family, self._new_socket, self._sockaddr
-        concurrency = self.concurrency
+        concurrency, reuse = self.concurrency, self.reuse_refused
         blocked_by_budget = False
         started = 0
-        while started < BATCH:
-            if len(pending) >= concurrency:
-                break
-            if budget.in_flight >= budget.limit:
-                blocked_by_budget = True
-                break
-            port = next(ports, None)
-            if port is None:
-                self._exhausted = True
-                break
-            started += 1
-            addr = sockaddr(port)
-            try:
-                sock = new_socket(family, _NONBLOCKING_STREAM)
-            except OSError as e:
-                raise ScanError(f"scan failed: cannot open a socket: {_reason(e)}") from None
-            err = sock.connect_ex(addr)
-            if err == errno.EINPROGRESS:
-                err = sock.connect_ex(addr)  # loopback has usually answered already
-            if err == errno.ECONNREFUSED:
-                sock.close()
-            elif err in _IN_PROGRESS:
-                self._watch(sock, port)
-            else:
-                self._settled(sock, port, err)
+        spare = None  # a socket whose connect was refused, ready for the next port
+        try:
+            while started < BATCH:
+                if len(pending) >= concurrency:
+                    break
+                if budget.in_flight >= budget.limit:
+                    blocked_by_budget = True
+                    break
+                port = next(ports, None)
+                if port is None:
+                    self._exhausted = True
+                    break
+                started += 1
+                addr = sockaddr(port)
+                if spare is not None:
+                    sock, spare = spare, None
+                else:
+                    try:
+                        sock = new_socket(family, _NONBLOCKING_STREAM)
+                    except OSError as e:
+                        raise ScanError(
+                            f"scan failed: cannot open a socket: {_reason(e)}") from None
+                err = sock.connect_ex(addr)
+                if err == errno.EINPROGRESS:
+                    err = sock.connect_ex(addr)  # loopback has usually answered already
+                if err == errno.ECONNREFUSED:
+                    if reuse:
+                        spare = sock
+                    else:
+                        sock.close()
+                elif err in _IN_PROGRESS:
+                    self._watch(sock, port)
+                else:
+                    self._settled(sock, port, err)
+        finally:
+            if spare is not None:
+                spare.close()
         self.probed += started
         if self._exhausted:
             if not pending:

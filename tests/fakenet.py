@@ -37,8 +37,12 @@ class FakeSocket:
                 return self.net.errors[self.port]
             self.state = self.net.outcome(self.port)
             return errno.EINPROGRESS
-        return {"open": 0, "self": 0, "refused": errno.ECONNREFUSED,
-                "pending": errno.EALREADY}[self.state]
+        if self.state == "refused":
+            # As on Linux: reporting the refusal leaves the socket free to connect again.
+            self.state = None
+            self.net.reused += 1
+            return errno.ECONNREFUSED
+        return {"open": 0, "self": 0, "pending": errno.EALREADY}[self.state]
 
     def getsockname(self) -> tuple[Any, ...]:
         if self.state == "self":
@@ -66,6 +70,7 @@ class FakeNetwork:
         self.sockets: list[FakeSocket] = []
         self.connects: list[tuple[Any, ...]] = []
         self.fail_socket: OSError | None = None
+        self.reused = 0
 
     def outcome(self, port: int) -> str:
         if port in self.open_ports:

@@ -57,7 +57,28 @@ class FastPathTests(ScanTestsMixin, TestCase):
         self.assertEqual(self.successResultOf(d), [22, 80, 443])
         self.assertEqual(self.found, [22, 80, 443])
         self.assertEqual(net.open_sockets(), [])
-        self.assertEqual(len(net.sockets), 1000)
+        self.assertEqual(len(net.connects), 1000)
+
+    def test_refused_socket_reused_for_the_next_port(self) -> None:
+        """One socket serves a run of closed ports; an open port's socket is not reused."""
+        net = FakeNetwork(open_ports={5})
+        d = self.scan(net, range(1, 11)).start()
+        self.turn()
+        self.assertEqual(self.successResultOf(d), [5])
+        self.assertEqual([a[1] for a in net.connects], list(range(1, 11)))
+        self.assertEqual(len(net.sockets), 2)  # 1-5 (5 open, so closed), then 6-10
+        self.assertEqual(net.reused, 9)
+        self.assertEqual(net.open_sockets(), [])  # the spare is closed after the batch
+
+    def test_without_reuse_every_port_gets_its_own_socket(self) -> None:
+        net = FakeNetwork(open_ports={5})
+        scan = self.scan(net, range(1, 11))
+        scan.reuse_refused = False
+        d = scan.start()
+        self.turn()
+        self.assertEqual(self.successResultOf(d), [5])
+        self.assertEqual(len(net.sockets), 10)
+        self.assertEqual(net.open_sockets(), [])
 
     def test_every_port_probed_once_in_order(self) -> None:
         net = FakeNetwork()
@@ -95,7 +116,8 @@ class FastPathTests(ScanTestsMixin, TestCase):
         self.assertEqual(len(net.sockets), 0)  # nothing happens before the reactor runs
         for turn in range(1, 4):
             self.turn()
-            self.assertEqual(len(net.sockets), turn * BATCH)
+            self.assertEqual(len(net.connects), turn * BATCH)
+            self.assertEqual(net.open_sockets(), [])
         self.turn()
         self.assertEqual(self.successResultOf(d), [])
 
@@ -111,7 +133,7 @@ class FastPathTests(ScanTestsMixin, TestCase):
         failure = self.failureResultOf(d, ScanError)
         self.assertEqual(failure.value.text, "Error: scan failed: network is unreachable")
         self.assertEqual(net.open_sockets(), [])
-        self.assertEqual(len(net.sockets), 3)  # stopped at the first failure
+        self.assertEqual(len(net.connects), 3)  # stopped at the first failure
 
     def test_host_unreachable_is_not_open(self) -> None:
         net = FakeNetwork(errors={3: errno.EHOSTUNREACH})
@@ -217,7 +239,7 @@ class PendingTests(ScanTestsMixin, TestCase):
             self.reactor.advance(1.0)
         self.assertEqual(self.successResultOf(d), [])
         self.assertEqual(most, 7)
-        self.assertEqual(len(net.sockets), 100)
+        self.assertEqual(len(net.connects), 100)
 
     def test_cancel_closes_every_socket_at_once(self) -> None:
         net = FakeNetwork(pending=range(1, 501))
@@ -233,9 +255,9 @@ class PendingTests(ScanTestsMixin, TestCase):
         self.assertEqual(self.reactor.getWriters(), [])
         self.assertEqual(self.budget.in_flight, 0)
         self.assertEqual(self.reactor.getDelayedCalls(), [])  # no pump, no sweep left
-        created = len(net.sockets)
+        started = len(net.connects)
         self.reactor.advance(10)
-        self.assertEqual(len(net.sockets), created)  # nothing starts after the cancel
+        self.assertEqual(len(net.connects), started)  # nothing starts after the cancel
 
 
 class BudgetTests(ScanTestsMixin, TestCase):
@@ -257,7 +279,7 @@ class BudgetTests(ScanTestsMixin, TestCase):
         self.assertEqual(self.successResultOf(d1), [])
         self.assertEqual(self.successResultOf(d2), [])
         self.assertEqual(most, 10)
-        self.assertEqual(len(net.sockets), 200)
+        self.assertEqual(len(net.connects), 200)
         self.assertEqual(budget.in_flight, 0)
 
     def test_blocked_scan_woken_when_another_frees_a_slot(self) -> None:
