@@ -133,10 +133,14 @@ class PortScan(Command):
         key = connection_key(ctx)
         if not policy.begin(key):
             raise CommandError("a scan is already running on this connection")
-        if isinstance(target, str):
-            d = resolve(self.resolver or ctx.reactor.nameResolver, target)
-        else:
-            d = defer.succeed([target])
+        try:
+            if isinstance(target, str):
+                d = resolve(self.resolver or ctx.reactor.nameResolver, target)
+            else:
+                d = defer.succeed([target])
+        except BaseException:
+            policy.end(key)
+            raise
 
         def scan(addresses: list[IPAddress]) -> Deferred:
             address = checked_target(policy, host, addresses)

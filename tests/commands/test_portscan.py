@@ -180,6 +180,33 @@ class PortScanTests(TestCase):
         d, _ = self.run_line("portscan 127.0.0.1 22")
         self.assertEqual(self.finish(d).lines, ["Error: target not allowed"])
 
+    def test_link_local_needs_a_known_interface(self) -> None:
+        self.build(allow=["fe80::/10"])
+        d, _ = self.run_line("portscan fe80::1%nosuch0 22")
+        self.assertEqual(self.finish(d).lines, ["Error: no such network interface: nosuch0"])
+        self.assertEqual(self.net.sockets, [])
+
+    def test_link_local_with_interface_index(self) -> None:
+        self.build(allow=["fe80::/10"])
+        self.net.host = "fe80::1"
+        d, _ = self.run_line("portscan fe80::1%1 22")
+        self.assertEqual(self.finish(d).ok, True)
+        self.assertEqual(self.net.connects, [("fe80::1", 22, 0, 1)])
+
+    def test_a_resolver_that_raises_frees_the_connection(self) -> None:
+        ctx = self.context()
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("resolver broke")
+
+        self.resolver.resolveHostName = broken  # type: ignore[method-assign]
+        d, _ = self.run_line("portscan localhost 22", ctx)
+        self.assertEqual(self.successResultOf(d).lines,
+                         ["Error: internal error (see the server log)"])
+        self.flushLoggedErrors(RuntimeError)
+        d, _ = self.run_line("portscan 127.0.0.1 22", ctx)
+        self.assertEqual(self.finish(d).ok, True)
+
     # -- limits -------------------------------------------------------------
 
     def test_max_ports(self) -> None:
