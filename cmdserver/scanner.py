@@ -2,7 +2,8 @@
 
 Why not one ``connectTCP`` (a Factory, a Protocol, a Deferred) per port gathered
 with a ``DeferredList``: on loopback almost all the time then goes into that
-bookkeeping, and a full 1-65535 scan takes about three times as long as nmap's.
+bookkeeping, and a full 1-65535 scan takes several times as long as nmap's
+(docs/benchmarks.md has the figures).
 Here a :class:`Scan` is one Deferred for the whole scan and a *pump*:
 
 - each reactor turn it starts up to :data:`BATCH` connects on raw non-blocking
@@ -36,13 +37,10 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IWriteDescriptor
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cmdserver.errors import CommandError
-
-log = Logger()
 
 # Connects started per reactor turn: ~3 ms of work on loopback, so other
 # clients are served between batches while the per-turn overhead stays small.
@@ -78,10 +76,6 @@ class ConnectBudget:
         self.limit = limit
         self.in_flight = 0
         self._waiting: dict[Scan, None] = {}
-
-    @property
-    def available(self) -> int:
-        return self.limit - self.in_flight
 
     def acquire(self) -> None:
         self.in_flight += 1
@@ -239,10 +233,14 @@ class Scan:
                     self._watch(sock, port)
                 else:
                     self._settled(sock, port, err)
+                    if self._finished:  # the sink cancelled the scan
+                        break
         finally:
             if spare is not None:
                 spare.close()
         self.probed += started
+        if self._finished:
+            return
         if self._exhausted:
             if not pending:
                 self._finish()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from typing import Any
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.testing import MemoryReactorClock
@@ -163,6 +164,26 @@ class FastPathTests(ScanTestsMixin, TestCase):
         self.failureResultOf(d, RuntimeError)
         self.assertEqual(net.open_sockets(), [])
         self.assertEqual(self.reactor.getWriters(), [])
+        self.assertEqual(self.budget.in_flight, 0)
+
+
+    def test_cancel_from_the_sink_stops_at_once(self) -> None:
+        """A client that goes away while an open port is being reported."""
+        net = FakeNetwork(open_ports={3}, pending={1})
+        scans: list[Any] = []
+
+        def leave(port: int) -> None:
+            scans[0].cancel()
+
+        scan = Scan(self.reactor, socket.AF_INET, "127.0.0.1", range(1, 100), concurrency=10,
+                    timeout=1, budget=self.budget, on_open=leave, socket_factory=net.socket)
+        scans.append(scan.start())
+        self.turn()
+        self.failureResultOf(scans[0], CancelledError)
+        self.assertEqual([a[1] for a in net.connects], [1, 2, 3])
+        self.assertEqual(net.open_sockets(), [])
+        self.assertEqual(self.reactor.getWriters(), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(self.budget.in_flight, 0)
 
 
