@@ -169,7 +169,7 @@ class PortScan(Command):
         args = dict(kwargs)
         try:
             args["count"] = len(parse_ports(kwargs.get("ports")))
-        except (PortSpecError, AttributeError):
+        except PortSpecError:
             args["count"] = None
         return args
 
