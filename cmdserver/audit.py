@@ -16,7 +16,8 @@ from twisted.logger import ILogObserver
 from zope.interface import implementer
 
 NAMESPACE = "cmdserver.audit"
-FIELDS = ("user", "peer", "door", "command", "args", "outcome", "duration", "error")
+FIELDS = ("user", "peer", "door", "command", "args", "outcome", "duration", "error",
+          "result")
 
 
 @implementer(ILogObserver)

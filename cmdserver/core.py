@@ -169,18 +169,19 @@ class CommandCore:
                             elapsed, reason)
             else:
                 self._audit(ctx, command.name, command.audit_args(kwargs), "ok",
-                            elapsed, None)
+                            elapsed, None, command.audit_result(result))
             return result
 
         d.addBoth(done)
         return d
 
     def _audit(self, ctx: Context, command: str, args: dict[str, Any], outcome: str,
-               duration: float, error: str | None) -> None:
+               duration: float, error: str | None, result: Any = None) -> None:
         audit.info(
             "{user}@{peer} via {door}: {command} -> {outcome}",
             user=ctx.user, peer=ctx.peer, door=ctx.door, command=command,
             args=args, outcome=outcome, duration=round(duration, 6), error=error,
+            **({"result": result} if result is not None else {}),
         )
 
 

@@ -1,11 +1,17 @@
-"""What commands may touch: the file jail (and, later, scan targets and sizes)."""
+"""What commands may touch: the file jail and the scan targets and limits."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Sequence
+import resource
+from collections.abc import Hashable, Sequence
 
 from cmdserver.errors import CommandError, PathOutsideRoots
+from cmdserver.scanner import ConnectBudget
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+DEFAULT_SCAN_ALLOW = ("127.0.0.0/8", "::1/128")
 
 
 class Policy:
@@ -16,10 +22,11 @@ class Policy:
     root are refused.  Resolution touches the filesystem: call it from a thread.
     """
 
-    def __init__(self, roots: Sequence[str]) -> None:
+    def __init__(self, roots: Sequence[str], scan: ScanPolicy | None = None) -> None:
         if not roots:
             raise ValueError("at least one root is needed")
         self.roots = [os.path.realpath(r) for r in roots]
+        self.scan = scan if scan is not None else ScanPolicy()
 
     def resolve(self, path: str | None) -> str:
         """The real path for ``path`` if it lies inside a root; else raise.
@@ -41,3 +48,49 @@ class Policy:
             if real_path == root or real_path.startswith(root.rstrip(os.sep) + os.sep):
                 return True
         return False
+
+
+class ScanPolicy:
+    """What ``portscan`` may do: which targets, how many ports, how many connects at once.
+
+    It also holds the state every scan shares: the global :class:`ConnectBudget`
+    (connects in flight over all scans) and the connections running a scan.
+    """
+
+    DEFAULT_CONCURRENCY = 1024
+
+    def __init__(self, allow: Sequence[str] = DEFAULT_SCAN_ALLOW, max_ports: int = 65535,
+                 concurrency: int = DEFAULT_CONCURRENCY, timeout: float = 1.0,
+                 max_in_flight: int = 4096) -> None:
+        if max_ports < 1 or concurrency < 1 or max_in_flight < 1 or not timeout > 0:
+            raise ValueError("scan limits must be positive")
+        self.networks = tuple(ipaddress.ip_network(cidr) for cidr in allow)
+        self.max_ports = max_ports
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.budget = ConnectBudget(max_in_flight)
+        self._running: set[Hashable] = set()
+
+    def allows(self, address: IPAddress) -> bool:
+        """True if ``address`` lies in one of the allowed networks."""
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # ::ffff:a.b.c.d reaches a.b.c.d
+        return any(address in network for network in self.networks)
+
+    def begin(self, connection: Hashable) -> bool:
+        """Mark a scan as running for ``connection``; False if one already is."""
+        if connection in self._running:
+            return False
+        self._running.add(connection)
+        return True
+
+    def end(self, connection: Hashable) -> None:
+        self._running.discard(connection)
+
+
+def default_max_in_flight(ceiling: int = 4096) -> int:
+    """The default global cap on scan connects: at most half the open-files limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return ceiling
+    return max(1, min(ceiling, soft // 2))

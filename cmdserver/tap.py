@@ -18,7 +18,7 @@ from cmdserver.core import CommandCore
 from cmdserver.credentials import ReloadService, open_credentials
 from cmdserver.doors.line import TOO_MANY, LineFactory, LineSettings
 from cmdserver.doors.line_login import line_door_login
-from cmdserver.policy import Policy
+from cmdserver.policy import DEFAULT_SCAN_ALLOW, Policy, ScanPolicy, default_max_in_flight
 from cmdserver.service import CmdServerService, Limits
 from cmdserver.tls import is_tls, load_ca
 from cmdserver.users import DEFAULT_COST, CredentialError
@@ -70,6 +70,13 @@ def poll_interval(value: Any) -> float:
     return non_negative_number(value)
 
 
+def positive_number(value: Any) -> float:
+    number = non_negative_number(value)
+    if number == 0:
+        raise ValueError(f"{value!r} is not a number of seconds > 0")
+    return number
+
+
 
 # Every option a TOML file may set too: name -> (default, coerce).  Lists are repeatable.
 SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
@@ -87,8 +94,14 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "bcrypt-cost": (DEFAULT_COST, bcrypt_cost),
     "users-poll-interval": (2.0, poll_interval),
     "tls-client-ca": (None, str),
+    # portscan: targets and limits (see docs/security.md)
+    "scan-allow": (list(DEFAULT_SCAN_ALLOW), None),
+    "scan-max-ports": (65535, positive_int),
+    "scan-concurrency": (ScanPolicy.DEFAULT_CONCURRENCY, positive_int),
+    "scan-timeout": (1.0, positive_number),
+    "scan-max-in-flight": (None, positive_int),
 }
-REPEATABLE = ("line", "root")
+REPEATABLE = ("line", "root", "scan-allow")
 
 
 class Options(usage.Options):
@@ -122,6 +135,12 @@ class Options(usage.Options):
          "file or key file (SIGHUP reloads at once too). [default: 2]"],
         ["tls-client-ca", None, None, "PEM file of the CA whose client certificates the "
          "ssl: line doors require; the certificate's common name is the user."],
+        ["scan-max-ports", None, None, "Most ports one portscan may probe. [default: 65535]"],
+        ["scan-concurrency", None, None, "Connects in flight per portscan. [default: "
+         f"{ScanPolicy.DEFAULT_CONCURRENCY}]"],
+        ["scan-timeout", None, None, "Seconds a portscan waits for one connect. [default: 1]"],
+        ["scan-max-in-flight", None, None, "Connects in flight over all portscans at once. "
+         "[default: 4096, or half the open-files limit if lower]"],
     ]
 
     def __init__(self) -> None:
@@ -135,6 +154,12 @@ class Options(usage.Options):
     def opt_root(self, path: str) -> None:
         self["root"].append(path)
 
+    def opt_scan_allow(self, cidr: str) -> None:
+        self["scan-allow"].append(cidr)
+
+    opt_scan_allow.__doc__ = (
+        "Network (CIDR) portscan may target; repeatable; replaces the default. "
+        "[default: 127.0.0.0/8 and ::1/128]")
     opt_line.__doc__ = (
         "Endpoint for the line door: tcp:PORT:interface=ADDR, ssl:..., unix:PATH, or "
         "'none'; repeatable. [default: tcp:9999:interface=127.0.0.1]")
@@ -170,6 +195,12 @@ class Options(usage.Options):
                 load_ca(self["tls-client-ca"])
             except CredentialError as e:
                 raise usage.UsageError(str(e)) from None
+        try:
+            self["scan-policy"] = ScanPolicy(
+                self["scan-allow"], self["scan-max-ports"], self["scan-concurrency"],
+                self["scan-timeout"], self["scan-max-in-flight"] or default_max_in_flight())
+        except ValueError as e:
+            raise usage.UsageError(f"--scan-allow: {e}") from None
 
 
 def check_endpoint(option: str, description: str) -> None:
@@ -231,7 +262,7 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     source = choose_source(options["log-source"], audit_log)
     log.info("lastlog reads {source}", source=source.describe())
 
-    core = CommandCore(default_registry(source), Policy(roots), reactor)
+    core = CommandCore(default_registry(source), Policy(roots, options["scan-policy"]), reactor)
     credentials, portal = open_credentials(data_dir, options["bcrypt-cost"], core)
     service = CmdServerService(core, Limits(options["max-clients"], options["max-per-ip"]),
                                audit_log, portal)

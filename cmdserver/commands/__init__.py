@@ -5,6 +5,7 @@ from cmdserver.commands.base import Command, Context, ListSink, NullSink, Regist
 from cmdserver.commands.basic import Exit, Help, Ping, StatsCommand
 from cmdserver.commands.files import ComputeHash, ListDir
 from cmdserver.commands.lastlog import LastLog, LogSource
+from cmdserver.commands.portscan import PortScan
 
 __all__ = ["Command", "Context", "ListSink", "NullSink", "Registry", "default_registry"]
 
@@ -12,7 +13,7 @@ __all__ = ["Command", "Context", "ListSink", "NullSink", "Registry", "default_re
 def default_registry(log_source: LogSource) -> Registry:
     """Every built-in command, each declared once."""
     registry = Registry([Help(), Ping(), StatsCommand(), ListDir(), ComputeHash(),
-                         LastLog(log_source)])
+                         LastLog(log_source), PortScan()])
     registry.add(Exit(), "quit")
     registry.add(Whoami())  # `login` needs the portal: tap.makeService adds it
     return registry

@@ -102,6 +102,9 @@ class Command:
     def audit_argv(self, argv: Sequence[str]) -> dict[str, Any]:
         """The words of a refused command line as the audit log records them."""
         return {"argv": list(argv)}
+    def audit_result(self, result: Any) -> dict[str, Any] | None:
+        """What the audit log records of a successful result (None: nothing)."""
+        return None
 
     def usage_error(self, detail: str | None = None) -> UsageError:
         prefix = f"{detail}; " if detail else ""
