@@ -55,6 +55,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "max-line": (4096, positive_int),
     "log-source": (None, str),
     "audit-log": (None, str),
+    "ssh": ("tcp:2222:interface=127.0.0.1", str),
 }
 REPEATABLE = ("line", "root")
 
@@ -83,6 +84,8 @@ class Options(usage.Options):
          "/var/log/syslog, /var/log/messages, the journal, else the audit log]"],
         ["audit-log", None, None, "File for the JSON-lines audit log, or 'none'. "
          "[default: DATA-DIR/audit.log]"],
+        ["ssh", None, None, "Endpoint for the SSH door (shell, exec, SFTP), or 'none'. "
+         "[default: tcp:2222:interface=127.0.0.1]"],
     ]
 
     def __init__(self) -> None:
@@ -120,10 +123,14 @@ class Options(usage.Options):
             if not os.path.isdir(root):
                 raise usage.UsageError(f"--root {root}: not an existing directory")
         self["line"] = [e for e in self["line"] if e.lower() != NONE]
-        if not self["line"]:
-            raise usage.UsageError("no front door is open: give at least one --line endpoint")
+        if self["ssh"].lower() == NONE:
+            self["ssh"] = None
+        if not self["line"] and not self["ssh"]:
+            raise usage.UsageError("no front door is open: give a --line or --ssh endpoint")
         for endpoint in self["line"]:
             check_endpoint("--line", endpoint)
+        if self["ssh"]:
+            check_endpoint("--ssh", self["ssh"])
 
 
 def check_endpoint(option: str, description: str) -> None:
@@ -191,4 +198,9 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"])
     for endpoint in options["line"]:
         service.add_door("line", endpoint, LineFactory(core, settings), refusal=TOO_MANY)
+    if options["ssh"]:
+        from cmdserver.doors.ssh import SSHSettings, add_ssh_door
+
+        add_ssh_door(service, options["ssh"], data_dir,
+                     SSHSettings(idle_timeout=options["idle-timeout"]))
     return service

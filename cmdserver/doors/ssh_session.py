@@ -1,0 +1,345 @@
+"""SSH session channels: ``ssh host COMMAND`` (exec) and the interactive shell.
+
+Both run text commands through :meth:`CommandCore.run_line`, one at a time per
+channel, and print the same text as the line door.  Exec ends with the exit
+status 0 when the command succeeded and 1 when it failed, error lines on
+stderr; the shell is a :class:`~twisted.conch.recvline.HistoricRecvLine`
+(line editing, history) over an insults terminal, where Ctrl-C cancels the
+running command and Ctrl-D or ``exit`` leaves.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.conch.insults import insults
+from twisted.conch.interfaces import EnvironmentVariableNotPermitted, ISession, ISessionSetEnv
+from twisted.conch.recvline import HistoricRecvLine
+from twisted.conch.ssh import connection, session
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from cmdserver.core import TextReply
+
+if TYPE_CHECKING:
+    from cmdserver.doors.ssh import SSHAvatar
+
+log = Logger()
+
+PROMPT = b"cmdserver> "
+ALLOWED_ENV = ("LANG", "TERM")  # and LC_*
+INPUT_BUFFER_LIMIT = 1 << 20  # stdin bytes kept until the command says whether it reads them
+CTRL_A, CTRL_C, CTRL_D, CTRL_E, CTRL_L = b"\x01", b"\x03", b"\x04", b"\x05", b"\x0c"
+# C0 controls (but tab) and DEL: kept out of what a terminal shows.
+_SANITIZE = {c: "\N{REPLACEMENT CHARACTER}" for c in [*range(0, 9), *range(10, 32), 127]}
+
+
+def render(text: str, end: bytes) -> bytes:
+    """One output line as bytes, with control characters made harmless."""
+    if not text.isprintable():
+        text = text.translate(_SANITIZE)
+    return text.encode("utf-8", "backslashreplace") + end
+
+
+class InputConsumer(Protocol):
+    """What reads an exec channel's stdin (``ssh host upload … < file``)."""
+
+    def data_received(self, data: bytes) -> None: ...
+
+    def eof_received(self) -> None: ...
+
+
+class RefusingSSHSession(session.SSHSession):
+    """A session channel that logs every request it does not serve.
+
+    Served: ``pty-req``, ``shell``, ``exec``, ``subsystem`` (``sftp``), ``env``
+    (a few names), ``window-change``.  Refused: ``x11-req``,
+    ``auth-agent-req@openssh.com`` and anything else.
+    """
+
+    def requestReceived(self, requestType: bytes, data: bytes) -> int:
+        name = "request_" + requestType.replace(b"-", b"_").decode("ascii", "replace")
+        if getattr(self, name, None) is None:
+            self.avatar.refused("session request", requestType)
+            return 0
+        return super().requestReceived(requestType, data)
+
+
+@implementer(ISession, ISessionSetEnv)
+class CommandSession:
+    """The work behind one session channel: exec one command or run a shell."""
+
+    def __init__(self, avatar: SSHAvatar) -> None:
+        self.avatar = avatar
+        self.core = avatar.core
+        self.width, self.height = 80, 24
+        self.proto: Any = None  # SSHSessionProcessProtocol: our way to the channel
+        self.shell: ShellProtocol | None = None
+        self.running: Deferred | None = None
+        self._start: Any = None  # the delayed call that starts an exec command
+        self._closing = False
+        self._closed = False
+        self._input: InputConsumer | None = None
+        self._input_buffer: list[bytes] | None = []  # None once stdin is discarded
+        self._input_size = 0
+        self._input_eof = False
+
+    # -- ISession ----------------------------------------------------------
+
+    def getPty(self, term: bytes, windowSize: tuple[int, ...], modes: Any) -> None:
+        self.height, self.width = windowSize[0] or 24, windowSize[1] or 80
+
+    def windowChanged(self, newWindowSize: tuple[int, ...]) -> None:
+        self.height, self.width = newWindowSize[0] or 24, newWindowSize[1] or 80
+        if self.shell is not None:
+            self.shell.terminalSize(self.width, self.height)
+
+    def setEnv(self, name: bytes, value: bytes) -> None:
+        text = name.decode("ascii", "replace")
+        if text in ALLOWED_ENV or text.startswith("LC_"):
+            return  # harmless: nothing here reads the environment
+        self.avatar.refused("env", name)
+        raise EnvironmentVariableNotPermitted(name)
+
+    def execCommand(self, proto: Any, cmd: bytes) -> None:
+        self.proto = proto
+        proto.makeConnection(_ChannelInput(self.input_received, self.input_eof))
+        # Start after conch has answered the exec request: a command that ends at
+        # once must not close the channel before that answer is sent.
+        self._start = self.core.reactor.callLater(0, self._run_exec, cmd)
+
+    def openShell(self, proto: Any) -> None:
+        self.proto = proto
+        terminal = insults.ServerProtocol(ShellProtocol, self)
+        terminal.makeConnection(proto)
+        proto.makeConnection(session.wrapProtocol(terminal))
+        self.shell = terminal.terminalProtocol
+        self.shell.terminalSize(self.width, self.height)
+
+    def eofReceived(self) -> None:
+        if self.shell is not None:  # stdin closed: leave once the command is done
+            self.leave()
+
+    def closed(self) -> None:
+        self._closed = True
+        if self._start is not None and self._start.active():
+            self._start.cancel()
+        self._input = None
+        self._input_buffer = None
+        self.cancel()
+
+    # -- running commands --------------------------------------------------
+
+    def run(self, line: str, out: Any, done: Callable[[TextReply], None]) -> None:
+        """Run one command line; ``out`` gets streamed lines, ``done`` the reply."""
+        ctx = self.avatar.context(out=out, session=self)
+        self.avatar.busy += 1
+        d = self.core.run_line(ctx, line)
+        if not d.called:
+            self.running = d
+
+        def finished(reply: TextReply) -> None:
+            self.running = None
+            self.avatar.busy -= 1
+            if not self._closed:
+                done(reply)
+
+        d.addCallback(finished)
+
+    def cancel(self) -> None:
+        """Cancel the running command (Ctrl-C, channel closed)."""
+        if self.running is not None:
+            running, self.running = self.running, None
+            running.cancel()
+
+    def end_session(self) -> None:
+        """``exit``: leave once the reply is written."""
+        self._closing = True
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def leave(self, status: int = 0) -> None:
+        """End the channel now, or after the running command, with ``status``."""
+        if self.running is not None:
+            self._closing = True
+            return
+        self.finish(status)
+
+    def finish(self, status: int) -> None:
+        """Send the exit status and close the channel (after buffered output)."""
+        if self._closed or self.proto is None:
+            return
+        self._closed = True
+        channel = self.proto.session
+        channel.conn.sendRequest(channel, b"exit-status", struct.pack(">L", status))
+        channel.loseConnection()
+
+    # -- exec ----------------------------------------------------------------
+
+    def _run_exec(self, cmd: bytes) -> None:
+        self._start = None
+        try:
+            text = cmd.decode("utf-8")
+        except UnicodeDecodeError:
+            self._exec_done(TextReply(["Error: the command is not valid UTF-8"], False))
+            return
+        if not text.replace("\t", " ").isprintable():
+            self._exec_done(TextReply(
+                ["Error: control characters are not allowed in a command"], False))
+            return
+        self.run(text, _LineSink(self.write_out, b"\n"), self._exec_done)
+        if self._input is None:  # the command does not read stdin
+            self._input_buffer = None
+
+    def _exec_done(self, reply: TextReply) -> None:
+        write = self.write_out if reply.ok else self.write_err
+        for text in reply.lines:
+            write(render(text, b"\n"))
+        self.finish(0 if reply.ok else 1)
+
+    def write_out(self, data: bytes) -> None:
+        if not self._closed:
+            self.proto.write(data)
+
+    def write_err(self, data: bytes) -> None:
+        if not self._closed:
+            self.proto.session.writeExtended(connection.EXTENDED_DATA_STDERR, data)
+
+    # -- stdin: the seam for commands that read the exec channel's input ----
+
+    def read_input(self, consumer: InputConsumer) -> bool:
+        """Hand the exec channel's stdin to ``consumer`` (bytes, then EOF).
+
+        Only a command started by exec may read input, and only from the
+        call that starts it; bytes that came before are replayed at once.
+        Returns False when input cannot be read here.
+        """
+        if self.shell is not None or self._input_buffer is None or self._input is not None:
+            return False
+        self._input = consumer
+        buffered, self._input_buffer = self._input_buffer, []
+        for chunk in buffered:
+            consumer.data_received(chunk)
+        if self._input_eof:
+            consumer.eof_received()
+        return True
+
+    def input_received(self, data: bytes) -> None:
+        if self._input is not None:
+            self._input.data_received(data)
+        elif self._input_buffer is not None:
+            self._input_size += len(data)
+            if self._input_size > INPUT_BUFFER_LIMIT:
+                self._input_buffer = None  # nobody asked for that much
+            else:
+                self._input_buffer.append(data)
+
+    def input_eof(self) -> None:
+        self._input_eof = True
+        if self._input is not None:
+            self._input.eof_received()
+
+
+class _ChannelInput:
+    """The exec channel's stdin as the process protocol's transport."""
+
+    def __init__(self, data: Callable[[bytes], None], eof: Callable[[], None]) -> None:
+        self.write = data
+        self._eof = eof
+
+    def writeSequence(self, seq: list[bytes]) -> None:
+        self.write(b"".join(seq))
+
+    def loseConnection(self) -> None:
+        pass  # the channel closes; CommandSession.closed does the work
+
+
+class _LineSink:
+    """A command's output sink writing lines to the channel."""
+
+    def __init__(self, write: Callable[[bytes], None], end: bytes) -> None:
+        self.write = write
+        self.end = end
+
+    def line(self, text: str) -> None:
+        self.write(render(text, self.end))
+
+
+class ShellProtocol(HistoricRecvLine):
+    """The interactive shell: prompt, line editing, history, Ctrl-C and Ctrl-D."""
+
+    ps = (PROMPT, PROMPT)
+
+    def __init__(self, session: CommandSession) -> None:
+        self.session = session
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.keyHandlers.update({
+            CTRL_C: self.handle_INT,
+            CTRL_D: self.handle_EOF,
+            CTRL_L: self.handle_FF,
+            CTRL_A: self.handle_HOME,
+            CTRL_E: self.handle_END,
+        })
+
+    def initializeScreen(self) -> None:
+        # Unlike RecvLine, do not reset the user's terminal: print below what is there.
+        greeting = self.session.avatar.settings.greeting
+        if greeting:
+            self.terminal.write(render(greeting, b"\n"))
+        self.terminal.write(self.ps[self.pn])
+        self.setInsertMode()
+
+    def terminalSize(self, width: int, height: int) -> None:
+        self.width, self.height = width, height  # no redraw: keep the screen as it is
+
+    def keystrokeReceived(self, keyID: Any, modifier: Any) -> None:
+        if self.session.running is not None and keyID not in (CTRL_C, CTRL_D):
+            return  # one command at a time: typing waits for the prompt
+        if keyID in self._printableChars or keyID in self.keyHandlers:
+            super().keystrokeReceived(keyID, modifier)
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.decode("ascii", "replace").strip()
+        if not text:
+            self.drawInputLine()
+            return
+        self.session.run(text, _LineSink(self.terminal.write, b"\n"), self._reply)
+
+    def _reply(self, reply: TextReply) -> None:
+        for text in reply.lines:
+            self.terminal.write(render(text, b"\n"))
+        if self.session.closing:
+            self.session.finish(0)
+            return
+        self.drawInputLine()
+
+    def handle_INT(self) -> None:
+        self.terminal.write(b"^C\n")
+        if self.session.running is not None:
+            self.session.cancel()  # the reply (Error: cancelled) redraws the prompt
+            return
+        self.lineBuffer = []
+        self.lineBufferIndex = 0
+        self.drawInputLine()
+
+    def handle_EOF(self) -> None:
+        if self.session.running is not None:
+            self.session.end_session()  # first: the cancelled reply then ends the shell
+            self.session.cancel()
+        elif self.lineBuffer:
+            self.terminal.write(b"\a")
+        else:
+            self.terminal.write(b"\n")
+            self.session.finish(0)
+
+    def handle_FF(self) -> None:
+        self.terminal.eraseDisplay()
+        self.terminal.cursorHome()
+        self.drawInputLine()
