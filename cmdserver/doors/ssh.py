@@ -200,7 +200,7 @@ class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
     def timeoutConnection(self) -> None:
         avatar = getattr(self, "avatar", None)
         if avatar is not None and avatar.busy:  # a long command is not idleness
-            self.resetTimeout()
+            self.setTimeout(self.timeOut)  # (resetTimeout does nothing once it fired)
             return
         seconds = self.factory.settings.idle_timeout
         log.info("ssh: {peer} idle for {seconds:g} s, disconnecting", peer=self.peer,

@@ -106,7 +106,7 @@ class CommandSession:
 
     def execCommand(self, proto: Any, cmd: bytes) -> None:
         self.proto = proto
-        proto.makeConnection(_ChannelInput(self.input_received, self.input_eof))
+        proto.makeConnection(_ChannelInput(self.input_received))
         # Start after conch has answered the exec request: a command that ends at
         # once must not close the channel before that answer is sent.
         self._start = self.core.reactor.callLater(0, self._run_exec, cmd)
@@ -122,6 +122,8 @@ class CommandSession:
     def eofReceived(self) -> None:
         if self.shell is not None:  # stdin closed: leave once the command is done
             self.leave()
+        else:
+            self.input_eof()
 
     def closed(self) -> None:
         self._closed = True
@@ -248,9 +250,8 @@ class CommandSession:
 class _ChannelInput:
     """The exec channel's stdin as the process protocol's transport."""
 
-    def __init__(self, data: Callable[[bytes], None], eof: Callable[[], None]) -> None:
+    def __init__(self, data: Callable[[bytes], None]) -> None:
         self.write = data
-        self._eof = eof
 
     def writeSequence(self, seq: list[bytes]) -> None:
         self.write(b"".join(seq))

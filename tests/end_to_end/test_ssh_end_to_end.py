@@ -29,6 +29,7 @@ from cmdserver.commands.base import Command, Context
 from cmdserver.commands.lastlog import LastLog, LogSource
 from cmdserver.core import CommandCore
 from cmdserver.doors.ssh import SSHSettings, add_ssh_door
+from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
 from cmdserver.service import CmdServerService, Limits
 
@@ -78,6 +79,29 @@ def alive(pid: int) -> bool:
     return True
 
 
+class Count(Command):
+    """A test command that reads the exec channel's stdin and counts the bytes."""
+
+    name = "count"
+    summary = "Count the bytes on stdin."
+    usage = "count"
+
+    def run(self, ctx: Context) -> defer.Deferred:
+        done: defer.Deferred = defer.Deferred()
+        received = bytearray()
+
+        class Consumer:
+            def data_received(self, data: bytes) -> None:
+                received.extend(data)
+
+            def eof_received(self) -> None:
+                done.callback(f"{len(received)} bytes")
+
+        if not ctx.session.read_input(Consumer()):
+            raise CommandError("no input here")
+        return done
+
+
 def client_key() -> tuple[paramiko.Ed25519Key, Key, bytes]:
     """A fresh Ed25519 user key: paramiko's, conch's, and the OpenSSH private file."""
     private = ed25519.Ed25519PrivateKey.generate()
@@ -111,6 +135,7 @@ class SSHDoorTest(unittest.TestCase):
         self.slow = Slow()
         registry = default_registry(LogSource(os.path.join(self.root, "notes.txt")))
         registry.add(self.slow)
+        registry.add(Count())
         bindir = os.path.abspath(self.mktemp())
         os.makedirs(bindir)
         tail, self.tail_pidfile = long_tail(bindir)
@@ -228,6 +253,27 @@ class SSHDoorTest(unittest.TestCase):
         out, err, status = yield self.exec_("ls ..")
         self.assertEqual((err, status), (b"Error: path outside allowed roots\n", 1))
 
+    def test_exec_stdin_reaches_a_command_that_reads_it(self) -> defer.Deferred:
+        def run() -> tuple[bytes, int]:
+            client = self.connect(password=PASSWORD)
+            try:
+                stdin, stdout, _ = client.exec_command("count", timeout=10)
+                stdin.write(b"z" * 200_000)
+                stdin.channel.shutdown_write()
+                return stdout.read(), stdout.channel.recv_exit_status()
+            finally:
+                client.close()
+
+        return self.in_thread(run).addCallback(self.assertEqual, (b"200000 bytes\n", 0))
+
+    @defer.inlineCallbacks
+    def test_tcp_nodelay_on_accepted_sockets(self) -> Any:
+        client = yield self.in_thread(lambda: self.connect(password=PASSWORD))
+        self.addCleanup(client.close)
+        [wrapper] = self.door.factory.protocols
+        sock = wrapper.transport.getHandle()
+        self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
     @defer.inlineCallbacks
     def test_exec_streams_lastlog(self) -> Any:
         out, err, status = yield self.exec_("lastlog 5")
@@ -318,7 +364,13 @@ class SSHDoorTest(unittest.TestCase):
 
     # -- refusals ------------------------------------------------------------
 
-    def test_forwarding_refused(self) -> defer.Deferred:
+    def test_forwarding_refused_and_logged(self) -> defer.Deferred:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
         def run() -> None:
             t = self.transport()
             try:
@@ -332,11 +384,21 @@ class SSHDoorTest(unittest.TestCase):
                     chan.request_x11()
                 with self.assertRaises(paramiko.SSHException):
                     chan.invoke_subsystem("netconf")
-                self.assertTrue(t.is_active())  # refusals do not end the connection
+                chan = t.open_session()
+                chan.request_forward_agent(lambda _: None)  # wants no reply
+                chan.exec_command("ping")  # after the refusals, the connection still works
+                self.assertEqual(chan.recv_exit_status(), 0)
             finally:
                 t.close()
 
-        return self.in_thread(run)
+        def check(_: Any) -> None:
+            refused = [(e["what"], e["detail"]) for e in events if "what" in e]
+            self.assertEqual(refused, [
+                ("global request", "tcpip-forward"), ("channel", "direct-tcpip"),
+                ("session request", "x11-req"), ("subsystem", "netconf"),
+                ("session request", "auth-agent-req@openssh.com")])
+
+        return self.in_thread(run).addCallback(check)
 
     def test_env_refused_beyond_a_few(self) -> defer.Deferred:
         def run() -> tuple[bool, bool]:
@@ -451,6 +513,13 @@ class SSHDoorTest(unittest.TestCase):
         self.assertEqual((out, status), (b"pong\n", 0), err)
         out, err, status = yield self.openssh("ops@127.0.0.1", "help", "nosuch")
         self.assertEqual((out, err, status), (b"", b"Error: no such command: nosuch\n", 1))
+
+    @defer.inlineCallbacks
+    def test_openssh_key_not_on_file(self) -> Any:
+        self.pem = client_key()[2]
+        out, err, status = yield self.openssh("ops@127.0.0.1", "ping")
+        self.assertEqual((out, status), (b"", 255))
+        self.assertIn(b"Permission denied", err)
 
     @defer.inlineCallbacks
     def test_openssh_sftp(self) -> Any:
