@@ -379,11 +379,10 @@ class SSHDoorTest(unittest.TestCase):
                     t.request_port_forward("127.0.0.1", 0)
                 with self.assertRaises(paramiko.ChannelException):
                     t.open_channel("direct-tcpip", ("127.0.0.1", self.port), ("127.0.0.1", 1))
-                chan = t.open_session()
                 with self.assertRaises(paramiko.SSHException):
-                    chan.request_x11()
+                    t.open_session().request_x11()
                 with self.assertRaises(paramiko.SSHException):
-                    chan.invoke_subsystem("netconf")
+                    t.open_session().invoke_subsystem("netconf")
                 chan = t.open_session()
                 chan.request_forward_agent(lambda _: None)  # wants no reply
                 chan.exec_command("ping")  # after the refusals, the connection still works
