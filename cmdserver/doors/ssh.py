@@ -188,13 +188,24 @@ class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
     def callLater(self, period: float, func: Any) -> Any:  # TimeoutMixin's clock
         return self.factory.reactor.callLater(period, func)
 
+    _quickack: Any = None
+
     def connectionMade(self) -> None:
         _set_nodelay(self.transport)
+        try:
+            self._quickack = self.transport.getHandle()
+        except AttributeError:
+            pass
         super().connectionMade()
         self.setTimeout(self.factory.settings.idle_timeout or None)
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
+        if self._quickack is not None:
+            try:
+                self._quickack.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                self._quickack = None
         super().dataReceived(data)
 
     def timeoutConnection(self) -> None:
