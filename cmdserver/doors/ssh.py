@@ -19,8 +19,9 @@ from typing import Any
 from twisted.conch.avatar import ConchUser
 from twisted.conch.error import IgnoreAuthentication
 from twisted.conch.interfaces import IConchUser, ISession
-from twisted.conch.ssh import common, connection, factory, transport, userauth
+from twisted.conch.ssh import _kex, common, connection, factory, transport, userauth
 from twisted.conch.ssh.keys import Key
+from twisted.internet import protocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -255,9 +256,23 @@ class CmdServerSSHFactory(factory.SSHFactory):
         self.privateKeys = host_keys
         self.publicKeys = {kind: key.public() for kind, key in host_keys.items()}
         self.primes = None  # fixed groups and curve25519 only
+        self._host_key_algorithms = [
+            algorithm for key in host_keys.values()
+            for algorithm in key.supportedSignatureAlgorithms()]
+        self._key_exchanges = [
+            kex for kex in transport.SSHServerTransport.supportedKeyExchanges
+            if not _kex.isDynamicPrimesGroup(kex)]
 
     def getPrimes(self) -> None:
         return None
+
+    def buildProtocol(self, addr: Any) -> CmdServerTransport:
+        # SSHFactory.buildProtocol logs on every connection that it drops the
+        # group-exchange methods (no moduli file); do the same, once, quietly.
+        t = protocol.Factory.buildProtocol(self, addr)
+        t.supportedPublicKeys = self._host_key_algorithms
+        t.supportedKeyExchanges = self._key_exchanges
+        return t
 
 
 def _text(value: Any) -> str:
