@@ -53,7 +53,8 @@ class Slow(Command):
 
     def run(self, ctx: Context) -> defer.Deferred:
         ctx.out.line("started")
-        return defer.Deferred(lambda _: self.cancelled.callback(None))
+        self.running: defer.Deferred = defer.Deferred(lambda _: self.cancelled.callback(None))
+        return self.running
 
 
 class LongLog(LastLog):
@@ -361,6 +362,35 @@ class SSHDoorTest(unittest.TestCase):
                 client.close()
 
         return self.in_thread(run).addCallback(self.assertEqual, 0)
+
+    def test_shell_without_pty_ends_at_eof(self) -> defer.Deferred:
+        def run() -> tuple[bytes, int]:
+            t = self.transport()
+            try:
+                t.auth_password("ops", PASSWORD)
+                chan = t.open_session()
+                chan.settimeout(10)
+                chan.invoke_shell()
+                chan.sendall(b"ping\nslow\n")
+                chan.shutdown_write()  # EOF while slow runs: leave once it is done
+                seen = b""
+                while b"started" not in seen:
+                    seen += chan.recv(4096)
+                self.assertFalse(chan.exit_status_ready())
+                reactor.callFromThread(lambda: self.slow.running.cancel())
+                while data := chan.recv(4096):
+                    seen += data
+                return seen, chan.recv_exit_status()
+            finally:
+                t.close()
+
+        def check(result: tuple[bytes, int]) -> None:
+            seen, status = result
+            self.assertIn(b"pong\r\n", seen)
+            self.assertTrue(seen.endswith(b"Error: cancelled\r\n"), seen)
+            self.assertEqual(status, 0)
+
+        return self.in_thread(run).addCallback(check)
 
     # -- refusals ------------------------------------------------------------
 
