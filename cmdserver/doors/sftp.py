@@ -10,20 +10,18 @@ and removed if the session dies first.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.conch.interfaces import ISFTPFile, ISFTPServer
+from twisted.conch.interfaces import ISFTPServer
 from twisted.conch.ls import lsLine
 from twisted.conch.ssh import filetransfer
 from twisted.conch.ssh.filetransfer import (
     FX_FAILURE,
     FX_FILE_ALREADY_EXISTS,
-    FX_OP_UNSUPPORTED,
     FX_PERMISSION_DENIED,
     FXF_APPEND,
     FXF_CREAT,
@@ -38,6 +36,15 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from cmdserver.doors.sftp_files import (
+    TEMP_SUFFIX,
+    DirectoryListing,
+    ReadFile,
+    UploadFile,
+    os_error,
+    stat_attrs,
+    unsupported,
+)
 from cmdserver.errors import CommandError, PathOutsideRoots
 
 if TYPE_CHECKING:
@@ -47,27 +54,8 @@ log = Logger()
 audit = Logger(namespace="cmdserver.audit")
 
 DOOR = "sftp"
-TEMP_SUFFIX = ".sftp-part"
-MAX_READ = 256 * 1024  # bytes per read request; clients ask for 32 KiB anyway
 DEFAULT_FILE_MODE = 0o644
 DEFAULT_DIR_MODE = 0o755
-
-
-def _attrs(st: os.stat_result) -> dict[str, int]:
-    return {"size": st.st_size, "uid": st.st_uid, "gid": st.st_gid,
-            "permissions": st.st_mode, "atime": int(st.st_atime), "mtime": int(st.st_mtime)}
-
-
-def _os_error(e: OSError, path: str) -> SFTPError:
-    """An SFTP status for an OS error: a short reason, never a traceback."""
-    codes = {errno.ENOENT: filetransfer.FX_NO_SUCH_FILE, errno.EACCES: FX_PERMISSION_DENIED,
-             errno.EPERM: FX_PERMISSION_DENIED, errno.EEXIST: FX_FILE_ALREADY_EXISTS}
-    reason = e.strerror or str(e)
-    return SFTPError(codes.get(e.errno, FX_FAILURE), f"{reason.lower()}: {path}")
-
-
-def _unsupported(what: str) -> SFTPError:
-    return SFTPError(FX_OP_UNSUPPORTED, f"{what} is not supported here")
 
 
 @implementer(ISFTPServer)
@@ -138,14 +126,14 @@ class JailedSFTPServer:
             if followLinks:
                 real = self._resolve(path)
                 try:
-                    return _attrs(os.stat(real))
+                    return stat_attrs(os.stat(real))
                 except OSError as e:
-                    raise _os_error(e, os.fsdecode(path)) from None
+                    raise os_error(e, os.fsdecode(path)) from None
             entry = self._entry(path)
             try:
-                return _attrs(os.lstat(entry))
+                return stat_attrs(os.lstat(entry))
             except OSError as e:
-                raise _os_error(e, os.fsdecode(path)) from None
+                raise os_error(e, os.fsdecode(path)) from None
 
         return self._run("stat", stat_path, path)
 
@@ -155,7 +143,7 @@ class JailedSFTPServer:
             try:
                 _apply_attrs(real, attrs)
             except OSError as e:
-                raise _os_error(e, os.fsdecode(path)) from None
+                raise os_error(e, os.fsdecode(path)) from None
 
         return self._run("setstat", apply, path)
 
@@ -165,7 +153,7 @@ class JailedSFTPServer:
             try:
                 names = sorted(os.listdir(real))
             except OSError as e:
-                raise _os_error(e, os.fsdecode(path)) from None
+                raise os_error(e, os.fsdecode(path)) from None
             entries = []
             for name in names:
                 if name.startswith(".") and name.endswith(TEMP_SUFFIX):
@@ -175,7 +163,7 @@ class JailedSFTPServer:
                 except OSError:
                     continue  # removed meanwhile
                 entries.append((os.fsencode(name), lsLine(name, st).encode("utf-8", "replace"),
-                                _attrs(st)))
+                                stat_attrs(st)))
             return DirectoryListing(entries)
 
         return self._run("ls", listing, path)
@@ -183,17 +171,18 @@ class JailedSFTPServer:
     def openFile(self, filename: bytes, flags: int, attrs: dict) -> Deferred:
         if flags & (FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC):
             if flags & (FXF_READ | FXF_APPEND):
-                return defer.fail(_unsupported("reading and appending to an upload"))
+                return defer.fail(unsupported("reading and appending to an upload"))
             return self._run("put", lambda: self._open_upload(filename, flags, attrs),
                              filename)
-        return self._run("get", lambda: self._open_read(filename), filename)
+        d = self._run("get", lambda: self._open_read(filename), filename)
+        return self._audited("get", d, filename)
 
     def _open_read(self, filename: bytes) -> ReadFile:
         real = self._resolve(filename)
         try:
             fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
-            raise _os_error(e, os.fsdecode(filename)) from None
+            raise os_error(e, os.fsdecode(filename)) from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # FIFOs and devices could block a thread
             os.close(fd)
             raise SFTPError(FX_FAILURE, f"not a regular file: {os.fsdecode(filename)}")
@@ -208,14 +197,14 @@ class JailedSFTPServer:
         if exists and os.path.isdir(target):
             raise SFTPError(FX_FAILURE, f"is a directory: {shown}")
         if exists and not flags & FXF_TRUNC:
-            raise _unsupported("writing into an existing file (uploads replace it whole)")
+            raise unsupported("writing into an existing file (uploads replace it whole)")
         if not exists and not flags & FXF_CREAT:
             raise SFTPError(filetransfer.FX_NO_SUCH_FILE, f"no such file: {shown}")
         try:
             fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.",
                                         suffix=TEMP_SUFFIX, dir=os.path.dirname(target))
         except OSError as e:
-            raise _os_error(e, shown) from None
+            raise os_error(e, shown) from None
         mode = attrs.get("permissions", DEFAULT_FILE_MODE) & 0o777
         return UploadFile(self, fd, temp, target, mode, exclusive=bool(flags & FXF_EXCL),
                           name=filename)
@@ -228,9 +217,9 @@ class JailedSFTPServer:
                     raise SFTPError(FX_FAILURE, f"is a directory: {os.fsdecode(filename)}")
                 os.unlink(entry)
             except OSError as e:
-                raise _os_error(e, os.fsdecode(filename)) from None
+                raise os_error(e, os.fsdecode(filename)) from None
 
-        return self._changed("rm", self._run("rm", remove, filename), filename)
+        return self._audited("rm", self._run("rm", remove, filename), filename)
 
     def renameFile(self, oldpath: bytes, newpath: bytes) -> Deferred:
         def rename() -> None:
@@ -240,10 +229,10 @@ class JailedSFTPServer:
             try:
                 os.rename(old, new)
             except OSError as e:
-                raise _os_error(e, os.fsdecode(oldpath)) from None
+                raise os_error(e, os.fsdecode(oldpath)) from None
 
         d = self._run("rename", rename, oldpath, newpath)
-        return self._changed("rename", d, oldpath, newpath)
+        return self._audited("rename", d, oldpath, newpath)
 
     def makeDirectory(self, path: bytes, attrs: dict) -> Deferred:
         def mkdir() -> None:
@@ -251,9 +240,9 @@ class JailedSFTPServer:
             try:
                 os.mkdir(entry, attrs.get("permissions", DEFAULT_DIR_MODE) & 0o777)
             except OSError as e:
-                raise _os_error(e, os.fsdecode(path)) from None
+                raise os_error(e, os.fsdecode(path)) from None
 
-        return self._changed("mkdir", self._run("mkdir", mkdir, path), path)
+        return self._audited("mkdir", self._run("mkdir", mkdir, path), path)
 
     def removeDirectory(self, path: bytes) -> Deferred:
         def rmdir() -> None:
@@ -263,21 +252,21 @@ class JailedSFTPServer:
             try:
                 os.rmdir(entry)
             except OSError as e:
-                raise _os_error(e, os.fsdecode(path)) from None
+                raise os_error(e, os.fsdecode(path)) from None
 
-        return self._changed("rmdir", self._run("rmdir", rmdir, path), path)
+        return self._audited("rmdir", self._run("rmdir", rmdir, path), path)
 
     def readLink(self, path: bytes) -> Deferred:
-        return defer.fail(_unsupported("readlink"))
+        return defer.fail(unsupported("readlink"))
 
     def makeLink(self, linkPath: bytes, targetPath: bytes) -> Deferred:
-        return defer.fail(_unsupported("symlink"))
+        return defer.fail(unsupported("symlink"))
 
     def extendedRequest(self, extendedName: bytes, extendedData: bytes) -> Deferred:
-        return defer.fail(_unsupported(f"extension {_text(extendedName)}"))
+        return defer.fail(unsupported(f"extension {_text(extendedName)}"))
 
-    def _changed(self, action: str, d: Deferred, *args: bytes) -> Deferred:
-        """Audit a change to the jail once it is done (or failed)."""
+    def _audited(self, action: str, d: Deferred, *args: bytes) -> Deferred:
+        """Audit a download or a change to the jail once it is done (or failed)."""
         def done(result: Any) -> Any:
             if not (hasattr(result, "check") and result.check(SFTPError)
                     and result.value.code == FX_PERMISSION_DENIED):  # already audited
@@ -286,150 +275,6 @@ class JailedSFTPServer:
             return result
 
         return d.addBoth(done)
-
-
-class DirectoryListing:
-    """A directory's entries, read in full by a thread, handed out by conch."""
-
-    def __init__(self, entries: list[tuple[bytes, bytes, dict]]) -> None:
-        self.entries = entries
-
-    def __iter__(self) -> Iterator[tuple[bytes, bytes, dict]]:
-        return iter(self.entries)
-
-    def close(self) -> None:
-        self.entries = []
-
-
-class _OpenFile:
-    """An open descriptor whose operations run in threads; close waits for them."""
-
-    def __init__(self, server: JailedSFTPServer, fd: int) -> None:
-        self.server = server
-        self.fd: int | None = fd
-        self._pending: set[Deferred] = set()
-
-    def _op(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        if self.fd is None:
-            return defer.fail(SFTPError(FX_FAILURE, "file is closed"))
-        d = self.server.core.in_thread(f, *args)
-        self._pending.add(d)
-
-        def settled(result: Any) -> Any:
-            self._pending.discard(d)
-            return result
-
-        return d.addBoth(settled)
-
-    def _after_pending(self, f: Callable[[], Any]) -> Deferred:
-        """Run ``f`` in a thread once every read or write in flight is done."""
-        pending = [_quiet(d) for d in self._pending]
-        d = defer.DeferredList(pending) if pending else defer.succeed(None)
-        d.addCallback(lambda _: self.server.core.in_thread(f))
-        return d
-
-    def getAttrs(self) -> Deferred:
-        fd = self.fd
-        return self._op(lambda: _attrs(os.fstat(fd)))
-
-
-@implementer(ISFTPFile)
-class ReadFile(_OpenFile):
-    """A jailed file opened for ``get``."""
-
-    def readChunk(self, offset: int, length: int) -> Deferred:
-        fd = self.fd
-        return self._op(os.pread, fd, min(length, MAX_READ), offset)
-
-    def writeChunk(self, offset: int, data: bytes) -> Deferred:
-        return defer.fail(SFTPError(FX_PERMISSION_DENIED, "file is not open for writing"))
-
-    def setAttrs(self, attrs: dict) -> Deferred:
-        return defer.fail(_unsupported("changing a file opened for reading"))
-
-    def close(self) -> Deferred:
-        if self.fd is None:
-            return defer.succeed(None)
-        fd, self.fd = self.fd, None
-        return self._after_pending(lambda: os.close(fd))
-
-
-@implementer(ISFTPFile)
-class UploadFile(_OpenFile):
-    """An upload: written to a temporary file, renamed into place on close."""
-
-    def __init__(self, server: JailedSFTPServer, fd: int, temp: str, target: str, mode: int,
-                 exclusive: bool, name: bytes) -> None:
-        super().__init__(server, fd)
-        self.temp = temp
-        self.target = target
-        self.mode = mode
-        self.exclusive = exclusive
-        self.name = name
-        self.times: tuple[int, int] | None = None
-        self.size = 0
-
-    def readChunk(self, offset: int, length: int) -> Deferred:
-        return defer.fail(_unsupported("reading an upload before it is closed"))
-
-    def writeChunk(self, offset: int, data: bytes) -> Deferred:
-        fd = self.fd
-        self.size = max(self.size, offset + len(data))
-        return self._op(_pwrite_all, fd, data, offset)
-
-    def setAttrs(self, attrs: dict) -> Deferred:
-        if "uid" in attrs or "size" in attrs:
-            return defer.fail(_unsupported("changing owner or size"))
-        if "permissions" in attrs:
-            self.mode = attrs["permissions"] & 0o777
-        if "atime" in attrs:
-            self.times = (attrs["atime"], attrs["mtime"])
-        return defer.succeed(None)
-
-    def close(self) -> Deferred:
-        """Make the upload visible under its name, whole, or not at all."""
-        if self.fd is None:
-            return defer.fail(SFTPError(FX_FAILURE, "file is closed"))
-        fd, self.fd = self.fd, None
-        d = self._after_pending(lambda: self._commit(fd))
-        server = self.server
-        d.addCallbacks(
-            lambda _: server._audit("put", [self.name], "ok"),
-            lambda f: (server._audit("put", [self.name], "error", f.getErrorMessage()), f)[1])
-        return d
-
-    def _commit(self, fd: int) -> None:
-        try:
-            os.fchmod(fd, self.mode)
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            if self.times is not None:
-                os.utime(self.temp, self.times)
-            if self.exclusive:
-                os.link(self.temp, self.target)  # fails if the name appeared meanwhile
-                os.unlink(self.temp)
-            else:
-                os.replace(self.temp, self.target)
-        except OSError as e:
-            if fd >= 0:
-                os.close(fd)
-            _remove(self.temp)
-            raise _os_error(e, os.fsdecode(self.name)) from None
-
-    def abort(self) -> Deferred:
-        """The session ended before close: drop the temporary file."""
-        if self.fd is None:
-            return defer.succeed(None)
-        fd, self.fd = self.fd, None
-
-        def drop() -> None:
-            os.close(fd)
-            _remove(self.temp)
-
-        log.info("sftp: upload of {name} abandoned, temporary file removed",
-                 name=_text(self.name))
-        return self._after_pending(drop)
 
 
 class JailedFileTransferServer(filetransfer.FileTransferServer):
@@ -449,38 +294,11 @@ class JailedFileTransferServer(filetransfer.FileTransferServer):
 
 def _apply_attrs(path: str, attrs: dict) -> None:
     if "uid" in attrs or "size" in attrs:
-        raise _unsupported("changing owner or size")
+        raise unsupported("changing owner or size")
     if "permissions" in attrs:
         os.chmod(path, attrs["permissions"] & 0o777)
     if "atime" in attrs:
         os.utime(path, (attrs["atime"], attrs["mtime"]))
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _quiet(d: Deferred) -> Deferred:
-    """A Deferred that fires when ``d`` does, without taking its result or error."""
-    waiter: Deferred = Deferred()
-
-    def fire(result: Any) -> Any:
-        waiter.callback(None)
-        return result
-
-    d.addBoth(fire)
-    return waiter
 
 
 def _text(value: Any) -> str:

@@ -131,6 +131,14 @@ class CmdServerConnection(connection.SSHConnection):
             + common.NS(reason.encode()) + common.NS(b""))
 
 
+    def adjustWindow(self, channel: Any, bytesToAdd: int) -> None:
+        # A paused channel keeps its window closed: the client stops sending until
+        # the command that reads stdin catches up (RefusingSSHSession.resume_input).
+        if getattr(channel, "input_paused", False):
+            return
+        super().adjustWindow(channel, bytesToAdd)
+
+
 class CmdServerUserAuth(userauth.SSHUserAuthServer):
     """``ssh-userauth`` with few attempts, a short grace time and the door's clock.
 

@@ -60,6 +60,18 @@ class RefusingSSHSession(session.SSHSession):
     ``auth-agent-req@openssh.com`` and anything else.
     """
 
+    input_paused = False  # while True the connection does not reopen our window
+
+    def pause_input(self) -> None:
+        """Stop the client's data at the SSH window (at most one window more arrives)."""
+        self.input_paused = True
+
+    def resume_input(self) -> None:
+        self.input_paused = False
+        missing = self.localWindowSize - self.localWindowLeft
+        if missing > 0 and self.conn is not None:
+            self.conn.adjustWindow(self, missing)
+
     def requestReceived(self, requestType: bytes, data: bytes) -> int:
         name = "request_" + requestType.replace(b"-", b"_").decode("ascii", "replace")
         if getattr(self, name, None) is None:
@@ -219,7 +231,8 @@ class CommandSession:
 
         Only a command started by exec may read input, and only from the
         call that starts it; bytes that came before are replayed at once.
-        Returns False when input cannot be read here.
+        A consumer that cannot keep up calls :meth:`pause_input` and later
+        :meth:`resume_input`.  Returns False when input cannot be read here.
         """
         if self.shell is not None or self._input_buffer is None or self._input is not None:
             return False
@@ -230,6 +243,15 @@ class CommandSession:
         if self._input_eof:
             consumer.eof_received()
         return True
+
+    def pause_input(self) -> None:
+        """Back-pressure for an input consumer: the client stops at the SSH window."""
+        if self.proto is not None:
+            self.proto.session.pause_input()
+
+    def resume_input(self) -> None:
+        if self.proto is not None:
+            self.proto.session.resume_input()
 
     def input_received(self, data: bytes) -> None:
         if self._input is not None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import struct
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch.ssh import connection
 from twisted.conch.ssh.keys import Key
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet.address import IPv4Address
@@ -14,11 +16,13 @@ from twisted.trial import unittest
 
 from cmdserver.auth import Realm, build_portal
 from cmdserver.doors.ssh import (
+    CmdServerConnection,
     CmdServerSSHFactory,
     CmdServerTransport,
     CmdServerUserAuth,
     SSHSettings,
 )
+from cmdserver.doors.ssh_session import RefusingSSHSession
 from cmdserver.tap import Options, makeService
 
 # A small host key: these tests never complete a key exchange.
@@ -131,3 +135,45 @@ class OptionsTest(unittest.TestCase):
         options = self.parse("--ssh", "none", "--audit-log", "none")
         service = makeService(options, MemoryReactorClock())
         self.assertEqual([d.door for d in service.doors], ["line"])
+
+
+class FakeSSHTransport:
+    def __init__(self) -> None:
+        self.packets: list[tuple[int, bytes]] = []
+
+    def sendPacket(self, kind: int, data: bytes) -> None:
+        self.packets.append((kind, data))
+
+
+class InputFlowControlTest(unittest.TestCase):
+    """A paused exec channel does not reopen its window: the client must stop."""
+
+    def setUp(self) -> None:
+        self.conn = CmdServerConnection()
+        self.conn.transport = FakeSSHTransport()
+        self.channel = RefusingSSHSession(conn=self.conn, avatar=None)
+        self.channel.id = 0
+        self.conn.channels[0] = self.channel
+        self.conn.channelsToRemoteChannel[self.channel] = 7
+        self.conn.localToRemoteChannel[0] = 7
+
+    def send(self, packets: int) -> None:
+        chunk = b"x" * self.channel.localMaxPacket
+        for _ in range(packets):
+            self.conn.ssh_CHANNEL_DATA(struct.pack(">2L", 0, len(chunk)) + chunk)
+
+    def adjustments(self) -> list[int]:
+        return [struct.unpack(">2L", data)[1] for kind, data in self.conn.transport.packets
+                if kind == connection.MSG_CHANNEL_WINDOW_ADJUST]
+
+    def test_window_reopens_normally(self) -> None:
+        self.send(3)
+        self.assertEqual(self.adjustments(), [3 * self.channel.localMaxPacket])
+
+    def test_paused_window_stays_closed_until_resumed(self) -> None:
+        self.channel.pause_input()
+        self.send(3)
+        self.assertEqual(self.adjustments(), [])
+        self.channel.resume_input()
+        self.assertEqual(self.adjustments(), [3 * self.channel.localMaxPacket])
+        self.assertEqual(self.channel.localWindowLeft, self.channel.localWindowSize)

@@ -94,6 +94,9 @@ class Count(Command):
         class Consumer:
             def data_received(self, data: bytes) -> None:
                 received.extend(data)
+                # Exercise back-pressure: hold the client at the window for a turn.
+                ctx.session.pause_input()
+                ctx.reactor.callLater(0, ctx.session.resume_input)
 
             def eof_received(self) -> None:
                 done.callback(f"{len(received)} bytes")
@@ -259,13 +262,13 @@ class SSHDoorTest(unittest.TestCase):
             client = self.connect(password=PASSWORD)
             try:
                 stdin, stdout, _ = client.exec_command("count", timeout=10)
-                stdin.write(b"z" * 200_000)
+                stdin.write(b"z" * 1_000_000)
                 stdin.channel.shutdown_write()
                 return stdout.read(), stdout.channel.recv_exit_status()
             finally:
                 client.close()
 
-        return self.in_thread(run).addCallback(self.assertEqual, (b"200000 bytes\n", 0))
+        return self.in_thread(run).addCallback(self.assertEqual, (b"1000000 bytes\n", 0))
 
     @defer.inlineCallbacks
     def test_tcp_nodelay_on_accepted_sockets(self) -> Any:
