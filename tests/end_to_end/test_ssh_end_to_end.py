@@ -208,6 +208,8 @@ class SSHDoorTest(unittest.TestCase):
     def test_key_login(self) -> Any:
         out, err, status = yield self.exec_("ls", pkey=self.pkey)
         self.assertEqual((out, status), (b"notes.txt\n", 0))
+        out, err, status = yield self.exec_("stats", pkey=self.pkey)
+        self.assertIn(b"connections: 1 open (ssh 1)", out)
 
     def _login_fails(self, **auth: Any) -> defer.Deferred:
         def run() -> None:
@@ -247,6 +249,26 @@ class SSHDoorTest(unittest.TestCase):
                 t.close()
 
         return self.in_thread(run)
+
+    def test_shared_per_address_limit_counts_ssh(self) -> defer.Deferred:
+        def run() -> tuple[list[bytes], bytes]:
+            socks = [socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                     for _ in range(4)]
+            try:
+                banners = [s.recv(64)[:8] for s in socks]
+                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as fifth:
+                    return banners, fifth.recv(64)
+            finally:
+                for s in socks:
+                    s.close()
+
+        def check(result: tuple[list[bytes], bytes]) -> None:
+            banners, fifth = result
+            self.assertEqual(banners, [b"SSH-2.0-"] * 4)
+            self.assertEqual(fifth, b"")  # over --max-per-ip: closed before the banner
+            self.assertEqual(self.core.stats.refused, 1)
+
+        return self.in_thread(run).addCallback(check)
 
     # -- exec ----------------------------------------------------------------
 
