@@ -43,6 +43,8 @@ DOOR = "ssh"
 MAX_AUTH_ATTEMPTS = 3
 LOGIN_GRACE = 30.0  # seconds from the start of authentication to success
 MAX_CHANNELS = 10  # open session channels per connection, like OpenSSH's MaxSessions
+# Answered "no" without a log line: liveness probes and hints, not features we refuse.
+QUIET_REQUESTS = frozenset({b"keepalive@openssh.com", b"no-more-sessions@openssh.com"})
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class SSHAvatar(ConchUser):
         self.account = account
         self.settings = settings
         self.policy = Policy(account.roots) if account.roots else core.policy
-        self.busy = 0  # commands and transfers running: not idle
+        self.busy = 0  # commands running on this connection: it is not idle
         self.channelLookup[b"session"] = RefusingSSHSession
         self.subsystemLookup[b"sftp"] = self._sftp
 
@@ -98,7 +100,8 @@ class SSHAvatar(ConchUser):
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
         # tcpip-forward and anything else a client may ask for the whole connection.
-        self.refused("global request", requestType)
+        if requestType not in QUIET_REQUESTS:
+            self.refused("global request", requestType)
         return 0
 
     def logout(self) -> None:

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = Logger()
 
 PROMPT = b"cmdserver> "
+# Answered "no" without a log line: a liveness probe, not a feature we refuse.
+QUIET_REQUESTS = frozenset({b"keepalive@openssh.com"})
 ALLOWED_ENV = ("LANG", "TERM")  # and LC_*
 INPUT_BUFFER_LIMIT = 1 << 20  # stdin bytes kept until the command says whether it reads them
 CTRL_A, CTRL_C, CTRL_D, CTRL_E, CTRL_L = b"\x01", b"\x03", b"\x04", b"\x05", b"\x0c"
@@ -75,7 +77,8 @@ class RefusingSSHSession(session.SSHSession):
     def requestReceived(self, requestType: bytes, data: bytes) -> int:
         name = "request_" + requestType.replace(b"-", b"_").decode("ascii", "replace")
         if getattr(self, name, None) is None:
-            self.avatar.refused("session request", requestType)
+            if requestType not in QUIET_REQUESTS:
+                self.avatar.refused("session request", requestType)
             return 0
         return super().requestReceived(requestType, data)
 
