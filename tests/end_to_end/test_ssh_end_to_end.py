@@ -53,6 +53,7 @@ class Slow(Command):
 
     def run(self, ctx: Context) -> defer.Deferred:
         ctx.out.line("started")
+        self.ctx = ctx
         self.running: defer.Deferred = defer.Deferred(lambda _: self.cancelled.callback(None))
         return self.running
 
@@ -403,6 +404,8 @@ class SSHDoorTest(unittest.TestCase):
                 while b"started" not in seen:
                     seen += chan.recv(4096)
                 self.assertFalse(chan.exit_status_ready())
+                threads.blockingCallFromThread(  # the server has seen the EOF
+                    reactor, wait_for, lambda: self.slow.ctx.session.closing, "EOF")
                 reactor.callFromThread(lambda: self.slow.running.cancel())
                 while data := chan.recv(4096):
                     seen += data
