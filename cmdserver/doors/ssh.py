@@ -147,7 +147,8 @@ class CmdServerUserAuth(userauth.SSHUserAuthServer):
 
     A client may request ``ssh-userauth`` again, which makes conch start a new
     service; the failure count and the grace deadline live on the transport so
-    that this does not reset them.
+    that this does not reset them.  The deadline is set when the connection is
+    made, so a client that stalls the key exchange is cut off as well.
     """
 
     def serviceStarted(self) -> None:
@@ -158,14 +159,13 @@ class CmdServerUserAuth(userauth.SSHUserAuthServer):
         # Conch disconnects when failures exceed this number.
         self.attemptsBeforeDisconnect = settings.max_auth_attempts - 1
         super().serviceStarted()
+        # The grace time runs from the connection's start (see CmdServerTransport):
+        # take over the deadline instead of starting a fresh one.
         t = self.transport
-        now = self.clock.seconds()
-        if t.auth_deadline is None:
-            t.auth_deadline = now + self.loginTimeout
-        else:  # a repeated service request: keep the first deadline
-            self._cancelLoginTimeout.cancel()
-            self._cancelLoginTimeout = self.clock.callLater(
-                max(0.0, t.auth_deadline - now), self.timeoutAuthentication)
+        t.stop_grace_timer()
+        self._cancelLoginTimeout.cancel()
+        self._cancelLoginTimeout = self.clock.callLater(
+            max(0.0, t.auth_deadline - self.clock.seconds()), self.timeoutAuthentication)
         self.loginAttempts = t.auth_failures
 
     def timeoutAuthentication(self) -> None:
@@ -190,8 +190,9 @@ class CmdServerUserAuth(userauth.SSHUserAuthServer):
 class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
     """The server transport with TCP_NODELAY and the door's idle timeout."""
 
-    auth_deadline: float | None = None  # when the login grace time runs out
+    auth_deadline = 0.0  # when the login grace time runs out
     auth_failures = 0  # failed authentication attempts on this connection
+    _grace_timer: Any = None
 
     @property
     def peer(self) -> str:
@@ -210,6 +211,23 @@ class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
             pass
         super().connectionMade()
         self.setTimeout(self.factory.settings.idle_timeout or None)
+        grace = self.factory.settings.login_grace
+        self.auth_deadline = self.factory.reactor.seconds() + grace
+        self._grace_timer = self.factory.reactor.callLater(grace, self._grace_expired)
+
+    def _grace_expired(self) -> None:
+        """No ``ssh-userauth`` service within the grace time (a stalled key exchange)."""
+        self._grace_timer = None
+        log.info("ssh: {peer} did not authenticate within {grace:g} s", peer=self.peer,
+                 grace=self.factory.settings.login_grace)
+        self.sendDisconnect(transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+                            b"you took too long")
+
+    def stop_grace_timer(self) -> None:
+        """The userauth service keeps the deadline from now on."""
+        if self._grace_timer is not None and self._grace_timer.active():
+            self._grace_timer.cancel()
+        self._grace_timer = None
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
@@ -233,6 +251,7 @@ class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
 
     def connectionLost(self, reason: Any) -> None:
         self.setTimeout(None)
+        self.stop_grace_timer()
         super().connectionLost(reason)
 
 

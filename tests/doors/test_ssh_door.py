@@ -63,6 +63,21 @@ class TransportTest(unittest.TestCase):
         self.clock.advance(0.1)
         self.assertEqual(len(self.disconnects), 1)
 
+    def test_login_grace_counts_from_the_connection(self) -> None:
+        # A client that never finishes the key exchange is cut off too.
+        self.clock.advance(29.9)
+        self.assertEqual(self.disconnects, [])
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.disconnects), 1)
+
+    def test_grace_left_passes_to_userauth(self) -> None:
+        self.clock.advance(10)
+        self.start_userauth()
+        self.clock.advance(19.9)
+        self.assertEqual(self.disconnects, [])
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.disconnects), 1)  # once: the transport's timer is off
+
     def test_requesting_userauth_again_keeps_the_deadline(self) -> None:
         self.start_userauth()
         self.clock.advance(20)
@@ -77,6 +92,7 @@ class TransportTest(unittest.TestCase):
         self.assertEqual(self.start_userauth().loginAttempts, 2)
 
     def test_idle_timeout_disconnects(self) -> None:
+        self.transport.stop_grace_timer()  # as once logged in
         self.clock.advance(299)
         self.assertEqual(self.disconnects, [])
         self.transport.dataReceived(b"")  # activity resets the timer
@@ -86,6 +102,7 @@ class TransportTest(unittest.TestCase):
         self.assertEqual([text for _, text in self.disconnects], [b"Timeout: idle for 300 s"])
 
     def test_running_command_is_not_idle(self) -> None:
+        self.transport.stop_grace_timer()  # as once logged in
         self.transport.avatar = FakeAvatar()
         self.transport.logoutFunction = lambda: None
         self.transport.avatar.busy = 1
