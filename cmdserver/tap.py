@@ -202,5 +202,6 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
         from cmdserver.doors.ssh import SSHSettings, add_ssh_door
 
         add_ssh_door(service, options["ssh"], data_dir,
-                     SSHSettings(idle_timeout=options["idle-timeout"]))
+                     SSHSettings(idle_timeout=options["idle-timeout"],
+                                 max_line=options["max-line"]))
     return service

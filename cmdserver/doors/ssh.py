@@ -50,6 +50,7 @@ QUIET_REQUESTS = frozenset({b"keepalive@openssh.com", b"no-more-sessions@openssh
 @dataclass(frozen=True)
 class SSHSettings:
     idle_timeout: float = 300
+    max_line: int = 4096  # longest command line, as on the line door
     login_grace: float = LOGIN_GRACE
     max_auth_attempts: int = MAX_AUTH_ATTEMPTS
     password_delay: float = 1.0  # seconds before a wrong password is answered

@@ -200,6 +200,11 @@ class CommandSession:
 
     def _run_exec(self, cmd: bytes) -> None:
         self._start = None
+        limit = self.avatar.settings.max_line
+        if len(cmd) > limit:
+            self._exec_done(TextReply([f"Error: line too long (the limit is {limit} bytes)"],
+                                      False))
+            return
         try:
             text = cmd.decode("utf-8")
         except UnicodeDecodeError:

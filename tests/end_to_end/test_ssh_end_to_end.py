@@ -186,7 +186,7 @@ class SSHDoorTest(unittest.TestCase):
     def in_thread(self, f: Any, *args: Any) -> defer.Deferred:
         return threads.deferToThread(f, *args)
 
-    def exec_(self, command: str, **auth: Any) -> defer.Deferred:
+    def exec_(self, command: str | bytes, **auth: Any) -> defer.Deferred:
         def run() -> tuple[bytes, bytes, int]:
             client = self.connect(**(auth or {"password": PASSWORD}))
             try:
@@ -301,6 +301,18 @@ class SSHDoorTest(unittest.TestCase):
         [wrapper] = self.door.factory.protocols
         sock = wrapper.transport.getHandle()
         self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    @defer.inlineCallbacks
+    def test_exec_bad_command_lines(self) -> Any:
+        out, err, status = yield self.exec_("ping\x1b[2J")
+        self.assertEqual((out, err, status),
+                         (b"", b"Error: control characters are not allowed in a command\n", 1))
+        out, err, status = yield self.exec_("ls " + "x" * 5000)
+        self.assertEqual((err, status), (b"Error: line too long (the limit is 4096 bytes)\n", 1))
+        out, err, status = yield self.exec_(b"ls \xff")
+        self.assertEqual((err, status), (b"Error: the command is not valid UTF-8\n", 1))
+        out, err, status = yield self.exec_("ls 'unbalanced")
+        self.assertEqual((err, status), (b"Error: no closing quotation\n", 1))
 
     @defer.inlineCallbacks
     def test_exec_streams_lastlog(self) -> Any:
