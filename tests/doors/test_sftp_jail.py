@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,17 @@ from cmdserver.core import CommandCore
 from cmdserver.doors.sftp import JailedFileTransferServer, JailedSFTPServer
 from cmdserver.policy import Policy
 
+
+class OutsideTreeTempMixin:
+    """``mktemp`` under the system temp directory: run by pytest, trial's own
+    ``mktemp`` would create its directories in the current (source) directory."""
+
+    def mktemp(self) -> str:
+        base = tempfile.mkdtemp(prefix="cmdserver-test-")
+        self.addCleanup(shutil.rmtree, base, True)  # type: ignore[attr-defined]
+        return os.path.join(base, "temp")
+
+
 PUT = FXF_WRITE | FXF_CREAT | FXF_TRUNC
 
 
@@ -37,7 +50,7 @@ class FakeAvatar:
     peer: str = "127.0.0.1:1"
 
 
-class SFTPJailTest(unittest.TestCase):
+class SFTPJailTest(OutsideTreeTempMixin, unittest.TestCase):
     def setUp(self) -> None:
         base = os.path.realpath(self.mktemp())
         self.root = os.path.join(base, "root")

@@ -33,6 +33,17 @@ from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
 from cmdserver.service import CmdServerService, Limits
 
+
+class OutsideTreeTempMixin:
+    """``mktemp`` under the system temp directory: run by pytest, trial's own
+    ``mktemp`` would create its directories in the current (source) directory."""
+
+    def mktemp(self) -> str:
+        base = tempfile.mkdtemp(prefix="cmdserver-test-")
+        self.addCleanup(shutil.rmtree, base, True)  # type: ignore[attr-defined]
+        return os.path.join(base, "temp")
+
+
 PASSWORD = "s3cret"
 # Host keys take a moment to generate (RSA 3072): make them once for the module.
 _KEY_DIR = tempfile.mkdtemp(prefix="cmdserver-ssh-test-")
@@ -129,7 +140,7 @@ def wait_for(predicate: Any, what: str) -> defer.Deferred:
     return loop()
 
 
-class SSHDoorTest(unittest.TestCase):
+class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
     def setUp(self) -> defer.Deferred:
         self.root = self.mktemp()
         os.makedirs(self.root)
