@@ -134,15 +134,12 @@ class UploadFile(_OpenFile):
         self.exclusive = exclusive
         self.name = name
         self.times: tuple[int, int] | None = None
-        self.size = 0
 
     def readChunk(self, offset: int, length: int) -> Deferred:
         return defer.fail(unsupported("reading an upload before it is closed"))
 
     def writeChunk(self, offset: int, data: bytes) -> Deferred:
-        fd = self.fd
-        self.size = max(self.size, offset + len(data))
-        return self._op(_pwrite_all, fd, data, offset)
+        return self._op(_pwrite_all, self.fd, data, offset)
 
     def setAttrs(self, attrs: dict) -> Deferred:
         if "uid" in attrs or "size" in attrs:
