@@ -11,6 +11,7 @@ running command and Ctrl-D or ``exit`` leaves.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,6 +21,7 @@ from twisted.conch.recvline import HistoricRecvLine
 from twisted.conch.ssh import connection, session
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
 from zope.interface import implementer
 
 from cmdserver.core import TextReply
@@ -92,7 +94,9 @@ class CommandSession:
         self.core = avatar.core
         self.width, self.height = 80, 24
         self.proto: Any = None  # SSHSessionProcessProtocol: our way to the channel
+        self.pty = False
         self.shell: ShellProtocol | None = None
+        self.pipe: PipedCommands | None = None
         self.running: Deferred | None = None
         self._start: Any = None  # the delayed call that starts an exec command
         self._closing = False
@@ -105,6 +109,7 @@ class CommandSession:
     # -- ISession ----------------------------------------------------------
 
     def getPty(self, term: bytes, windowSize: tuple[int, ...], modes: Any) -> None:
+        self.pty = True
         self.height, self.width = windowSize[0] or 24, windowSize[1] or 80
 
     def windowChanged(self, newWindowSize: tuple[int, ...]) -> None:
@@ -128,6 +133,10 @@ class CommandSession:
 
     def openShell(self, proto: Any) -> None:
         self.proto = proto
+        if not self.pty:  # `ssh host < commands`: no terminal, no echo, no prompt
+            self.pipe = PipedCommands(self)
+            proto.makeConnection(_ChannelInput(self.pipe.dataReceived))
+            return
         terminal = insults.ServerProtocol(ShellProtocol, self)
         terminal.makeConnection(proto)
         proto.makeConnection(session.wrapProtocol(terminal))
@@ -137,6 +146,8 @@ class CommandSession:
     def eofReceived(self) -> None:
         if self.shell is not None:  # stdin closed: leave once the command is done
             self.leave()
+        elif self.pipe is not None:
+            self.pipe.eof()
         else:
             self.input_eof()
 
@@ -180,6 +191,11 @@ class CommandSession:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def is_closed(self) -> bool:
+        """The channel is closed or closing: nothing more is run or written."""
+        return self._closed
+
     def leave(self, status: int = 0) -> None:
         """End the channel now, or after the running command, with ``status``."""
         if self.running is not None:
@@ -205,24 +221,23 @@ class CommandSession:
             self._exec_done(TextReply([f"Error: line too long (the limit is {limit} bytes)"],
                                       False))
             return
-        try:
-            text = cmd.decode("utf-8")
-        except UnicodeDecodeError:
-            self._exec_done(TextReply(["Error: the command is not valid UTF-8"], False))
-            return
-        if not text.replace("\t", " ").isprintable():
-            self._exec_done(TextReply(
-                ["Error: control characters are not allowed in a command"], False))
+        text, error = command_text(cmd)
+        if error is not None:
+            self._exec_done(TextReply([error], False))
             return
         self.run(text, _LineSink(self.write_out, b"\n"), self._exec_done)
         if self._input is None:  # the command does not read stdin
             self._input_buffer = None
 
     def _exec_done(self, reply: TextReply) -> None:
+        self.write_reply(reply)
+        self.finish(0 if reply.ok else 1)
+
+    def write_reply(self, reply: TextReply) -> None:
+        """A reply without a terminal: stdout if it succeeded, else stderr."""
         write = self.write_out if reply.ok else self.write_err
         for text in reply.lines:
             write(render(text, b"\n"))
-        self.finish(0 if reply.ok else 1)
 
     def write_out(self, data: bytes) -> None:
         if not self._closed:
@@ -242,7 +257,8 @@ class CommandSession:
         A consumer that cannot keep up calls :meth:`pause_input` and later
         :meth:`resume_input`.  Returns False when input cannot be read here.
         """
-        if self.shell is not None or self._input_buffer is None or self._input is not None:
+        if (self.shell is not None or self.pipe is not None or self._input_buffer is None
+                or self._input is not None):
             return False
         self._input = consumer
         buffered, self._input_buffer = self._input_buffer, []
@@ -299,6 +315,76 @@ class _LineSink:
 
     def line(self, text: str) -> None:
         self.write(render(text, self.end))
+
+
+class PipedCommands(LineReceiver):
+    """A shell without a terminal (``ssh host < commands``): one command a line.
+
+    Like exec, but for many lines: output on stdout, failures on stderr, no
+    prompt and no echo.  Lines are queued and run one after another; at the end
+    of input the channel closes with the exit status of the last command.
+    """
+
+    delimiter = b"\n"
+
+    def __init__(self, session: CommandSession) -> None:
+        self.session = session
+        self.MAX_LENGTH = session.avatar.settings.max_line
+        self.queue: deque[bytes] = deque()
+        self.status = 0
+        self.ended = False
+        self._draining = False
+
+    def lineReceived(self, line: bytes) -> None:
+        self.queue.append(line)
+        self._next()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.queue.clear()
+        self.session.write_reply(TextReply(
+            [f"Error: line too long (the limit is {self.MAX_LENGTH} bytes)"], False))
+        self.session.finish(1)
+
+    def eof(self) -> None:
+        self.ended = True
+        self._next()
+
+    def _next(self) -> None:
+        """Run queued lines one by one (a loop, not recursion: replies may be synchronous)."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self.session.running is None and not self.session.is_closed:
+                if self.session.closing or (self.ended and not self.queue):
+                    self.session.finish(0 if self.session.closing else self.status)
+                    return
+                if not self.queue:
+                    return
+                text, error = command_text(self.queue.popleft().removesuffix(b"\r"))
+                if error is not None:
+                    self._done(TextReply([error], False))
+                elif text.strip():
+                    out = _LineSink(self.session.write_out, b"\n")
+                    self.session.run(text, out, self._done)
+        finally:
+            self._draining = False
+
+    def _done(self, reply: TextReply) -> None:
+        self.status = 0 if reply.ok else 1
+        self.session.write_reply(reply)
+        self._next()
+
+
+def command_text(raw: bytes) -> tuple[str, str | None]:
+    """A command line without a terminal: its text, or the line door's error."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "", "Error: the command is not valid UTF-8"
+    if not text.replace("\t", " ").isprintable():
+        return "", "Error: control characters are not allowed in a command"
+    return text, None
 
 
 class ShellProtocol(HistoricRecvLine):

@@ -413,36 +413,50 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
 
         return self.in_thread(run).addCallback(self.assertEqual, 0)
 
-    def test_shell_without_pty_ends_at_eof(self) -> defer.Deferred:
-        def run() -> tuple[bytes, int]:
+    def piped_shell(self, script: bytes, cancel_slow: bool = False) -> defer.Deferred:
+        """A shell channel without a pty fed ``script`` then EOF: (stdout, stderr, status)."""
+        def run() -> tuple[bytes, bytes, int]:
             t = self.transport()
             try:
                 t.auth_password("ops", PASSWORD)
                 chan = t.open_session()
                 chan.settimeout(10)
                 chan.invoke_shell()
-                chan.sendall(b"ping\nslow\n")
-                chan.shutdown_write()  # EOF while slow runs: leave once it is done
-                seen = b""
-                while b"started" not in seen:
-                    seen += chan.recv(4096)
-                self.assertFalse(chan.exit_status_ready())
-                threads.blockingCallFromThread(  # the server has seen the EOF
-                    reactor, wait_for, lambda: self.slow.ctx.session.closing, "EOF")
-                reactor.callFromThread(lambda: self.slow.running.cancel())
+                chan.sendall(script)
+                chan.shutdown_write()
+                if cancel_slow:  # EOF while slow runs: the channel waits for it
+                    seen = b""
+                    while b"started" not in seen:
+                        seen += chan.recv(4096)
+                    self.assertFalse(chan.exit_status_ready())
+                    threads.blockingCallFromThread(  # the server has seen the EOF
+                        reactor, wait_for, lambda: self.slow.ctx.session.pipe.ended, "EOF")
+                    reactor.callFromThread(lambda: self.slow.running.cancel())
+                status = chan.recv_exit_status()
+                out = b""
                 while data := chan.recv(4096):
-                    seen += data
-                return seen, chan.recv_exit_status()
+                    out += data
+                return (seen if cancel_slow else b"") + out, chan.makefile_stderr().read(), status
             finally:
                 t.close()
 
-        def check(result: tuple[bytes, int]) -> None:
-            seen, status = result
-            self.assertIn(b"pong\r\n", seen)
-            self.assertTrue(seen.endswith(b"Error: cancelled\r\n"), seen)
-            self.assertEqual(status, 0)
+        return self.in_thread(run)
 
-        return self.in_thread(run).addCallback(check)
+    @defer.inlineCallbacks
+    def test_piped_commands_without_pty(self) -> Any:
+        out, err, status = yield self.piped_shell(b"ping\r\n\nnosuch\nls\n")
+        self.assertEqual((out, err, status), (b"pong\nnotes.txt\n", b"Command not found.\n", 0))
+        out, err, status = yield self.piped_shell(b"ping\nls ..\n")
+        self.assertEqual((err, status), (b"Error: path outside allowed roots\n", 1))
+        out, err, status = yield self.piped_shell(b"exit\nping\n")
+        self.assertEqual((out, err, status), (b"bye !\n", b"", 0))
+        out, err, status = yield self.piped_shell(b"x" * 5000 + b"\n")
+        self.assertEqual((err, status), (b"Error: line too long (the limit is 4096 bytes)\n", 1))
+
+    @defer.inlineCallbacks
+    def test_piped_commands_wait_for_the_running_one_at_eof(self) -> Any:
+        out, err, status = yield self.piped_shell(b"ping\nslow\n", cancel_slow=True)
+        self.assertEqual((out, err, status), (b"pong\nstarted\n", b"Error: cancelled\n", 1))
 
     # -- refusals ------------------------------------------------------------
 
