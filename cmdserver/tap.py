@@ -100,6 +100,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "scan-concurrency": (ScanPolicy.DEFAULT_CONCURRENCY, positive_int),
     "scan-timeout": (1.0, positive_number),
     "scan-max-in-flight": (None, positive_int),
+    "ssh": ("tcp:2222:interface=127.0.0.1", str),
 }
 REPEATABLE = ("line", "root", "scan-allow")
 
@@ -141,6 +142,8 @@ class Options(usage.Options):
         ["scan-timeout", None, None, "Seconds a portscan waits for one connect. [default: 1]"],
         ["scan-max-in-flight", None, None, "Connects in flight over all portscans at once. "
          "[default: 4096, or half the open-files limit if lower]"],
+        ["ssh", None, None, "Endpoint for the SSH door (shell, exec, SFTP), or 'none'. "
+         "[default: tcp:2222:interface=127.0.0.1]"],
     ]
 
     def __init__(self) -> None:
@@ -184,8 +187,10 @@ class Options(usage.Options):
             if not os.path.isdir(root):
                 raise usage.UsageError(f"--root {root}: not an existing directory")
         self["line"] = [e for e in self["line"] if e.lower() != NONE]
-        if not self["line"]:
-            raise usage.UsageError("no front door is open: give at least one --line endpoint")
+        if self["ssh"].lower() == NONE:
+            self["ssh"] = None
+        if not self["line"] and not self["ssh"]:
+            raise usage.UsageError("no front door is open: give a --line or --ssh endpoint")
         for endpoint in self["line"]:
             check_endpoint("--line", endpoint)
         if self["tls-client-ca"]:
@@ -201,6 +206,8 @@ class Options(usage.Options):
                 self["scan-timeout"], self["scan-max-in-flight"] or default_max_in_flight())
         except ValueError as e:
             raise usage.UsageError(f"--scan-allow: {e}") from None
+        if self["ssh"]:
+            check_endpoint("--ssh", self["ssh"])
 
 
 def check_endpoint(option: str, description: str) -> None:
@@ -276,4 +283,10 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
             reactor)
         service.add_door("line", endpoint, LineFactory(core, door_settings), refusal=TOO_MANY,
                          endpoint=door_endpoint)
+    if options["ssh"]:
+        from cmdserver.doors.ssh import SSHSettings, add_ssh_door
+
+        add_ssh_door(service, options["ssh"], data_dir,
+                     SSHSettings(idle_timeout=options["idle-timeout"],
+                                 max_line=options["max-line"]))
     return service

@@ -46,7 +46,8 @@ def test_repeatable_options(tmp_path):
     (["--max-line", "1.5"], "max-line"),
     (["--line", "tcp:notaport"], "--line tcp:notaport"),
     (["--line", "bogus:1"], "--line bogus:1"),
-    (["--line", "none"], "no front door"),
+    (["--line", "none", "--ssh", "none"], "no front door"),
+    (["--ssh", "tcp:x"], "--ssh tcp:x"),
     (["--root", "/nonexistent/dir"], "not an existing directory"),
     (["--config", "/nonexistent.toml"], "No such file"),
     (["--frobnicate"], "frobnicate"),
@@ -104,14 +105,16 @@ def test_make_service(tmp_path):
     assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
     assert os.path.isdir(data / "files")
     assert service.core.policy.roots == [os.path.realpath(data / "files")]
-    assert [d.description for d in service.doors] == ["tcp:0:interface=127.0.0.1",
-                                                      f"unix:{tmp_path}/sock"]
+    assert [(d.door, d.description) for d in service.doors] == [
+        ("line", "tcp:0:interface=127.0.0.1"), ("line", f"unix:{tmp_path}/sock"),
+        ("ssh", "tcp:2222:interface=127.0.0.1")]
     assert (service.limits.max_total, service.limits.max_per_host) == (5, 2)
     assert service.audit.path == str(data / "audit.log")
     lastlog = service.core.registry.get("lastlog")
     assert isinstance(lastlog, LastLog) and lastlog.source.path == "/var/log/x"
     # Every door shares the one core and the one set of limits.
-    assert {d.factory.wrappedFactory.core for d in service.doors} == {service.core}
+    line_doors = [d for d in service.doors if d.door == "line"]
+    assert {d.factory.wrappedFactory.core for d in line_doors} == {service.core}
     assert {id(d.factory.limits) for d in service.doors} == {id(service.limits)}
 
 

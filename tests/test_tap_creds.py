@@ -61,7 +61,8 @@ class MakeServiceTests(unittest.TestCase):
 
     def login_modes(self, *argv: str) -> list[str]:
         service = makeService(self.options(*argv), MemoryReactorClock())
-        return [door.factory.wrappedFactory.settings.login for door in service.doors]
+        return [door.factory.wrappedFactory.settings.login for door in service.doors
+                if door.door == "line"]
 
     def test_login_mode_defaults_per_endpoint(self) -> None:
         modes = self.login_modes("--line", "tcp:0:interface=127.0.0.1",

@@ -52,7 +52,8 @@ class TLSDoorTests(unittest.TestCase):
         endpoint = (f"ssl:0:interface=127.0.0.1:privateKey={quote(self.key)}"
                     f":certKey={quote(self.cert)}")
         options = Options()
-        options.parseOptions(["--data-dir", self.data, "--line", endpoint, "--bcrypt-cost",
+        options.parseOptions(["--data-dir", self.data, "--line", endpoint, "--ssh", "none",
+                              "--bcrypt-cost",
                               "4", "--users-poll-interval", "0", *argv])
         service = makeService(options)
         service.startService()

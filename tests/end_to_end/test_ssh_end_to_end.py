@@ -1,0 +1,647 @@
+"""The SSH door end to end: the real service on loopback port 0, driven by paramiko
+(in a thread, so the reactor keeps running) and by OpenSSH's ``ssh``/``sftp`` when
+they are installed."""
+
+from __future__ import annotations
+
+import atexit
+import io
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import time
+from typing import Any
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
+from twisted.conch.ssh.keys import Key
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.internet import defer, reactor, task, threads, utils
+from twisted.trial import unittest
+
+from cmdserver.auth import Account, Realm, build_portal
+from cmdserver.commands import default_registry
+from cmdserver.commands.base import Command, Context
+from cmdserver.commands.lastlog import LastLog, LogSource
+from cmdserver.core import CommandCore
+from cmdserver.doors.ssh import SSHSettings, add_ssh_door
+from cmdserver.errors import CommandError
+from cmdserver.policy import Policy
+from cmdserver.service import CmdServerService, Limits
+
+
+class OutsideTreeTempMixin:
+    """``mktemp`` under the system temp directory: run by pytest, trial's own
+    ``mktemp`` would create its directories in the current (source) directory."""
+
+    def mktemp(self) -> str:
+        base = tempfile.mkdtemp(prefix="cmdserver-test-")
+        self.addCleanup(shutil.rmtree, base, True)  # type: ignore[attr-defined]
+        return os.path.join(base, "temp")
+
+
+PASSWORD = "s3cret"
+# Host keys take a moment to generate (RSA 3072): make them once for the module.
+_KEY_DIR = tempfile.mkdtemp(prefix="cmdserver-ssh-test-")
+atexit.register(shutil.rmtree, _KEY_DIR, True)
+SSH = shutil.which("ssh")
+SFTP = shutil.which("sftp")
+
+
+class Slow(Command):
+    """A test command that runs until cancelled, and says when it was."""
+
+    name = "slow"
+    summary = "Wait until cancelled."
+    usage = "slow"
+
+    def __init__(self) -> None:
+        self.cancelled: defer.Deferred = defer.Deferred()
+
+    def run(self, ctx: Context) -> defer.Deferred:
+        ctx.out.line("started")
+        self.ctx = ctx
+        self.running: defer.Deferred = defer.Deferred(lambda _: self.cancelled.callback(None))
+        return self.running
+
+
+class LongLog(LastLog):
+    """``lastlog`` whose ``tail`` prints a line, then runs for a minute."""
+
+    name = "longlog"
+
+
+def long_tail(directory: str) -> tuple[str, str]:
+    """A fake ``tail`` that records its pid and never ends by itself."""
+    script, pidfile = os.path.join(directory, "tail"), os.path.join(directory, "tail.pid")
+    with open(script, "w") as f:
+        f.write(f"#!/bin/sh\necho $$ > {pidfile}\necho first line\nexec sleep 60\n")
+    os.chmod(script, 0o755)
+    return script, pidfile
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Count(Command):
+    """A test command that reads the exec channel's stdin and counts the bytes."""
+
+    name = "count"
+    summary = "Count the bytes on stdin."
+    usage = "count"
+
+    def run(self, ctx: Context) -> defer.Deferred:
+        done: defer.Deferred = defer.Deferred()
+        received = bytearray()
+
+        class Consumer:
+            def data_received(self, data: bytes) -> None:
+                received.extend(data)
+                # Exercise back-pressure: hold the client at the window for a turn.
+                ctx.session.pause_input()
+                ctx.reactor.callLater(0, ctx.session.resume_input)
+
+            def eof_received(self) -> None:
+                done.callback(f"{len(received)} bytes")
+
+        if not ctx.session.read_input(Consumer()):
+            raise CommandError("no input here")
+        return done
+
+
+def client_key() -> tuple[paramiko.Ed25519Key, Key, bytes]:
+    """A fresh Ed25519 user key: paramiko's, conch's, and the OpenSSH private file."""
+    private = ed25519.Ed25519PrivateKey.generate()
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    return (paramiko.Ed25519Key.from_private_key(io.StringIO(pem.decode())),
+            Key.fromString(pem).public(), pem)
+
+
+def wait_for(predicate: Any, what: str) -> defer.Deferred:
+    """Poll ``predicate`` on the reactor until true (a bound, not a timing check)."""
+    @defer.inlineCallbacks
+    def loop() -> Any:
+        for _ in range(500):
+            if predicate():
+                return
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        raise AssertionError(f"never happened: {what}")
+
+    return loop()
+
+
+class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
+    def setUp(self) -> defer.Deferred:
+        self.root = self.mktemp()
+        os.makedirs(self.root)
+        self.other_root = self.mktemp()
+        os.makedirs(self.other_root)
+        with open(os.path.join(self.root, "notes.txt"), "w") as f:
+            f.write("hello\n")
+        self.slow = Slow()
+        registry = default_registry(LogSource(os.path.join(self.root, "notes.txt")))
+        registry.add(self.slow)
+        registry.add(Count())
+        bindir = os.path.abspath(self.mktemp())
+        os.makedirs(bindir)
+        tail, self.tail_pidfile = long_tail(bindir)
+        registry.add(LongLog(LogSource("/dev/null"), tail=tail))
+        self.core = CommandCore(registry, Policy([self.root]), reactor)
+        self.service = CmdServerService(self.core, Limits(max_clients=20, max_per_ip=4),
+                                        portal=build_portal(Realm()))
+        passwords = InMemoryUsernamePasswordDatabaseDontUse()
+        passwords.addUser(b"ops", PASSWORD.encode())
+        passwords.addUser(b"jailed", PASSWORD.encode())
+        self.service.portal.registerChecker(passwords)
+        self.pkey, public, self.pem = client_key()
+        self.service.portal.registerChecker(
+            SSHPublicKeyChecker(InMemorySSHKeyDB({b"ops": [public]})))
+        self.service.realm.lookup = lambda name: Account(
+            name, (self.other_root,) if name == "jailed" else None)
+        self.settings = SSHSettings(idle_timeout=60, password_delay=0)
+        self.door = add_ssh_door(self.service, "tcp:0:interface=127.0.0.1", _KEY_DIR,
+                                 self.settings)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        return self.door.listening.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> None:
+        self.port = port.getHost().port
+
+    # -- paramiko helpers (run in a thread) ---------------------------------
+
+    def connect(self, user: str = "ops", **auth: Any) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        client.connect("127.0.0.1", port=self.port, username=user, look_for_keys=False,
+                       allow_agent=False, timeout=10, banner_timeout=10, auth_timeout=10,
+                       **auth)
+        return client
+
+    def transport(self) -> paramiko.Transport:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        t = paramiko.Transport(sock)
+        t.start_client(timeout=10)
+        return t
+
+    def in_thread(self, f: Any, *args: Any) -> defer.Deferred:
+        return threads.deferToThread(f, *args)
+
+    def exec_(self, command: str | bytes, **auth: Any) -> defer.Deferred:
+        def run() -> tuple[bytes, bytes, int]:
+            client = self.connect(**(auth or {"password": PASSWORD}))
+            try:
+                _, stdout, stderr = client.exec_command(command, timeout=10)
+                out, err = stdout.read(), stderr.read()
+                return out, err, stdout.channel.recv_exit_status()
+            finally:
+                client.close()
+
+        return self.in_thread(run)
+
+    # -- login ---------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_password_login_exec_ok(self) -> Any:
+        out, err, status = yield self.exec_("ping")
+        self.assertEqual((out, err, status), (b"pong\n", b"", 0))
+
+    @defer.inlineCallbacks
+    def test_key_login(self) -> Any:
+        out, err, status = yield self.exec_("ls", pkey=self.pkey)
+        self.assertEqual((out, status), (b"notes.txt\n", 0))
+        out, err, status = yield self.exec_("stats", pkey=self.pkey)
+        # (the first connection may not be counted out yet when the second arrives)
+        self.assertRegex(out, rb"connections: ([12]) open \(ssh \1\)")
+
+    def _login_fails(self, **auth: Any) -> defer.Deferred:
+        def run() -> None:
+            with self.assertRaises(paramiko.AuthenticationException):
+                self.connect(**auth)
+
+        return self.in_thread(run)
+
+    def test_wrong_password(self) -> defer.Deferred:
+        return self._login_fails(password="wrong")
+
+    def test_unknown_user(self) -> defer.Deferred:
+        return self._login_fails(user="nobody", password=PASSWORD)
+
+    def test_key_not_on_file(self) -> defer.Deferred:
+        return self._login_fails(pkey=client_key()[0])
+
+    def test_key_of_another_user(self) -> defer.Deferred:
+        return self._login_fails(user="jailed", pkey=self.pkey)
+
+    def test_three_attempts_then_disconnect(self) -> defer.Deferred:
+        def run() -> None:
+            t = self.transport()
+            try:
+                for _ in range(2):
+                    with self.assertRaises(paramiko.AuthenticationException):
+                        t.auth_password("ops", "wrong")
+                    self.assertTrue(t.is_active())
+                with self.assertRaises(paramiko.SSHException):
+                    t.auth_password("ops", "wrong")  # the third failure: cut off
+                for _ in range(100):
+                    if not t.is_active():
+                        break
+                    time.sleep(0.05)
+                self.assertFalse(t.is_active())
+            finally:
+                t.close()
+
+        return self.in_thread(run)
+
+    def test_shared_per_address_limit_counts_ssh(self) -> defer.Deferred:
+        def run() -> tuple[list[bytes], bytes]:
+            socks = [socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                     for _ in range(4)]
+            try:
+                banners = [s.recv(64)[:8] for s in socks]
+                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as fifth:
+                    return banners, fifth.recv(64)
+            finally:
+                for s in socks:
+                    s.close()
+
+        def check(result: tuple[list[bytes], bytes]) -> None:
+            banners, fifth = result
+            self.assertEqual(banners, [b"SSH-2.0-"] * 4)
+            self.assertEqual(fifth, b"")  # over --max-per-ip: closed before the banner
+            self.assertEqual(self.core.stats.refused, 1)
+
+        return self.in_thread(run).addCallback(check)
+
+    # -- exec ----------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_exec_error_goes_to_stderr_with_status_1(self) -> Any:
+        out, err, status = yield self.exec_("nosuch")
+        self.assertEqual((out, err, status), (b"", b"Command not found.\n", 1))
+        out, err, status = yield self.exec_("ls ..")
+        self.assertEqual((err, status), (b"Error: path outside allowed roots\n", 1))
+
+    def test_exec_stdin_reaches_a_command_that_reads_it(self) -> defer.Deferred:
+        def run() -> tuple[bytes, int]:
+            client = self.connect(password=PASSWORD)
+            try:
+                stdin, stdout, _ = client.exec_command("count", timeout=10)
+                stdin.write(b"z" * 1_000_000)
+                stdin.channel.shutdown_write()
+                return stdout.read(), stdout.channel.recv_exit_status()
+            finally:
+                client.close()
+
+        return self.in_thread(run).addCallback(self.assertEqual, (b"1000000 bytes\n", 0))
+
+    @defer.inlineCallbacks
+    def test_tcp_nodelay_on_accepted_sockets(self) -> Any:
+        client = yield self.in_thread(lambda: self.connect(password=PASSWORD))
+        self.addCleanup(client.close)
+        [wrapper] = self.door.factory.protocols
+        sock = wrapper.transport.getHandle()
+        self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    @defer.inlineCallbacks
+    def test_exec_bad_command_lines(self) -> Any:
+        out, err, status = yield self.exec_("ping\x1b[2J")
+        self.assertEqual((out, err, status),
+                         (b"", b"Error: control characters are not allowed in a command\n", 1))
+        out, err, status = yield self.exec_("ls " + "x" * 5000)
+        self.assertEqual((err, status), (b"Error: line too long (the limit is 4096 bytes)\n", 1))
+        out, err, status = yield self.exec_(b"ls \xff")
+        self.assertEqual((err, status), (b"Error: the command is not valid UTF-8\n", 1))
+        out, err, status = yield self.exec_("ls 'unbalanced")
+        self.assertEqual((err, status), (b"Error: no closing quotation\n", 1))
+
+    @defer.inlineCallbacks
+    def test_exec_streams_lastlog(self) -> Any:
+        out, err, status = yield self.exec_("lastlog 5")
+        self.assertEqual((out, status), (b"Begin lastlog\nhello\nEnd lastlog\n", 0))
+
+    @defer.inlineCallbacks
+    def test_exec_audited_with_user(self) -> Any:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        yield self.exec_("ping")
+        audited = [e for e in events if e.get("log_namespace") == "cmdserver.audit"]
+        self.assertEqual([(e["user"], e["door"], e["command"]) for e in audited],
+                         [("ops", "ssh", "ping")])
+
+    @defer.inlineCallbacks
+    def test_jailed_user_sees_own_roots(self) -> Any:
+        open(os.path.join(self.other_root, "mine"), "w").close()
+        out, _, status = yield self.exec_("ls", user="jailed", password=PASSWORD)
+        self.assertEqual((out, status), (b"mine\n", 0))
+
+    # -- shell ----------------------------------------------------------------
+
+    def test_shell_command_and_ctrl_c(self) -> defer.Deferred:
+        def run() -> tuple[str, int]:
+            client = self.connect(password=PASSWORD)
+            try:
+                chan = client.invoke_shell(width=100, height=30)
+                chan.settimeout(10)
+                seen = b""
+
+                def until(marker: bytes) -> None:
+                    nonlocal seen
+                    while marker not in seen:
+                        data = chan.recv(4096)
+                        if not data:
+                            raise AssertionError(f"closed before {marker!r}: {seen!r}")
+                        seen += data
+
+                until(b"cmdserver> ")
+                chan.send(b"ping\r")
+                until(b"pong\r\ncmdserver> ")
+                chan.send(b"slow\r")
+                until(b"started\r\n")
+                chan.send(b"\x03")
+                until(b"Error: cancelled\r\ncmdserver> ")
+                chan.send(b"longlog 5\r")
+                until(b"first line\r\n")
+                with open(self.tail_pidfile) as f:
+                    pid = int(f.read())
+                self.assertTrue(alive(pid))
+                chan.send(b"\x03")
+                until(b"^C\r\nError: cancelled\r\ncmdserver> ")
+                chan.send(b"exit\r")
+                until(b"bye !")
+                return seen.decode(), chan.recv_exit_status()
+            finally:
+                client.close()
+
+        def check(result: tuple[str, int]) -> defer.Deferred:
+            seen, status = result
+            self.assertEqual(status, 0)
+            self.assertIn("ready; type 'help'", seen)
+            self.assertTrue(self.slow.cancelled.called)
+            with open(self.tail_pidfile) as f:
+                pid = int(f.read())
+            return wait_for(lambda: not alive(pid), "the lastlog child is killed")
+
+        return self.in_thread(run).addCallback(check)
+
+    def test_shell_ctrl_d_leaves(self) -> defer.Deferred:
+        def run() -> int:
+            client = self.connect(password=PASSWORD)
+            try:
+                chan = client.invoke_shell()
+                chan.settimeout(10)
+                seen = b""
+                while b"cmdserver> " not in seen:
+                    seen += chan.recv(4096)
+                chan.send(b"\x04")
+                return chan.recv_exit_status()
+            finally:
+                client.close()
+
+        return self.in_thread(run).addCallback(self.assertEqual, 0)
+
+    def piped_shell(self, script: bytes, cancel_slow: bool = False) -> defer.Deferred:
+        """A shell channel without a pty fed ``script`` then EOF: (stdout, stderr, status)."""
+        def run() -> tuple[bytes, bytes, int]:
+            t = self.transport()
+            try:
+                t.auth_password("ops", PASSWORD)
+                chan = t.open_session()
+                chan.settimeout(10)
+                chan.invoke_shell()
+                chan.sendall(script)
+                chan.shutdown_write()
+                if cancel_slow:  # EOF while slow runs: the channel waits for it
+                    seen = b""
+                    while b"started" not in seen:
+                        seen += chan.recv(4096)
+                    self.assertFalse(chan.exit_status_ready())
+                    threads.blockingCallFromThread(  # the server has seen the EOF
+                        reactor, wait_for, lambda: self.slow.ctx.session.pipe.ended, "EOF")
+                    reactor.callFromThread(lambda: self.slow.running.cancel())
+                status = chan.recv_exit_status()
+                out = b""
+                while data := chan.recv(4096):
+                    out += data
+                return (seen if cancel_slow else b"") + out, chan.makefile_stderr().read(), status
+            finally:
+                t.close()
+
+        return self.in_thread(run)
+
+    @defer.inlineCallbacks
+    def test_piped_commands_without_pty(self) -> Any:
+        out, err, status = yield self.piped_shell(b"ping\r\n\nnosuch\nls\n")
+        self.assertEqual((out, err, status), (b"pong\nnotes.txt\n", b"Command not found.\n", 0))
+        out, err, status = yield self.piped_shell(b"ping\nls ..\n")
+        self.assertEqual((err, status), (b"Error: path outside allowed roots\n", 1))
+        out, err, status = yield self.piped_shell(b"exit\nping\n")
+        self.assertEqual((out, err, status), (b"bye !\n", b"", 0))
+        out, err, status = yield self.piped_shell(b"x" * 5000 + b"\n")
+        self.assertEqual((err, status), (b"Error: line too long (the limit is 4096 bytes)\n", 1))
+
+    @defer.inlineCallbacks
+    def test_piped_commands_wait_for_the_running_one_at_eof(self) -> Any:
+        out, err, status = yield self.piped_shell(b"ping\nslow\n", cancel_slow=True)
+        self.assertEqual((out, err, status), (b"pong\nstarted\n", b"Error: cancelled\n", 1))
+
+    # -- refusals ------------------------------------------------------------
+
+    def test_forwarding_refused_and_logged(self) -> defer.Deferred:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def run() -> None:
+            t = self.transport()
+            try:
+                t.auth_password("ops", PASSWORD)
+                with self.assertRaises(paramiko.SSHException):
+                    t.request_port_forward("127.0.0.1", 0)
+                with self.assertRaises(paramiko.ChannelException):
+                    t.open_channel("direct-tcpip", ("127.0.0.1", self.port), ("127.0.0.1", 1))
+                with self.assertRaises(paramiko.SSHException):
+                    t.open_session().request_x11()
+                with self.assertRaises(paramiko.SSHException):
+                    t.open_session().invoke_subsystem("netconf")
+                chan = t.open_session()
+                chan.request_forward_agent(lambda _: None)  # wants no reply
+                chan.exec_command("ping")  # after the refusals, the connection still works
+                self.assertEqual(chan.recv_exit_status(), 0)
+            finally:
+                t.close()
+
+        def check(_: Any) -> None:
+            refused = [(e["what"], e["detail"]) for e in events if "what" in e]
+            self.assertEqual(refused, [
+                ("global request", "tcpip-forward"), ("channel", "direct-tcpip"),
+                ("session request", "x11-req"), ("subsystem", "netconf"),
+                ("session request", "auth-agent-req@openssh.com")])
+
+        return self.in_thread(run).addCallback(check)
+
+    def test_env_refused_beyond_a_few(self) -> defer.Deferred:
+        def run() -> tuple[bool, bool]:
+            t = self.transport()
+            try:
+                t.auth_password("ops", PASSWORD)
+                chan = t.open_session()
+                ok_lang = _env_request(chan, "LC_ALL", "C")
+                ok_path = _env_request(chan, "LD_PRELOAD", "/tmp/x.so")
+                return ok_lang, ok_path
+            finally:
+                t.close()
+
+        return self.in_thread(run).addCallback(self.assertEqual, (True, False))
+
+    # -- sftp ----------------------------------------------------------------
+
+    def sftp(self, f: Any, user: str = "ops") -> defer.Deferred:
+        def run() -> Any:
+            client = self.connect(user=user, password=PASSWORD)
+            try:
+                return f(client.open_sftp())
+            finally:
+                client.close()
+
+        return self.in_thread(run)
+
+    @defer.inlineCallbacks
+    def test_sftp_put_get_mkdir_rename_rm(self) -> Any:
+        local = os.path.join(self.mktemp() + "-src")
+        payload = os.urandom(300_000)
+        with open(local, "wb") as f:
+            f.write(payload)
+        fetched = self.mktemp() + "-dst"
+
+        def session(sftp: paramiko.SFTPClient) -> list[str]:
+            sftp.mkdir("dir")
+            sftp.put(local, "dir/data.bin")
+            sftp.rename("dir/data.bin", "dir/renamed.bin")
+            sftp.get("dir/renamed.bin", fetched)
+            listing = sftp.listdir("dir")
+            sftp.remove("dir/renamed.bin")
+            sftp.rmdir("dir")
+            return listing
+
+        listing = yield self.sftp(session)
+        self.assertEqual(listing, ["renamed.bin"])
+        with open(fetched, "rb") as f:
+            self.assertEqual(f.read(), payload)
+        self.assertEqual(sorted(os.listdir(self.root)), ["notes.txt"])
+
+    @defer.inlineCallbacks
+    def test_sftp_refuses_paths_outside_the_jail(self) -> Any:
+        def session(sftp: paramiko.SFTPClient) -> list[type]:
+            errors = []
+            for attempt in (lambda: sftp.stat("/etc/passwd"), lambda: sftp.listdir(".."),
+                            lambda: sftp.put(__file__, "../escape.py"),
+                            lambda: sftp.get("/etc/hostname", os.devnull)):
+                try:
+                    attempt()
+                except OSError as e:
+                    errors.append(type(e))
+            return errors
+
+        errors = yield self.sftp(session)
+        self.assertEqual(errors, [PermissionError] * 4)
+        self.assertFalse(os.path.exists(os.path.join(os.path.dirname(self.root),
+                                                     "escape.py")))
+
+    @defer.inlineCallbacks
+    def test_sftp_jailed_user_lands_in_own_root(self) -> Any:
+        cwd = yield self.sftp(lambda sftp: sftp.normalize("."), user="jailed")
+        self.assertEqual(cwd, os.path.realpath(self.other_root))
+
+    @defer.inlineCallbacks
+    def test_sftp_upload_invisible_until_closed_and_gone_if_client_dies(self) -> Any:
+        client = yield self.in_thread(lambda: self.connect(password=PASSWORD))
+        sftp = yield self.in_thread(client.open_sftp)
+        remote = yield self.in_thread(sftp.open, "big.bin", "wb")
+
+        def write_some() -> None:
+            remote.write(b"x" * 100_000)
+            remote.flush()
+
+        yield self.in_thread(write_some)
+        names = os.listdir(self.root)
+        self.assertNotIn("big.bin", names)
+        self.assertEqual(len([n for n in names if n.endswith(".sftp-part")]), 1)
+        yield self.in_thread(client.get_transport().sock.close)  # the client dies
+        yield wait_for(lambda: os.listdir(self.root) == ["notes.txt"], "temp file removed")
+
+    # -- OpenSSH -------------------------------------------------------------
+
+    def openssh(self, *args: str, program: str | None = SSH,
+                stdin: bytes | None = None) -> defer.Deferred:
+        if program is None:
+            raise unittest.SkipTest("OpenSSH client not installed")
+        key = os.path.abspath(self.mktemp())
+        with open(key, "wb") as f:
+            f.write(self.pem)
+        os.chmod(key, stat.S_IRUSR | stat.S_IWUSR)
+        options = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                   "-o", "UserKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes",
+                   "-o", "LogLevel=ERROR", "-i", key]
+        port = ["-P" if program == SFTP else "-p", str(self.port)]
+        return utils.getProcessOutputAndValue(program, [*options, *port, *args],
+                                              env={"PATH": os.defpath}, reactor=reactor)
+
+    @defer.inlineCallbacks
+    def test_openssh_exec(self) -> Any:
+        out, err, status = yield self.openssh("ops@127.0.0.1", "ping")
+        self.assertEqual((out, status), (b"pong\n", 0), err)
+        out, err, status = yield self.openssh("ops@127.0.0.1", "help", "nosuch")
+        self.assertEqual((out, err, status), (b"", b"Error: no such command: nosuch\n", 1))
+
+    @defer.inlineCallbacks
+    def test_openssh_key_not_on_file(self) -> Any:
+        self.pem = client_key()[2]
+        out, err, status = yield self.openssh("ops@127.0.0.1", "ping")
+        self.assertEqual((out, status), (b"", 255))
+        self.assertIn(b"Permission denied", err)
+
+    @defer.inlineCallbacks
+    def test_openssh_sftp(self) -> Any:
+        if SFTP is None:
+            raise unittest.SkipTest("OpenSSH sftp not installed")
+        batch = os.path.abspath(self.mktemp())
+        with open(batch, "w") as f:
+            f.write(f"mkdir up\nput {__file__} up/t.py\nls up\nrename up/t.py up/u.py\n")
+        out, err, status = yield self.openssh("-b", batch, "ops@127.0.0.1", program=SFTP)
+        self.assertEqual(status, 0, err)
+        with open(os.path.join(self.root, "up", "u.py"), "rb") as f, open(__file__, "rb") as g:
+            self.assertEqual(f.read(), g.read())
+
+
+def _env_request(chan: paramiko.Channel, name: str, value: str) -> bool:
+    """Send an ``env`` request wanting a reply; True if the server accepted it."""
+    m = paramiko.Message()
+    m.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+    m.add_int(chan.remote_chanid)
+    m.add_string("env")
+    m.add_boolean(True)
+    m.add_string(name)
+    m.add_string(value)
+    chan._event_pending()
+    chan.transport._send_user_message(m)
+    try:
+        chan._wait_for_event()
+    except paramiko.SSHException:
+        return False
+    return True
