@@ -1,0 +1,119 @@
+"""One users file serves every door: the real makeService, a real users file, paramiko."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+
+import paramiko
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from cmdserver.cli import main as cli
+from tests.end_to_end.support import LineClient, RunningService, in_thread
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SharedCredentialsTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.tmp = os.path.abspath(self.mktemp())
+        data = os.path.join(self.tmp, "data")
+        self.jail = os.path.join(self.tmp, "ops-jail")
+        os.makedirs(self.jail)
+        with open(os.path.join(self.jail, "only-ops.txt"), "w") as f:
+            f.write("x")
+        self.key = new_key()
+        pub = os.path.join(self.tmp, "ops.pub")
+        with open(pub, "w") as f:
+            f.write(f"ssh-ed25519 {self.key.get_base64()} ops@test\n")
+        self.patch(os.sys, "stdin", io.StringIO("s3cret-pass\n"))
+        self.assertEqual(cli(["useradd", "ops", "--password-stdin", "--cost", "4",
+                              "--root", self.jail, "--data-dir", data]), 0)
+        self.assertEqual(cli(["addkey", "ops", pub, "--data-dir", data]), 0)
+        self.server = RunningService(
+            self.tmp, "--ssh", f"tcp:{free_port()}:interface=127.0.0.1",
+            "--line-auth", "required", "--bcrypt-cost", "4")
+        yield self.server.start()
+        self.addCleanup(self.server.stop)
+
+    def ssh(self, **auth) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        host = self.server.ports[1].getHost()
+        client.connect(host.host, host.port, username="ops", allow_agent=False,
+                       look_for_keys=False, timeout=10, **auth)
+        return client
+
+    def exec(self, client: paramiko.SSHClient, command: str) -> tuple[int, str, str]:
+        _, out, err = client.exec_command(command, timeout=10)
+        status = out.channel.recv_exit_status()
+        return status, out.read().decode(), err.read().decode()
+
+    def test_password_on_ssh_uses_the_users_file(self):
+        def session():
+            client = self.ssh(password="s3cret-pass")
+            try:
+                return self.exec(client, "whoami"), self.exec(client, "ls")
+            finally:
+                client.close()
+
+        d = in_thread(session)
+        d.addCallback(self.assertEqual,
+                      ((0, "ops\n", ""), (0, "only-ops.txt\n", "")))
+        return d
+
+    def test_key_file_on_ssh(self):
+        def session():
+            client = self.ssh(pkey=self.key)
+            try:
+                return self.exec(client, "comphash ../data/users")
+            finally:
+                client.close()
+
+        d = in_thread(session)
+        d.addCallback(self.assertEqual, (1, "", "Error: path outside allowed roots\n"))
+        return d
+
+    def test_wrong_password_on_ssh(self):
+        def session():
+            try:
+                self.ssh(password="wrong")
+            except paramiko.AuthenticationException:
+                return "refused"
+            return "accepted"
+
+        return in_thread(session).addCallback(self.assertEqual, "refused")
+
+    def test_same_user_on_the_line_door(self):
+        def session():
+            c = LineClient(self.server.address)
+            try:
+                c.read_line()
+                return [c.ask("ls"), c.ask("login ops s3cret-pass"), c.ask("ls")]
+            finally:
+                c.close()
+
+        def check(answers):
+            self.assertEqual(answers[0], ["Error: login required"])
+            self.assertEqual(answers[2], ["only-ops.txt"])
+
+        return in_thread(session).addCallback(check)
+
+
+
+def new_key() -> paramiko.Ed25519Key:
+    """A fresh Ed25519 key for this test run: no key material lives in the tree."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption()).decode()
+    return paramiko.Ed25519Key.from_private_key(io.StringIO(pem))
