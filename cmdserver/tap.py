@@ -15,6 +15,8 @@ from cmdserver.commands import default_registry
 from cmdserver.commands.lastlog import choose_source
 from cmdserver.core import CommandCore
 from cmdserver.doors.line import TOO_MANY, LineFactory, LineSettings
+from cmdserver.doors.pb import DEFAULT_ENDPOINT as PB_ENDPOINT
+from cmdserver.doors.pb import pb_factory
 from cmdserver.policy import Policy
 from cmdserver.service import CmdServerService, Limits
 
@@ -41,6 +43,12 @@ def non_negative_number(value: Any) -> float:
     return number
 
 
+def strict_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
 positive_int.coerceDoc = "A whole number >= 1."  # type: ignore[attr-defined]
 non_negative_number.coerceDoc = "Seconds; 0 turns the timeout off."  # type: ignore[attr-defined]
 
@@ -55,6 +63,9 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "max-line": (4096, positive_int),
     "log-source": (None, str),
     "audit-log": (None, str),
+    # Perspective Broker door
+    "pb": (PB_ENDPOINT, str),
+    "pb-anonymous": (False, strict_bool),
 }
 REPEATABLE = ("line", "root")
 
@@ -83,12 +94,19 @@ class Options(usage.Options):
          "/var/log/syslog, /var/log/messages, the journal, else the audit log]"],
         ["audit-log", None, None, "File for the JSON-lines audit log, or 'none'. "
          "[default: DATA-DIR/audit.log]"],
+        ["pb", None, None, "Endpoint for the Perspective Broker door, or 'none'. "
+         f"[default: {PB_ENDPOINT}]"],
+    ]
+    optFlags = [
+        ["pb-anonymous", None, "Also serve the classic anonymous PB root (remote ls, "
+         "ls_boom), confined to the roots."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         for name in REPEATABLE:
             self[name] = []
+        self["pb-anonymous"] = None  # so a TOML value applies unless the flag is given
 
     def opt_line(self, endpoint: str) -> None:
         self["line"].append(endpoint)
@@ -120,10 +138,14 @@ class Options(usage.Options):
             if not os.path.isdir(root):
                 raise usage.UsageError(f"--root {root}: not an existing directory")
         self["line"] = [e for e in self["line"] if e.lower() != NONE]
-        if not self["line"]:
-            raise usage.UsageError("no front door is open: give at least one --line endpoint")
+        if self["pb"].lower() == NONE:
+            self["pb"] = None
+        if not self["line"] and not self["pb"]:
+            raise usage.UsageError("no front door is open: give a --line or --pb endpoint")
         for endpoint in self["line"]:
             check_endpoint("--line", endpoint)
+        if self["pb"]:
+            check_endpoint("--pb", self["pb"])
 
 
 def check_endpoint(option: str, description: str) -> None:
@@ -191,4 +213,7 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"])
     for endpoint in options["line"]:
         service.add_door("line", endpoint, LineFactory(core, settings), refusal=TOO_MANY)
+    if options["pb"]:
+        service.add_door("pb", options["pb"],
+                         pb_factory(core, service.portal, options["pb-anonymous"]))
     return service
