@@ -6,8 +6,8 @@ import hashlib
 import hmac
 import os
 import shutil
-import tempfile
 import socket
+import tempfile
 from types import SimpleNamespace
 from typing import Any
 
