@@ -32,11 +32,12 @@ from zope.interface import implementer
 from cmdserver.auth import ANONYMOUS, Account, Realm
 from cmdserver.commands.base import Context, NullSink
 from cmdserver.commands.lastlog import DEFAULT_LINES
-from cmdserver.core import CommandCore
+from cmdserver.core import INTERNAL_ERROR, CommandCore
 from cmdserver.doors.limits import format_peer
 from cmdserver.doors.pb_errors import (
     BadArguments,
     CommandFailed,
+    InternalError,
     LoginFailed,
     UnknownMethod,
     to_remote,
@@ -168,8 +169,8 @@ def scan_result(result: Any) -> dict[str, Any]:
 
 def dispatch(table: dict[str, Callable[..., Any]], signatures: dict[str, inspect.Signature],
              obj: Any, broker: pb.Broker, message: str | bytes, args: Any, kw: Any) -> Any:
-    """Call ``table[message]`` with the unserialized arguments, checked against its
-    signature first, so a wrong call is a clean ``BadArguments``."""
+    """Call ``table[message]`` with the unserialized arguments; a call that does not
+    fit the method's signature is a clean ``BadArguments``."""
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
     method = table.get(message)
@@ -178,10 +179,17 @@ def dispatch(table: dict[str, Callable[..., Any]], signatures: dict[str, inspect
     args = broker.unserialize(args, obj)
     kw = broker.unserialize(kw, obj)
     try:
-        signatures[message].bind(obj, *args, **kw)
+        result = method(obj, *args, **kw)
     except TypeError as e:
-        raise BadArguments(f"{message}: {e}") from None
-    return broker.serialize(method(obj, *args, **kw), obj, method, args, kw)
+        # The methods turn their own failures into pb.Errors, so a TypeError here is
+        # the call not fitting; the signature check (only now: it costs) says how.
+        try:
+            signatures[message].bind(obj, *args, **kw)
+        except TypeError as mismatch:
+            raise BadArguments(f"{message}: {mismatch}") from None
+        log.failure("pb: {method} failed", Failure(e), method=message)
+        raise InternalError(INTERNAL_ERROR) from e
+    return broker.serialize(result, obj, method, args, kw)
 
 
 class PBAvatar(pb.Avatar):
