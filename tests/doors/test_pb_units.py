@@ -18,7 +18,8 @@ from cmdserver.auth import Realm, build_portal
 from cmdserver.commands import default_registry
 from cmdserver.commands.lastlog import LogSource
 from cmdserver.core import CommandCore
-from cmdserver.doors.pb import RemoteSink, pb_factory, scan_result
+from cmdserver.doors.pb import pb_factory
+from cmdserver.doors.pb_calls import RemoteSink, scan_result
 from cmdserver.policy import Policy
 
 

@@ -375,6 +375,10 @@ class PBUploadTests(PBDoorTestBase):
         self.assertEqual(str(e), "path outside allowed roots")
         e = yield self.assertFailure(s.avatar.callRemote("upload", "a.txt", 1, "00"), pb.Error)
         self.assertEqual(str(e), "target exists: a.txt")
+        e = yield self.assertFailure(s.avatar.callRemote("upload", "n", -1, "00"), pb.Error)
+        self.assertEqual(str(e), "size must be 0 or more")
+        e = yield self.assertFailure(s.avatar.callRemote("upload", "n", "1", "00"), pb.Error)
+        self.assertEqual(str(e), "size must be an integer")
         self.assertEqual(self.server.uploads.started, [])
 
     @defer.inlineCallbacks
