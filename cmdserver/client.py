@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, error, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString
 from twisted.python.failure import Failure
@@ -177,16 +177,32 @@ def file_hmac(path: str, key: bytes) -> tuple[int, str]:
     return size, mac.hexdigest()
 
 
-def connect_endpoint(endpoint: Any, user: str, password: str,
-                     reactor: Any = None) -> Deferred:
-    """Log in over any client endpoint (or endpoint string, e.g. ``tls:host=…:port=…``)."""
+def connect_endpoint(endpoint: Any, user: str, password: str, reactor: Any = None,
+                     timeout: float = 30) -> Deferred:
+    """Log in over any client endpoint (or endpoint string, e.g. ``tls:host=…:port=…``).
+
+    Fails with :class:`LoginError` on a wrong password, with
+    ``ConnectionLost`` if the server hangs up first (a connection limit), and
+    with ``TimeoutError`` if nothing is settled within ``timeout`` seconds.
+    """
     if reactor is None:
         from twisted.internet import reactor
     if isinstance(endpoint, str):
         endpoint = clientFromString(reactor, endpoint)
     factory = pb.PBClientFactory()
+
+    def connected(broker: pb.Broker) -> Deferred:
+        root = factory.getRootObject()
+
+        def lost() -> None:  # endpoints do not tell the factory; the broker does
+            if not root.called:
+                root.errback(error.ConnectionLost("the server closed the connection"))
+
+        broker.notifyOnDisconnect(lost)
+        return root
+
     d = endpoint.connect(factory)
-    d.addCallback(lambda _: factory.getRootObject())
+    d.addCallback(connected)
     d.addCallback(lambda root: root.callRemote("authenticate", user, password))
 
     def failed(failure: Failure) -> Failure:
@@ -194,14 +210,16 @@ def connect_endpoint(endpoint: Any, user: str, password: str,
         return _translate(failure)
 
     d.addCallbacks(lambda avatar: Session(factory, avatar), failed)
-    return d
+    return d.addTimeout(timeout, reactor)
 
 
-def connect(host: str, port: int, user: str, password: str, reactor: Any = None) -> Deferred:
+def connect(host: str, port: int, user: str, password: str, reactor: Any = None,
+            timeout: float = 30) -> Deferred:
     """Connect to ``host:port`` over TCP and log in; fires with a :class:`Session`."""
     if reactor is None:
         from twisted.internet import reactor
-    return connect_endpoint(HostnameEndpoint(reactor, host, port), user, password, reactor)
+    return connect_endpoint(HostnameEndpoint(reactor, host, port, timeout), user, password,
+                            reactor, timeout)
 
 
 # -- blocking convenience ------------------------------------------------------

@@ -88,13 +88,13 @@ class PBServer:
     """Core + service + PB door on 127.0.0.1:0, started; ``port`` once listening."""
 
     def __init__(self, root: str, log_file: str, anonymous: bool = False,
-                 jailed_root: str | None = None) -> None:
+                 jailed_root: str | None = None, max_clients: int = 20) -> None:
         from twisted.internet import reactor
 
         self.root = root
         registry = default_registry(LogSource(log_file))
         self.core = CommandCore(registry, Policy([root]), reactor)
-        self.service = CmdServerService(self.core, Limits(max_clients=20, max_per_ip=20))
+        self.service = CmdServerService(self.core, Limits(max_clients=max_clients, max_per_ip=20))
         lookup = {"jailed": (jailed_root,)} if jailed_root else {}
 
         self.service.realm.lookup = lambda name: Account(name, lookup.get(name))

@@ -11,7 +11,7 @@ import tempfile
 from typing import Any
 
 from pb_server import PBServer
-from twisted.internet import defer, reactor, task, threads, utils
+from twisted.internet import defer, error, reactor, task, threads, utils
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python import usage
 from twisted.spread import pb
@@ -33,7 +33,7 @@ class CallCLITests(unittest.TestCase):
             f.write("one\ntwo\n")
         self.server = PBServer(root, log_file)
         yield self.server.start()
-        self.addCleanup(self.server.stop)
+        self.addCleanup(lambda: self.server.stop())
 
     def call(self, *args: str, password: str = "s3cret") -> defer.Deferred:
         argv = ["-m", "cmdserver.cli", "call", "--port", str(self.server.port), "--user", "ops",
@@ -65,6 +65,26 @@ class CallCLITests(unittest.TestCase):
         out, err, code = yield self.call("lastlog", "x")
         self.assertEqual((err, code), (b"cmdserver call lastlog: not a number: x\n", 2))
         self.assertNotIn(b"Traceback", err)
+
+    @defer.inlineCallbacks
+    def test_call_cannot_connect(self) -> Any:
+        yield self.server.stop()
+        out, err, code = yield self.call("ping")
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith(b"Error: cannot connect to 127.0.0.1:"), err)
+
+    @defer.inlineCallbacks
+    def test_connection_limit_counts_pb(self) -> Any:
+        yield self.server.stop()
+        self.server = PBServer(self.server.root, os.devnull, max_clients=1)
+        yield self.server.start()
+        first = yield client.connect("127.0.0.1", self.server.port, "ops", "s3cret")
+        self.addCleanup(first.close)
+        yield self.assertFailure(
+            client.connect("127.0.0.1", self.server.port, "ops", "s3cret"),
+            error.ConnectionLost)
+        stats = yield first.stats()
+        self.assertEqual((stats["connections"], stats["refused"]), (1, 1))
 
     def test_render(self) -> None:
         self.assertEqual(render(["a", "b"]), ["a", "b"])
