@@ -215,5 +215,6 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
         service.add_door("line", endpoint, LineFactory(core, settings), refusal=TOO_MANY)
     if options["pb"]:
         service.add_door("pb", options["pb"],
-                         pb_factory(core, service.portal, options["pb-anonymous"]))
+                         pb_factory(core, service.portal, options["pb-anonymous"],
+                                    idle_timeout=options["idle-timeout"]))
     return service

@@ -25,8 +25,9 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from twisted.spread import pb
+from twisted.spread import jelly, pb
 from zope.interface import implementer
 
 from cmdserver.auth import ANONYMOUS, Account, Realm
@@ -75,6 +76,7 @@ class PBAvatar(pb.Avatar):
         self.upload_starter = upload
         self.policy = Policy(account.roots) if account.roots else core.policy
         self.calls = RunningCalls()
+        watch_calls(mind.broker, self.calls)
         self._ctx = self._context(NullSink())
 
     def perspectiveMessageReceived(self, broker: pb.Broker, message: str | bytes,
@@ -191,6 +193,7 @@ class LoginRoot(pb.Referenceable):
         self._peer: str | None = None
         self.failures = 0
         self.calls = RunningCalls()
+        watch_calls(broker, self.calls)
         broker.notifyOnDisconnect(self.calls.cancel_all)
 
     @property
@@ -305,12 +308,69 @@ class PBDoor:
         return avatar, avatar.logout
 
 
+class DoorBroker(pb.Broker, TimeoutMixin):
+    """A server broker that hangs up on a client silent for the idle timeout,
+    unless one of its calls (a long lastlog, an upload) is still running."""
+
+    def __init__(self, isClient: bool = False, security: Any = jelly.globalSecurity) -> None:
+        super().__init__(isClient=isClient, security=security)
+        self.idle_timeout: float | None = None
+        self.call_sets: list[RunningCalls] = []
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.setTimeout(self.idle_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def timeoutConnection(self) -> None:
+        if any(self.call_sets):
+            # The timer is spent once it fires (resetTimeout would do nothing): re-arm.
+            self.setTimeout(self.idle_timeout)
+            return
+        log.info("pb: {peer} idle for {timeout:g} s, disconnecting",
+                 peer=format_peer(self.transport.getPeer()), timeout=self.idle_timeout)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.setTimeout(None)
+        super().connectionLost(reason)
+
+
+def watch_calls(broker: Any, calls: RunningCalls) -> None:
+    """Let the broker's idle timeout know about a set of running calls."""
+    if isinstance(broker, DoorBroker):
+        broker.call_sets.append(calls)
+
+
+class DoorFactory(pb.PBServerFactory):
+    """``PBServerFactory`` with :class:`DoorBroker` and the door's idle timeout."""
+
+    protocol = DoorBroker
+    noisy = False
+
+    def __init__(self, door: PBDoor, idle_timeout: float | None) -> None:
+        super().__init__(door)
+        self.idle_timeout = idle_timeout or None
+        self.reactor = door.core.reactor
+
+    def buildProtocol(self, addr: Any) -> DoorBroker:
+        broker = super().buildProtocol(addr)
+        broker.idle_timeout = self.idle_timeout
+        broker.callLater = self.reactor.callLater
+        return broker
+
+
 def pb_factory(core: CommandCore, portal: Portal, anonymous: bool = False,
-               upload: UploadStarter | None = None) -> pb.PBServerFactory:
-    """The PB door's factory; registers its avatar with the portal's realm."""
+               upload: UploadStarter | None = None,
+               idle_timeout: float | None = None) -> pb.PBServerFactory:
+    """The PB door's factory; registers its avatar with the portal's realm.
+
+    ``idle_timeout`` (seconds, None or 0 for none) closes silent connections.
+    """
     door = PBDoor(core, portal, anonymous, upload)
     realm: Realm = portal.realm
     realm.register(pb.IPerspective, door.avatar)
-    factory = pb.PBServerFactory(door)
-    factory.noisy = False
-    return factory
+    return DoorFactory(door, idle_timeout)

@@ -44,6 +44,9 @@ class RunningCalls:
     def __len__(self) -> int:
         return len(self._running)
 
+    def __bool__(self) -> bool:
+        return bool(self._running)
+
 
 class RemoteSink:
     """An output sink that forwards lines to a client's observer, ``line(text)``.

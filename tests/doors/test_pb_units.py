@@ -106,8 +106,8 @@ class PumpedDoorTests(unittest.TestCase):
         core = CommandCore(default_registry(LogSource("/nonexistent")), Policy(["/"]),
                            self.clock)
         portal = build_portal(Realm(), [InMemoryUsernamePasswordDatabaseDontUse(u=b"p")])
-        server_factory = pb_factory(core, portal,
-                                    upload=lambda *a: defer.succeed(self.engine))
+        server_factory = pb_factory(core, portal, upload=lambda *a: defer.succeed(self.engine),
+                                    idle_timeout=300)
         client_factory = pb.PBClientFactory()
         addr = IPv4Address("TCP", "127.0.0.1", 4321)
         self.client_broker, _, self.pump = iosim.connectedServerAndClient(
@@ -149,3 +149,25 @@ class PumpedDoorTests(unittest.TestCase):
         self.assertTrue(self.engine.aborted)
         self.assertEqual(self.core.stats.in_flight, 0)
         self.failureResultOf(write, pb.PBConnectionLost)
+
+    def test_idle_connection_is_closed(self) -> None:
+        self.clock.advance(299)
+        self.pump.flush()
+        self.successResultOf(self.call(self.avatar, "ping"))  # input resets the timer
+        self.clock.advance(299)
+        self.pump.flush()
+        self.assertFalse(self.client_broker.disconnected)
+        self.clock.advance(2)
+        self.pump.flush()
+        self.assertTrue(self.client_broker.disconnected)
+
+    def test_running_upload_is_not_idleness(self) -> None:
+        writer = self.successResultOf(self.call(self.avatar, "upload", "f", 10, "00"))
+        self.clock.advance(301)
+        self.pump.flush()
+        self.assertFalse(self.client_broker.disconnected)
+        self.call(writer, "abort")
+        self.clock.advance(301)
+        self.pump.flush()
+        self.assertTrue(self.client_broker.disconnected)
+        self.assertTrue(self.engine.aborted)
