@@ -84,7 +84,7 @@ def add_call_parser(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
-    p.set_defaults(run=run_call)
+    p.set_defaults(func=run_call)
 
 
 def render(result: Any) -> list[str]:

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.subcommand is None:
         parser.print_help()
         return 0
-    return args.run(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -116,14 +116,19 @@ def check_observer(observer: Any) -> pb.RemoteReference | None:
 
 
 def scan_result(result: Any) -> dict[str, Any]:
-    """The portscan result as PB returns it: ``{"open": [ports], "elapsed": s}``."""
+    """The portscan result as PB returns it: ``open`` (sorted ports) and ``elapsed``
+    (seconds), plus whatever else the command reports (host, port count…)."""
     if isinstance(result, dict):
+        extra = dict(result)
         open_ports, elapsed = result["open"], result["elapsed"]
     elif isinstance(result, tuple):
+        extra = {}
         open_ports, elapsed = result
     else:
+        extra = {}
         open_ports, elapsed = result.open, result.elapsed
-    return {"open": sorted(int(p) for p in open_ports), "elapsed": float(elapsed)}
+    extra.update(open=sorted(int(p) for p in open_ports), elapsed=float(elapsed))
+    return extra
 
 
 def dispatch(table: dict[str, Callable[..., Any]], signatures: dict[str, inspect.Signature],

@@ -73,6 +73,8 @@ class ScanResultTests(unittest.TestCase):
     def test_shapes(self) -> None:
         want = {"open": [22, 80], "elapsed": 1.5}
         self.assertEqual(scan_result({"open": [80, 22], "elapsed": 1.5}), want)
+        self.assertEqual(scan_result({"open": [80], "elapsed": 1, "host": "h"}),
+                         {"open": [80], "elapsed": 1.0, "host": "h"})
         self.assertEqual(scan_result(([80, 22], 1.5)), want)
         Result = namedtuple("Result", "open elapsed")  # noqa: PYI024
         self.assertEqual(scan_result(Result(open=[22, 80], elapsed=1.5)), want)
