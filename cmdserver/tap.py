@@ -97,10 +97,6 @@ class Options(usage.Options):
         ["pb", None, None, "Endpoint for the Perspective Broker door, or 'none'. "
          f"[default: {PB_ENDPOINT}]"],
     ]
-    optFlags = [
-        ["pb-anonymous", None, "Also serve the classic anonymous PB root (remote ls, "
-         "ls_boom), confined to the roots."],
-    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -113,6 +109,10 @@ class Options(usage.Options):
 
     def opt_root(self, path: str) -> None:
         self["root"].append(path)
+
+    def opt_pb_anonymous(self) -> None:
+        """Also serve the classic anonymous PB root (ls, ls_boom), inside the roots."""
+        self["pb-anonymous"] = True
 
     opt_line.__doc__ = (
         "Endpoint for the line door: tcp:PORT:interface=ADDR, ssl:..., unix:PATH, or "

@@ -353,6 +353,7 @@ class DoorFactory(pb.PBServerFactory):
 
     def __init__(self, door: PBDoor, idle_timeout: float | None) -> None:
         super().__init__(door)
+        self.core = door.core
         self.idle_timeout = idle_timeout or None
         self.reactor = door.core.reactor
 

@@ -10,7 +10,6 @@ import sys
 import tempfile
 from typing import Any
 
-from pb_server import PBServer
 from twisted.internet import defer, error, reactor, task, threads, utils
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python import usage
@@ -19,6 +18,7 @@ from twisted.trial import unittest
 
 from cmdserver import client, tap
 from cmdserver.call_cli import render
+from tests.end_to_end.pb_server import PBServer
 
 
 class CallCLITests(unittest.TestCase):

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from pb_server import KEY, PBServer
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -22,6 +21,7 @@ from twisted.trial import unittest
 
 from cmdserver import client
 from cmdserver.client import LoginError, RemoteCommandError, RemoteError
+from tests.end_to_end.pb_server import KEY, PBServer
 
 
 def caught(d: defer.Deferred) -> defer.Deferred:
