@@ -169,16 +169,25 @@ class TapPBOptionsTests(unittest.TestCase):
         yield disconnected
 
     @defer.inlineCallbacks
-    def test_login_needs_a_checker(self) -> Any:
-        # Until a password checker is configured, every login is refused cleanly.
+    def test_login_through_the_daemons_portal(self) -> Any:
+        # With the daemon's own password checker (first-run admin) login works; a
+        # daemon without one refuses every login cleanly.
+        cost = ["--bcrypt-cost", "4"] if "bcrypt-cost" in tap.SETTINGS else []
         service = tap.makeService(self.options("--line", "none",
-                                               "--pb", "tcp:0:interface=127.0.0.1"))
+                                               "--pb", "tcp:0:interface=127.0.0.1", *cost))
         service.startService()
         self.addCleanup(service.stopService)
         port = (yield service.doors[0].listening).getHost().port
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-        if service.portal.listCredentialsInterfaces():
-            raise unittest.SkipTest("a password checker is configured")
-        yield self.assertFailure(client.connect_endpoint(endpoint, "admin", "x"),
-                                 client.LoginError)
-        self.flushLoggedErrors()
+        wrong = yield self.assertFailure(client.connect_endpoint(endpoint, "admin", "x"),
+                                         client.LoginError)
+        self.assertEqual(str(wrong), "login failed: wrong user name or password")
+        password_file = os.path.join(self.tmp, "initial-admin-password")
+        if not os.path.exists(password_file):
+            self.assertEqual(service.portal.listCredentialsInterfaces(), [])
+            return
+        with open(password_file) as f:
+            password = f.read().strip()
+        session = yield client.connect_endpoint(endpoint, "admin", password)
+        self.assertEqual((yield session.ping()), "pong")
+        yield session.close()
