@@ -23,6 +23,7 @@ goes away.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -53,6 +54,87 @@ class UploadEngine(Protocol):
 
 
 UploadStarter = Callable[[Context, str, int, str], Deferred]
+
+
+class ConsumerEngine:
+    """Adapts a consumer-style upload to :class:`UploadEngine`.
+
+    The upload takes bytes with ``write(data)``, reports through its ``done``
+    Deferred (fires with the result once the last byte is checked and in place,
+    fails on an HMAC mismatch; cancelled by ``abort()``), and pauses its
+    producer while its disk writer is behind.  This adapter is that producer:
+    while paused, ``feed`` answers only on resume, so the client's ``write``
+    calls wait and nothing piles up in memory.
+    """
+
+    def __init__(self, upload: Any) -> None:
+        self.upload = upload
+        self.paused = False
+        self._fed: list[Deferred] = []  # write() answers held back while paused
+        self._finishing: list[Deferred] = []
+        self._outcome: Any = None
+        self._over = False
+        upload.registerProducer(self, True)
+        upload.done.addBoth(self._ended)
+
+    def feed(self, chunk: bytes) -> Deferred | None:
+        self.upload.write(chunk)
+        if self.paused and not self._over:
+            d: Deferred = Deferred()
+            self._fed.append(d)
+            return d
+        return None
+
+    def finish(self) -> Deferred:
+        if self._over:
+            return _settle(self._outcome)
+        d: Deferred = Deferred()
+        self._finishing.append(d)
+        return d
+
+    def abort(self) -> None:
+        self.upload.abort()
+
+    # IPushProducer, as the upload sees it
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        fed, self._fed = self._fed, []
+        for d in fed:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+    def _ended(self, outcome: Any) -> None:
+        self._over = True
+        self._outcome = outcome
+        self.upload.unregisterProducer()
+        self.resumeProducing()
+        finishing, self._finishing = self._finishing, []
+        for d in finishing:
+            _settle(outcome).chainDeferred(d)
+
+
+def _settle(outcome: Any) -> Deferred:
+    """The engine's outcome as PB can send it: a failure, or plain values."""
+    if isinstance(outcome, Failure):
+        return defer.fail(outcome)
+    if dataclasses.is_dataclass(outcome) and not isinstance(outcome, type):
+        outcome = dataclasses.asdict(outcome)
+    return defer.succeed(outcome)
+
+
+def consumer_starter(begin: Callable[[Context, str, int, str], Deferred]) -> UploadStarter:
+    """An :data:`UploadStarter` from a function that starts a consumer-style upload
+    (``begin(ctx, name, size, hmac) -> Deferred[upload]``)."""
+
+    def start(ctx: Context, name: str, size: int, mac_hex: str) -> Deferred:
+        return begin(ctx, name, size, mac_hex).addCallback(ConsumerEngine)
+
+    return start
 
 
 class UploadWriter(pb.Referenceable):

@@ -3,6 +3,7 @@ fake observers and a fake upload engine (no sockets, no threads)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import namedtuple
 from typing import Any
 
@@ -20,6 +21,8 @@ from cmdserver.commands.lastlog import LogSource
 from cmdserver.core import CommandCore
 from cmdserver.doors.pb import pb_factory
 from cmdserver.doors.pb_calls import RemoteSink, scan_result
+from cmdserver.doors.pb_upload import ConsumerEngine, consumer_starter
+from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
 
 
@@ -173,3 +176,75 @@ class PumpedDoorTests(unittest.TestCase):
         self.pump.flush()
         self.assertTrue(self.client_broker.disconnected)
         self.assertTrue(self.engine.aborted)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeResult:
+    name: str
+    size: int
+
+
+class FakeConsumerUpload:
+    """A consumer-style upload: write(), a done Deferred, abort(), a producer."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: defer.Deferred = defer.Deferred()
+        self.producer: Any = None
+        self.unregistered = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def abort(self) -> None:
+        if not self.done.called:
+            self.done.cancel()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.unregistered = True
+
+
+class ConsumerEngineTests(unittest.TestCase):
+    def test_pause_holds_write_answers(self) -> None:
+        upload = FakeConsumerUpload()
+        engine = ConsumerEngine(upload)
+        self.assertIs(upload.producer, engine)
+        self.assertIsNone(engine.feed(b"ab"))
+        upload.producer.pauseProducing()
+        held = engine.feed(b"cd")
+        self.assertNoResult(held)
+        upload.producer.resumeProducing()
+        self.successResultOf(held)
+        self.assertEqual(upload.data, b"abcd")
+
+    def test_finish_gives_plain_values(self) -> None:
+        upload = FakeConsumerUpload()
+        engine = ConsumerEngine(upload)
+        finished = engine.finish()
+        self.assertNoResult(finished)
+        upload.done.callback(FakeResult("f", 4))
+        self.assertEqual(self.successResultOf(finished), {"name": "f", "size": 4})
+        self.assertEqual(self.successResultOf(engine.finish()), {"name": "f", "size": 4})
+        self.assertTrue(upload.unregistered)
+
+    def test_failure_and_abort(self) -> None:
+        upload = FakeConsumerUpload()
+        engine = ConsumerEngine(upload)
+        upload.done.errback(CommandError("HMAC mismatch, upload discarded"))
+        self.failureResultOf(engine.finish(), CommandError)
+        upload = FakeConsumerUpload()
+        engine = ConsumerEngine(upload)
+        upload.producer.pauseProducing()
+        held = engine.feed(b"x")
+        engine.abort()
+        self.successResultOf(held)  # nothing waits for ever
+        self.failureResultOf(engine.finish(), defer.CancelledError)
+
+    def test_consumer_starter(self) -> None:
+        upload = FakeConsumerUpload()
+        start = consumer_starter(lambda ctx, name, size, mac: defer.succeed(upload))
+        engine = self.successResultOf(start(None, "f", 1, "00"))
+        self.assertIsInstance(engine, ConsumerEngine)
