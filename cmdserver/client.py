@@ -157,8 +157,8 @@ class Session:
 
     def close(self) -> Deferred:
         """Log out and close the connection; fires once it is closed."""
-        broker = self.factory._broker
-        if broker is None or broker.disconnected:
+        broker = self.avatar.broker
+        if broker.disconnected:
             return defer.succeed(None)
         d: Deferred = Deferred()
         broker.notifyOnDisconnect(lambda: d.callback(None))

@@ -114,6 +114,8 @@ class PBCommandsTests(PBDoorTestBase):
         self.assertIn("comphash", commands)
         one = yield s.help("ls")
         self.assertEqual(one["usage"], "ls [PATH]")
+        e = yield self.assertFailure(s.help("nosuch"), RemoteCommandError)
+        self.assertEqual(str(e), "no such command: nosuch")
 
     @defer.inlineCallbacks
     def test_stats(self) -> Any:
@@ -171,8 +173,10 @@ class PBCommandsTests(PBDoorTestBase):
         result = yield s.portscan("127.0.0.1", [open_port])
         self.assertEqual(result["open"], [open_port])
         self.assertIsInstance(result["elapsed"], float)
-        result = yield s.portscan("127.0.0.1", str(open_port))
+        streamed: list[str] = []
+        result = yield s.portscan("127.0.0.1", str(open_port), on_line=streamed.append)
         self.assertEqual(result["open"], [open_port])
+        self.assertEqual(streamed, [f"Connected to port {open_port}"])
 
     @defer.inlineCallbacks
     def test_portscan_bad_spec(self) -> Any:
