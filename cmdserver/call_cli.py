@@ -72,18 +72,20 @@ def add_call_parser(subparsers: Any) -> None:
         "call", help="run one command through the PB door and print the result",
         description="Log in to cmdserver's Perspective Broker door, run one command and "
         "print its result (JSON with --json). Commands: " + ", ".join(sorted(COMMANDS)))
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=9876)
+    p.add_argument("--host", default="127.0.0.1", help="server address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9876, help="PB door port (default: 9876)")
     p.add_argument("--connect", metavar="ENDPOINT",
                    help="client endpoint string instead of --host/--port, "
                    "e.g. tls:host=example.org:port=9876")
-    p.add_argument("--user", default="admin")
+    p.add_argument("--user", default="admin", help="user to log in as (default: admin)")
     p.add_argument("--password-env", metavar="VAR",
                    help="read the password from this environment variable "
                    "(default: prompt for it)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
-    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
+    p.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND",
+                   help="one of: " + ", ".join(sorted(COMMANDS)))
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="the command's arguments, as on the line door")
     p.set_defaults(func=run_call)
 
 
