@@ -250,10 +250,14 @@ class PBLoginTests(PBDoorTestBase):
     @defer.inlineCallbacks
     def test_too_many_failures_close_the_connection(self) -> Any:
         root = yield self.raw_root()
-        for _ in range(5):
+        gone: defer.Deferred = defer.Deferred()
+        root.broker.notifyOnDisconnect(lambda: gone.callback(None))
+        for _ in range(4):
             yield self.assertFailure(root.callRemote("authenticate", "ops", "no"), pb.Error)
-        yield task.deferLater(reactor, 0.05, lambda: None)
-        self.assertTrue(root.broker.disconnected)
+        self.assertFalse(root.broker.disconnected)
+        fifth = root.callRemote("authenticate", "ops", "s3cret-but-too-late")
+        yield gone  # the server hangs up after the fifth failure
+        yield self.assertFailure(fifth, pb.Error)
 
     @defer.inlineCallbacks
     def test_stock_challenge_login_is_refused_clearly(self) -> Any:
