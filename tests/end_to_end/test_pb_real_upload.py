@@ -33,7 +33,10 @@ class RealUploadTests(unittest.TestCase):
         self.root = os.path.join(self.tmp, "files")
         os.makedirs(self.root)
         options = tap.Options()
-        options.parseOptions(["--data-dir", self.data, "--root", self.root, "--line", "none",
+        other_doors_off = [arg for name in ("ssh",) if name in tap.SETTINGS
+                           for arg in (f"--{name}", "none")]
+        options.parseOptions([*other_doors_off, "--data-dir", self.data, "--root", self.root,
+                              "--line", "none",
                               "--pb", "tcp:0:interface=127.0.0.1", "--audit-log", "none",
                               "--log-source", os.devnull])
         self.service = tap.makeService(options)
