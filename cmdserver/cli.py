@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from cmdserver import __version__
+from cmdserver.call_cli import add_call_parser
 from cmdserver.cli_users import add_user_commands
 
 
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cmdserver {__version__}")
     subparsers = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
     add_user_commands(subparsers)
+    add_call_parser(subparsers)
     return parser
 
 

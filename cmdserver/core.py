@@ -144,6 +144,10 @@ class CommandCore:
             return defer.fail(NotFound(NOT_FOUND_TEXT))
         return self._invoke(ctx, command, kwargs)
 
+    def run_command(self, ctx: Context, command: Command, **kwargs: Any) -> Deferred:
+        """Run a door's own command object (not in the registry) with audit and stats."""
+        return self._invoke(ctx, command, kwargs)
+
     def _text_failure(self, failure: Failure) -> TextReply:
         return TextReply([error_text(failure)], False)
 

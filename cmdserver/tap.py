@@ -18,6 +18,8 @@ from cmdserver.core import CommandCore
 from cmdserver.credentials import ReloadService, open_credentials
 from cmdserver.doors.line import TOO_MANY, LineFactory, LineSettings
 from cmdserver.doors.line_login import line_door_login
+from cmdserver.doors.pb import DEFAULT_ENDPOINT as PB_ENDPOINT
+from cmdserver.doors.pb import pb_factory
 from cmdserver.policy import DEFAULT_SCAN_ALLOW, Policy, ScanPolicy, default_max_in_flight
 from cmdserver.service import CmdServerService, Limits
 from cmdserver.tls import is_tls, load_ca
@@ -77,6 +79,11 @@ def positive_number(value: Any) -> float:
     return number
 
 
+def strict_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
 
 # Every option a TOML file may set too: name -> (default, coerce).  Lists are repeatable.
 SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
@@ -101,6 +108,9 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "scan-timeout": (1.0, positive_number),
     "scan-max-in-flight": (None, positive_int),
     "ssh": ("tcp:2222:interface=127.0.0.1", str),
+    # Perspective Broker door
+    "pb": (PB_ENDPOINT, str),
+    "pb-anonymous": (False, strict_bool),
 }
 REPEATABLE = ("line", "root", "scan-allow")
 
@@ -144,12 +154,15 @@ class Options(usage.Options):
          "[default: 4096, or half the open-files limit if lower]"],
         ["ssh", None, None, "Endpoint for the SSH door (shell, exec, SFTP), or 'none'. "
          "[default: tcp:2222:interface=127.0.0.1]"],
+        ["pb", None, None, "Endpoint for the Perspective Broker door, or 'none'. "
+         f"[default: {PB_ENDPOINT}]"],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         for name in REPEATABLE:
             self[name] = []
+        self["pb-anonymous"] = None  # so a TOML value applies unless the flag is given
 
     def opt_line(self, endpoint: str) -> None:
         self["line"].append(endpoint)
@@ -163,6 +176,10 @@ class Options(usage.Options):
     opt_scan_allow.__doc__ = (
         "Network (CIDR) portscan may target; repeatable; replaces the default. "
         "[default: 127.0.0.0/8 and ::1/128]")
+    def opt_pb_anonymous(self) -> None:
+        """Also serve the classic anonymous PB root (ls, ls_boom), inside the roots."""
+        self["pb-anonymous"] = True
+
     opt_line.__doc__ = (
         "Endpoint for the line door: tcp:PORT:interface=ADDR, ssl:..., unix:PATH, or "
         "'none'; repeatable. [default: tcp:9999:interface=127.0.0.1]")
@@ -189,8 +206,10 @@ class Options(usage.Options):
         self["line"] = [e for e in self["line"] if e.lower() != NONE]
         if self["ssh"].lower() == NONE:
             self["ssh"] = None
-        if not self["line"] and not self["ssh"]:
-            raise usage.UsageError("no front door is open: give a --line or --ssh endpoint")
+        if self["pb"].lower() == NONE:
+            self["pb"] = None
+        if not (self["line"] or self["ssh"] or self["pb"]):
+            raise usage.UsageError("no front door is open: give a --line, --ssh or --pb endpoint")
         for endpoint in self["line"]:
             check_endpoint("--line", endpoint)
         if self["tls-client-ca"]:
@@ -208,6 +227,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--scan-allow: {e}") from None
         if self["ssh"]:
             check_endpoint("--ssh", self["ssh"])
+        if self["pb"]:
+            check_endpoint("--pb", self["pb"])
 
 
 def check_endpoint(option: str, description: str) -> None:
@@ -289,4 +310,8 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
         add_ssh_door(service, options["ssh"], data_dir,
                      SSHSettings(idle_timeout=options["idle-timeout"],
                                  max_line=options["max-line"]))
+    if options["pb"]:
+        service.add_door("pb", options["pb"],
+                         pb_factory(core, service.portal, options["pb-anonymous"],
+                                    idle_timeout=options["idle-timeout"]))
     return service

@@ -46,7 +46,8 @@ def test_repeatable_options(tmp_path):
     (["--max-line", "1.5"], "max-line"),
     (["--line", "tcp:notaport"], "--line tcp:notaport"),
     (["--line", "bogus:1"], "--line bogus:1"),
-    (["--line", "none", "--ssh", "none"], "no front door"),
+    (["--line", "none", "--ssh", "none", "--pb", "none"], "no front door"),
+    (["--pb", "bogus:1"], "--pb bogus:1"),
     (["--ssh", "tcp:x"], "--ssh tcp:x"),
     (["--root", "/nonexistent/dir"], "not an existing directory"),
     (["--config", "/nonexistent.toml"], "No such file"),
@@ -107,7 +108,7 @@ def test_make_service(tmp_path):
     assert service.core.policy.roots == [os.path.realpath(data / "files")]
     assert [(d.door, d.description) for d in service.doors] == [
         ("line", "tcp:0:interface=127.0.0.1"), ("line", f"unix:{tmp_path}/sock"),
-        ("ssh", "tcp:2222:interface=127.0.0.1")]
+        ("ssh", "tcp:2222:interface=127.0.0.1"), ("pb", "tcp:9876:interface=127.0.0.1")]
     assert (service.limits.max_total, service.limits.max_per_host) == (5, 2)
     assert service.audit.path == str(data / "audit.log")
     lastlog = service.core.registry.get("lastlog")

@@ -69,8 +69,9 @@ class RunningService:
         args = ["--data-dir", self.data_dir, *argv]
         if "--line" not in argv:
             args += ["--line", "tcp:0:interface=127.0.0.1"]
-        if "--ssh" not in argv:  # never the fixed default port: tests run side by side
-            args += ["--ssh", "none"]
+        for door in ("--ssh", "--pb"):  # never a fixed default port: tests run side by side
+            if door not in argv:
+                args += [door, "none"]
         options.parseOptions(args)
         self.service = tap.makeService(options, reactor)
         self.root = self.service.core.policy.roots[0]

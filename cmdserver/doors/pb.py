@@ -1,0 +1,377 @@
+"""The Perspective Broker door: Python programs call commands and get Python values.
+
+A client logs in through the shared portal with a user name and password
+(``authenticate(user, password)`` on the root object; passwords are checked
+against bcrypt hashes, so PB's MD5 challenge login cannot work and is refused
+with a clear error).  The avatar it gets has one method per command; every call
+goes through :meth:`CommandCore.call`, so audit, stats and the file jail are
+the same as on the text doors.  Errors come back as the ``pb.Error`` subclasses
+of :mod:`cmdserver.doors.pb_errors`, never as a server traceback.
+
+Remote method names are looked up in explicit tables, never with
+``getattr(self, "remote_" + name)``.  With ``--pb-anonymous`` the root object
+also answers the classic Twisted "remote ls" example (``ls`` and ``ls_boom``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.cred import error as cred_error
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from twisted.spread import jelly, pb
+from zope.interface import implementer
+
+from cmdserver.auth import ANONYMOUS, Account, Realm
+from cmdserver.commands.base import Context, NullSink
+from cmdserver.commands.lastlog import DEFAULT_LINES
+from cmdserver.core import CommandCore
+from cmdserver.doors.limits import format_peer
+from cmdserver.doors.pb_calls import (
+    RemoteSink,
+    RunningCalls,
+    check,
+    check_observer,
+    dispatch,
+    scan_result,
+)
+from cmdserver.doors.pb_errors import BadArguments, CommandFailed, LoginFailed, to_remote
+from cmdserver.doors.pb_upload import PBUpload, UploadStarter
+from cmdserver.errors import CommandError
+from cmdserver.policy import Policy
+
+log = Logger()
+
+DOOR = "pb"
+DEFAULT_ENDPOINT = "tcp:9876:interface=127.0.0.1"
+MAX_LOGIN_FAILURES = 5  # per connection; then it is closed
+LOGIN_FAILED = "login failed: wrong user name or password"
+
+
+@dataclass(frozen=True)
+class PBMind:
+    """What the realm's PB avatar factory is given as ``mind``: the connection."""
+
+    broker: pb.Broker
+    peer: str
+    client: Any = None  # the mind the client passed, unused for now
+
+
+class PBAvatar(pb.Avatar):
+    """One logged-in user on one connection: a method per command, Python values back."""
+
+    def __init__(self, core: CommandCore, account: Account, mind: PBMind,
+                 upload: UploadStarter | None = None) -> None:
+        self.core = core
+        self.account = account
+        self.peer = mind.peer
+        self.upload_starter = upload
+        self.policy = Policy(account.roots) if account.roots else core.policy
+        self.calls = RunningCalls()
+        watch_calls(mind.broker, self.calls)
+        self._ctx = self._context(NullSink())
+
+    def perspectiveMessageReceived(self, broker: pb.Broker, message: str | bytes,
+                                   args: Any, kw: Any) -> Any:
+        return dispatch(AVATAR_METHODS, AVATAR_SIGNATURES, self, broker, message, args, kw)
+
+    def logout(self) -> None:
+        """The client logged out or went away: cancel what it still runs."""
+        self.calls.cancel_all()
+
+    def _context(self, out: Any) -> Context:
+        return Context(self.core, user=self.account.name, peer=self.peer, door=DOOR,
+                       out=out, policy=self.policy)
+
+    def _call(self, name: str, observer: Any = None, **kwargs: Any) -> Deferred:
+        observer = check_observer(observer)
+        ctx = self._ctx if observer is None else self._context(RemoteSink(observer))
+        d = self.calls.track(self.core.call(ctx, name, **kwargs))
+        return d.addErrback(to_remote, name, True)
+
+    # -- the remote methods ---------------------------------------------------
+
+    def perspective_ping(self) -> Deferred:
+        return self._call("ping")
+
+    def perspective_help(self, command: str | None = None) -> Deferred:
+        if command is None:
+            return self._call("help")
+        d = self._call("help", command=check(command, str, "command"))
+        return d.addCallback(lambda h: {"name": h.name, "usage": h.usage,
+                                        "summary": h.summary})
+
+    def perspective_stats(self) -> Deferred:
+        return self._call("stats")
+
+    def perspective_lastlog(self, n: int = DEFAULT_LINES, observer: Any = None) -> Deferred:
+        return self._call("lastlog", observer, n=check(n, int, "n"))
+
+    def perspective_comphash(self, path: str, algo: str = "sha256",
+                             observer: Any = None) -> Deferred:
+        return self._call("comphash", observer, path=check(path, str, "path"),
+                          algo=check(algo, str, "algo"))
+
+    def perspective_ls(self, path: str | None = None, observer: Any = None) -> Deferred:
+        return self._call("ls", observer, path=check(path, (str, type(None)), "path"))
+
+    def perspective_portscan(self, host: str, ports: str | list[int] | None = None,
+                             observer: Any = None) -> Deferred:
+        command = self.core.registry.get("portscan")
+        if command is None:
+            raise CommandFailed("Command not found.")
+        argv = [_word(check(host, str, "host"), "host")]
+        if isinstance(ports, list):
+            ports = ",".join(str(check(p, int, "each port")) for p in ports)
+        if ports is not None:
+            argv.append(_word(check(ports, str, "ports"), "ports"))
+        try:
+            kwargs = command.parse(argv)
+        except CommandError as e:
+            raise CommandFailed(e.message) from None
+        return self._call("portscan", observer, **kwargs).addCallback(scan_result)
+
+    def perspective_upload(self, name: str, size: int, hmac: str) -> Deferred:
+        check(name, str, "name")
+        if check(size, int, "size") < 0:
+            raise BadArguments("size must be 0 or more")
+        check(hmac, str, "hmac")
+        if self.upload_starter is None:
+            raise CommandFailed("upload is not available on this server")
+        ready: Deferred = Deferred()
+        d = self.calls.track(self.core.run_command(
+            self._ctx, PBUpload(self.upload_starter, ready), name=name, size=size,
+            hmac=hmac))
+
+        def ended(result: Any) -> None:
+            # The writer's close() reports the outcome once the upload started;
+            # before that (a refusal), the upload() call itself fails.
+            if not ready.called:
+                ready.errback(result if isinstance(result, Failure) else
+                              Failure(CommandError("upload ended before it started")))
+
+        d.addBoth(ended)
+        return ready.addErrback(to_remote, "upload", True)
+
+
+def _word(value: str, what: str) -> str:
+    if not value or value.startswith("-") or any(c.isspace() for c in value):
+        raise BadArguments(f"{what} must be one word, not starting with '-'")
+    return value
+
+
+AVATAR_METHODS: dict[str, Callable[..., Any]] = {
+    "ping": PBAvatar.perspective_ping,
+    "help": PBAvatar.perspective_help,
+    "stats": PBAvatar.perspective_stats,
+    "lastlog": PBAvatar.perspective_lastlog,
+    "comphash": PBAvatar.perspective_comphash,
+    "ls": PBAvatar.perspective_ls,
+    "portscan": PBAvatar.perspective_portscan,
+    "upload": PBAvatar.perspective_upload,
+}
+AVATAR_SIGNATURES = {name: inspect.signature(f) for name, f in AVATAR_METHODS.items()}
+
+
+class LoginRoot(pb.Referenceable):
+    """The root object of a connection: ``authenticate(user, password)`` logs in."""
+
+    methods: dict[str, Callable[..., Any]] = {}
+    signatures: dict[str, inspect.Signature] = {}
+
+    def __init__(self, door: PBDoor, broker: pb.Broker) -> None:
+        self.door = door
+        self.broker = broker
+        self._peer: str | None = None
+        self.failures = 0
+        self.calls = RunningCalls()
+        watch_calls(broker, self.calls)
+        broker.notifyOnDisconnect(self.calls.cancel_all)
+
+    @property
+    def peer(self) -> str:
+        """The client's address (the root is built before the broker has a transport)."""
+        if self._peer is None:
+            self._peer = format_peer(self.broker.transport.getPeer())
+        return self._peer
+
+    def remoteMessageReceived(self, broker: pb.Broker, message: str | bytes, args: Any,
+                              kw: Any) -> Any:
+        return dispatch(self.methods, self.signatures, self, broker, message, args, kw)
+
+    def remote_login(self, username: Any = None) -> None:
+        raise LoginFailed("PB challenge login is not supported (passwords are stored as "
+                          "bcrypt hashes): call authenticate(user, password), as "
+                          "cmdserver.client does")
+
+    def remote_authenticate(self, username: str, password: str, mind: Any = None) -> Deferred:
+        if self.failures >= MAX_LOGIN_FAILURES:
+            raise LoginFailed("too many failed logins on this connection")
+        user = _credential(username, "user name")
+        secret = _credential(password, "password")
+        d = self.door.portal.login(UsernamePassword(user, secret),
+                                   PBMind(self.broker, self.peer, mind), pb.IPerspective)
+        return d.addCallbacks(self._logged_in, self._login_failed,
+                              errbackArgs=(user.decode("utf-8", "replace"),))
+
+    def _logged_in(self, result: tuple[Any, Any, Callable[[], None]]) -> pb.Referenceable:
+        _, avatar, logout = result
+        remote = pb.AsReferenceable(avatar, "perspective")
+        once = [logout]
+
+        def maybe_logout() -> None:
+            if once:
+                once.pop()()
+
+        self.broker.notifyOnDisconnect(maybe_logout)
+        log.info("pb: {user} logged in from {peer}", user=getattr(avatar.account, "name", "?"),
+                 peer=self.peer)
+        return remote
+
+    def _login_failed(self, failure: Failure, user: str) -> Failure:
+        self.failures += 1
+        if failure.check(cred_error.UnhandledCredentials):
+            log.error("pb: no password checker is configured; login refused")
+        elif not failure.check(cred_error.LoginFailed):
+            log.failure("pb: login of {user} failed", failure, user=user)
+        log.info("pb: failed login for {user} from {peer}", user=user, peer=self.peer)
+        if self.failures >= MAX_LOGIN_FAILURES and self.broker.transport is not None:
+            self.broker.transport.loseConnection()
+        return Failure(LoginFailed(LOGIN_FAILED))
+
+
+def _credential(value: Any, what: str) -> bytes:
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if not isinstance(value, bytes) or not value or len(value) > 1024:
+        raise BadArguments(f"{what} must be a non-empty string")
+    return value
+
+
+class AnonymousRoot(LoginRoot):
+    """The root with ``--pb-anonymous``: login plus the classic "remote ls" methods.
+
+    ``ls(directory)`` returns the sorted names, or ``[]`` when the directory
+    cannot be listed (missing, not a directory, outside the jail roots);
+    ``ls_boom(directory)`` raises the error instead.
+    """
+
+    def remote_ls(self, directory: str) -> Deferred:
+        def empty(failure: Failure) -> Any:
+            return [] if failure.check(CommandError) else to_remote(failure, "ls", True)
+
+        return self._ls(directory).addErrback(empty)
+
+    def remote_ls_boom(self, directory: str) -> Deferred:
+        return self._ls(directory).addErrback(to_remote, "ls", True)
+
+    def _ls(self, directory: Any) -> Deferred:
+        check(directory, str, "directory")
+        ctx = Context(self.door.core, user=ANONYMOUS, peer=self.peer, door=DOOR)
+        return self.calls.track(self.door.core.call(ctx, "ls", path=directory))
+
+
+def _table(cls: type, names: tuple[str, ...]) -> None:
+    cls.methods = {n: getattr(cls, f"remote_{n}") for n in names}
+    cls.signatures = {n: inspect.signature(f) for n, f in cls.methods.items()}
+
+
+_table(LoginRoot, ("login", "authenticate"))
+_table(AnonymousRoot, ("login", "authenticate", "ls", "ls_boom"))
+
+
+@implementer(pb.IPBRoot)
+class PBDoor:
+    """Builds each connection's root object and the realm's PB avatars."""
+
+    def __init__(self, core: CommandCore, portal: Portal, anonymous: bool = False,
+                 upload: UploadStarter | None = None) -> None:
+        self.core = core
+        self.portal = portal
+        self.anonymous = anonymous
+        self.upload = upload
+
+    def rootObject(self, broker: pb.Broker) -> LoginRoot:
+        return (AnonymousRoot if self.anonymous else LoginRoot)(self, broker)
+
+    def avatar(self, account: Account, mind: PBMind) -> tuple[PBAvatar, Callable[[], None]]:
+        """The realm's factory for ``pb.IPerspective``."""
+        avatar = PBAvatar(self.core, account, mind, self.upload)
+        return avatar, avatar.logout
+
+
+class DoorBroker(pb.Broker, TimeoutMixin):
+    """A server broker that hangs up on a client silent for the idle timeout,
+    unless one of its calls (a long lastlog, an upload) is still running."""
+
+    def __init__(self, isClient: bool = False, security: Any = jelly.globalSecurity) -> None:
+        super().__init__(isClient=isClient, security=security)
+        self.idle_timeout: float | None = None
+        self.call_sets: list[RunningCalls] = []
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.setTimeout(self.idle_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def timeoutConnection(self) -> None:
+        if any(self.call_sets):
+            # The timer is spent once it fires (resetTimeout would do nothing): re-arm.
+            self.setTimeout(self.idle_timeout)
+            return
+        log.info("pb: {peer} idle for {timeout:g} s, disconnecting",
+                 peer=format_peer(self.transport.getPeer()), timeout=self.idle_timeout)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.setTimeout(None)
+        super().connectionLost(reason)
+
+
+def watch_calls(broker: Any, calls: RunningCalls) -> None:
+    """Let the broker's idle timeout know about a set of running calls."""
+    if isinstance(broker, DoorBroker):
+        broker.call_sets.append(calls)
+
+
+class DoorFactory(pb.PBServerFactory):
+    """``PBServerFactory`` with :class:`DoorBroker` and the door's idle timeout."""
+
+    protocol = DoorBroker
+    noisy = False
+
+    def __init__(self, door: PBDoor, idle_timeout: float | None) -> None:
+        super().__init__(door)
+        self.core = door.core
+        self.idle_timeout = idle_timeout or None
+        self.reactor = door.core.reactor
+
+    def buildProtocol(self, addr: Any) -> DoorBroker:
+        broker = super().buildProtocol(addr)
+        broker.idle_timeout = self.idle_timeout
+        broker.callLater = self.reactor.callLater
+        return broker
+
+
+def pb_factory(core: CommandCore, portal: Portal, anonymous: bool = False,
+               upload: UploadStarter | None = None,
+               idle_timeout: float | None = None) -> pb.PBServerFactory:
+    """The PB door's factory; registers its avatar with the portal's realm.
+
+    ``idle_timeout`` (seconds, None or 0 for none) closes silent connections.
+    """
+    door = PBDoor(core, portal, anonymous, upload)
+    realm: Realm = portal.realm
+    realm.register(pb.IPerspective, door.avatar)
+    return DoorFactory(door, idle_timeout)

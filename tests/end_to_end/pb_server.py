@@ -1,0 +1,115 @@
+"""A real cmdserver with a PB door on loopback port 0, for the PB end-to-end tests.
+
+Also a small file upload engine for the PB writer seam: bytes go to a
+temporary file in the target directory, the HMAC is checked on finish and the
+file renamed into place only if it matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import tempfile
+from typing import Any
+
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+
+from cmdserver.auth import Account
+from cmdserver.commands import default_registry
+from cmdserver.commands.base import Context
+from cmdserver.commands.lastlog import LogSource
+from cmdserver.core import CommandCore
+from cmdserver.doors.pb import pb_factory
+from cmdserver.errors import CommandError
+from cmdserver.policy import Policy
+from cmdserver.service import CmdServerService, Limits
+
+KEY = b"k" * 32
+USERS = {"ops": "s3cret", "jailed": "pw2"}
+
+
+class FileEngine:
+    """Streams into a temp file beside the target; renames it in place on a good HMAC."""
+
+    def __init__(self, target: str, size: int, mac_hex: str, key: bytes) -> None:
+        self.target = target
+        self.size = size
+        self.expected = mac_hex
+        self.mac = hmac.new(key, digestmod=hashlib.sha256)
+        self.sha = hashlib.sha256()
+        fd, self.temp = tempfile.mkstemp(prefix=".upload-", dir=os.path.dirname(target))
+        self.file = os.fdopen(fd, "wb")
+        self.events: list[str] = []
+
+    def feed(self, chunk: bytes) -> None:
+        self.mac.update(chunk)
+        self.sha.update(chunk)
+        self.file.write(chunk)
+
+    def finish(self) -> Deferred:
+        self.events.append("finish")
+        self.file.close()
+        if not hmac.compare_digest(self.mac.hexdigest(), self.expected):
+            os.unlink(self.temp)
+            return defer.fail(CommandError("HMAC mismatch, upload discarded"))
+        os.rename(self.temp, self.target)
+        return defer.succeed({"name": os.path.basename(self.target), "size": self.size,
+                              "sha256": self.sha.hexdigest()})
+
+    def abort(self) -> None:
+        self.events.append("abort")
+        self.file.close()
+        if os.path.exists(self.temp):
+            os.unlink(self.temp)
+
+
+class FileEngines:
+    """The upload starter: refuses names outside the jail and existing targets."""
+
+    def __init__(self) -> None:
+        self.started: list[FileEngine] = []
+
+    def __call__(self, ctx: Context, name: str, size: int, mac_hex: str) -> Deferred:
+        try:
+            target = ctx.policy.resolve(name)
+        except CommandError as e:
+            return defer.fail(e)
+        if os.path.exists(target):
+            return defer.fail(CommandError(f"target exists: {name}"))
+        engine = FileEngine(target, size, mac_hex, KEY)
+        self.started.append(engine)
+        return defer.succeed(engine)
+
+
+class PBServer:
+    """Core + service + PB door on 127.0.0.1:0, started; ``port`` once listening."""
+
+    def __init__(self, root: str, log_file: str, anonymous: bool = False,
+                 jailed_root: str | None = None, max_clients: int = 20) -> None:
+        from twisted.internet import reactor
+
+        self.root = root
+        registry = default_registry(LogSource(log_file))
+        self.core = CommandCore(registry, Policy([root]), reactor)
+        self.service = CmdServerService(self.core, Limits(max_clients=max_clients, max_per_ip=20))
+        lookup = {"jailed": (jailed_root,)} if jailed_root else {}
+
+        self.service.realm.lookup = lambda name: Account(name, lookup.get(name))
+        self.service.portal.registerChecker(InMemoryUsernamePasswordDatabaseDontUse(
+            **{u: p.encode() for u, p in USERS.items()}))
+        self.uploads = FileEngines()
+        factory = pb_factory(self.core, self.service.portal, anonymous, self.uploads)
+        self.door = self.service.add_door("pb", "tcp:0:interface=127.0.0.1", factory)
+        self.port = 0
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        self.service.startService()
+        listening = yield self.door.listening
+        self.port = listening.getHost().port
+
+    def stop(self) -> Deferred:
+        return defer.maybeDeferred(self.service.stopService)
