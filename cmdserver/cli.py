@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cmdserver import __version__
+from cmdserver import __version__, upload_client
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="cmdserver administration. Start the daemon with: twistd -n cmdserver",
     )
     parser.add_argument("--version", action="version", version=f"cmdserver {__version__}")
-    parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    subparsers = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    upload_client.register(subparsers)
     return parser
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.subcommand is None:
         parser.print_help()
         return 0
-    return 0
+    return args.run(args)
 
 
 if __name__ == "__main__":

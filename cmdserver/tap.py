@@ -13,10 +13,13 @@ from twisted.python import usage
 
 from cmdserver.commands import default_registry
 from cmdserver.commands.lastlog import choose_source
+from cmdserver.commands.upload import UploadCommand
 from cmdserver.core import CommandCore
 from cmdserver.doors.line import TOO_MANY, LineFactory, LineSettings
 from cmdserver.policy import Policy
 from cmdserver.service import CmdServerService, Limits
+from cmdserver.upload import Uploads, UploadService, UploadSettings, byte_size, flag
+from cmdserver.upload_key import server_key
 
 log = Logger()
 
@@ -55,6 +58,9 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "max-line": (4096, positive_int),
     "log-source": (None, str),
     "audit-log": (None, str),
+    # uploads
+    "max-upload": (1 << 30, byte_size),
+    "overwrite": (False, flag),
 }
 REPEATABLE = ("line", "root")
 
@@ -83,12 +89,19 @@ class Options(usage.Options):
          "/var/log/syslog, /var/log/messages, the journal, else the audit log]"],
         ["audit-log", None, None, "File for the JSON-lines audit log, or 'none'. "
          "[default: DATA-DIR/audit.log]"],
+        ["max-upload", None, None, "Largest upload accepted, in bytes (suffixes K, M, G: "
+         "KiB, MiB, GiB). [default: 1G]", byte_size],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         for name in REPEATABLE:
             self[name] = []
+        self["overwrite"] = None  # a flag the TOML file may set too
+
+    def opt_overwrite(self) -> None:
+        """Let an upload replace an existing file (atomically). [default: refuse]"""
+        self["overwrite"] = True
 
     def opt_line(self, endpoint: str) -> None:
         self["line"].append(endpoint)
@@ -185,10 +198,15 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     source = choose_source(options["log-source"], audit_log)
     log.info("lastlog reads {source}", source=source.describe())
 
-    core = CommandCore(default_registry(source), Policy(roots), reactor)
+    registry = default_registry(source)
+    uploads = Uploads(UploadSettings(options["max-upload"], options["overwrite"]),
+                      server_key(data_dir))
+    registry.add(UploadCommand(uploads))
+    core = CommandCore(registry, Policy(roots), reactor)
     service = CmdServerService(core, Limits(options["max-clients"], options["max-per-ip"]),
                                audit_log)
     settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"])
     for endpoint in options["line"]:
         service.add_door("line", endpoint, LineFactory(core, settings), refusal=TOO_MANY)
+    UploadService(uploads, core.policy.roots, reactor).setServiceParent(service)
     return service
