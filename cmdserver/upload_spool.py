@@ -58,7 +58,9 @@ def new_run_id() -> str:
 
 
 def temp_name(name: str, run_id: str) -> str:
-    return f".{name[:NAME_IN_TEMP]}{TEMP_MARK}{run_id}-{secrets.token_hex(4)}"
+    """``.NAME.cmdserver-upload-RUNID-RANDOM``, with NAME cut to keep it a legal name."""
+    short = os.fsencode(name)[:NAME_IN_TEMP].decode("utf-8", "ignore")
+    return f".{short}{TEMP_MARK}{run_id}-{secrets.token_hex(4)}"
 
 
 def write_all(fd: int, chunks: Sequence[bytes], writer: Writer = os.writev) -> None:
@@ -275,6 +277,14 @@ def open_spool(policy: Policy, name: str, size: int, key: bytes, overwrite: bool
 
 def _create(name: str, size: int, dir_fd: int, base: str, key: bytes, overwrite: bool,
             run_id: str, writer: Writer) -> Spool:
+    if TEMP_RE.match(base):
+        raise CommandError(f"reserved name (upload temporary files look like it): {name}")
+    try:
+        name_max = os.fpathconf(dir_fd, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(base)) > name_max:
+        raise CommandError(f"file name too long: {name}")
     try:
         st = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:

@@ -389,6 +389,28 @@ class RefusalTests(unittest.TestCase):
             self.assertEqual(text, "Error: HMAC must be 64 hex digits (HMAC-SHA256 of the "
                                    "content)")
 
+    @inlineCallbacks
+    def test_name_too_long(self):
+        long = "\u00e9" * 128  # 256 bytes in UTF-8
+        self.assertEqual((yield self.refused(long)), f"Error: file name too long: {long}")
+
+    @inlineCallbacks
+    def test_name_of_a_temporary_file_is_reserved(self):
+        name = temp_name("x", "deadbeef")
+        text = yield self.refused(name)
+        self.assertEqual(text, "Error: reserved name (upload temporary files look like it): "
+                               + name)
+
+    @inlineCallbacks
+    def test_long_utf8_name_gets_a_legal_temporary_name(self):
+        name = "\u00e9" * 120  # 240 bytes: legal, but not with the temporary decoration
+        upload = yield self.uploads.begin(self.ctx, name, 3, mac_of(b"abc"))
+        [tmp] = leftovers(self.root)
+        self.assertLessEqual(len(os.fsencode(os.path.basename(tmp))), 255)
+        upload.write(b"abc")
+        yield upload.done
+        self.assertEqual(listing(self.root), sorted(["dir", "exists", name]))
+
     def test_check_request(self):
         self.assertEqual(check_request("x", 0, "ab" * 32, 10), b"\xab" * 32)
         for args in (("", 1), ("x", -1), ("x", True), ("a\0b", 1), ("x", 11)):
