@@ -33,6 +33,7 @@ TEMP_MARK = ".cmdserver-upload-"
 TEMP_RE = re.compile(r"\A\..*\.cmdserver-upload-([0-9a-f]{8})-[0-9a-f]{8}\Z", re.DOTALL)
 NAME_IN_TEMP = 100  # characters of the target name kept in the temporary name
 IOV_MAX = 512  # buffers per writev call (the kernel's limit is 1024)
+FLUSH_STEP = 32 << 20  # bytes written between two writeback kicks
 PARALLEL_MIN = 8 << 20  # uploads this large hash in helper threads, beside the writes
 
 Writer = Callable[[int, Sequence[bytes]], int]
@@ -133,6 +134,7 @@ class Spool:
         self._sha = hashlib.sha256()
         self._mac = hmac.new(key, digestmod=hashlib.sha256)
         self._helpers: list[_HashThread] = []
+        self._written = self._flushed = self._dropped = 0
         if size >= PARALLEL_MIN:
             self._helpers = [_HashThread(self._mac, name), _HashThread(self._sha, name)]
 
@@ -157,6 +159,23 @@ class Spool:
         finally:
             for helper in helpers:
                 helper.wait()
+        self._written += sum(map(len, chunks))
+        if self._written - self._flushed >= FLUSH_STEP:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Start writing the last window to disk now, and drop the window before it.
+
+        ``POSIX_FADV_DONTNEED`` starts asynchronous writeback of dirty pages and
+        evicts clean ones: the final fsync has little left to do, and a large
+        upload does not fill the page cache.
+        """
+        start = self._dropped
+        try:
+            os.posix_fadvise(self._fd, start, self._written - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            return
+        self._dropped, self._flushed = self._flushed, self._written
 
     def publish(self, expected_mac: bytes) -> UploadResult:
         """Check the HMAC in constant time, fsync, and move the file into place.

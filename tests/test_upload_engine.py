@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from cmdserver.errors import CommandError
 from cmdserver.upload import HIGH_WATER, Upload, check_request
-from cmdserver.upload_spool import remove_stale, temp_name
+from cmdserver.upload_spool import FLUSH_STEP, remove_stale, temp_name
 from tests.upload_helpers import context, leftovers, listing, mac_of, make_core, settle, temp_dir
 
 
@@ -64,7 +64,8 @@ class EngineTests(unittest.TestCase):
 
     @inlineCallbacks
     def test_large_upload_uses_helper_threads_and_matches(self):
-        data = os.urandom(17 << 20)
+        # Past PARALLEL_MIN (helper threads) and FLUSH_STEP (early writeback) twice.
+        data = os.urandom(2 * FLUSH_STEP + 12345)
         upload = yield self.upload("large.bin", data, chunk=1 << 20)
         result = yield upload.done
         import hashlib
