@@ -185,7 +185,10 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._update_reading()
 
     def _update_reading(self) -> None:
-        want = (not self._write_paused and not self._closing and not self._raw_paused
+        # A paused writer stops commands, not reading: lines queue and reading stops when
+        # the queue is full.  (TLS pauses its producer until the handshake is done; if
+        # that stopped reading, the handshake could never finish.)
+        want = (not self._closing and not self._raw_paused
                 and len(self._queue) < (QUEUE_LOW if not self._reading else QUEUE_HIGH))
         if want != self._reading and self._connected:
             self._reading = want

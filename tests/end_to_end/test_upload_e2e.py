@@ -238,3 +238,64 @@ class ServiceTests(unittest.TestCase):
         yield self.service.stopService()
         c.close()
         self.assertEqual(listing(self.root), [])
+
+
+def self_signed(directory: str) -> tuple[str, str]:
+    """A throwaway key and certificate for 127.0.0.1 (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+class TlsTests(unittest.TestCase):
+    @inlineCallbacks
+    def test_cli_upload_over_tls(self):
+        base = temp_dir(self)
+        root, data = os.path.join(base, "root"), os.path.join(base, "data")
+        os.mkdir(root)
+        key_pem, cert_pem = self_signed(base)
+        options = Options()
+        options.parseOptions([
+            "--line", f"ssl:0:privateKey={key_pem}:certKey={cert_pem}:interface=127.0.0.1",
+            "--data-dir", data, "--root", root, "--audit-log", "none"])
+        service = makeService(options, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = (yield service.doors[0].listening).getHost().port
+        src = os.path.join(base, "src.bin")
+        content = os.urandom(5 << 20)
+        with open(src, "wb") as f:
+            f.write(content)
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, ["-m", "cmdserver.cli", "upload", src, "--port", str(port),
+                             "--tls", "--ca-file", cert_pem, "--key-file",
+                             os.path.join(data, "hmac.key")], env=ENV)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.decode(), f"Upload OK src.bin {len(content)} "
+                                       f"sha256={hashlib.sha256(content).hexdigest()}\n")
+        with open(os.path.join(root, "src.bin"), "rb") as f:
+            self.assertEqual(f.read(), content)
