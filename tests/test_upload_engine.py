@@ -10,7 +10,7 @@ from twisted.internet.defer import CancelledError, inlineCallbacks
 from twisted.trial import unittest
 
 from cmdserver.errors import CommandError
-from cmdserver.upload import HIGH_WATER, Upload, check_request
+from cmdserver.upload import BATCH, HIGH_WATER, Upload, check_request
 from cmdserver.upload_spool import FLUSH_STEP, remove_stale, temp_name
 from tests.upload_helpers import context, leftovers, listing, mac_of, make_core, settle, temp_dir
 
@@ -159,11 +159,11 @@ class EngineTests(unittest.TestCase):
 
         self.core, self.uploads = make_core(self.root, writer=fills_up)
         self.ctx = context(self.core)
-        data = os.urandom(4 << 20)
+        data = os.urandom(4 * BATCH)
         upload = yield self.uploads.begin(self.ctx, "f.bin", len(data), mac_of(data))
-        feed(upload, data[: 3 << 20])
+        feed(upload, data[: 2 * BATCH])  # two batches: the second one fails
         yield self.assertFailure(upload.done, CommandError)
-        feed(upload, data[3 << 20:])  # the rest of the stream is accepted and dropped
+        feed(upload, data[2 * BATCH:])  # the rest of the stream is accepted and dropped
         self.assertEqual(upload.remaining, 0)
         yield upload.closed
         self.assertEqual(listing(self.root), [])

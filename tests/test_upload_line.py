@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from cmdserver.doors.line import LineProtocol, LineSettings
-from cmdserver.upload import HIGH_WATER
+from cmdserver.upload import BATCH, HIGH_WATER
 from tests.upload_helpers import (
     leftovers,
     listing,
@@ -185,12 +185,12 @@ class LineUploadTests(unittest.TestCase):
 
         self.proto.connectionLost(Failure(Exception("replaced")))
         self.connect(writer=full)
-        data = os.urandom(3 << 20)
+        data = os.urandom(2 * BATCH)
         self.send(f"upload full {len(data)} {mac_of(data)}\n".encode())
         yield self.wait_for("Ready for ")
-        self.send(data[: 2 << 20])
+        self.send(data[:BATCH])  # one whole batch goes to the disk, and fails
         yield self.wait_for("Error: disk full")
-        self.send(data[2 << 20:] + b"ping\n")
+        self.send(data[BATCH:] + b"ping\n")
         yield self.wait_for("pong")
         self.assertEqual(self.lines()[1:], ["Error: disk full, upload discarded", "pong"])
         yield settle(self.uploads)
