@@ -1,9 +1,9 @@
 """The line door: a ``LineReceiver`` a person drives with netcat or telnet.
 
 Commands from one connection run one after another and their output never
-interleaves; lines that arrive meanwhile wait in a short queue, and reading
-stops while the queue is full or while the client is not reading our output
-(the protocol is the transport's push producer).  A client that goes away
+interleaves; lines that arrive meanwhile wait in a short queue, commands wait
+while the client is not reading our output (the protocol is the transport's
+push producer), and reading stops while the queue is full.  A client that goes away
 cancels its running command.  A command may take over the byte stream for a
 while (``receive_raw``: the bytes of an upload), then lines resume.
 """
