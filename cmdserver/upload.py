@@ -2,7 +2,7 @@
 
 A door (line, SSH exec, PB writer) gets an :class:`Upload` from
 :meth:`Uploads.begin` and feeds it with :meth:`Upload.write` on the reactor
-thread.  Chunks are batched (about 4 MiB) and handed to one worker thread per
+thread.  Chunks are batched (about 2 MiB) and handed to one worker thread per
 upload through a queue; the worker hashes (HMAC-SHA256 and SHA-256) and writes
 them into a hidden temporary file (see :mod:`cmdserver.upload_spool`), so the
 reactor only moves references.  When more than ``HIGH_WATER`` bytes wait for
@@ -45,9 +45,9 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-BATCH = 4 << 20  # bytes gathered on the reactor before they go to the worker
-HIGH_WATER = 16 << 20  # bytes waiting for the worker at which reading pauses
-LOW_WATER = 8 << 20  # ... and at which it resumes
+BATCH = 2 << 20
+HIGH_WATER = 12 << 20
+LOW_WATER = 6 << 20
 DEFAULT_MAX_UPLOAD = 1 << 30
 RAW_READ_SIZE = 1 << 20  # socket reads while an upload streams in
 _HEX_MAC = re.compile(r"\A[0-9a-fA-F]{64}\Z")
