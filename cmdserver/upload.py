@@ -220,6 +220,10 @@ class Upload:
             self._set_paused(False)
 
     def _finished(self, outcome: UploadResult | Failure) -> None:
+        if isinstance(outcome, Failure) and not outcome.check(CommandError, CancelledError):
+            log.failure("upload of {name} failed", outcome, name=self.name)
+            outcome = Failure(CommandError("upload failed (see the server log), "
+                                           "upload discarded"))
         self._over = True
         self._batch = []
         if self._paused:
@@ -255,10 +259,6 @@ class Upload:
             spool.discard()
         finally:
             spool.close()
-        if isinstance(outcome, Failure) and not outcome.check(CommandError, CancelledError):
-            log.failure("upload of {name} failed", outcome, name=self.name)
-            outcome = Failure(CommandError("upload failed (see the server log), "
-                                           "upload discarded"))
         call(self._finished, outcome)
 
 

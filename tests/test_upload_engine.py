@@ -169,6 +169,20 @@ class EngineTests(unittest.TestCase):
         self.assertEqual(listing(self.root), [])
 
     @inlineCallbacks
+    def test_unexpected_error_is_logged_and_discards(self):
+        def broken(fd, buffers):
+            raise ZeroDivisionError("a bug")
+
+        self.core, self.uploads = make_core(self.root, writer=broken)
+        self.ctx = context(self.core)
+        upload = yield self.upload("bug.bin", b"x" * 100)
+        e = yield self.assertFailure(upload.done, CommandError)
+        self.assertEqual(e.text, "Error: upload failed (see the server log), upload discarded")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        yield upload.closed
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
     def test_short_writes_are_completed(self):
         def dribble(fd, buffers):
             return os.write(fd, bytes(buffers[0][:1000]))
