@@ -300,6 +300,30 @@ class EngineTests(unittest.TestCase):
             self.assertFailure(u.done, CancelledError)
         self.assertEqual(listing(self.root), [])
 
+    @inlineCallbacks
+    def test_a_users_own_key_replaces_the_server_key(self):
+        alice_key = b"a" * 32
+        self.uploads.user_keys = lambda user: alice_key if user == "alice" else None
+        self.assertEqual(self.uploads.key_for("alice"), alice_key)
+        self.assertEqual(self.uploads.key_for("bob"), self.uploads.server_key)
+        from cmdserver.commands.base import Context
+        alice = Context(self.core, user="alice", peer="test", door="test")
+        data = b"from alice"
+        bad = yield self.uploads.begin(alice, "a1", len(data), mac_of(data))
+        bad.write(data)
+        yield self.assertFailure(bad.done, CommandError)
+        good = yield self.uploads.begin(alice, "a2", len(data), mac_of(data, alice_key))
+        good.write(data)
+        yield good.done
+        yield settle(self.uploads)
+        self.assertEqual(listing(self.root), ["a2"])
+
+    @inlineCallbacks
+    def test_a_door_without_a_byte_stream_is_refused(self):
+        reply = yield self.core.run_line(self.ctx, f"upload x 1 {mac_of(b'x')}")
+        self.assertEqual(reply.lines, ["Error: upload needs a door that can stream raw bytes"])
+        self.assertEqual(listing(self.root), [])
+
     def test_more_bytes_than_announced_are_refused(self):
         d = self.uploads.begin(self.ctx, "x", 3, mac_of(b"abc"))
 
