@@ -89,8 +89,7 @@ class Options(usage.Options):
          "/var/log/syslog, /var/log/messages, the journal, else the audit log]"],
         ["audit-log", None, None, "File for the JSON-lines audit log, or 'none'. "
          "[default: DATA-DIR/audit.log]"],
-        ["max-upload", None, None, "Largest upload accepted, in bytes (suffixes K, M, G: "
-         "KiB, MiB, GiB). [default: 1G]", byte_size],
+        ["max-upload", None, None, "Largest upload accepted. [default: 1G]", byte_size],
     ]
 
     def __init__(self) -> None:
