@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cmdserver import __version__
+from cmdserver import __version__, upload_client
 from cmdserver.call_cli import add_call_parser
 from cmdserver.cli_users import add_user_commands
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
     add_user_commands(subparsers)
     add_call_parser(subparsers)
+    upload_client.register(subparsers)
     return parser
 
 

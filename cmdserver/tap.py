@@ -14,15 +14,19 @@ from twisted.python import usage
 from cmdserver.commands import default_registry
 from cmdserver.commands.account import Login, PasswordLogin
 from cmdserver.commands.lastlog import choose_source
+from cmdserver.commands.upload import UploadCommand
 from cmdserver.core import CommandCore
 from cmdserver.credentials import ReloadService, open_credentials
 from cmdserver.doors.line import TOO_MANY, LineFactory, LineSettings
 from cmdserver.doors.line_login import line_door_login
 from cmdserver.doors.pb import DEFAULT_ENDPOINT as PB_ENDPOINT
 from cmdserver.doors.pb import pb_factory
+from cmdserver.doors.pb_upload import consumer_starter
 from cmdserver.policy import DEFAULT_SCAN_ALLOW, Policy, ScanPolicy, default_max_in_flight
 from cmdserver.service import CmdServerService, Limits
 from cmdserver.tls import is_tls, load_ca
+from cmdserver.upload import Uploads, UploadService, UploadSettings, byte_size, flag
+from cmdserver.upload_key import server_key
 from cmdserver.users import DEFAULT_COST, CredentialError
 
 log = Logger()
@@ -111,6 +115,9 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     # Perspective Broker door
     "pb": (PB_ENDPOINT, str),
     "pb-anonymous": (False, strict_bool),
+    # uploads
+    "max-upload": (1 << 30, byte_size),
+    "overwrite": (False, flag),
 }
 REPEATABLE = ("line", "root", "scan-allow")
 
@@ -156,6 +163,7 @@ class Options(usage.Options):
          "[default: tcp:2222:interface=127.0.0.1]"],
         ["pb", None, None, "Endpoint for the Perspective Broker door, or 'none'. "
          f"[default: {PB_ENDPOINT}]"],
+        ["max-upload", None, None, "Largest upload accepted. [default: 1G]"],
     ]
 
     def __init__(self) -> None:
@@ -163,6 +171,11 @@ class Options(usage.Options):
         for name in REPEATABLE:
             self[name] = []
         self["pb-anonymous"] = None  # so a TOML value applies unless the flag is given
+        self["overwrite"] = None  # a flag the TOML file may set too
+
+    def opt_overwrite(self) -> None:
+        """Let an upload replace an existing file (atomically). [default: refuse]"""
+        self["overwrite"] = True
 
     def opt_line(self, endpoint: str) -> None:
         self["line"].append(endpoint)
@@ -290,7 +303,11 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     source = choose_source(options["log-source"], audit_log)
     log.info("lastlog reads {source}", source=source.describe())
 
-    core = CommandCore(default_registry(source), Policy(roots, options["scan-policy"]), reactor)
+    registry = default_registry(source)
+    uploads = Uploads(UploadSettings(options["max-upload"], options["overwrite"]),
+                      server_key(data_dir))
+    registry.add(UploadCommand(uploads))
+    core = CommandCore(registry, Policy(roots, options["scan-policy"]), reactor)
     credentials, portal = open_credentials(data_dir, options["bcrypt-cost"], core)
     service = CmdServerService(core, Limits(options["max-clients"], options["max-per-ip"]),
                                audit_log, portal)
@@ -313,5 +330,7 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     if options["pb"]:
         service.add_door("pb", options["pb"],
                          pb_factory(core, service.portal, options["pb-anonymous"],
+                                    upload=consumer_starter(uploads.begin),
                                     idle_timeout=options["idle-timeout"]))
+    UploadService(uploads, core.policy.roots, reactor).setServiceParent(service)
     return service

@@ -1,10 +1,11 @@
 """The line door: a ``LineReceiver`` a person drives with netcat or telnet.
 
 Commands from one connection run one after another and their output never
-interleaves; lines that arrive meanwhile wait in a short queue, and reading
-stops while the queue is full or while the client is not reading our output
-(the protocol is the transport's push producer).  A client that goes away
-cancels its running command.
+interleaves; lines that arrive meanwhile wait in a short queue, commands wait
+while the client is not reading our output (the protocol is the transport's
+push producer), and reading stops while the queue is full.  A client that goes away
+cancels its running command.  A command may take over the byte stream for a
+while (``receive_raw``: the bytes of an upload), then lines resume.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from cmdserver import __version__
 from cmdserver.commands.base import Context
 from cmdserver.core import CommandCore, TextReply
 from cmdserver.doors.limits import format_peer
+from cmdserver.upload import widen_reads
 
 log = Logger()
 
@@ -65,6 +67,8 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._connected = False
         self._eof = False  # the client closed its sending side (nc -N, shutdown(SHUT_WR))
         self._peer_login: Callable[[Context, Any], None] | None = None
+        self._raw: Any = None  # the consumer of raw bytes (an upload), if any
+        self._raw_paused = False
 
     # -- connection life --------------------------------------------------
 
@@ -84,6 +88,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._connected = False
         self.setTimeout(None)
         self._queue.clear()
+        self._raw = None
         if self._running is not None:
             running, self._running = self._running, None
             running.cancel()
@@ -91,6 +96,11 @@ class LineProtocol(LineReceiver, TimeoutMixin):
     def readConnectionLost(self) -> None:
         """The client sent all it will send: answer it all, then close."""
         self._eof = True
+        if self._raw is not None:  # the raw bytes can never be complete now
+            self._closing = True
+            self.line("Error: upload incomplete: the client closed the stream early")
+            self.transport.loseConnection()  # connectionLost cancels the upload
+            return
         last = self.clearLineBuffer()  # a last line without its newline still counts
         if last:
             self.lineReceived(last)
@@ -105,7 +115,8 @@ class LineProtocol(LineReceiver, TimeoutMixin):
             self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
-        if self._running is not None:  # a long command is not idleness
+        # A long command is not idleness, unless it waits for the client's bytes.
+        if self._running is not None and (self._raw is None or self._raw_paused):
             self.setTimeout(self.settings.idle_timeout)  # the mixin dropped its call
             return
         self.line(f"Timeout: idle for {self.settings.idle_timeout:g} s, closing the connection.")
@@ -131,6 +142,39 @@ class LineProtocol(LineReceiver, TimeoutMixin):
             self._update_reading()
             return
         self._handle(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        consumer = self._raw
+        if consumer is None:
+            return
+        n = consumer.remaining
+        if len(data) < n:
+            consumer.write(data)
+            return
+        consumer.write(data if len(data) == n else data[:n])
+        self._raw, self._raw_paused = None, False
+        self._narrow_reads()
+        consumer.unregisterProducer()
+        self.setLineMode(data[n:])  # bytes after the content are command lines again
+        self._drain()
+
+    def receive_raw(self, size: int, consumer: Any) -> None:
+        """Hand the next ``size`` bytes to ``consumer.write``, then read lines again.
+
+        The consumer gets a producer through ``registerProducer`` and may pause
+        reading with it while it is behind.
+        """
+        if size == 0 or not self._connected:
+            return
+        self._raw = consumer
+        self._narrow_reads = widen_reads(self.transport)
+        consumer.registerProducer(_RawReading(self), True)
+        self.setRawMode()
+        self.dataReceived(b"")  # bytes that arrived with the command line
+
+    def _pause_raw(self, paused: bool) -> None:
+        self._raw_paused = paused
+        self._update_reading()
 
     def _handle(self, raw: bytes) -> None:
         if raw.endswith(b"\r"):
@@ -170,7 +214,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._draining = True
         try:
             while (self._queue and self._running is None and not self._write_paused
-                   and not self._closing):
+                   and not self._closing and self._raw is None):
                 self._handle(self._queue.popleft())
         finally:
             self._draining = False
@@ -183,7 +227,8 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         # A paused writer stops commands, not reading: lines queue and reading stops when
         # the queue is full.  (TLS pauses its producer until the handshake is done; if
         # that stopped reading, the handshake could never finish.)
-        want = len(self._queue) < (QUEUE_LOW if not self._reading else QUEUE_HIGH)
+        want = not self._raw_paused and len(self._queue) < (
+            QUEUE_LOW if not self._reading else QUEUE_HIGH)
         if want != self._reading:
             self._reading = want
             if want:
@@ -220,6 +265,22 @@ class LineProtocol(LineReceiver, TimeoutMixin):
 
     def stopProducing(self) -> None:
         self._write_paused = True
+
+
+class _RawReading:
+    """The producer a raw-byte consumer uses to pause and resume reading."""
+
+    def __init__(self, protocol: LineProtocol) -> None:
+        self.protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self.protocol._pause_raw(True)
+
+    def resumeProducing(self) -> None:
+        self.protocol._pause_raw(False)
+
+    def stopProducing(self) -> None:
+        self.protocol.transport.loseConnection()
 
 
 class LineFactory(Factory):

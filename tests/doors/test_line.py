@@ -255,3 +255,27 @@ class LineDoorTests(unittest.SynchronousTestCase):
         self.protocol.resumeProducing()
         self.assertEqual(self.output(), ["pong"])
         self.assertTrue(self.transport.disconnecting)
+
+    def test_half_close_in_the_middle_of_raw_bytes_aborts(self) -> None:
+        class Consumer:
+            def __init__(self) -> None:
+                self.data = b""
+
+            def registerProducer(self, producer: Any, streaming: bool) -> None:
+                pass
+
+            def write(self, data: bytes) -> None:
+                self.data += data
+
+        self.output()
+        self.send(b"gate a\n")
+        consumer = Consumer()
+        self.protocol.receive_raw(10, consumer)
+        self.send(b"12345")
+        self.protocol.readConnectionLost()
+        self.assertEqual(consumer.data, b"12345")
+        self.assertEqual(self.output(), [
+            "start a", "Error: upload incomplete: the client closed the stream early"])
+        self.assertTrue(self.transport.disconnecting)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.gate.cancelled, ["a"])

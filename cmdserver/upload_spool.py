@@ -1,0 +1,355 @@
+"""The file side of an upload: checks, the hidden temporary file, verification, publishing.
+
+Everything here touches the disk and runs in worker threads, never on the reactor.
+The target directory is opened once and every later step (temporary file, free
+space, link or rename) goes through that directory descriptor, so the file lands
+in the directory that was checked even if a path component is swapped meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import os
+import queue
+import re
+import secrets
+import stat
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.logger import Logger
+
+from cmdserver.errors import CommandError
+from cmdserver.policy import Policy
+
+log = Logger()
+
+TEMP_MARK = ".cmdserver-upload-"
+# .NAME.cmdserver-upload-RUNID-RANDOM: RUNID tells this run's files from a dead run's.
+TEMP_RE = re.compile(r"\A\..*\.cmdserver-upload-([0-9a-f]{8})-[0-9a-f]{8}\Z", re.DOTALL)
+NAME_IN_TEMP = 100  # characters of the target name kept in the temporary name
+IOV_MAX = 512  # buffers per writev call (the kernel's limit is 1024)
+FLUSH_STEP = 32 << 20  # bytes written between two writeback kicks
+PARALLEL_MIN = 8 << 20  # uploads this large hash in helper threads, beside the writes
+
+Writer = Callable[[int, Sequence[bytes]], int]
+
+
+class HmacMismatchError(CommandError):
+    def __init__(self) -> None:
+        super().__init__("HMAC mismatch, upload discarded")
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """What a finished upload reports: the name as given, its size, its SHA-256."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+def new_run_id() -> str:
+    """A token for this daemon run; temporary files carrying another one are stale."""
+    return secrets.token_hex(4)
+
+
+def temp_name(name: str, run_id: str) -> str:
+    """``.NAME.cmdserver-upload-RUNID-RANDOM``, with NAME cut to keep it a legal name."""
+    short = os.fsencode(name)[:NAME_IN_TEMP].decode("utf-8", "ignore")
+    return f".{short}{TEMP_MARK}{run_id}-{secrets.token_hex(4)}"
+
+
+def write_all(fd: int, chunks: Sequence[bytes], writer: Writer = os.writev) -> None:
+    """Write every byte of ``chunks``, in as few system calls as the kernel allows."""
+    pending = list(chunks)
+    while pending:
+        group = pending[:IOV_MAX]
+        n = writer(fd, group)
+        wanted = sum(map(len, group))
+        if n == wanted:
+            del pending[:IOV_MAX]
+            continue
+        # A short write: drop what was written, keep the rest of the first buffer.
+        while n >= len(pending[0]):
+            n -= len(pending.pop(0))
+        pending[0] = memoryview(pending[0])[n:]  # type: ignore[call-overload]
+
+
+class _HashThread:
+    """Feeds one hash beside the worker that writes, so hashing and writing overlap.
+
+    hashlib and hmac release the GIL on large buffers, so the threads really run
+    in parallel.
+    """
+
+    def __init__(self, digest: Any, label: str) -> None:
+        self.digest = digest
+        self._inbox: queue.SimpleQueue[Sequence[bytes] | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"upload-hash {label}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunks := self._inbox.get()) is not None:
+            try:
+                for chunk in chunks:
+                    self.digest.update(chunk)
+            finally:
+                self._done.put(True)
+
+    def start(self, chunks: Sequence[bytes]) -> None:
+        self._inbox.put(chunks)
+
+    def wait(self) -> None:
+        self._done.get()
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+
+
+class Spool:
+    """A hidden temporary file in the target directory, hashed as it is written.
+
+    Owned by one worker thread from :func:`open_spool` to :meth:`publish` or
+    :meth:`discard`; it is never visible under the target name until the HMAC
+    matched and the bytes are on disk.
+    """
+
+    def __init__(self, name: str, size: int, dir_fd: int, base: str, tmp: str, fd: int,
+                 key: bytes, overwrite: bool, writer: Writer) -> None:
+        self.name = name
+        self.size = size
+        self.base = base
+        self.overwrite = overwrite
+        self._dir_fd: int | None = dir_fd
+        self._tmp: str | None = tmp
+        self._fd: int | None = fd
+        self._writer = writer
+        self._sha = hashlib.sha256()
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        self._helpers: list[_HashThread] = []
+        self._written = self._flushed = self._dropped = 0
+        if size >= PARALLEL_MIN:
+            self._helpers = [_HashThread(self._mac, name), _HashThread(self._sha, name)]
+
+    @property
+    def temp_path(self) -> str | None:
+        """Where the bytes are spooled (for logs and tests); None once gone."""
+        return self._tmp
+
+    def write(self, chunks: Sequence[bytes]) -> None:
+        """Hash and write one batch (an ``OSError`` such as ENOSPC propagates)."""
+        assert self._fd is not None
+        helpers = self._helpers
+        if helpers:
+            for helper in helpers:
+                helper.start(chunks)
+        else:
+            for chunk in chunks:
+                self._mac.update(chunk)
+                self._sha.update(chunk)
+        try:
+            write_all(self._fd, chunks, self._writer)
+        finally:
+            for helper in helpers:
+                helper.wait()
+        self._written += sum(map(len, chunks))
+        if self._written - self._flushed >= FLUSH_STEP:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Start writing the last window to disk now, and drop the window before it.
+
+        ``POSIX_FADV_DONTNEED`` starts asynchronous writeback of dirty pages and
+        evicts clean ones: the final fsync has little left to do, and a large
+        upload does not fill the page cache.
+        """
+        start = self._dropped
+        try:
+            os.posix_fadvise(self._fd, start, self._written - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            return
+        self._dropped, self._flushed = self._flushed, self._written
+
+    def publish(self, expected_mac: bytes) -> UploadResult:
+        """Check the HMAC in constant time, fsync, and move the file into place.
+
+        Raises :class:`HmacMismatchError` or another ``CommandError``; the caller then
+        calls :meth:`discard`.
+        """
+        assert self._fd is not None and self._dir_fd is not None and self._tmp is not None
+        if not hmac.compare_digest(self._mac.digest(), expected_mac):
+            raise HmacMismatchError()
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise write_error(e) from None
+        os.close(self._fd)
+        self._fd = None
+        self._move_into_place()
+        self._tmp = None
+        try:
+            os.fsync(self._dir_fd)  # make the new name durable too
+        except OSError:
+            pass  # some filesystems cannot fsync a directory; the data is safe anyway
+        return UploadResult(self.name, self.size, self._sha.hexdigest())
+
+    def _move_into_place(self) -> None:
+        dfd, tmp, base = self._dir_fd, self._tmp, self.base
+        try:
+            if self.overwrite:
+                os.rename(tmp, base, src_dir_fd=dfd, dst_dir_fd=dfd)
+                return
+            try:
+                # link() never replaces: of two uploads to one name, exactly one wins.
+                os.link(tmp, base, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                # No hard links here (vfat, some FUSE): check, then rename.
+                if _exists(base, dfd):
+                    raise FileExistsError(errno.EEXIST, "File exists") from None
+                os.rename(tmp, base, src_dir_fd=dfd, dst_dir_fd=dfd)
+                return
+            os.unlink(tmp, dir_fd=dfd)
+        except FileExistsError:
+            raise CommandError(f"target exists: {self.name}, upload discarded") from None
+        except IsADirectoryError:
+            raise CommandError(f"is a directory: {self.name}, upload discarded") from None
+        except OSError as e:
+            raise CommandError(
+                f"cannot save {self.name} ({(e.strerror or str(e)).lower()}), "
+                "upload discarded") from None
+
+    def discard(self) -> None:
+        """Remove the temporary file (if it is still there) and release everything."""
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None and self._dir_fd is not None:
+            try:
+                os.unlink(tmp, dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.error("cannot remove upload temporary file {tmp}: {error}",
+                          tmp=tmp, error=e)
+        self.close()
+
+    def close(self) -> None:
+        """Release the descriptors and the helper thread (idempotent)."""
+        helpers, self._helpers = self._helpers, []
+        for helper in helpers:
+            helper.stop()
+        for attr in ("_fd", "_dir_fd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                os.close(fd)
+
+
+def write_error(e: OSError) -> CommandError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CommandError("disk full, upload discarded")
+    return CommandError(f"write failed ({(e.strerror or str(e)).lower()}), upload discarded")
+
+
+def _exists(base: str, dir_fd: int) -> bool:
+    try:
+        os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def open_spool(policy: Policy, name: str, size: int, key: bytes, overwrite: bool,
+               run_id: str, writer: Writer = os.writev) -> Spool:
+    """Check that ``name`` may receive ``size`` bytes, then create its temporary file.
+
+    Runs in a thread.  Every refusal raises ``CommandError`` before anything is
+    created: outside the jail, no such directory, target exists (without
+    ``overwrite``) or is a directory, not enough free space.
+    """
+    if name.endswith("/") or name.endswith("/.") or name.endswith("/.."):
+        raise CommandError(f"not a file name: {name}")
+    real = policy.resolve(name)
+    if real in policy.roots:
+        raise CommandError(f"is a directory: {name}")
+    parent, base = os.path.split(real)
+    try:
+        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CommandError(f"no such directory: {os.path.dirname(name) or '.'}") from None
+    except OSError as e:
+        raise CommandError(f"cannot open the directory of {name}: "
+                           f"{(e.strerror or str(e)).lower()}") from None
+    try:
+        return _create(name, size, dir_fd, base, key, overwrite, run_id, writer)
+    except BaseException:
+        os.close(dir_fd)
+        raise
+
+
+def _create(name: str, size: int, dir_fd: int, base: str, key: bytes, overwrite: bool,
+            run_id: str, writer: Writer) -> Spool:
+    if TEMP_RE.match(base):
+        raise CommandError(f"reserved name (upload temporary files look like it): {name}")
+    try:
+        name_max = os.fpathconf(dir_fd, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(base)) > name_max:
+        raise CommandError(f"file name too long: {name}")
+    try:
+        st = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISDIR(st.st_mode):
+            raise CommandError(f"is a directory: {name}")
+        if not overwrite:
+            raise CommandError(f"target exists: {name}")
+    fs = os.fstatvfs(dir_fd)
+    free = fs.f_bavail * fs.f_frsize
+    if size > free:
+        raise CommandError(f"not enough disk space: {size} bytes needed, {free} available")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    for _ in range(5):
+        tmp = temp_name(base, run_id)
+        try:
+            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise CommandError(f"cannot create a file next to {name}: "
+                               f"{(e.strerror or str(e)).lower()}") from None
+        return Spool(name, size, dir_fd, base, tmp, fd, key, overwrite, writer)
+    raise CommandError(f"cannot create a file next to {name}: too many name clashes")
+
+
+def remove_stale(roots: Sequence[str], run_id: str) -> list[str]:
+    """Delete temporary upload files left by an earlier run (a crash, kill -9).
+
+    Walks the roots without following symlinks; only regular files whose name
+    has the upload temporary form and another run's token are removed.
+    """
+    removed = []
+    for root in roots:
+        for dirpath, _dirs, files in os.walk(root):
+            for filename in files:
+                m = TEMP_RE.match(filename)
+                if m is None or m.group(1) == run_id:
+                    continue
+                path = os.path.join(dirpath, filename)
+                try:
+                    if stat.S_ISREG(os.lstat(path).st_mode):
+                        os.unlink(path)
+                        removed.append(path)
+                except OSError as e:
+                    log.error("cannot remove stale upload file {path}: {error}",
+                              path=path, error=e)
+    return removed

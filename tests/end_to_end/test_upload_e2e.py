@@ -1,0 +1,301 @@
+"""Uploads against a real service on loopback port 0: raw sockets and the CLI client."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sys
+
+from twisted.internet import reactor, threads
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+
+from cmdserver.tap import Options, makeService
+from cmdserver.upload_key import read_key_file
+from cmdserver.upload_spool import temp_name
+from tests.upload_helpers import leftovers, listing, mac_of, temp_dir, wait_until
+
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+class Client:
+    """A blocking line-door client (run it in a thread)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.reader = self.sock.makefile("rb")
+        self.readline()  # greeting
+
+    def readline(self) -> str:
+        return self.reader.readline().decode().rstrip("\r\n")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+class ServiceTests(unittest.TestCase):
+    @inlineCallbacks
+    def setUp(self):
+        self.base = temp_dir(self)
+        self.root = os.path.join(self.base, "root")
+        os.mkdir(self.root)
+        self.data = os.path.join(self.base, "data")
+        stale = os.path.join(self.root, temp_name("crashed", "0badf00d"))
+        with open(stale, "wb") as f:
+            f.write(b"partial bytes from a dead run")
+        options = Options()
+        options.parseOptions(["--line", "tcp:0:interface=127.0.0.1", "--data-dir", self.data,
+                              "--root", self.root, "--audit-log", "none",
+                              "--max-upload", "64M"])
+        self.service = makeService(options, reactor)
+        self.service.startService()
+        self.addCleanup(lambda: self.service.running and self.service.stopService())
+        port = yield self.service.doors[0].listening
+        self.port = port.getHost().port
+        self.uploads = self.service.getServiceNamed("uploads").uploads
+        yield self.service.getServiceNamed("uploads").cleaned
+        self.key = read_key_file(os.path.join(self.data, "hmac.key"))
+
+    def settled(self):
+        return wait_until(lambda: not self.uploads.active
+                          and not self.service.core.stats.connections["line"])
+
+    def test_stale_files_were_removed_at_start(self):
+        self.assertEqual(listing(self.root), [])
+
+    def test_key_file_is_private(self):
+        self.assertEqual(os.stat(os.path.join(self.data, "hmac.key")).st_mode & 0o777, 0o600)
+        self.assertEqual(len(self.key), 32)
+
+    @inlineCallbacks
+    def cli(self, *args: str, env: dict | None = None):
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, ["-m", "cmdserver.cli", *args], env=env or ENV)
+        return out.decode(), err.decode(), code
+
+    @inlineCallbacks
+    def test_cli_upload_good(self):
+        src = os.path.join(self.base, "source.bin")
+        data = os.urandom(3 << 20)
+        with open(src, "wb") as f:
+            f.write(data)
+        out, err, code = yield self.cli("upload", src, "--as", "copy.bin", "--port",
+                                        str(self.port), "--key-file",
+                                        os.path.join(self.data, "hmac.key"))
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out, f"Upload OK copy.bin {len(data)} "
+                              f"sha256={hashlib.sha256(data).hexdigest()}\n")
+        with open(os.path.join(self.root, "copy.bin"), "rb") as f:
+            self.assertEqual(f.read(), data)
+        # Again: the target exists now, and the client says so and fails.
+        out, err, code = yield self.cli("upload", src, "--as", "copy.bin", "--port",
+                                        str(self.port), "--key-file",
+                                        os.path.join(self.data, "hmac.key"))
+        self.assertEqual((code, out, err), (1, "", "Error: target exists: copy.bin\n"))
+
+    @inlineCallbacks
+    def test_cli_upload_wrong_key(self):
+        src = os.path.join(self.base, "f.txt")
+        with open(src, "wb") as f:
+            f.write(b"some content\n")
+        env = {**ENV, "WRONG_KEY": "11" * 32}
+        out, err, code = yield self.cli("upload", src, "--port", str(self.port),
+                                        "--key-env", "WRONG_KEY", env=env)
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, "Error: HMAC mismatch, upload discarded\n")
+        yield self.settled()
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
+    def test_cli_upload_key_from_environment_and_name_with_space(self):
+        src = os.path.join(self.base, "f.txt")
+        with open(src, "wb") as f:
+            f.write(b"x" * 1000)
+        env = {**ENV, "CMDSERVER_HMAC_KEY": self.key.hex()}
+        out, err, code = yield self.cli("upload", src, "--as", "with space.txt", "--port",
+                                        str(self.port), env=env)
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith("Upload OK with space.txt 1000 sha256="))
+        self.assertEqual(listing(self.root), ["with space.txt"])
+
+    @inlineCallbacks
+    def test_cli_refused_outside_the_jail(self):
+        src = os.path.join(self.base, "f.txt")
+        with open(src, "wb") as f:
+            f.write(b"x")
+        out, err, code = yield self.cli("upload", src, "--as", "../escape", "--port",
+                                        str(self.port), "--key-file",
+                                        os.path.join(self.data, "hmac.key"))
+        self.assertEqual((code, err), (1, "Error: path outside allowed roots\n"))
+        self.assertFalse(os.path.exists(os.path.join(self.base, "escape")))
+
+    @inlineCallbacks
+    def test_cli_without_server(self):
+        src = os.path.join(self.base, "f.txt")
+        with open(src, "wb") as f:
+            f.write(b"x")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            free = s.getsockname()[1]
+        out, err, code = yield self.cli("upload", src, "--port", str(free), "--key-file",
+                                        os.path.join(self.data, "hmac.key"))
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith(f"Error: cannot connect to 127.0.0.1:{free}"), err)
+
+    @inlineCallbacks
+    def test_hmac_key_subcommand_prints_the_servers_key(self):
+        out, err, code = yield self.cli("hmac-key", "--data-dir", self.data)
+        self.assertEqual((code, out), (0, self.key.hex() + "\n"))
+
+    @inlineCallbacks
+    def test_socket_upload_with_extra_bytes_after_size(self):
+        data = os.urandom(100_000)
+
+        def talk():
+            c = Client(self.port)
+            c.send(f"upload sock.bin {len(data)} {mac_of(data, self.key)}\n".encode())
+            ready = c.readline()
+            c.send(data + b"ping\n")
+            answers = [ready, c.readline(), c.readline()]
+            c.close()
+            return answers
+
+        answers = yield threads.deferToThread(talk)
+        self.assertEqual(answers, [
+            f"Ready for {len(data)} bytes",
+            f"Upload OK sock.bin {len(data)} sha256={hashlib.sha256(data).hexdigest()}",
+            "pong"])
+
+    @inlineCallbacks
+    def test_truncated_stream_then_disconnect(self):
+        data = os.urandom(1 << 20)
+
+        def talk():
+            c = Client(self.port)
+            c.send(f"upload cut.bin {len(data)} {mac_of(data, self.key)}\n".encode())
+            ready = c.readline()
+            c.send(data[: len(data) // 2])
+            c.close()
+            return ready
+
+        ready = yield threads.deferToThread(talk)
+        self.assertEqual(ready, f"Ready for {len(data)} bytes")
+        yield self.settled()
+        self.assertEqual(listing(self.root), [])
+        self.assertEqual(leftovers(self.root), [])
+
+    @inlineCallbacks
+    def test_two_at_once_to_one_name(self):
+        a, b = os.urandom(2 << 20), os.urandom(2 << 20)
+        clients = []
+
+        def start(data):
+            c = Client(self.port)
+            clients.append(c)
+            c.send(f"upload same {len(data)} {mac_of(data, self.key)}\n".encode())
+            return c.readline()
+
+        def finish(c, data):
+            c.send(data)
+            answer = c.readline()
+            c.close()
+            return answer
+
+        ready = yield threads.deferToThread(start, a)
+        ready2 = yield threads.deferToThread(start, b)
+        self.assertEqual((ready, ready2), ("Ready for 2097152 bytes",) * 2)
+        answers = yield threads.deferToThread(
+            lambda: [finish(clients[0], a), finish(clients[1], b)])
+        self.assertEqual(sorted(x.split(" sha256=")[0] for x in answers),
+                         ["Error: target exists: same, upload discarded",
+                          "Upload OK same 2097152"])
+        with open(os.path.join(self.root, "same"), "rb") as f:
+            self.assertEqual(f.read(), a if answers[0].startswith("Upload OK") else b)
+        yield self.settled()
+        self.assertEqual(listing(self.root), ["same"])
+
+    @inlineCallbacks
+    def test_stop_service_during_an_upload_discards_it(self):
+        data = os.urandom(1 << 20)
+
+        def talk():
+            c = Client(self.port)
+            c.send(f"upload stop.bin {len(data)} {mac_of(data, self.key)}\n".encode())
+            ready = c.readline()
+            c.send(data[:1000])
+            return c, ready
+
+        c, ready = yield threads.deferToThread(talk)
+        self.assertEqual(ready, f"Ready for {len(data)} bytes")
+        yield wait_until(lambda: self.uploads.active
+                         and next(iter(self.uploads.active)).remaining < len(data))
+        yield self.service.stopService()
+        c.close()
+        self.assertEqual(listing(self.root), [])
+
+
+def self_signed(directory: str) -> tuple[str, str]:
+    """A throwaway key and certificate for 127.0.0.1 (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+class TlsTests(unittest.TestCase):
+    @inlineCallbacks
+    def test_cli_upload_over_tls(self):
+        base = temp_dir(self)
+        root, data = os.path.join(base, "root"), os.path.join(base, "data")
+        os.mkdir(root)
+        key_pem, cert_pem = self_signed(base)
+        options = Options()
+        options.parseOptions([
+            "--line", f"ssl:0:privateKey={key_pem}:certKey={cert_pem}:interface=127.0.0.1",
+            "--data-dir", data, "--root", root, "--audit-log", "none"])
+        service = makeService(options, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = (yield service.doors[0].listening).getHost().port
+        src = os.path.join(base, "src.bin")
+        content = os.urandom(5 << 20)
+        with open(src, "wb") as f:
+            f.write(content)
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, ["-m", "cmdserver.cli", "upload", src, "--port", str(port),
+                             "--tls", "--ca-file", cert_pem, "--key-file",
+                             os.path.join(data, "hmac.key")], env=ENV)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.decode(), f"Upload OK src.bin {len(content)} "
+                                       f"sha256={hashlib.sha256(content).hexdigest()}\n")
+        with open(os.path.join(root, "src.bin"), "rb") as f:
+            self.assertEqual(f.read(), content)
