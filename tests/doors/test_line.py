@@ -258,14 +258,18 @@ class LineDoorTests(unittest.SynchronousTestCase):
 
     def test_half_close_in_the_middle_of_raw_bytes_aborts(self) -> None:
         class Consumer:
+            """What receive_raw needs of an upload: remaining, write, producers."""
+
             def __init__(self) -> None:
                 self.data = b""
+                self.remaining = 10
 
             def registerProducer(self, producer: Any, streaming: bool) -> None:
                 pass
 
             def write(self, data: bytes) -> None:
                 self.data += data
+                self.remaining -= len(data)
 
         self.output()
         self.send(b"gate a\n")
