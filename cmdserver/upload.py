@@ -195,6 +195,12 @@ class Upload:
         else:
             self._stop_worker()
 
+    def fail(self, message: str) -> None:
+        """Give up with a reason the user sees (the stream ended early, ...)."""
+        if not self.done.called:
+            self._stop_worker()
+            self.done.errback(CommandError(message))
+
     def _cancel(self, d: Deferred) -> None:
         self._stop_worker()
 

@@ -81,6 +81,7 @@ class Command:
     summary: str = ""
     usage: str = ""
     open_before_login: bool = False  # may run before login on a door that requires it
+    reads_input: bool = False  # takes raw bytes from the client (ctx.session.receive_raw)
 
     def parse(self, argv: Sequence[str]) -> dict[str, Any]:
         """Turn the text door's argument vector into keyword arguments for ``run``."""

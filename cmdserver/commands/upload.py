@@ -32,6 +32,7 @@ class UploadCommand(Command):
     name = "upload"
     summary = "Receive a file: SIZE raw bytes follow 'Ready', checked against HMAC-SHA256."
     usage = "upload NAME SIZE HMAC"
+    reads_input = True
 
     def __init__(self, uploads: Uploads) -> None:
         self.uploads = uploads

@@ -21,8 +21,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from cmdserver.core import TextReply
+from cmdserver.core import TextReply, split_line
 from cmdserver.doors.ssh_shell import LineSink, PipedCommands, ShellProtocol, command_text, render
+from cmdserver.errors import CommandError
 
 if TYPE_CHECKING:
     from cmdserver.doors.ssh import SSHAvatar
@@ -213,8 +214,19 @@ class CommandSession:
             self._exec_done(TextReply([error], False))
             return
         self.run(text, LineSink(self.write_out, b"\n"), self._exec_done)
-        if self._input is None:  # the command does not read stdin
-            self._input_buffer = None
+        if self._input is None:
+            if self._reads_input(text):  # it will, once it is ready: hold the client
+                self.pause_input()
+            else:
+                self._input_buffer = None
+
+    def _reads_input(self, text: str) -> bool:
+        try:
+            words = split_line(text)
+        except CommandError:
+            return False
+        command = self.core.registry.get(words[0]) if words else None
+        return bool(command is not None and command.reads_input and self.running is not None)
 
     def _exec_done(self, reply: TextReply) -> None:
         self.write_reply(reply)
@@ -253,7 +265,16 @@ class CommandSession:
             consumer.data_received(chunk)
         if self._input_eof:
             consumer.eof_received()
+        self.resume_input()  # held since exec if the command declared it reads input
         return True
+
+    def receive_raw(self, size: int, consumer: Any) -> None:
+        """``ssh HOST upload NAME SIZE HMAC < FILE``: the next ``size`` bytes of stdin."""
+        if size == 0:
+            return
+        if not self.read_input(_RawInput(self, consumer, size)):
+            consumer.fail("upload reads its bytes from stdin: use "
+                          "'ssh HOST upload NAME SIZE HMAC < FILE'")
 
     def pause_input(self) -> None:
         """Back-pressure for an input consumer: the client stops at the SSH window."""
@@ -278,6 +299,40 @@ class CommandSession:
         self._input_eof = True
         if self._input is not None:
             self._input.eof_received()
+
+
+class _RawInput:
+    """Feeds exactly ``size`` bytes of stdin to an upload, with back-pressure."""
+
+    def __init__(self, session: CommandSession, consumer: Any, size: int) -> None:
+        self.session = session
+        self.consumer = consumer
+        self.size = size
+        consumer.registerProducer(self, True)
+
+    def data_received(self, data: bytes) -> None:
+        wanted = self.consumer.remaining
+        if not wanted:
+            return  # bytes past SIZE: nothing reads them
+        self.consumer.write(data[:wanted])
+        if not self.consumer.remaining:
+            self.consumer.unregisterProducer()
+
+    def eof_received(self) -> None:
+        if self.consumer.remaining:
+            got = self.size - self.consumer.remaining
+            self.consumer.fail(f"upload incomplete: the input ended after {got} of "
+                               f"{self.size} bytes, upload discarded")
+
+    # IPushProducer, for the upload's back-pressure
+    def pauseProducing(self) -> None:
+        self.session.pause_input()
+
+    def resumeProducing(self) -> None:
+        self.session.resume_input()
+
+    def stopProducing(self) -> None:
+        self.session.pause_input()
 
 
 class _ChannelInput:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import os
 import socket
 
 import paramiko
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from cmdserver.cli import main as cli
@@ -90,6 +92,51 @@ class SharedCredentialsTests(unittest.TestCase):
             return "accepted"
 
         return in_thread(session).addCallback(self.assertEqual, "refused")
+
+    def upload_over_ssh(self, data: bytes, send: bytes, name: str = "up.bin"):
+        from cmdserver.upload_key import read_key_file
+
+        key = read_key_file(os.path.join(self.tmp, "data", "hmac.key"))
+        mac = hmac.new(key, data, hashlib.sha256).hexdigest()
+
+        def session():
+            client = self.ssh(pkey=self.key)
+            try:
+                stdin, out, err = client.exec_command(f"upload {name} {len(data)} {mac}",
+                                                      timeout=30)
+                stdin.write(send)
+                stdin.channel.shutdown_write()
+                status = out.channel.recv_exit_status()
+                return status, out.read().decode(), err.read().decode()
+            finally:
+                client.close()
+
+        return in_thread(session)
+
+    @defer.inlineCallbacks
+    def test_upload_over_ssh_exec(self):
+        data = os.urandom(3 << 20)  # several SSH windows: back-pressure is exercised
+        status, out, err = yield self.upload_over_ssh(data, data)
+        self.assertEqual((status, err), (0, ""))
+        digest = hashlib.sha256(data).hexdigest()
+        self.assertEqual(out, f"Ready for {len(data)} bytes\nUpload OK up.bin {len(data)} "
+                              f"sha256={digest}\n")
+        with open(os.path.join(self.jail, "up.bin"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    @defer.inlineCallbacks
+    def test_upload_over_ssh_with_short_stdin_leaves_nothing(self):
+        data = os.urandom(100_000)
+        status, out, err = yield self.upload_over_ssh(data, data[:1000])
+        self.assertEqual(status, 1)
+        self.assertEqual(err, "Error: upload incomplete: the input ended after 1000 of "
+                              "100000 bytes, upload discarded\n")
+        # The worker thread removes the temporary file just after the answer.
+        for _ in range(500):
+            if sorted(os.listdir(self.jail)) == ["only-ops.txt"]:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(sorted(os.listdir(self.jail)), ["only-ops.txt"])
 
     def test_same_user_on_the_line_door(self):
         def session():
