@@ -31,6 +31,7 @@ from zope.interface import implementer
 from cmdserver.auth import Account, Realm, build_portal
 from cmdserver.users import (
     DEFAULT_COST,
+    HMAC_SUFFIX,
     INITIAL_PASSWORD_FILE,
     CredentialError,
     UserRecord,
@@ -55,21 +56,22 @@ def _stat(path: str) -> tuple[int, int, int] | None:
 def store_signature(store: UserStore) -> Signature:
     """What changes when the users file or any key file changes (stat calls only)."""
     try:
-        entries = sorted(e for e in os.listdir(store.keys_dir) if e.endswith(".pub"))
+        entries = sorted(e for e in os.listdir(store.keys_dir)
+                         if e.endswith((".pub", HMAC_SUFFIX)))
     except FileNotFoundError:
         entries = []
     key_stats = tuple((e, _stat(os.path.join(store.keys_dir, e))) for e in entries)
     return (_stat(store.users_path), key_stats)
 
 
-def read_store(store: UserStore, previous: Signature | None
-               ) -> tuple[Signature, dict[str, UserRecord], dict[str, list[keys.Key]]] | None:
-    """Blocking: the store's contents, or None if nothing changed since ``previous``."""
+def read_store(store: UserStore, previous: Signature | None) -> tuple[Any, ...] | None:
+    """Blocking: (signature, users, SSH keys, upload HMAC keys), or None if nothing
+    changed since ``previous``."""
     signature = store_signature(store)
     if signature == previous:
         return None
     users = store.load()
-    return signature, users, store.load_keys(set(users))
+    return signature, users, store.load_keys(set(users)), store.load_hmac_keys(set(users))
 
 
 @functools.lru_cache(maxsize=4)
@@ -87,6 +89,7 @@ class Credentials:
         self.cost = cost
         self.users: dict[str, UserRecord] = {}
         self.keys: dict[str, list[keys.Key]] = {}
+        self.hmac_keys: dict[str, bytes] = {}
         self._signature: Signature | None = None
         self._run = run_in_thread or threads.deferToThread
         self._reloading: Deferred | None = None
@@ -99,9 +102,10 @@ class Credentials:
     def _apply(self, result: Any) -> None:
         if result is None:
             return
-        signature, users, found_keys = result
+        signature, users, found_keys, hmac_keys = result
         changed = self._signature is not None
         self._signature, self.users, self.keys = signature, users, found_keys
+        self.hmac_keys = hmac_keys
         log.info("{action} credentials: {users} user(s), {keys} SSH key(s)",
                  action="reloaded" if changed else "loaded", users=len(users),
                  keys=sum(map(len, found_keys.values())))
@@ -139,6 +143,10 @@ class Credentials:
         if record is None:
             raise UnauthorizedLogin("no such user")
         return Account(record.name, record.roots)
+
+    def hmac_key(self, name: str) -> bytes | None:
+        """The user's own upload key, if they have one (else uploads use the server's)."""
+        return self.hmac_keys.get(name)
 
     def check_password(self, name: str, password: bytes, run: Runner) -> Deferred:
         """Fires with True if ``name`` exists and ``password`` matches (bcrypt in a thread)."""

@@ -309,6 +309,7 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     registry.add(UploadCommand(uploads))
     core = CommandCore(registry, Policy(roots, options["scan-policy"]), reactor)
     credentials, portal = open_credentials(data_dir, options["bcrypt-cost"], core)
+    uploads.user_keys = credentials.hmac_key  # a user's own key beats the server's
     service = CmdServerService(core, Limits(options["max-clients"], options["max-per-ip"]),
                                audit_log, portal)
     ReloadService(credentials, options["users-poll-interval"], reactor=reactor

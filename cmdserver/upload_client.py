@@ -249,11 +249,18 @@ def run_upload(args: argparse.Namespace) -> int:
 
 def run_hmac_key(args: argparse.Namespace) -> int:
     from cmdserver.tap import prepare_data_dir
+    from cmdserver.users import CredentialError, UserStore
 
     data_dir = os.path.abspath(args.data_dir)
     try:
         prepare_data_dir(data_dir)
-        key = server_key(data_dir)
+        if args.user:
+            key = UserStore(data_dir).ensure_hmac_key(args.user)
+        else:
+            key = server_key(data_dir)
+    except CredentialError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
     except (OSError, BadKeyError) as e:
         print(f"Error: {data_dir}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 1
@@ -291,7 +298,10 @@ def register(subparsers: Any) -> None:
     k = subparsers.add_parser(
         "hmac-key", help="print the server's upload HMAC key (hex), creating it if needed",
         description="Print the server's upload HMAC key in hex; give it to the clients "
-        "that may upload. It is created (0600) on first use.")
+        "that may upload. It is created (0600) on first use. With --user, print that "
+        "user's own key instead (created if needed): uploads by a logged-in user are "
+        "checked against their own key when they have one.")
     k.add_argument("--data-dir", "-d", default="cmdserver-data",
                    help="the daemon's data directory (default: ./cmdserver-data)")
+    k.add_argument("--user", metavar="NAME", help="a user's own key, not the server's")
     k.set_defaults(func=run_hmac_key)

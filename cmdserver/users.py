@@ -26,6 +26,7 @@ import bcrypt
 from twisted.conch.ssh import keys
 
 USERS_FILE = "users"
+HMAC_SUFFIX = ".hmac"
 KEYS_DIR = "keys"
 LOCK_FILE = "users.lock"
 INITIAL_PASSWORD_FILE = "initial-admin-password"
@@ -199,6 +200,41 @@ class UserStore:
     def key_path(self, name: str) -> str:
         return os.path.join(self.keys_dir, check_name(name) + ".pub")
 
+    def hmac_path(self, name: str) -> str:
+        """The user's own upload HMAC key (hex), if they have one."""
+        return os.path.join(self.keys_dir, check_name(name) + HMAC_SUFFIX)
+
+    def load_hmac_keys(self, names: set[str]) -> dict[str, bytes]:
+        """The upload keys of the users in ``names`` that have one."""
+        from cmdserver.upload_key import BadKeyError, read_key_file
+
+        found: dict[str, bytes] = {}
+        for name in sorted(names):
+            path = self.hmac_path(name)
+            try:
+                found[name] = read_key_file(path)
+            except FileNotFoundError:
+                continue
+            except (OSError, BadKeyError) as e:
+                raise CredentialError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
+        return found
+
+    def ensure_hmac_key(self, name: str) -> bytes:
+        """The user's upload key, created (32 random bytes, 0600) if they have none."""
+        from cmdserver.upload_key import KEY_BYTES, read_key_file
+
+        if name not in self.load():
+            raise CredentialError(f"no such user: {name}")
+        path = self.hmac_path(name)
+        try:
+            return read_key_file(path)
+        except FileNotFoundError:
+            pass
+        os.makedirs(self.keys_dir, mode=0o700, exist_ok=True)
+        key = secrets.token_bytes(KEY_BYTES)
+        write_atomically(path, (key.hex() + "\n").encode("ascii"))
+        return key
+
     def load(self) -> dict[str, UserRecord]:
         """The users on file (none if there is no file yet)."""
         try:
@@ -275,8 +311,9 @@ class UserStore:
         return added
 
     def remove_keys(self, name: str) -> None:
-        with _ignore_missing():
-            os.unlink(self.key_path(name))
+        for path in (self.key_path(name), self.hmac_path(name)):
+            with _ignore_missing():
+                os.unlink(path)
 
     def ensure_admin(self, cost: int = DEFAULT_COST) -> str | None:
         """First run: with no users on file, create ``admin`` with a random password.

@@ -232,3 +232,26 @@ def test_real_subprocess(tmp_path):
     listed = subprocess.run([script, "users", "-d", data], capture_output=True, text=True,
                             timeout=60)
     assert listed.stdout.startswith("ops\t")
+
+
+def test_hmac_key_per_user(capsys, data, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("pw-for-ops\n"))
+    assert main(["useradd", "ops", "--password-stdin", "--cost", "4", "-d", data]) == 0
+    capsys.readouterr()
+    assert main(["hmac-key", "--user", "ops", "-d", data]) == 0
+    first = capsys.readouterr().out.strip()
+    assert len(bytes.fromhex(first)) == 32
+    path = os.path.join(data, "keys", "ops.hmac")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert main(["hmac-key", "--user", "ops", "-d", data]) == 0  # the same key again
+    assert capsys.readouterr().out.strip() == first
+    assert main(["hmac-key", "-d", data]) == 0  # the server's key is another one
+    assert capsys.readouterr().out.strip() != first
+    assert main(["userdel", "ops", "-d", data]) == 0
+    assert not os.path.exists(path)
+
+
+def test_hmac_key_unknown_user(capsys, data):
+    assert main(["hmac-key", "--user", "ghost", "-d", data]) == 1
+    assert capsys.readouterr().err == "Error: no such user: ghost\n"
+    assert not os.path.exists(os.path.join(data, "keys", "ghost.hmac"))

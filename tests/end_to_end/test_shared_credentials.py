@@ -93,10 +93,11 @@ class SharedCredentialsTests(unittest.TestCase):
 
         return in_thread(session).addCallback(self.assertEqual, "refused")
 
-    def upload_over_ssh(self, data: bytes, send: bytes, name: str = "up.bin"):
+    def upload_over_ssh(self, data: bytes, send: bytes, name: str = "up.bin",
+                        key: bytes | None = None):
         from cmdserver.upload_key import read_key_file
 
-        key = read_key_file(os.path.join(self.tmp, "data", "hmac.key"))
+        key = key or read_key_file(os.path.join(self.tmp, "data", "hmac.key"))
         mac = hmac.new(key, data, hashlib.sha256).hexdigest()
 
         def session():
@@ -137,6 +138,22 @@ class SharedCredentialsTests(unittest.TestCase):
                 break
             yield task.deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(sorted(os.listdir(self.jail)), ["only-ops.txt"])
+
+    @defer.inlineCallbacks
+    def test_a_users_own_upload_key_replaces_the_servers(self):
+        from cmdserver.credentials import ReloadService
+        from cmdserver.users import UserStore
+
+        own = UserStore(os.path.join(self.tmp, "data")).ensure_hmac_key("ops")
+        [reloader] = [s for s in self.server.service if isinstance(s, ReloadService)]
+        yield reloader.credentials.reload()
+        data = b"signed with the user's own key"
+        status, out, err = yield self.upload_over_ssh(data, data, "theirs.txt")
+        self.assertEqual(err, "Error: HMAC mismatch, upload discarded\n")
+        status, out, err = yield self.upload_over_ssh(data, data, "theirs.txt", key=own)
+        self.assertEqual(status, 0, err)
+        self.assertTrue(out.endswith(f"Upload OK theirs.txt {len(data)} "
+                                     f"sha256={hashlib.sha256(data).hexdigest()}\n"))
 
     def test_same_user_on_the_line_door(self):
         def session():
