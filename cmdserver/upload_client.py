@@ -107,9 +107,11 @@ def file_hmac(f: IO[bytes], key: bytes, size: int,
 
 def upload(path: str, name: str, key: bytes, host: str = "127.0.0.1",
            port: int = DEFAULT_PORT, tls: bool = False, ca_file: str | None = None,
-           timeout: float = 300.0, stderr: IO[str] | None = None) -> tuple[str, Timings]:
+           timeout: float = 300.0, stderr: IO[str] | None = None,
+           login: tuple[str, str] | None = None) -> tuple[str, Timings]:
     """Upload ``path`` as ``name``; returns the server's ``Upload OK`` line.
 
+    ``login`` is (user, password) for a door that requires ``login`` first.
     Raises :class:`UploadFailed` with the server's error line (or a local one).
     """
     if any(c in name for c in "\r\n\0") or not name:
@@ -127,6 +129,8 @@ def upload(path: str, name: str, key: bytes, host: str = "127.0.0.1",
         t1 = time.monotonic()
         sock = connect(host, port, tls, ca_file, timeout)
         with sock, sock.makefile("rb") as reader:
+            if login is not None:  # pipelined: the upload line waits for the login
+                sock.sendall(f"login {shlex.join(login)}\n".encode())
             sock.sendall(f"upload {shlex.quote(name)} {size} {mac}\n".encode())
             wait_ready(reader)
             t2 = time.monotonic()
@@ -234,9 +238,10 @@ def load_key(args: argparse.Namespace) -> bytes:
 def run_upload(args: argparse.Namespace) -> int:
     try:
         key = load_key(args)
+        login = (args.user, login_password(args)) if args.user else None
         answer, timings = upload(args.file, args.name or os.path.basename(args.file), key,
                                  args.host, args.port, args.tls, args.ca_file, args.timeout,
-                                 sys.stderr)
+                                 sys.stderr, login)
     except UploadFailed as e:
         print(e, file=sys.stderr)
         return 1
@@ -245,6 +250,18 @@ def run_upload(args: argparse.Namespace) -> int:
         print(f"hashing {timings.hashing:.3f} s, sending {timings.sending:.3f} s, "
               f"answer {timings.answer:.3f} s", file=sys.stderr)
     return 0
+
+
+def login_password(args: argparse.Namespace) -> str:
+    """The password for ``--user``: from ``--password-env``, else a prompt on a terminal."""
+    value = os.environ.get(args.password_env)
+    if value:
+        return value
+    if not sys.stdin.isatty():
+        raise UploadFailed(f"Error: --user needs a password: set {args.password_env}")
+    import getpass
+
+    return getpass.getpass(f"password for {args.user}: ")
 
 
 def run_hmac_key(args: argparse.Namespace) -> int:
@@ -287,6 +304,11 @@ def register(subparsers: Any) -> None:
     keys.add_argument("--key-env", metavar="VAR",
                       help=f"environment variable with the key in hex (default: {KEY_ENV})")
     p.add_argument("--tls", action="store_true", help="speak TLS (for an ssl: endpoint)")
+    p.add_argument("--user", metavar="NAME", help="log in first (for a door that requires "
+                   "login); the upload is then checked against NAME's own key if they have one")
+    p.add_argument("--password-env", metavar="VAR", default="CMDSERVER_PASSWORD",
+                   help="environment variable with the password for --user "
+                        "(default: CMDSERVER_PASSWORD; else a prompt on a terminal)")
     p.add_argument("--ca-file", metavar="F", help="CA certificates to check the server's "
                    "TLS certificate against (default: the system's)")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",

@@ -155,6 +155,32 @@ class SharedCredentialsTests(unittest.TestCase):
         self.assertTrue(out.endswith(f"Upload OK theirs.txt {len(data)} "
                                      f"sha256={hashlib.sha256(data).hexdigest()}\n"))
 
+    @defer.inlineCallbacks
+    def test_upload_client_logs_in_when_the_door_requires_it(self):
+        from cmdserver.upload_client import UploadFailed, upload
+        from cmdserver.upload_key import read_key_file
+
+        key = read_key_file(os.path.join(self.tmp, "data", "hmac.key"))
+        path = os.path.join(self.tmp, "report.txt")
+        with open(path, "wb") as f:
+            f.write(b"report\n")
+        host, port = self.server.address
+
+        def attempt(login):
+            try:
+                return upload(path, "report.txt", key, host, port, timeout=30,
+                              login=login)[0]
+            except UploadFailed as e:
+                return str(e)
+
+        self.assertEqual((yield in_thread(attempt, None)), "Error: login required")
+        self.assertEqual((yield in_thread(attempt, ("ops", "wrong"))), "Error: login failed")
+        self.assertEqual(os.listdir(self.jail), ["only-ops.txt"])
+        answer = yield in_thread(attempt, ("ops", "s3cret-pass"))
+        self.assertTrue(answer.startswith("Upload OK report.txt 7 sha256="), answer)
+        with open(os.path.join(self.jail, "report.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"report\n")
+
     def test_same_user_on_the_line_door(self):
         def session():
             c = LineClient(self.server.address)
