@@ -29,6 +29,7 @@ log = Logger()
 TOO_MANY = b"Too many connections. bye !\r\n"
 QUEUE_HIGH = 64  # queued lines at which reading stops
 QUEUE_LOW = 16  # queued lines at which it starts again
+BATCH_LIMIT = 16384  # output bytes gathered before they are handed to the transport
 # C0 controls (but tab) and DEL: kept out of what a terminal shows.
 _SANITIZE = {c: "\N{REPLACEMENT CHARACTER}" for c in [*range(0, 9), *range(10, 32), 127]}
 
@@ -56,6 +57,8 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._reading = True
         self._closing = False
         self._connected = False
+        self._batch: list[bytes] | None = None  # output gathered during one dataReceived
+        self._batch_size = 0
 
     # -- connection life --------------------------------------------------
 
@@ -82,19 +85,25 @@ class LineProtocol(LineReceiver, TimeoutMixin):
             self.resetTimeout()
             return
         self.line(f"Timeout: idle for {self.settings.idle_timeout:g} s, closing the connection.")
-        self.transport.loseConnection()
+        self._close()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._queue.clear()
         self._closing = True
         self.line(f"Error: line too long (the limit is {self.MAX_LENGTH} bytes)")
-        self.transport.loseConnection()
+        self._close()
 
     # -- input --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        """Run the lines in ``data``; their replies leave in one write."""
         self.resetTimeout()
-        super().dataReceived(data)
+        self._batch = []
+        try:
+            super().dataReceived(data)
+        finally:
+            self._flush()
+            self._batch = None
 
     def lineReceived(self, line: bytes) -> None:
         if self._closing:
@@ -118,9 +127,12 @@ class LineProtocol(LineReceiver, TimeoutMixin):
             if not text.isprintable():
                 self.line("Error: control characters are not allowed in a command")
                 return
-        d = self.core.run_line(self.ctx, text)
-        self._running = d
-        d.addCallback(self._reply)
+        reply = self.core.run_text(self.ctx, text)
+        if isinstance(reply, TextReply):  # cheaper to test than Deferred (an ABC)
+            self._reply(reply)
+        else:
+            self._running = reply
+            reply.addCallback(self._reply)
 
     def _reply(self, reply: TextReply) -> None:
         self._running = None
@@ -128,9 +140,13 @@ class LineProtocol(LineReceiver, TimeoutMixin):
             return
         self.lines(reply.lines)
         if self._closing:
-            self.transport.loseConnection()
+            self._close()
             return
         self._drain()
+
+    def _close(self) -> None:
+        self._flush()
+        self.transport.loseConnection()
 
     def _drain(self) -> None:
         """Run queued lines one by one (a loop, not recursion: replies may be synchronous)."""
@@ -160,7 +176,20 @@ class LineProtocol(LineReceiver, TimeoutMixin):
     def line(self, text: str) -> None:
         if not text.isprintable():
             text = text.translate(_SANITIZE)
-        self.transport.write(text.encode("utf-8", "backslashreplace") + b"\r\n")
+        data = text.encode("utf-8", "backslashreplace") + b"\r\n"
+        if self._batch is None:
+            self.transport.write(data)
+            return
+        self._batch.append(data)
+        self._batch_size += len(data)
+        if self._batch_size >= BATCH_LIMIT:  # let the transport's back-pressure see it
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._batch:
+            self.transport.writeSequence(self._batch)
+            self._batch.clear()
+            self._batch_size = 0
 
     def lines(self, texts: list[str]) -> None:
         for text in texts:
