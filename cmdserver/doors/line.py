@@ -3,8 +3,9 @@
 Commands from one connection run one after another and their output never
 interleaves; lines that arrive meanwhile wait in a short queue, and reading
 stops while the queue is full or while the client is not reading our output
-(the protocol is the transport's push producer).  A client that goes away
-cancels its running command.
+(the protocol is the transport's push producer).  One connection runs at most
+``LINES_PER_TURN`` lines per reactor turn, so a flood of short lines cannot
+starve the others.  A client that goes away cancels its running command.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ TOO_MANY = b"Too many connections. bye !\r\n"
 QUEUE_HIGH = 64  # queued lines at which reading stops
 QUEUE_LOW = 16  # queued lines at which it starts again
 BATCH_LIMIT = 16384  # output bytes gathered before they are handed to the transport
+LINES_PER_TURN = 256  # lines one connection may run before the others get a turn
 # C0 controls (but tab) and DEL: kept out of what a terminal shows.
 _SANITIZE = {c: "\N{REPLACEMENT CHARACTER}" for c in [*range(0, 9), *range(10, 32), 127]}
 
@@ -59,6 +61,8 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._connected = False
         self._batch: list[bytes] | None = None  # output gathered during one dataReceived
         self._batch_size = 0
+        self._turn_lines = 0  # lines taken since this reactor turn began
+        self._yielding = False  # reading stopped until the next turn
 
     # -- connection life --------------------------------------------------
 
@@ -96,8 +100,19 @@ class LineProtocol(LineReceiver, TimeoutMixin):
     # -- input --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        """Run the lines in ``data``; their replies leave in one write."""
         self.resetTimeout()
+        self._turn_lines = 0
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
+        """Run the lines in ``data``; their replies leave in one write.
+
+        While reading is stopped (``self.paused``), ``LineReceiver`` keeps the
+        lines not yet delivered in its buffer, as bytes: at most one read.
+        """
+        if self._batch is not None:  # already receiving: LineReceiver buffers it
+            super().dataReceived(data)
+            return
         self._batch = []
         try:
             super().dataReceived(data)
@@ -108,6 +123,12 @@ class LineProtocol(LineReceiver, TimeoutMixin):
     def lineReceived(self, line: bytes) -> None:
         if self._closing:
             return
+        self._turn_lines += 1
+        if self._turn_lines >= LINES_PER_TURN and not self._yielding:
+            # A flood of lines in one read: let the other connections have a turn.
+            self._yielding = True
+            self.core.reactor.callLater(0, self._next_turn)
+            self._update_reading()
         if self._running is not None or self._queue or self._write_paused:
             self._queue.append(line)
             self._update_reading()
@@ -161,13 +182,21 @@ class LineProtocol(LineReceiver, TimeoutMixin):
             self._draining = False
         self._update_reading()
 
+    def _next_turn(self) -> None:
+        self._yielding = False
+        self._turn_lines = 0
+        self._update_reading()
+
     def _update_reading(self) -> None:
-        want = (not self._write_paused and not self._closing
+        """Stop or restart reading: lines are taken only while they can be run soon."""
+        want = (not self._write_paused and not self._closing and not self._yielding
                 and len(self._queue) < (QUEUE_LOW if not self._reading else QUEUE_HIGH))
         if want != self._reading and self._connected:
             self._reading = want
+            self.paused = not want  # LineReceiver stops delivering lines too
             if want:
                 self.transport.resumeProducing()
+                self._receive(b"")  # the lines that arrived before reading stopped
             else:
                 self.transport.pauseProducing()
 
