@@ -50,17 +50,27 @@ def open_regular(real: str, shown: str) -> int:
 
 
 def hash_file(policy: Policy, path: str, algo: str, cancelled: threading.Event) -> str:
-    """Hash a file in fixed chunks: memory stays flat whatever its size."""
+    """Hash a file in fixed chunks: memory stays flat whatever its size.
+
+    A file that shrinks or grows while it is read has no one true hash: that is
+    an error, not the hash of whatever bytes happened to be read.
+    """
     fd = open_regular(policy.resolve(path), path)
     digest = hashlib.new(algo)
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     with open(fd, "rb", buffering=0, closefd=True) as f:
         try:
+            size = os.fstat(fd).st_size
+            total = 0
             while n := f.readinto(buf):
                 if cancelled.is_set():
                     raise CancelledError()
                 digest.update(view[:n])
+                total += n
+            # Size 0 may be a /proc-style file whose size is unknown: nothing to check.
+            if size and (total != size or os.fstat(fd).st_size != size):
+                raise CommandError(f"file changed while it was being hashed: {path}")
         except OSError as e:
             raise os_error(e, path) from None
     return digest.hexdigest()
