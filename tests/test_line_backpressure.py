@@ -103,12 +103,14 @@ class BackPressureTests(unittest.TestCase):
 
     def test_paused_by_transport_stops_output_and_reading(self) -> None:
         self.proto.pauseProducing()  # the client stopped reading
-        self.assertEqual(self.transport.producerState, "paused")
         self.proto.dataReceived(b"ping\n" * 10_000)
-        # At most one line is taken (and queued, not run); the rest stays as raw bytes.
+        # Nothing runs; lines queue until the queue is full, then reading stops and
+        # the rest stays in LineReceiver's buffer as raw bytes.
+        self.assertEqual(self.transport.producerState, "paused")
         self.assertEqual(self.transport.value(), b"")
-        self.assertLessEqual(len(self.proto._queue), 1)
-        self.assertLessEqual(self.core.stats.commands["ping"], 1)
+        self.assertEqual(len(self.proto._queue), QUEUE_HIGH)
+        self.assertEqual(self.core.stats.commands["ping"], 0)
+        self.assertEqual(len(self.proto._buffer), (10_000 - QUEUE_HIGH) * 5)
         self.proto.resumeProducing()
         for _ in range(10_000 // LINES_PER_TURN + 1):
             self.reactor.advance(0)

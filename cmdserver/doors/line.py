@@ -188,10 +188,17 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._update_reading()
 
     def _update_reading(self) -> None:
-        """Stop or restart reading: lines are taken only while they can be run soon."""
-        want = (not self._write_paused and not self._closing and not self._yielding
+        """Stop or restart reading: lines are taken only while they can be run soon.
+
+        A paused writer stops commands, not reading: lines queue, and reading stops
+        when the queue is full (a TLS transport pauses its producer until its
+        handshake is done, which needs reading).
+        """
+        if self._closing or not self._connected:
+            return  # the transport is going away; leave it be
+        want = (not self._yielding
                 and len(self._queue) < (QUEUE_LOW if not self._reading else QUEUE_HIGH))
-        if want != self._reading and self._connected:
+        if want != self._reading:
             self._reading = want
             self.paused = not want  # LineReceiver stops delivering lines too
             if want:
