@@ -1,10 +1,11 @@
 """The audit log: every command event from the core, written as JSON lines.
 
 The core logs audit events through ``twisted.logger`` in the namespace
-``cmdserver.audit``, to :data:`audit_publisher` rather than the global log
-publisher: the audit has its own file, and rendering every command as text in
-the daemon's main log as well would cost more than running most commands.
-:class:`AuditFile` observes that publisher and appends one JSON object a line.
+``cmdserver.audit``, to :data:`audit_publisher`.  When an :class:`AuditFile`
+observes it, the events go there only, not to the global log publisher too:
+rendering every command as text in the daemon's main log as well would cost
+more than running most commands.  :class:`AuditFile` appends one JSON object a
+line.
 Lines are gathered during one reactor turn and written together at the start
 of the next (and on close), so a burst of commands costs one ``write`` call
 while an event still reaches the disk a moment after its command ran.
@@ -18,7 +19,7 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
-from twisted.logger import ILogObserver, LogPublisher
+from twisted.logger import ILogObserver, LogPublisher, globalLogPublisher
 from zope.interface import implementer
 
 NAMESPACE = "cmdserver.audit"
@@ -29,18 +30,16 @@ _encode_str = json.encoder.encode_basestring_ascii
 
 
 class AuditPublisher(LogPublisher):
-    """The audit events' own publisher; ``active`` says whether anyone listens.
+    """Sends audit events to the audit observers (the audit file) if there are any.
 
-    The core skips building events nobody would write (``--audit-log none``).
+    Without one (``--audit-log none``, or a core used on its own) the events go
+    to the global log publisher like any other, so the audit trail is never
+    dropped: it is then in the daemon's main log.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._listening: list[ILogObserver] = []
-
-    @property
-    def active(self) -> bool:
-        return bool(self._listening)
 
     def addObserver(self, observer: ILogObserver) -> None:
         super().addObserver(observer)
@@ -51,6 +50,12 @@ class AuditPublisher(LogPublisher):
         super().removeObserver(observer)
         if observer in self._listening:
             self._listening.remove(observer)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self._listening:
+            super().__call__(event)
+        else:
+            globalLogPublisher(event)
 
 
 audit_publisher = AuditPublisher()

@@ -208,8 +208,6 @@ class CommandCore:
 
     def _audit(self, ctx: Context, command: str, args: dict[str, Any], outcome: str,
                duration: float, error: str | None) -> None:
-        if not audit_publisher.active:  # no audit log: do not build the event
-            return
         # The event audit.info() would emit, built directly: Logger.emit checks
         # the level on every call, which costs a third of a whole ``ping``.
         audit_publisher({

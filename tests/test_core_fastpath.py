@@ -8,7 +8,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
 from cmdserver.audit import NAMESPACE, audit_publisher
@@ -169,10 +169,21 @@ class FastPathTests(unittest.TestCase):
         self.assertEqual([e["outcome"] for e in self.events], ["not-found", "refused"])
         self.assertEqual(self.events[0]["args"], {"argv": ["x"]})
 
-    def test_no_audit_observer_no_event_built(self) -> None:
+    def test_without_audit_observer_events_go_to_the_global_log(self) -> None:
         audit_publisher.removeObserver(self.events.append)
-        self.assertFalse(audit_publisher.active)
+        self.addCleanup(audit_publisher.addObserver, self.events.append)
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         self.assertEqual(self.core.run_text(self.ctx, "ping"), TextReply(["pong"], True))
         self.assertEqual(self.events, [])
-        audit_publisher.addObserver(self.events.append)
-        self.assertTrue(audit_publisher.active)
+        [event] = [e for e in logged if e.get("log_namespace") == NAMESPACE]
+        self.assertEqual((event["command"], event["outcome"]), ("ping", "ok"))
+
+    def test_with_audit_observer_events_stay_out_of_the_global_log(self) -> None:
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.core.run_text(self.ctx, "ping")
+        self.assertEqual(len(self.events), 1)
+        self.assertEqual([e for e in logged if e.get("log_namespace") == NAMESPACE], [])
