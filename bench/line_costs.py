@@ -3,11 +3,12 @@
 
 Feeds chunks of pipelined lines straight into the protocols' ``dataReceived``
 (a transport that drops the output) and reports microseconds per line for: a
-bare Twisted ``LineReceiver`` echo, cmdserver's door and core with no audit
-log, and with the audit log writing to a file (flushed once per chunk, as the
-daemon does once per reactor turn).  The differences are what the door, the
-core and the audit add per command; bench/line.py measures the whole with
-sockets.
+bare Twisted ``LineReceiver`` echo; cmdserver's door and core with the audit
+events built but dropped; with the JSON audit file (written once per chunk, as
+the daemon does once per reactor turn); and with ``--audit-log none``, where
+the events are rendered into the main text log as twistd does.  The
+differences are what each part adds per command; bench/line.py measures the
+whole with sockets.
 
     .venv/bin/python bench/line_costs.py
 """
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import FileLogObserver, formatEventAsClassicLogText, globalLogPublisher
 from twisted.protocols.basic import LineReceiver
 
 from cmdserver.audit import AuditFile, audit_publisher
@@ -73,7 +75,13 @@ def main() -> None:
         pass
 
     bare = per_line(Echo(), chunk, args.chunk, args.rounds, nothing)
+
+    def dropped(event: dict) -> None:
+        pass
+
+    audit_publisher.addObserver(dropped)  # events are built, then dropped
     no_audit = per_line(door.buildProtocol(None), chunk, args.chunk, args.rounds, nothing)
+    audit_publisher.removeObserver(dropped)
     with tempfile.TemporaryDirectory() as d:
         audit = AuditFile(f"{d}/audit.log", clock)
         audit.open()
@@ -85,12 +93,21 @@ def main() -> None:
         with_audit = per_line(door.buildProtocol(None), chunk, args.chunk, args.rounds, turn)
         audit_publisher.removeObserver(audit)
         audit.close()
+        # --audit-log none: the events go to the main log, rendered as twistd does.
+        with open(f"{d}/twistd.log", "w") as log_file:
+            text_log = FileLogObserver(log_file, formatEventAsClassicLogText)
+            globalLogPublisher.addObserver(text_log)
+            as_text = per_line(door.buildProtocol(None), chunk, args.chunk, args.rounds,
+                               nothing)
+            globalLogPublisher.removeObserver(text_log)
     print(f"{args.chunk} lines per chunk, microseconds per line (best of 3)")
-    print(f"bare LineReceiver echo           {bare:6.2f}")
-    print(f"cmdserver, audit off             {no_audit:6.2f}   door+core add "
+    print(f"bare LineReceiver echo                 {bare:6.2f}")
+    print(f"cmdserver, audit events dropped        {no_audit:6.2f}   door+core add "
           f"{no_audit - bare:.2f}")
-    print(f"cmdserver, audit on              {with_audit:6.2f}   audit adds "
+    print(f"cmdserver, JSON audit file (default)   {with_audit:6.2f}   the audit file adds "
           f"{with_audit - no_audit:.2f}")
+    print(f"cmdserver, --audit-log none (text log) {as_text:6.2f}   the text log adds "
+          f"{as_text - no_audit:.2f}")
 
 
 if __name__ == "__main__":
