@@ -26,7 +26,8 @@ from cmdserver.errors import CommandError, UsageError
 from cmdserver.policy import Policy
 
 MAX_LINE = 64
-ROOT = tempfile.mkdtemp(prefix="cmdserver-fuzz-")
+_ROOT_DIR = tempfile.TemporaryDirectory(prefix="cmdserver-fuzz-")  # removed at exit
+ROOT = _ROOT_DIR.name
 with open(os.path.join(ROOT, "file.txt"), "wb") as _f:
     _f.write(b"some bytes\n")
 os.mkdir(os.path.join(ROOT, "dir"))

@@ -55,8 +55,9 @@ class SlowReaderTests(unittest.TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        root = tempfile.mkdtemp(prefix="cmdserver-e2e-")
-        self.core = CommandCore(default_registry(LogSource("")), Policy([root]), reactor)
+        root = tempfile.TemporaryDirectory(prefix="cmdserver-e2e-")
+        self.addCleanup(root.cleanup)
+        self.core = CommandCore(default_registry(LogSource("")), Policy([root.name]), reactor)
         self.factory = LimitedFactory(LineFactory(self.core, LineSettings()),
                                       ConnectionLimits(10, 10), self.core.stats, "line",
                                       TOO_MANY)
