@@ -11,9 +11,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger
 
-from cmdserver.audit import AuditFile
+from cmdserver.audit import AuditFile, audit_publisher
 from cmdserver.auth import Realm, build_portal
 from cmdserver.core import CommandCore
 from cmdserver.doors.limits import ConnectionLimits, LimitedFactory
@@ -93,7 +93,7 @@ class CmdServerService(MultiService):
         self.portal = portal or build_portal(Realm())
         self.realm: Realm = self.portal.realm
         self.limits = ConnectionLimits(limits.max_clients, limits.max_per_ip)
-        self.audit = AuditFile(audit_log) if audit_log else None
+        self.audit = AuditFile(audit_log, core.reactor) if audit_log else None
         self.doors: list[DoorService] = []
 
     def add_door(self, door: str, description: str, factory: Factory,
@@ -119,14 +119,14 @@ class CmdServerService(MultiService):
     def _open_audit(self) -> None:
         if self.audit is not None and not self.audit.is_open:
             self.audit.open()
-            globalLogPublisher.addObserver(self.audit)
+            audit_publisher.addObserver(self.audit)
 
     def stopService(self) -> Deferred:
         d = super().stopService()
 
         def close_audit(result: Any) -> Any:
             if self.audit is not None:
-                globalLogPublisher.removeObserver(self.audit)
+                audit_publisher.removeObserver(self.audit)
                 self.audit.close()
             return result
 

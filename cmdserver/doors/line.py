@@ -3,9 +3,11 @@
 Commands from one connection run one after another and their output never
 interleaves; lines that arrive meanwhile wait in a short queue, commands wait
 while the client is not reading our output (the protocol is the transport's
-push producer), and reading stops while the queue is full.  A client that goes away
-cancels its running command.  A command may take over the byte stream for a
-while (``receive_raw``: the bytes of an upload), then lines resume.
+push producer), and reading stops while the queue is full.  One connection runs
+at most ``LINES_PER_TURN`` lines per reactor turn, so a flood of short lines
+cannot starve the others.  A client that goes away cancels its running command.
+A command may take over the byte stream for a while (``receive_raw``: the bytes
+of an upload), then lines resume.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ log = Logger()
 TOO_MANY = b"Too many connections. bye !\r\n"
 QUEUE_HIGH = 64  # queued lines at which reading stops
 QUEUE_LOW = 16  # queued lines at which it starts again
+BATCH_LIMIT = 16384  # output bytes gathered before they are handed to the transport
+LINES_PER_TURN = 256  # lines one connection may run before the others get a turn
 # C0 controls (but tab) and DEL: kept out of what a terminal shows.
 _SANITIZE = {c: "\N{REPLACEMENT CHARACTER}" for c in [*range(0, 9), *range(10, 32), 127]}
 
@@ -69,6 +73,10 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._peer_login: Callable[[Context, Any], None] | None = None
         self._raw: Any = None  # the consumer of raw bytes (an upload), if any
         self._raw_paused = False
+        self._batch: list[bytes] | None = None  # output gathered during one dataReceived
+        self._batch_size = 0
+        self._turn_lines = 0  # lines taken since this reactor turn began
+        self._yielding = False  # reading stopped until the next turn
 
     # -- connection life --------------------------------------------------
 
@@ -99,20 +107,22 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         if self._raw is not None:  # the raw bytes can never be complete now
             self._closing = True
             self.line("Error: upload incomplete: the client closed the stream early")
-            self.transport.loseConnection()  # connectionLost cancels the upload
+            self._close()  # connectionLost cancels the upload
             return
-        last = self.clearLineBuffer()  # a last line without its newline still counts
-        if last:
-            self.lineReceived(last)
+        rest = self.clearLineBuffer()  # lines not delivered yet, while reading was stopped
+        if rest and not rest.endswith(self.delimiter):
+            rest += self.delimiter  # a last line without its newline still counts
+        self._receive(rest)  # delivered now, or when reading starts again
         self._close_if_done()
 
     def writeConnectionLost(self) -> None:
         self.transport.loseConnection()
 
     def _close_if_done(self) -> None:
-        if self._eof and self._running is None and not self._queue and not self._closing:
+        if (self._eof and self._running is None and not self._queue and not self._closing
+                and not self._buffer):  # LineReceiver's: lines not delivered yet
             self._closing = True
-            self.transport.loseConnection()
+            self._close()
 
     def timeoutConnection(self) -> None:
         # A long command is not idleness, unless it waits for the client's bytes.
@@ -120,23 +130,46 @@ class LineProtocol(LineReceiver, TimeoutMixin):
             self.setTimeout(self.settings.idle_timeout)  # the mixin dropped its call
             return
         self.line(f"Timeout: idle for {self.settings.idle_timeout:g} s, closing the connection.")
-        self.transport.loseConnection()
+        self._close()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._queue.clear()
         self._closing = True
         self.line(f"Error: line too long (the limit is {self.MAX_LENGTH} bytes)")
-        self.transport.loseConnection()
+        self._close()
 
     # -- input --------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
-        super().dataReceived(data)
+        self._turn_lines = 0
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
+        """Run the lines in ``data``; their replies leave in one write.
+
+        While reading is stopped (``self.paused``), ``LineReceiver`` keeps the
+        lines not yet delivered in its buffer, as bytes: at most one read.
+        """
+        if self._batch is not None:  # already receiving: LineReceiver buffers it
+            super().dataReceived(data)
+            return
+        self._batch = []
+        try:
+            super().dataReceived(data)
+        finally:
+            self._flush()
+            self._batch = None
 
     def lineReceived(self, line: bytes) -> None:
         if self._closing:
             return
+        self._turn_lines += 1
+        if self._turn_lines >= LINES_PER_TURN and not self._yielding:
+            # A flood of lines in one read: let the other connections have a turn.
+            self._yielding = True
+            self.core.reactor.callLater(0, self._next_turn)
+            self._update_reading()
         if self._running is not None or self._queue or self._write_paused:
             self._queue.append(line)
             self._update_reading()
@@ -192,9 +225,12 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         if self._peer_login is not None:  # the TLS handshake is done once a line arrives
             peer_login, self._peer_login = self._peer_login, None
             peer_login(self.ctx, self.transport)
-        d = self.core.run_line(self.ctx, text)
-        self._running = d
-        d.addCallback(self._reply)
+        reply = self.core.run_text(self.ctx, text)
+        if isinstance(reply, TextReply):  # cheaper to test than Deferred (an ABC)
+            self._reply(reply)
+        else:
+            self._running = reply
+            reply.addCallback(self._reply)
 
     def _reply(self, reply: TextReply) -> None:
         self._running = None
@@ -203,9 +239,13 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self.resetTimeout()  # idleness counts from the end of the last command
         self.lines(reply.lines)
         if self._closing:
-            self.transport.loseConnection()
+            self._close()
             return
         self._drain()
+
+    def _close(self) -> None:
+        self._flush()
+        self.transport.loseConnection()
 
     def _drain(self) -> None:
         """Run queued lines one by one (a loop, not recursion: replies may be synchronous)."""
@@ -221,18 +261,28 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._update_reading()
         self._close_if_done()
 
+    def _next_turn(self) -> None:
+        self._yielding = False
+        self._turn_lines = 0
+        self._update_reading()
+
     def _update_reading(self) -> None:
+        """Stop or restart reading: lines are taken only while they can be run soon.
+
+        A paused writer stops commands, not reading: lines queue, and reading stops
+        when the queue is full (a TLS transport pauses its producer until its
+        handshake is done, which needs reading).  An upload that is behind stops it too.
+        """
         if self._closing or not self._connected:
             return  # the transport is going away; leave it be
-        # A paused writer stops commands, not reading: lines queue and reading stops when
-        # the queue is full.  (TLS pauses its producer until the handshake is done; if
-        # that stopped reading, the handshake could never finish.)
-        want = not self._raw_paused and len(self._queue) < (
-            QUEUE_LOW if not self._reading else QUEUE_HIGH)
+        want = (not self._yielding and not self._raw_paused
+                and len(self._queue) < (QUEUE_LOW if not self._reading else QUEUE_HIGH))
         if want != self._reading:
             self._reading = want
+            self.paused = not want  # LineReceiver stops delivering lines too
             if want:
                 self.transport.resumeProducing()
+                self._receive(b"")  # the lines that arrived before reading stopped
             else:
                 self.transport.pauseProducing()
 
@@ -241,7 +291,20 @@ class LineProtocol(LineReceiver, TimeoutMixin):
     def line(self, text: str) -> None:
         if not text.isprintable():
             text = text.translate(_SANITIZE)
-        self.transport.write(text.encode("utf-8", "backslashreplace") + b"\r\n")
+        data = text.encode("utf-8", "backslashreplace") + b"\r\n"
+        if self._batch is None:
+            self.transport.write(data)
+            return
+        self._batch.append(data)
+        self._batch_size += len(data)
+        if self._batch_size >= BATCH_LIMIT:  # let the transport's back-pressure see it
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._batch:
+            self.transport.writeSequence(self._batch)
+            self._batch.clear()
+            self._batch_size = 0
 
     def lines(self, texts: list[str]) -> None:
         for text in texts:

@@ -12,7 +12,13 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from cmdserver.commands.base import Command, Context
-from cmdserver.doors.line import QUEUE_HIGH, QUEUE_LOW, LineFactory, LineSettings
+from cmdserver.doors.line import (
+    LINES_PER_TURN,
+    QUEUE_HIGH,
+    QUEUE_LOW,
+    LineFactory,
+    LineSettings,
+)
 from tests.helpers import make_core
 
 
@@ -231,6 +237,8 @@ class LineDoorTests(unittest.SynchronousTestCase):
         self.output()
         self.send(b"gate a\n" + b"ping\n" * 5000)
         self.gate.release("a")
+        for _ in range(5000 // LINES_PER_TURN + 2):  # a turn at a time, others get theirs
+            self.clock.advance(0)
         self.assertEqual(len(self.output()), 5002)
 
     def test_half_close_answers_everything_then_closes(self) -> None:
@@ -283,3 +291,15 @@ class LineDoorTests(unittest.SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
         self.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.gate.cancelled, ["a"])
+
+    def test_half_close_while_reading_is_stopped_answers_every_line(self) -> None:
+        self.output()
+        self.send(b"gate a\n" + b"ping\n" * (QUEUE_HIGH + 50) + b"ping")
+        self.assertEqual(self.transport.producerState, "paused")
+        self.protocol.readConnectionLost()
+        self.assertFalse(self.transport.disconnecting)
+        self.gate.release("a")
+        for _ in range(10):
+            self.clock.advance(0)
+        self.assertEqual(self.output(), ["start a", "done a"] + ["pong"] * (QUEUE_HIGH + 51))
+        self.assertTrue(self.transport.disconnecting)

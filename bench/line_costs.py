@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""bench/line_costs: what one ``ping`` costs in the line door, in-process, no network.
+
+Feeds chunks of pipelined lines straight into the protocols' ``dataReceived``
+(a transport that drops the output) and reports microseconds per line for: a
+bare Twisted ``LineReceiver`` echo; cmdserver's door and core with the audit
+events built but dropped; with the JSON audit file (written once per chunk, as
+the daemon does once per reactor turn); and with ``--audit-log none``, where
+the events are rendered into the main text log as twistd does.  The
+differences are what each part adds per command; bench/line.py measures the
+whole with sockets.
+
+    .venv/bin/python bench/line_costs.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import FileLogObserver, formatEventAsClassicLogText, globalLogPublisher
+from twisted.protocols.basic import LineReceiver
+
+from cmdserver.audit import AuditFile, audit_publisher
+from cmdserver.commands import default_registry
+from cmdserver.commands.lastlog import LogSource
+from cmdserver.core import CommandCore
+from cmdserver.doors.line import LineFactory, LineSettings
+from cmdserver.policy import Policy
+
+
+class DropTransport(StringTransport):
+    def write(self, data: bytes) -> None:
+        pass
+
+    def writeSequence(self, seq: list[bytes]) -> None:
+        pass
+
+
+class Echo(LineReceiver):
+    delimiter = b"\n"
+
+    def lineReceived(self, line: bytes) -> None:
+        self.sendLine(line)
+
+
+def per_line(proto, chunk: bytes, lines: int, rounds: int, after: Callable[[], None]) -> float:
+    proto.makeConnection(DropTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000)))
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(rounds):
+            proto.dataReceived(chunk)
+            after()
+        best = min(best, time.perf_counter() - started)
+    return best / (rounds * lines) * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--chunk", type=int, default=8, help="lines per dataReceived")
+    p.add_argument("--rounds", type=int, default=20000)
+    args = p.parse_args()
+    chunk = b"ping\n" * args.chunk
+    clock = Clock()
+    core = CommandCore(default_registry(LogSource("")), Policy(["/"]), clock)
+    door = LineFactory(core, LineSettings(greeting="", idle_timeout=0))
+
+    def nothing() -> None:
+        pass
+
+    bare = per_line(Echo(), chunk, args.chunk, args.rounds, nothing)
+
+    def dropped(event: dict) -> None:
+        pass
+
+    audit_publisher.addObserver(dropped)  # events are built, then dropped
+    no_audit = per_line(door.buildProtocol(None), chunk, args.chunk, args.rounds, nothing)
+    audit_publisher.removeObserver(dropped)
+    with tempfile.TemporaryDirectory() as d:
+        audit = AuditFile(f"{d}/audit.log", clock)
+        audit.open()
+        audit_publisher.addObserver(audit)
+
+        def turn() -> None:
+            clock.advance(0)  # the per-turn write
+
+        with_audit = per_line(door.buildProtocol(None), chunk, args.chunk, args.rounds, turn)
+        audit_publisher.removeObserver(audit)
+        audit.close()
+        # --audit-log none: the events go to the main log, rendered as twistd does.
+        with open(f"{d}/twistd.log", "w") as log_file:
+            text_log = FileLogObserver(log_file, formatEventAsClassicLogText)
+            globalLogPublisher.addObserver(text_log)
+            as_text = per_line(door.buildProtocol(None), chunk, args.chunk, args.rounds,
+                               nothing)
+            globalLogPublisher.removeObserver(text_log)
+    print(f"{args.chunk} lines per chunk, microseconds per line (best of 3)")
+    print(f"bare LineReceiver echo                 {bare:6.2f}")
+    print(f"cmdserver, audit events dropped        {no_audit:6.2f}   door+core add "
+          f"{no_audit - bare:.2f}")
+    print(f"cmdserver, JSON audit file (default)   {with_audit:6.2f}   the audit file adds "
+          f"{with_audit - no_audit:.2f}")
+    print(f"cmdserver, --audit-log none (text log) {as_text:6.2f}   the text log adds "
+          f"{as_text - no_audit:.2f}")
+
+
+if __name__ == "__main__":
+    main()

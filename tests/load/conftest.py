@@ -1,0 +1,184 @@
+"""The soak and fault suite's fixtures: a real ``twistd cmdserver`` process.
+
+Run with ``.venv/bin/python -m pytest tests/load`` (the default run skips this
+directory).  Everything is on loopback, bounded in time and count.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+LISTENING = re.compile(r"line door listening on 127\.0\.0\.1:(\d+)")
+# What must never appear in the daemon's log: tracebacks and error-level events.
+LOG_ERRORS = re.compile(r"Traceback|Unhandled|#critical\]|#error\]")
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+
+
+class Daemon:
+    """``twistd -n cmdserver`` on an ephemeral loopback port, with /proc probes."""
+
+    def __init__(self, workdir: Path, args: list[str], env: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.args = args
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "twistd.log"
+
+    def start(self) -> Daemon:
+        cmd = [TWISTD, "-n", "--pidfile=", "-l", str(self.log_path), "cmdserver",
+               "--line", "tcp:0:interface=127.0.0.1:backlog=1024",
+               "--data-dir", str(self.workdir / "data"), *self.args]
+        self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env,
+                                     stdin=subprocess.DEVNULL, preexec_fn=raise_nofile)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"daemon exited:\n{self.log()}"
+            m = LISTENING.search(self.log())
+            if m:
+                self.port = int(m.group(1))
+                return self
+            time.sleep(0.05)
+        raise AssertionError(f"daemon did not listen:\n{self.log()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_errors(self) -> list[str]:
+        return [row for row in self.log().splitlines() if LOG_ERRORS.search(row)]
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            return next(int(r.split()[1]) for r in f if r.startswith("VmRSS:"))
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def children(self) -> list[int]:
+        kids: list[int] = []
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/children") as f:
+                    kids += [int(p) for p in f.read().split()]
+            except FileNotFoundError:
+                pass
+        return kids
+
+    def session(self) -> Session:
+        return Session(self.port)
+
+    def terminate(self, timeout: float = 5.0) -> float:
+        """SIGTERM; the seconds it took to exit (raises if over ``timeout``)."""
+        assert self.proc is not None
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout)
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Session:
+    """A blocking line-door client for checks between the loads."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.buffer = b""
+        self.greeting = self.read_line()
+
+    def read_line(self) -> str:
+        while b"\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed; pending {self.buffer!r}")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line.decode()
+
+    def run(self, command: str) -> list[str]:
+        """Send a command and a ping; the lines before the pong are its reply."""
+        self.sock.sendall(command.encode() + b"\nping\n")
+        lines = []
+        while (line := self.read_line()) != "pong":
+            lines.append(line)
+        return lines
+
+    def stats(self) -> dict[str, int]:
+        text = "\n".join(self.run("stats"))
+        return {
+            "open": int(re.search(r"connections: (\d+) open", text).group(1)),
+            "in_flight": int(re.search(r"commands in flight: (\d+)", text).group(1)),
+        }
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def jail(tmp_path: Path) -> Path:
+    root = tmp_path / "jail"
+    (root / "sub").mkdir(parents=True)
+    (root / "small.txt").write_bytes(b"hello\n")
+    (root / "sub" / "notes.txt").write_bytes(b"notes\n" * 100)
+    (root / "medium.bin").write_bytes(os.urandom(4 << 20))
+    return root
+
+
+@pytest.fixture
+def syslog(tmp_path: Path) -> Path:
+    path = tmp_path / "syslog"
+    path.write_text("".join(f"Nov 21 08:00:{i % 60:02d} host app[{i}]: line {i}\n"
+                            for i in range(2000)))
+    return path
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator:
+    started: list[Daemon] = []
+
+    def start(args: list[str], env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(tmp_path, args, env).start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()
