@@ -32,6 +32,7 @@ from cmdserver.doors.ssh import SSHSettings, add_ssh_door
 from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
 from cmdserver.service import CmdServerService, Limits
+from cmdserver.upload_spool import TEMP_RE
 
 
 class OutsideTreeTempMixin:
@@ -581,7 +582,7 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
         yield self.in_thread(write_some)
         names = os.listdir(self.root)
         self.assertNotIn("big.bin", names)
-        self.assertEqual(len([n for n in names if n.endswith(".sftp-part")]), 1)
+        self.assertEqual(len([n for n in names if TEMP_RE.match(n)]), 1)
         yield self.in_thread(client.get_transport().sock.close)  # the client dies
         yield wait_for(lambda: os.listdir(self.root) == ["notes.txt"], "temp file removed")
 
