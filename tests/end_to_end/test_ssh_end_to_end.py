@@ -264,6 +264,25 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
 
         return self.in_thread(run)
 
+    def test_three_key_attempts_then_disconnect(self) -> defer.Deferred:
+        def run() -> None:
+            t = self.transport()
+            try:
+                for _ in range(2):
+                    with self.assertRaises(paramiko.AuthenticationException):
+                        t.auth_publickey("ops", client_key()[0])
+                with self.assertRaises(paramiko.SSHException):
+                    t.auth_publickey("ops", client_key()[0])  # the third failure: cut off
+                for _ in range(100):
+                    if not t.is_active():
+                        break
+                    time.sleep(0.05)
+                self.assertFalse(t.is_active())
+            finally:
+                t.close()
+
+        return self.in_thread(run)
+
     def test_shared_per_address_limit_counts_ssh(self) -> defer.Deferred:
         def run() -> tuple[list[bytes], bytes]:
             socks = [socket.create_connection(("127.0.0.1", self.port), timeout=10)
@@ -305,6 +324,38 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
                 client.close()
 
         return self.in_thread(run).addCallback(self.assertEqual, (b"1000000 bytes\n", 0))
+
+    def test_exec_on_a_pty_ends_lines_with_crlf_and_takes_ctrl_c(self) -> defer.Deferred:
+        def run() -> tuple[bytes, bytes, int, bytes, int]:
+            t = self.transport()
+            try:
+                t.auth_password("ops", PASSWORD)
+                chan = t.open_session()
+                chan.settimeout(10)
+                chan.get_pty()
+                chan.exec_command("ping")
+                ping_status = chan.recv_exit_status()
+                ping = chan.makefile().read()
+                chan = t.open_session()
+                chan.settimeout(10)
+                chan.get_pty()
+                chan.exec_command("slow")
+                seen = b""
+                while b"started\r\n" not in seen:
+                    seen += chan.recv(4096)
+                chan.send(b"\x03")  # Ctrl-C on the client's terminal
+                status = chan.recv_exit_status()
+                return ping, seen, status, chan.makefile_stderr().read(), ping_status
+            finally:
+                t.close()
+
+        def check(result: tuple[bytes, bytes, int, bytes, int]) -> None:
+            ping, seen, status, err, ping_status = result
+            self.assertEqual((ping, ping_status), (b"pong\r\n", 0))
+            self.assertEqual((seen, status, err), (b"started\r\n", 1, b"Error: cancelled\r\n"))
+            self.assertTrue(self.slow.cancelled.called)
+
+        return self.in_thread(run).addCallback(check)
 
     @defer.inlineCallbacks
     def test_tcp_nodelay_on_accepted_sockets(self) -> Any:
@@ -497,6 +548,12 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
         return self.in_thread(run).addCallback(check)
 
     def test_env_refused_beyond_a_few(self) -> defer.Deferred:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
         def run() -> tuple[bool, bool]:
             t = self.transport()
             try:
@@ -508,7 +565,12 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
             finally:
                 t.close()
 
-        return self.in_thread(run).addCallback(self.assertEqual, (True, False))
+        def check(result: tuple[bool, bool]) -> None:
+            self.assertEqual(result, (True, False))
+            refused = [(e["what"], e["detail"], e["user"]) for e in events if "what" in e]
+            self.assertEqual(refused, [("env", "LD_PRELOAD", "ops")])
+
+        return self.in_thread(run).addCallback(check)
 
     # -- sftp ----------------------------------------------------------------
 
