@@ -117,7 +117,8 @@ class JailedSFTPServer:
 
     @staticmethod
     def _not_reserved(entry: str, raw: bytes) -> None:
-        """Refuse to make a file named like a temporary file (the sweep would remove it)."""
+        """Refuse a file named like a temporary file: another session's upload in
+        progress is not a file yet, and a new one by that name would be swept."""
         if TEMP_RE.match(os.path.basename(entry)):
             raise SFTPError(FX_FAILURE, "reserved name (upload temporary files look like "
                                         f"it): {os.fsdecode(raw)}")
@@ -188,6 +189,7 @@ class JailedSFTPServer:
 
     def _open_read(self, filename: bytes) -> ReadFile:
         real = self._resolve(filename)
+        self._not_reserved(real, filename)
         try:
             fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
@@ -227,6 +229,7 @@ class JailedSFTPServer:
     def removeFile(self, filename: bytes) -> Deferred:
         def remove() -> None:
             entry = self._entry(filename)
+            self._not_reserved(entry, filename)
             try:
                 if os.path.isdir(entry) and not os.path.islink(entry):
                     raise SFTPError(FX_FAILURE, f"is a directory: {os.fsdecode(filename)}")
@@ -239,6 +242,7 @@ class JailedSFTPServer:
     def renameFile(self, oldpath: bytes, newpath: bytes) -> Deferred:
         def rename() -> None:
             old, new = self._entry(oldpath), self._entry(newpath)
+            self._not_reserved(old, oldpath)
             self._not_reserved(new, newpath)
             if os.path.lexists(new):  # SFTP v3: renaming onto an existing name fails
                 raise SFTPError(FX_FILE_ALREADY_EXISTS, f"file exists: {os.fsdecode(newpath)}")

@@ -99,6 +99,14 @@ class SFTPJailTest(OutsideTreeTempMixin, unittest.TestCase):
         self.assertIn("reserved name", self.error(self.server.renameFile(b"a.txt", reserved)
                                                   ).message)
         self.assertEqual(sorted(os.listdir(self.root)), ["a.txt"])
+        # Another session's upload in progress cannot be read, moved or removed.
+        self.put(b"b.txt", b"data")
+        [temp] = [name.encode() for name in self.temps()]
+        for attempt in (self.server.openFile(temp, FXF_READ, {}),
+                        self.server.renameFile(temp, b"c.txt"),
+                        self.server.removeFile(temp)):
+            self.assertIn("reserved name", self.error(attempt).message)
+        self.assertEqual(len(self.temps()), 1)
 
     def test_realpath_starts_at_the_first_root(self) -> None:
         self.assertEqual(self.successResultOf(self.server.realPath(b".")),

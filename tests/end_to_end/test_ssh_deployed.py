@@ -121,6 +121,19 @@ class DeployedSSHTest(unittest.TestCase):
         with open(os.path.join(self.root, "big.bin"), "rb") as f:
             self.assertEqual(f.read(), b"y" * 1000)
 
+    @defer.inlineCallbacks
+    def test_sweep_covers_the_users_own_roots(self) -> Any:
+        jail = os.path.join(self.tmp, "jail")
+        os.makedirs(os.path.join(jail, "sub"))
+        self.patch(os.sys, "stdin", io.StringIO("other-pass\n"))
+        self.assertEqual(cli(["useradd", "jailed", "--password-stdin", "--cost", "4",
+                              "--root", jail, "--data-dir", self.data]), 0)
+        stale = os.path.join(jail, "sub", temp_name("put.bin", "0badf00d"))
+        open(stale, "w").close()
+        server = yield self.serve()
+        removed = yield server.service.getServiceNamed("uploads").cleaned
+        self.assertEqual(removed, [stale])
+
     # -- the shell ---------------------------------------------------------------
 
     def shell(self, keys: list[tuple[bytes, bytes]]) -> defer.Deferred:
