@@ -547,6 +547,33 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
 
         return self.in_thread(run).addCallback(check)
 
+    def test_at_most_ten_session_channels(self) -> defer.Deferred:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def run() -> None:
+            t = self.transport()
+            try:
+                t.auth_password("ops", PASSWORD)
+                channels = [t.open_session() for _ in range(10)]
+                with self.assertRaises(paramiko.ChannelException):
+                    t.open_session()
+                channels.pop().close()  # one closed: room for one more
+                chan = t.open_session()
+                chan.exec_command("ping")
+                self.assertEqual(chan.recv_exit_status(), 0)
+            finally:
+                t.close()
+
+        def check(_: Any) -> None:
+            refused = [(e["what"], e["detail"]) for e in events if "what" in e]
+            self.assertEqual(refused, [("channel", "session: 10 are open already")])
+
+        return self.in_thread(run).addCallback(check)
+
     def test_env_refused_beyond_a_few(self) -> defer.Deferred:
         from twisted.logger import globalLogPublisher
 
