@@ -449,6 +449,42 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
 
         return self.in_thread(run).addCallback(check)
 
+    def test_shell_keeps_what_is_typed_while_a_command_runs(self) -> defer.Deferred:
+        def run() -> bytes:
+            client = self.connect(password=PASSWORD)
+            try:
+                chan = client.invoke_shell()
+                chan.settimeout(10)
+                seen = b""
+
+                def until(marker: bytes) -> None:
+                    nonlocal seen
+                    while marker not in seen:
+                        data = chan.recv(4096)
+                        if not data:
+                            raise AssertionError(f"closed before {marker!r}: {seen!r}")
+                        seen += data
+
+                until(b"cmdserver> ")
+                chan.send(b"slow\r")
+                until(b"started\r\n")
+                chan.send("ls café\r".encode())  # typed while slow runs
+                threads.blockingCallFromThread(  # the server has taken every key
+                    reactor, wait_for,
+                    lambda: len(self.slow.ctx.session.shell._typeahead) == 8, "type-ahead")
+                reactor.callFromThread(self.slow.running.callback, "slow done")
+                until("café\r\ncmdserver> ".encode())
+                return seen[seen.index(b"started\r\n"):]
+            finally:
+                client.close()
+
+        def check(seen: bytes) -> None:
+            self.assertEqual(seen, "started\r\nslow done\r\ncmdserver> ls café\r\n"
+                                   "Error: no such file or directory: café\r\n"
+                                   "cmdserver> ".encode())
+
+        return self.in_thread(run).addCallback(check)
+
     def test_shell_ctrl_d_leaves(self) -> defer.Deferred:
         def run() -> int:
             client = self.connect(password=PASSWORD)
