@@ -327,11 +327,14 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
 
         add_ssh_door(service, options["ssh"], data_dir,
                      SSHSettings(idle_timeout=options["idle-timeout"],
-                                 max_line=options["max-line"]))
+                                 max_line=options["max-line"], temp_run_id=uploads.run_id))
     if options["pb"]:
         service.add_door("pb", options["pb"],
                          pb_factory(core, service.portal, options["pb-anonymous"],
                                     upload=consumer_starter(uploads.begin),
                                     idle_timeout=options["idle-timeout"]))
-    UploadService(uploads, core.policy.roots, reactor).setServiceParent(service)
+    # The start-up sweep of stale temporary files covers the users' own roots too.
+    user_roots = [r for user in credentials.users.values() for r in user.roots or ()]
+    sweep = list(dict.fromkeys([*core.policy.roots, *user_roots]))
+    UploadService(uploads, sweep, reactor).setServiceParent(service)
     return service

@@ -64,6 +64,25 @@ def temp_name(name: str, run_id: str) -> str:
     return f".{short}{TEMP_MARK}{run_id}-{secrets.token_hex(4)}"
 
 
+def open_temp(base: str, run_id: str, dir_fd: int) -> tuple[str, int]:
+    """Create a hidden temporary file for ``base`` in the directory ``dir_fd``.
+
+    Every door that spools a file before publishing it (upload, SFTP put) names
+    it with :func:`temp_name` through here, so the one start-up sweep
+    (:func:`remove_stale`) removes what a dead run left of either.  Returns the
+    name and a descriptor open for writing (mode 0600, never an existing file
+    or a symlink); raises ``OSError``.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    for _ in range(5):
+        tmp = temp_name(base, run_id)
+        try:
+            return tmp, os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "too many name clashes")
+
+
 def write_all(fd: int, chunks: Sequence[bytes], writer: Writer = os.writev) -> None:
     """Write every byte of ``chunks``, in as few system calls as the kernel allows."""
     pending = list(chunks)
@@ -317,18 +336,12 @@ def _create(name: str, size: int, dir_fd: int, base: str, key: bytes, overwrite:
     free = fs.f_bavail * fs.f_frsize
     if size > free:
         raise CommandError(f"not enough disk space: {size} bytes needed, {free} available")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-    for _ in range(5):
-        tmp = temp_name(base, run_id)
-        try:
-            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise CommandError(f"cannot create a file next to {name}: "
-                               f"{(e.strerror or str(e)).lower()}") from None
-        return Spool(name, size, dir_fd, base, tmp, fd, key, overwrite, writer)
-    raise CommandError(f"cannot create a file next to {name}: too many name clashes")
+    try:
+        tmp, fd = open_temp(base, run_id, dir_fd)
+    except OSError as e:
+        raise CommandError(f"cannot create a file next to {name}: "
+                           f"{(e.strerror or str(e)).lower()}") from None
+    return Spool(name, size, dir_fd, base, tmp, fd, key, overwrite, writer)
 
 
 def remove_stale(roots: Sequence[str], run_id: str) -> list[str]:

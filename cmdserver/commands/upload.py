@@ -4,7 +4,9 @@ The command asks the door's session for the raw byte stream:
 ``ctx.session.receive_raw(size, consumer)`` must hand the next ``size`` bytes
 the client sends to ``consumer.write`` (and honour the producer the consumer
 is given for back-pressure), then go back to reading commands.  The line door
-and the SSH exec channel do this; a door without it cannot run ``upload``.
+and the SSH exec channel do this; a door without it cannot run ``upload``, and
+``ctx.session.raw_input_unavailable(usage)``, where a door has it, may refuse
+before anything is created (the SSH shell has no stdin to read).
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ class UploadCommand(Command):
         receive = getattr(ctx.session, "receive_raw", None)
         if receive is None:
             raise CommandError("upload needs a door that can stream raw bytes")
+        # A door may stream bytes on some channels only (SSH: exec, not the shell):
+        # it says why not before anything is created.
+        unavailable = getattr(ctx.session, "raw_input_unavailable", None)
+        reason = unavailable(self.usage) if unavailable is not None else None
+        if reason is not None:
+            raise CommandError(reason)
 
         def ready(upload: Upload) -> Deferred:
             ctx.out.line(READY.format(size=size))

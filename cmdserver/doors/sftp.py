@@ -5,14 +5,15 @@ is our ``ISFTPServer``.  Every path goes through :meth:`Policy.resolve` (or, for
 operations on a directory entry itself, through its parent), and every file
 operation runs in a thread.  Uploads never show a partial file: bytes go to a
 temporary file in the target directory that is renamed into place on close
-and removed if the session dies first.
+and removed if the session dies first.  The temporary file is named and made
+like the upload engine's (:func:`cmdserver.upload_spool.open_temp`), so the
+start-up sweep removes those a killed daemon left behind.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,6 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from cmdserver.doors.sftp_files import (
-    TEMP_SUFFIX,
     DirectoryListing,
     ReadFile,
     UploadFile,
@@ -46,6 +46,7 @@ from cmdserver.doors.sftp_files import (
     unsupported,
 )
 from cmdserver.errors import CommandError, PathOutsideRoots
+from cmdserver.upload_spool import TEMP_RE, open_temp
 
 if TYPE_CHECKING:
     from cmdserver.doors.ssh import SSHAvatar
@@ -66,6 +67,7 @@ class JailedSFTPServer:
         self.avatar = avatar
         self.policy = avatar.policy
         self.core = avatar.core
+        self.run_id = avatar.settings.temp_run_id
 
     # -- helpers -------------------------------------------------------------
 
@@ -113,6 +115,14 @@ class JailedSFTPServer:
             raise PathOutsideRoots()
         return os.path.join(self.policy.resolve(head), name)
 
+    @staticmethod
+    def _not_reserved(entry: str, raw: bytes) -> None:
+        """Refuse a file named like a temporary file: another session's upload in
+        progress is not a file yet, and a new one by that name would be swept."""
+        if TEMP_RE.match(os.path.basename(entry)):
+            raise SFTPError(FX_FAILURE, "reserved name (upload temporary files look like "
+                                        f"it): {os.fsdecode(raw)}")
+
     # -- ISFTPServer ---------------------------------------------------------
 
     def gotVersion(self, otherVersion: int, extData: dict) -> dict:
@@ -156,7 +166,7 @@ class JailedSFTPServer:
                 raise os_error(e, os.fsdecode(path)) from None
             entries = []
             for name in names:
-                if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                if TEMP_RE.match(name):
                     continue  # an upload in progress is not a file yet
                 try:
                     st = os.lstat(os.path.join(real, name))
@@ -179,6 +189,7 @@ class JailedSFTPServer:
 
     def _open_read(self, filename: bytes) -> ReadFile:
         real = self._resolve(filename)
+        self._not_reserved(real, filename)
         try:
             fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
@@ -191,6 +202,7 @@ class JailedSFTPServer:
     def _open_upload(self, filename: bytes, flags: int, attrs: dict) -> UploadFile:
         target = self._entry(filename)
         shown = os.fsdecode(filename)
+        self._not_reserved(target, filename)
         exists = os.path.lexists(target)
         if exists and flags & FXF_EXCL:
             raise SFTPError(FX_FILE_ALREADY_EXISTS, f"file exists: {shown}")
@@ -200,11 +212,16 @@ class JailedSFTPServer:
             raise unsupported("writing into an existing file (uploads replace it whole)")
         if not exists and not flags & FXF_CREAT:
             raise SFTPError(filetransfer.FX_NO_SUCH_FILE, f"no such file: {shown}")
+        directory, base = os.path.split(target)
         try:
-            fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.",
-                                        suffix=TEMP_SUFFIX, dir=os.path.dirname(target))
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                name, fd = open_temp(base, self.run_id, dir_fd)
+            finally:
+                os.close(dir_fd)
         except OSError as e:
             raise os_error(e, shown) from None
+        temp = os.path.join(directory, name)
         mode = attrs.get("permissions", DEFAULT_FILE_MODE) & 0o777
         return UploadFile(self, fd, temp, target, mode, exclusive=bool(flags & FXF_EXCL),
                           name=filename)
@@ -212,6 +229,7 @@ class JailedSFTPServer:
     def removeFile(self, filename: bytes) -> Deferred:
         def remove() -> None:
             entry = self._entry(filename)
+            self._not_reserved(entry, filename)
             try:
                 if os.path.isdir(entry) and not os.path.islink(entry):
                     raise SFTPError(FX_FAILURE, f"is a directory: {os.fsdecode(filename)}")
@@ -224,6 +242,8 @@ class JailedSFTPServer:
     def renameFile(self, oldpath: bytes, newpath: bytes) -> Deferred:
         def rename() -> None:
             old, new = self._entry(oldpath), self._entry(newpath)
+            self._not_reserved(old, oldpath)
+            self._not_reserved(new, newpath)
             if os.path.lexists(new):  # SFTP v3: renaming onto an existing name fails
                 raise SFTPError(FX_FILE_ALREADY_EXISTS, f"file exists: {os.fsdecode(newpath)}")
             try:

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-TEMP_SUFFIX = ".sftp-part"
 MAX_READ = 256 * 1024  # bytes per read request; clients ask for 32 KiB anyway
 
 

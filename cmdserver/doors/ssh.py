@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.conch.avatar import ConchUser
@@ -36,6 +36,7 @@ from cmdserver.doors.sftp import JailedFileTransferServer, JailedSFTPServer
 from cmdserver.doors.ssh_keys import load_host_keys, log_fingerprints
 from cmdserver.doors.ssh_session import CommandSession, RefusingSSHSession
 from cmdserver.policy import Policy
+from cmdserver.upload_spool import new_run_id
 
 log = Logger()
 
@@ -55,6 +56,9 @@ class SSHSettings:
     max_auth_attempts: int = MAX_AUTH_ATTEMPTS
     password_delay: float = 1.0  # seconds before a wrong password is answered
     greeting: str = f"cmdserver {__version__} ready; type 'help' for the commands."
+    # The run token in SFTP temporary file names; the start-up sweep of the upload
+    # engine spares its own run's files, so makeService passes the engine's token.
+    temp_run_id: str = field(default_factory=new_run_id)
 
 
 class SSHAvatar(ConchUser):

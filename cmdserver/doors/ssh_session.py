@@ -5,7 +5,9 @@ A :class:`CommandSession` runs text commands through
 text as the line door.  Exec ends with the exit status 0 when the command
 succeeded and 1 when it failed, error lines on stderr; the shell itself lives in
 :mod:`cmdserver.doors.ssh_shell`.  The exec channel's stdin can be handed to a
-command (:meth:`CommandSession.read_input`), with back-pressure.
+command (:meth:`CommandSession.read_input`), with back-pressure.  With a pty
+(``ssh -t HOST COMMAND``) lines end with CR LF, as a terminal's line discipline
+would make them, and Ctrl-C typed on that terminal cancels the command.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ log = Logger()
 QUIET_REQUESTS = frozenset({b"keepalive@openssh.com"})
 ALLOWED_ENV = ("LANG", "TERM")  # and LC_*
 INPUT_BUFFER_LIMIT = 1 << 20  # stdin bytes kept until the command says whether it reads them
+CTRL_C = b"\x03"
 
 
 class InputConsumer(Protocol):
@@ -176,6 +179,11 @@ class CommandSession:
         self._closing = True
 
     @property
+    def eol(self) -> bytes:
+        """Line end of exec output: CR LF on a pty (no line discipline adds the CR)."""
+        return b"\r\n" if self.pty else b"\n"
+
+    @property
     def closing(self) -> bool:
         return self._closing
 
@@ -213,7 +221,7 @@ class CommandSession:
         if error is not None:
             self._exec_done(TextReply([error], False))
             return
-        self.run(text, LineSink(self.write_out, b"\n"), self._exec_done)
+        self.run(text, LineSink(self.write_out, self.eol), self._exec_done)
         if self._input is None:
             if self._reads_input(text):  # it will, once it is ready: hold the client
                 self.pause_input()
@@ -236,7 +244,7 @@ class CommandSession:
         """A reply without a terminal: stdout if it succeeded, else stderr."""
         write = self.write_out if reply.ok else self.write_err
         for text in reply.lines:
-            write(render(text, b"\n"))
+            write(render(text, self.eol))
 
     def write_out(self, data: bytes) -> None:
         if not self._closed:
@@ -268,13 +276,24 @@ class CommandSession:
         self.resume_input()  # held since exec if the command declared it reads input
         return True
 
+    def raw_input_unavailable(self, usage: str) -> str | None:
+        """Why a command that reads raw bytes cannot run here, or None if it can.
+
+        Only exec has a stdin for a command: the shell's input is the user's
+        typing (or, without a pty, the next command lines).  Asked before the
+        command creates anything.
+        """
+        if self.shell is None and self.pipe is None:
+            return None
+        return f"{usage.split()[0]} reads its bytes from stdin: use 'ssh HOST {usage} < FILE'"
+
     def receive_raw(self, size: int, consumer: Any) -> None:
         """``ssh HOST upload NAME SIZE HMAC < FILE``: the next ``size`` bytes of stdin."""
         if size == 0:
             return
         if not self.read_input(_RawInput(self, consumer, size)):
-            consumer.fail("upload reads its bytes from stdin: use "
-                          "'ssh HOST upload NAME SIZE HMAC < FILE'")
+            consumer.fail(self.raw_input_unavailable("upload NAME SIZE HMAC")
+                          or "upload cannot read its bytes: the input was already taken")
 
     def pause_input(self) -> None:
         """Back-pressure for an input consumer: the client stops at the SSH window."""
@@ -294,6 +313,8 @@ class CommandSession:
                 self._input_buffer = None  # nobody asked for that much
             else:
                 self._input_buffer.append(data)
+        elif self.pty and CTRL_C in data:
+            self.cancel()  # `ssh -t HOST COMMAND`: the terminal's interrupt key
 
     def input_eof(self) -> None:
         self._input_eof = True

@@ -26,7 +26,9 @@ from cmdserver.auth import Account
 from cmdserver.commands.base import Registry
 from cmdserver.core import CommandCore
 from cmdserver.doors.sftp import JailedFileTransferServer, JailedSFTPServer
+from cmdserver.doors.ssh import SSHSettings
 from cmdserver.policy import Policy
+from cmdserver.upload_spool import TEMP_RE, remove_stale, temp_name
 
 
 class OutsideTreeTempMixin:
@@ -48,6 +50,7 @@ class FakeAvatar:
     policy: Policy
     account: Account = Account("ops")
     peer: str = "127.0.0.1:1"
+    settings: SSHSettings = SSHSettings(temp_run_id="0123abcd")
 
 
 class SFTPJailTest(OutsideTreeTempMixin, unittest.TestCase):
@@ -78,7 +81,32 @@ class SFTPJailTest(OutsideTreeTempMixin, unittest.TestCase):
         return upload
 
     def temps(self) -> list[str]:
-        return [n for n in os.listdir(self.root) if n.endswith(".sftp-part")]
+        return [n for n in os.listdir(self.root) if TEMP_RE.match(n)]
+
+    def test_upload_temp_file_is_named_like_the_upload_engines(self) -> None:
+        self.put(b"new.bin", b"data")
+        [temp] = self.temps()
+        self.assertTrue(temp.startswith(".new.bin.cmdserver-upload-0123abcd-"), temp)
+        self.assertEqual(os.stat(self.path(temp)).st_mode & 0o777, 0o600)
+        # The start-up sweep of another run removes it; this run's sweep spares it.
+        self.assertEqual(remove_stale([self.root], "0123abcd"), [])
+        self.assertEqual(remove_stale([self.root], "ffffffff"), [self.path(temp)])
+
+    def test_temporary_file_names_are_reserved(self) -> None:
+        reserved = temp_name("x", "deadbeef").encode()
+        self.assertIn("reserved name",
+                      self.error(self.server.openFile(reserved, PUT, {})).message)
+        self.assertIn("reserved name", self.error(self.server.renameFile(b"a.txt", reserved)
+                                                  ).message)
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt"])
+        # Another session's upload in progress cannot be read, moved or removed.
+        self.put(b"b.txt", b"data")
+        [temp] = [name.encode() for name in self.temps()]
+        for attempt in (self.server.openFile(temp, FXF_READ, {}),
+                        self.server.renameFile(temp, b"c.txt"),
+                        self.server.removeFile(temp)):
+            self.assertIn("reserved name", self.error(attempt).message)
+        self.assertEqual(len(self.temps()), 1)
 
     def test_realpath_starts_at_the_first_root(self) -> None:
         self.assertEqual(self.successResultOf(self.server.realPath(b".")),

@@ -50,3 +50,20 @@ class HostKeyTest(OutsideTreeTempMixin, unittest.TestCase):
         out = subprocess.run([keygen, "-lf", path], capture_output=True, text=True,
                              check=True).stdout
         self.assertEqual(out.split()[1], fingerprint(self.keys[b"ssh-ed25519"]))
+
+    def test_make_service_logs_both_fingerprints(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.logger import globalLogPublisher
+
+        from cmdserver.tap import Options, makeService
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        options = Options()
+        options.parseOptions(["--data-dir", self.data_dir, "--line", "none", "--pb", "none",
+                              "--bcrypt-cost", "4"])
+        makeService(options, MemoryReactorClock())
+        logged = {e["key_type"]: e["fingerprint"] for e in events if "fingerprint" in e}
+        self.assertEqual(logged, {"ssh-ed25519": fingerprint(self.keys[b"ssh-ed25519"]),
+                                  "ssh-rsa": fingerprint(self.keys[b"ssh-rsa"])})

@@ -32,6 +32,7 @@ from cmdserver.doors.ssh import SSHSettings, add_ssh_door
 from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
 from cmdserver.service import CmdServerService, Limits
+from cmdserver.upload_spool import TEMP_RE
 
 
 class OutsideTreeTempMixin:
@@ -263,6 +264,25 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
 
         return self.in_thread(run)
 
+    def test_three_key_attempts_then_disconnect(self) -> defer.Deferred:
+        def run() -> None:
+            t = self.transport()
+            try:
+                for _ in range(2):
+                    with self.assertRaises(paramiko.AuthenticationException):
+                        t.auth_publickey("ops", client_key()[0])
+                with self.assertRaises(paramiko.SSHException):
+                    t.auth_publickey("ops", client_key()[0])  # the third failure: cut off
+                for _ in range(100):
+                    if not t.is_active():
+                        break
+                    time.sleep(0.05)
+                self.assertFalse(t.is_active())
+            finally:
+                t.close()
+
+        return self.in_thread(run)
+
     def test_shared_per_address_limit_counts_ssh(self) -> defer.Deferred:
         def run() -> tuple[list[bytes], bytes]:
             socks = [socket.create_connection(("127.0.0.1", self.port), timeout=10)
@@ -304,6 +324,38 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
                 client.close()
 
         return self.in_thread(run).addCallback(self.assertEqual, (b"1000000 bytes\n", 0))
+
+    def test_exec_on_a_pty_ends_lines_with_crlf_and_takes_ctrl_c(self) -> defer.Deferred:
+        def run() -> tuple[bytes, bytes, int, bytes, int]:
+            t = self.transport()
+            try:
+                t.auth_password("ops", PASSWORD)
+                chan = t.open_session()
+                chan.settimeout(10)
+                chan.get_pty()
+                chan.exec_command("ping")
+                ping_status = chan.recv_exit_status()
+                ping = chan.makefile().read()
+                chan = t.open_session()
+                chan.settimeout(10)
+                chan.get_pty()
+                chan.exec_command("slow")
+                seen = b""
+                while b"started\r\n" not in seen:
+                    seen += chan.recv(4096)
+                chan.send(b"\x03")  # Ctrl-C on the client's terminal
+                status = chan.recv_exit_status()
+                return ping, seen, status, chan.makefile_stderr().read(), ping_status
+            finally:
+                t.close()
+
+        def check(result: tuple[bytes, bytes, int, bytes, int]) -> None:
+            ping, seen, status, err, ping_status = result
+            self.assertEqual((ping, ping_status), (b"pong\r\n", 0))
+            self.assertEqual((seen, status, err), (b"started\r\n", 1, b"Error: cancelled\r\n"))
+            self.assertTrue(self.slow.cancelled.called)
+
+        return self.in_thread(run).addCallback(check)
 
     @defer.inlineCallbacks
     def test_tcp_nodelay_on_accepted_sockets(self) -> Any:
@@ -394,6 +446,42 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
             with open(self.tail_pidfile) as f:
                 pid = int(f.read())
             return wait_for(lambda: not alive(pid), "the lastlog child is killed")
+
+        return self.in_thread(run).addCallback(check)
+
+    def test_shell_keeps_what_is_typed_while_a_command_runs(self) -> defer.Deferred:
+        def run() -> bytes:
+            client = self.connect(password=PASSWORD)
+            try:
+                chan = client.invoke_shell()
+                chan.settimeout(10)
+                seen = b""
+
+                def until(marker: bytes) -> None:
+                    nonlocal seen
+                    while marker not in seen:
+                        data = chan.recv(4096)
+                        if not data:
+                            raise AssertionError(f"closed before {marker!r}: {seen!r}")
+                        seen += data
+
+                until(b"cmdserver> ")
+                chan.send(b"slow\r")
+                until(b"started\r\n")
+                chan.send("ls café\r".encode())  # typed while slow runs
+                threads.blockingCallFromThread(  # the server has taken every key
+                    reactor, wait_for,
+                    lambda: len(self.slow.ctx.session.shell._typeahead) == 8, "type-ahead")
+                reactor.callFromThread(self.slow.running.callback, "slow done")
+                until("café\r\ncmdserver> ".encode())
+                return seen[seen.index(b"started\r\n"):]
+            finally:
+                client.close()
+
+        def check(seen: bytes) -> None:
+            self.assertEqual(seen, "started\r\nslow done\r\ncmdserver> ls café\r\n"
+                                   "Error: no such file or directory: café\r\n"
+                                   "cmdserver> ".encode())
 
         return self.in_thread(run).addCallback(check)
 
@@ -495,7 +583,40 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
 
         return self.in_thread(run).addCallback(check)
 
+    def test_at_most_ten_session_channels(self) -> defer.Deferred:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def run() -> None:
+            t = self.transport()
+            try:
+                t.auth_password("ops", PASSWORD)
+                channels = [t.open_session() for _ in range(10)]
+                with self.assertRaises(paramiko.ChannelException):
+                    t.open_session()
+                channels.pop().close()  # one closed: room for one more
+                chan = t.open_session()
+                chan.exec_command("ping")
+                self.assertEqual(chan.recv_exit_status(), 0)
+            finally:
+                t.close()
+
+        def check(_: Any) -> None:
+            refused = [(e["what"], e["detail"]) for e in events if "what" in e]
+            self.assertEqual(refused, [("channel", "session: 10 are open already")])
+
+        return self.in_thread(run).addCallback(check)
+
     def test_env_refused_beyond_a_few(self) -> defer.Deferred:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
         def run() -> tuple[bool, bool]:
             t = self.transport()
             try:
@@ -507,7 +628,12 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
             finally:
                 t.close()
 
-        return self.in_thread(run).addCallback(self.assertEqual, (True, False))
+        def check(result: tuple[bool, bool]) -> None:
+            self.assertEqual(result, (True, False))
+            refused = [(e["what"], e["detail"], e["user"]) for e in events if "what" in e]
+            self.assertEqual(refused, [("env", "LD_PRELOAD", "ops")])
+
+        return self.in_thread(run).addCallback(check)
 
     # -- sftp ----------------------------------------------------------------
 
@@ -581,7 +707,7 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
         yield self.in_thread(write_some)
         names = os.listdir(self.root)
         self.assertNotIn("big.bin", names)
-        self.assertEqual(len([n for n in names if n.endswith(".sftp-part")]), 1)
+        self.assertEqual(len([n for n in names if TEMP_RE.match(n)]), 1)
         yield self.in_thread(client.get_transport().sock.close)  # the client dies
         yield wait_for(lambda: os.listdir(self.root) == ["notes.txt"], "temp file removed")
 
