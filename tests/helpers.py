@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -88,3 +91,14 @@ def make_context(core: CommandCore, **kwargs: Any) -> Context:
     kwargs.setdefault("door", "test")
     kwargs.setdefault("out", ListSink())
     return Context(core, **kwargs)
+
+
+class OutsideTreeTempMixin:
+    """``mktemp`` under the system temp directory, removed after the test: run by
+    pytest, trial's own ``mktemp`` would create its directories below the cwd and
+    keep them."""
+
+    def mktemp(self) -> str:
+        base = tempfile.mkdtemp(prefix="cmdserver-test-")
+        self.addCleanup(shutil.rmtree, base, True)  # type: ignore[attr-defined]
+        return os.path.join(base, "temp")

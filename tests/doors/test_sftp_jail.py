@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,17 +27,7 @@ from cmdserver.doors.sftp import JailedFileTransferServer, JailedSFTPServer
 from cmdserver.doors.ssh import SSHSettings
 from cmdserver.policy import Policy
 from cmdserver.upload_spool import TEMP_RE, remove_stale, temp_name
-
-
-class OutsideTreeTempMixin:
-    """``mktemp`` under the system temp directory: run by pytest, trial's own
-    ``mktemp`` would create its directories in the current (source) directory."""
-
-    def mktemp(self) -> str:
-        base = tempfile.mkdtemp(prefix="cmdserver-test-")
-        self.addCleanup(shutil.rmtree, base, True)  # type: ignore[attr-defined]
-        return os.path.join(base, "temp")
-
+from tests.helpers import OutsideTreeTempMixin
 
 PUT = FXF_WRITE | FXF_CREAT | FXF_TRUNC
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import struct
-import tempfile
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import connection
@@ -26,18 +24,9 @@ from cmdserver.doors.ssh import (
 )
 from cmdserver.doors.ssh_session import RefusingSSHSession
 from cmdserver.tap import Options, makeService
-
+from tests.helpers import OutsideTreeTempMixin
 
 # A small host key: these tests never complete a key exchange.
-class OutsideTreeTempMixin:
-    """``mktemp`` under the system temp directory: run by pytest, trial's own
-    ``mktemp`` would create its directories in the current (source) directory."""
-
-    def mktemp(self) -> str:
-        base = tempfile.mkdtemp(prefix="cmdserver-test-")
-        self.addCleanup(shutil.rmtree, base, True)  # type: ignore[attr-defined]
-        return os.path.join(base, "temp")
-
 
 HOST_KEY = Key(ed25519.Ed25519PrivateKey.generate())
 

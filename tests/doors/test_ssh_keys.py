@@ -6,21 +6,11 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
 
 from twisted.trial import unittest
 
 from cmdserver.doors.ssh_keys import HOST_KEY_FILES, fingerprint, load_host_keys
-
-
-class OutsideTreeTempMixin:
-    """``mktemp`` under the system temp directory: run by pytest, trial's own
-    ``mktemp`` would create its directories in the current (source) directory."""
-
-    def mktemp(self) -> str:
-        base = tempfile.mkdtemp(prefix="cmdserver-test-")
-        self.addCleanup(shutil.rmtree, base, True)  # type: ignore[attr-defined]
-        return os.path.join(base, "temp")
+from tests.helpers import OutsideTreeTempMixin
 
 
 class HostKeyTest(OutsideTreeTempMixin, unittest.TestCase):

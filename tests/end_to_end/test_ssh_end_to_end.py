@@ -33,17 +33,7 @@ from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
 from cmdserver.service import CmdServerService, Limits
 from cmdserver.upload_spool import TEMP_RE
-
-
-class OutsideTreeTempMixin:
-    """``mktemp`` under the system temp directory: run by pytest, trial's own
-    ``mktemp`` would create its directories in the current (source) directory."""
-
-    def mktemp(self) -> str:
-        base = tempfile.mkdtemp(prefix="cmdserver-test-")
-        self.addCleanup(shutil.rmtree, base, True)  # type: ignore[attr-defined]
-        return os.path.join(base, "temp")
-
+from tests.helpers import OutsideTreeTempMixin
 
 PASSWORD = "s3cret"
 # Host keys take a moment to generate (RSA 3072): make them once for the module.
