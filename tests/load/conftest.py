@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
-LISTENING = re.compile(r"line door listening on 127\.0\.0\.1:(\d+)")
+LISTENING = re.compile(r"(\w+) door listening on 127\.0\.0\.1:(\d+)")
+LOOPBACK_ANY_PORT = "tcp:0:interface=127.0.0.1"
 # What must never appear in the daemon's log: tracebacks and error-level events.
 LOG_ERRORS = re.compile(r"Traceback|Unhandled|#critical\]|#error\]")
 
@@ -39,26 +40,36 @@ class Daemon:
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.ports: dict[str, int] = {}  # door name -> port
 
     @property
     def log_path(self) -> Path:
         return self.workdir / "twistd.log"
 
     def start(self) -> Daemon:
+        """Start on ephemeral loopback ports (every door, unless ``args`` says ``none``)."""
         cmd = [TWISTD, "-n", "--pidfile=", "-l", str(self.log_path), "cmdserver",
                "--line", "tcp:0:interface=127.0.0.1:backlog=1024",
+               "--ssh", LOOPBACK_ANY_PORT, "--pb", LOOPBACK_ANY_PORT,
                "--data-dir", str(self.workdir / "data"), *self.args]
+        doors = {"line", "ssh", "pb"} - {door for door in ("ssh", "pb")
+                                         if f"--{door}=none" in self.args or
+                                         self._follows(f"--{door}", "none")}
+        skip = len(LISTENING.findall(self.log()))  # a restart appends to the same log
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env,
                                      stdin=subprocess.DEVNULL, preexec_fn=raise_nofile)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"daemon exited:\n{self.log()}"
-            m = LISTENING.search(self.log())
-            if m:
-                self.port = int(m.group(1))
+            self.ports = {door: int(port) for door, port in LISTENING.findall(self.log())[skip:]}
+            if set(self.ports) >= doors:
+                self.port = self.ports["line"]
                 return self
             time.sleep(0.05)
         raise AssertionError(f"daemon did not listen:\n{self.log()}")
+
+    def _follows(self, flag: str, value: str) -> bool:
+        return any(a == flag and b.lower() == value for a, b in zip(self.args, self.args[1:]))
 
     @property
     def pid(self) -> int:
