@@ -17,9 +17,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paramiko
 import pytest
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
+CLI = str(Path(sys.executable).with_name("cmdserver"))
+USER, PASSWORD = "ops", "soak-password"
 LISTENING = re.compile(r"(\w+) door listening on 127\.0\.0\.1:(\d+)")
 LOOPBACK_ANY_PORT = "tcp:0:interface=127.0.0.1"
 # What must never appear in the daemon's log: tracebacks and error-level events.
@@ -69,7 +72,8 @@ class Daemon:
         raise AssertionError(f"daemon did not listen:\n{self.log()}")
 
     def _follows(self, flag: str, value: str) -> bool:
-        return any(a == flag and b.lower() == value for a, b in zip(self.args, self.args[1:]))
+        return any(a == flag and b.lower() == value for a, b in
+                   zip(self.args, self.args[1:], strict=False))
 
     @property
     def pid(self) -> int:
@@ -161,6 +165,31 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def add_user(workdir: Path, name: str = USER, password: str = PASSWORD) -> paramiko.PKey:
+    """Create a user with the ``cmdserver`` CLI in the daemon's data directory.
+
+    Cheap bcrypt (cost 4) for the many PB logins; an SSH key (ECDSA: quick to
+    make) for the SSH door.  Returns the private key.
+    """
+    data = str(workdir / "data")
+    subprocess.run([CLI, "useradd", "--data-dir", data, "--password-stdin", "--cost", "4",
+                    name], input=password + "\n", text=True, check=True, capture_output=True)
+    key = paramiko.ECDSAKey.generate()
+    public = workdir / f"{name}.pub"
+    public.write_text(f"{key.get_name()} {key.get_base64()} {name}\n")
+    subprocess.run([CLI, "addkey", "--data-dir", data, name, str(public)], check=True,
+                   capture_output=True)
+    return key
+
+
+def ssh_connect(port: int, key: paramiko.PKey, name: str = USER) -> paramiko.SSHClient:
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    client.connect("127.0.0.1", port, username=name, pkey=key, allow_agent=False,
+                   look_for_keys=False, timeout=30, banner_timeout=30, auth_timeout=30)
+    return client
 
 
 @pytest.fixture
