@@ -96,6 +96,9 @@ class Daemon:
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def threads(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/task"))
+
     def children(self) -> list[int]:
         kids: list[int] = []
         for tid in os.listdir(f"/proc/{self.pid}/task"):
