@@ -238,3 +238,23 @@ def test_kill_9_during_sftp_put_then_restart(start_daemon, jail: Path) -> None:
         assert leftovers(jail) == []
     finally:
         again.kill()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "at SIGTERM only uploads are aborted with a reply (UploadService.stopService); "
+    "other commands in flight are cancelled by connectionLost, after their "
+    "connection is gone, so their clients see a bare close and no Error line"))
+def test_sigterm_tells_a_running_scan_why(start_daemon, jail: Path) -> None:
+    listener, queued = hanging_port()
+    try:
+        daemon = start_daemon(["--root", str(jail), "--scan-timeout", "60"])
+        scan = daemon.session()
+        scan.sock.sendall(f"portscan 127.0.0.1 {listener.getsockname()[1]}\n".encode())
+        watcher = daemon.session()
+        wait_for(lambda: watcher.stats()["in_flight"] == 2, what="the scan in flight")
+        watcher.close()
+        assert daemon.terminate() < 5
+        assert rest_of_stream(scan.sock).decode().startswith("Error: ")
+    finally:
+        for s in [listener, *queued]:
+            s.close()
