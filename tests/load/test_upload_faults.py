@@ -194,9 +194,10 @@ def test_kill_9_during_uploads_then_restart(start_daemon, jail: Path) -> None:
 
     again = Daemon(daemon.workdir, daemon.args).start()
     try:
-        wait_for(lambda: leftovers(jail) == [], what="stale temporary files to be removed")
-        for path in stale:
-            assert f"removed stale upload file {jail / path}" in again.log()
+        # The files go first, then the clean-up logs what it removed.
+        wait_for(lambda: all(f"removed stale upload file {jail / path}" in again.log()
+                             for path in stale), what="stale temporary files to be removed")
+        assert leftovers(jail) == []
         assert not any((jail / name).exists() for name in names)
         # The names are free: a full upload to each works now.
         for name in names:
