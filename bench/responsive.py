@@ -194,7 +194,7 @@ def main() -> None:
     make_file(big, args.size_mib)
     warm(big)
     daemon.args = ["--root", str(root), "--max-clients", "50", "--max-per-ip", "50",
-                   "--overwrite", "--ssh", "none", "--pb", "none"]
+                   "--overwrite"]
     daemon.start()
     try:
         commands = registered(daemon.port)
