@@ -52,7 +52,7 @@ class ServiceTests(unittest.TestCase):
         options = Options()
         options.parseOptions(["--line", "tcp:0:interface=127.0.0.1", "--data-dir", self.data,
                               "--root", self.root, "--audit-log", "none",
-                              "--max-upload", "64M"])
+                              "--max-upload", "64M", "--ssh", "none", "--pb", "none"])
         self.service = makeService(options, reactor)
         self.service.startService()
         self.addCleanup(lambda: self.service.running and self.service.stopService())
@@ -281,7 +281,8 @@ class TlsTests(unittest.TestCase):
         options = Options()
         options.parseOptions([
             "--line", f"ssl:0:privateKey={key_pem}:certKey={cert_pem}:interface=127.0.0.1",
-            "--data-dir", data, "--root", root, "--audit-log", "none"])
+            "--data-dir", data, "--root", root, "--audit-log", "none", "--ssh", "none",
+            "--pb", "none"])
         service = makeService(options, reactor)
         service.startService()
         self.addCleanup(service.stopService)
