@@ -79,7 +79,9 @@ class Daemon:
         audit = [] if self.audit else ["--audit-log", "none"]
         cmd = [TWISTD, "-n", "--pidfile=", "-l", str(self.log_path), "cmdserver",
                "--line", self.endpoint, "--data-dir",
-               str(self.workdir / "data"), *audit, *self.args]
+               str(self.workdir / "data"), *audit,
+               "--ssh", "none", "--pb", "none",  # no fixed ports: other daemons may hold them
+               *self.args]
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdin=subprocess.DEVNULL,
                                      preexec_fn=raise_nofile)
         deadline = time.monotonic() + timeout

@@ -17,10 +17,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paramiko
 import pytest
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
-LISTENING = re.compile(r"line door listening on 127\.0\.0\.1:(\d+)")
+CLI = str(Path(sys.executable).with_name("cmdserver"))
+USER, PASSWORD = "ops", "soak-password"
+LISTENING = re.compile(r"(\w+) door listening on 127\.0\.0\.1:(\d+)")
+LOOPBACK_ANY_PORT = "tcp:0:interface=127.0.0.1"
 # What must never appear in the daemon's log: tracebacks and error-level events.
 LOG_ERRORS = re.compile(r"Traceback|Unhandled|#critical\]|#error\]")
 
@@ -39,26 +43,37 @@ class Daemon:
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.ports: dict[str, int] = {}  # door name -> port
 
     @property
     def log_path(self) -> Path:
         return self.workdir / "twistd.log"
 
     def start(self) -> Daemon:
+        """Start on ephemeral loopback ports (every door, unless ``args`` says ``none``)."""
         cmd = [TWISTD, "-n", "--pidfile=", "-l", str(self.log_path), "cmdserver",
                "--line", "tcp:0:interface=127.0.0.1:backlog=1024",
+               "--ssh", LOOPBACK_ANY_PORT, "--pb", LOOPBACK_ANY_PORT,
                "--data-dir", str(self.workdir / "data"), *self.args]
+        doors = {"line", "ssh", "pb"} - {door for door in ("ssh", "pb")
+                                         if f"--{door}=none" in self.args or
+                                         self._follows(f"--{door}", "none")}
+        skip = len(LISTENING.findall(self.log()))  # a restart appends to the same log
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env,
                                      stdin=subprocess.DEVNULL, preexec_fn=raise_nofile)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"daemon exited:\n{self.log()}"
-            m = LISTENING.search(self.log())
-            if m:
-                self.port = int(m.group(1))
+            self.ports = {door: int(port) for door, port in LISTENING.findall(self.log())[skip:]}
+            if set(self.ports) >= doors:
+                self.port = self.ports["line"]
                 return self
             time.sleep(0.05)
         raise AssertionError(f"daemon did not listen:\n{self.log()}")
+
+    def _follows(self, flag: str, value: str) -> bool:
+        return any(a == flag and b.lower() == value for a, b in
+                   zip(self.args, self.args[1:], strict=False))
 
     @property
     def pid(self) -> int:
@@ -80,6 +95,9 @@ class Daemon:
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def threads(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/task"))
 
     def children(self) -> list[int]:
         kids: list[int] = []
@@ -150,6 +168,31 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def add_user(workdir: Path, name: str = USER, password: str = PASSWORD) -> paramiko.PKey:
+    """Create a user with the ``cmdserver`` CLI in the daemon's data directory.
+
+    Cheap bcrypt (cost 4) for the many PB logins; an SSH key (ECDSA: quick to
+    make) for the SSH door.  Returns the private key.
+    """
+    data = str(workdir / "data")
+    subprocess.run([CLI, "useradd", "--data-dir", data, "--password-stdin", "--cost", "4",
+                    name], input=password + "\n", text=True, check=True, capture_output=True)
+    key = paramiko.ECDSAKey.generate()
+    public = workdir / f"{name}.pub"
+    public.write_text(f"{key.get_name()} {key.get_base64()} {name}\n")
+    subprocess.run([CLI, "addkey", "--data-dir", data, name, str(public)], check=True,
+                   capture_output=True)
+    return key
+
+
+def ssh_connect(port: int, key: paramiko.PKey, name: str = USER) -> paramiko.SSHClient:
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    client.connect("127.0.0.1", port, username=name, pkey=key, allow_agent=False,
+                   look_for_keys=False, timeout=30, banner_timeout=30, auth_timeout=30)
+    return client
 
 
 @pytest.fixture
