@@ -134,6 +134,15 @@ class LimitedFactory(WrappingFactory):
         super().unregisterProtocol(p)
 
     def disconnect_all(self) -> None:
-        """Drop every open connection (on shutdown)."""
+        """Close every open connection (on shutdown).
+
+        A door that can say goodbye (``server_shutdown``: cancel the running
+        command, tell the client why) does so; the others are just closed, and
+        their running commands are cancelled as the connections go.
+        """
         for p in list(self.protocols):
-            p.transport.loseConnection()
+            shutdown = getattr(p.wrappedProtocol, "server_shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            else:
+                p.transport.loseConnection()

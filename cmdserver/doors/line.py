@@ -70,6 +70,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._closing = False
         self._connected = False
         self._eof = False  # the client closed its sending side (nc -N, shutdown(SHUT_WR))
+        self._shutting_down = False  # the daemon is stopping: replies are no longer written
         self._peer_login: Callable[[Context, Any], None] | None = None
         self._raw: Any = None  # the consumer of raw bytes (an upload), if any
         self._raw_paused = False
@@ -234,7 +235,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
 
     def _reply(self, reply: TextReply) -> None:
         self._running = None
-        if not self._connected:
+        if not self._connected or self._shutting_down:
             return
         self.resetTimeout()  # idleness counts from the end of the last command
         self.lines(reply.lines)
@@ -309,6 +310,17 @@ class LineProtocol(LineReceiver, TimeoutMixin):
     def lines(self, texts: list[str]) -> None:
         for text in texts:
             self.line(text)
+
+    def server_shutdown(self) -> None:
+        """The daemon is stopping: cancel the running command, say why, close."""
+        if not self._connected or self._shutting_down:
+            return
+        self._closing = self._shutting_down = True  # the cancelled command stays silent
+        self._queue.clear()
+        if self._running is not None:
+            self._running.cancel()
+        self.line("Error: the server is shutting down")
+        self._close()
 
     def end_session(self) -> None:
         """``exit``: close once the reply is written; later input is ignored."""

@@ -303,3 +303,13 @@ class LineDoorTests(unittest.SynchronousTestCase):
             self.clock.advance(0)
         self.assertEqual(self.output(), ["start a", "done a"] + ["pong"] * (QUEUE_HIGH + 51))
         self.assertTrue(self.transport.disconnecting)
+
+    def test_server_shutdown_cancels_and_says_why(self) -> None:
+        self.output()
+        self.send(b"gate a\nping\n")
+        self.protocol.server_shutdown()
+        self.assertEqual(self.gate.cancelled, ["a"])
+        self.assertEqual(self.output(), ["start a", "Error: the server is shutting down"])
+        self.assertTrue(self.transport.disconnecting)
+        self.protocol.server_shutdown()  # twice is harmless
+        self.assertEqual(self.output(), [])

@@ -213,11 +213,6 @@ def test_kill_9_during_uploads_then_restart(start_daemon, jail: Path) -> None:
         again.kill()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SFTP temporary files (.NAME.XXXXXXXX.sftp-part, cmdserver/doors/sftp.py "
-    "_open_upload) carry no run token and UploadService's remove_stale "
-    "(cmdserver/upload_spool.py) only knows the engine's .cmdserver-upload- names, "
-    "so a dead run's SFTP uploads stay on disk"))
 def test_kill_9_during_sftp_put_then_restart(start_daemon, jail: Path) -> None:
     key = add_user(jail.parent)
     daemon = start_daemon(["--root", str(jail)])
@@ -241,10 +236,6 @@ def test_kill_9_during_sftp_put_then_restart(start_daemon, jail: Path) -> None:
         again.kill()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "at SIGTERM only uploads are aborted with a reply (UploadService.stopService); "
-    "other commands in flight are cancelled by connectionLost, after their "
-    "connection is gone, so their clients see a bare close and no Error line"))
 def test_sigterm_tells_a_running_scan_why(start_daemon, jail: Path) -> None:
     listener, queued = hanging_port()
     try:
@@ -255,7 +246,7 @@ def test_sigterm_tells_a_running_scan_why(start_daemon, jail: Path) -> None:
         wait_for(lambda: watcher.stats()["in_flight"] == 2, what="the scan in flight")
         watcher.close()
         assert daemon.terminate() < 5
-        assert rest_of_stream(scan.sock).decode().startswith("Error: ")
+        assert rest_of_stream(scan.sock).decode() == "Error: the server is shutting down\r\n"
     finally:
         for s in [listener, *queued]:
             s.close()
