@@ -1,6 +1,10 @@
 """Errors that reach users as one line of text (``Error: ...`` on the text doors)."""
 
 
+# Control characters shown as \xNN, so an error is one line whatever it quotes.
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
+
+
 class CommandError(Exception):
     """A refusal or failure whose message is safe and meant for the user.
 
@@ -10,6 +14,8 @@ class CommandError(Exception):
     """
 
     def __init__(self, message: str) -> None:
+        if not message.isprintable():  # it may quote the user's words: keep it one line
+            message = message.translate(_ESCAPES)
         super().__init__(message)
         self.message = message
 

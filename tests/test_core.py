@@ -143,3 +143,9 @@ class CoreTests(unittest.SynchronousTestCase):
 
     def test_duplicate_command_names_are_refused(self) -> None:
         self.assertRaises(ValueError, self.core.registry.add, Boom(), "ping")
+
+
+def test_an_error_is_one_line_whatever_it_quotes():
+    error = CommandError("no such file: a\nb\x1b[2J\tc")
+    assert error.text == "Error: no such file: a\\x0ab\\x1b[2J\\x09c"
+    assert CommandError("caf\u00e9 \u2013 ok").message == "caf\u00e9 \u2013 ok"

@@ -114,7 +114,8 @@ def test_upload_parse_refuses_cleanly_or_gives_a_request(argv: list[str]) -> Non
     except CommandError as e:
         assert e.text.startswith("Error: ") and "\n" not in e.text
         if len(argv) == 3:  # the syntax was right: the size was refused, and named
-            assert e.message == f"SIZE must be a whole number of bytes: {argv[1]}"
+            assert e.message == CommandError(
+                f"SIZE must be a whole number of bytes: {argv[1]}").message
         return
     assert len(argv) == 3
     assert kwargs == {"name": argv[0], "size": int(argv[1]), "hmac": argv[2]}
