@@ -34,6 +34,7 @@ from cmdserver.upload_spool import (
     Spool,
     UploadResult,
     Writer,
+    name_thread,
     new_run_id,
     open_spool,
     remove_stale,
@@ -244,6 +245,7 @@ class Upload:
     # -- the worker thread ----------------------------------------------------
 
     def _work(self) -> None:
+        name_thread("upload-write")
         spool, inbox, abort = self.spool, self._inbox, self._abort
         call = self._reactor.callFromThread
         outcome: UploadResult | Failure
