@@ -23,14 +23,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, main
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 
 from cmdserver.errors import CommandError
 from cmdserver.upload_spool import (
+    Block,
     Spool,
     UploadResult,
     Writer,
@@ -111,6 +114,49 @@ def widen_reads(transport: Any, size: int = RAW_READ_SIZE) -> Callable[[], None]
     return lambda: None
 
 
+def direct_reads(transport: Any, protocol: Any, consumer: Upload,
+                 received: Callable[[], None]) -> Callable[[], None] | None:
+    """Read the socket under ``transport`` straight into ``consumer``'s blocks.
+
+    Replaces the TCP transport's ``doRead`` for the rest of the upload: each
+    read is a ``recv_into`` the space :meth:`Upload.read_into` gives, never
+    more than the upload still expects (later bytes stay in the socket for the
+    line reader), then :meth:`Upload.commit` and ``received()`` (the door resets
+    its idle timer and leaves raw mode after the last byte).  Only when every
+    wrapper between the socket and ``protocol`` passes bytes through untouched
+    (connection limits do; TLS does not): returns None otherwise, or a function
+    that restores the transport's own reads.
+    """
+    tcp = transport
+    while not isinstance(tcp, Connection):
+        tcp = getattr(tcp, "transport", None)
+        if tcp is None:
+            return None
+    wrapper = tcp.protocol
+    while wrapper is not protocol:
+        if (not isinstance(wrapper, ProtocolWrapper)
+                or type(wrapper).dataReceived is not ProtocolWrapper.dataReceived):
+            return None
+        wrapper = wrapper.wrappedProtocol
+    sock = tcp.socket
+
+    def doRead() -> Exception | None:
+        try:
+            n = sock.recv_into(consumer.read_into())
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not n:
+            return main.CONNECTION_DONE
+        consumer.commit(n)
+        received()
+        return None
+
+    tcp.doRead = doRead
+    return lambda: vars(tcp).pop("doRead", None)
+
+
 def check_request(name: str, size: int, mac_hex: str, max_upload: int) -> bytes:
     """Validate an upload request without touching the disk; returns the HMAC bytes."""
     if not isinstance(name, str) or not name:
@@ -145,8 +191,8 @@ class Upload:
         self.closed: Deferred = Deferred()
         self._expected = expected_mac
         self._reactor = reactor
-        self._batch: list[bytes] = []
-        self._batch_len = 0
+        self._block: Block | None = None  # being filled
+        self._spare: list[Block] = []  # written, ready to be filled again
         self._in_flight = 0  # bytes handed to the worker and not yet written
         self._producer: IPushProducer | None = None
         self._paused = False
@@ -166,16 +212,41 @@ class Upload:
         n = len(data)
         if n > self.remaining:
             raise ValueError(f"{n} bytes offered, {self.remaining} expected")
+        view, pos = memoryview(data), 0
+        while pos < n:
+            space = self.read_into()
+            k = min(len(space), n - pos)
+            space[:k] = view[pos:pos + k]
+            pos += k
+            self.commit(k)
+
+    def read_into(self) -> memoryview:
+        """Where the next bytes go: free space in a block, no more than ``remaining``.
+
+        A door that can read its socket into it (``recv_into``) then calls
+        :meth:`commit`; the bytes are never copied on the reactor thread.
+        """
+        block = self._block
+        if block is None:
+            block = self._block = self._spare.pop() if self._spare else Block(BATCH)
+        return block.view[block.fill:block.fill + min(BATCH - block.fill, self.remaining)]
+
+    def commit(self, n: int) -> None:
+        """``n`` bytes were put where :meth:`read_into` said."""
+        if n > self.remaining:
+            raise ValueError(f"{n} bytes offered, {self.remaining} expected")
         self.remaining -= n
-        if self._over:
-            return  # failed or aborted: the rest of the stream is only drained
-        self._batch.append(data)
-        self._batch_len += n
-        if self._batch_len >= BATCH or not self.remaining:
-            batch, n = self._batch, self._batch_len
-            self._batch, self._batch_len = [], 0
-            self._in_flight += n
-            self._inbox.put(batch)
+        block = self._block
+        if block is None:
+            return  # size 0, or nothing asked for
+        if self._over:  # failed or aborted: the rest of the stream is only drained
+            block.fill = 0
+            return
+        block.fill += n
+        if block.fill == BATCH or not self.remaining:
+            self._block = None
+            self._in_flight += block.fill
+            self._inbox.put(block)
             if not self.remaining:
                 self._inbox.put(_FINISH)
             elif self._in_flight >= HIGH_WATER and not self._paused:
@@ -207,7 +278,7 @@ class Upload:
 
     def _stop_worker(self) -> None:
         self._over = True
-        self._batch = []
+        self._block, self._spare = None, []
         self._abort.set()
         self._inbox.put(_FINISH)  # wakes the worker; it sees the abort flag first
 
@@ -221,8 +292,11 @@ class Upload:
 
     # -- reports from the worker (run on the reactor thread) ---------------
 
-    def _written(self, n: int) -> None:
-        self._in_flight -= n
+    def _written(self, block: Block) -> None:
+        self._in_flight -= block.fill
+        block.fill = 0
+        if not self._over:
+            self._spare.append(block)
         if self._paused and self._in_flight <= LOW_WATER:
             self._set_paused(False)
 
@@ -232,7 +306,7 @@ class Upload:
             outcome = Failure(CommandError("upload failed (see the server log), "
                                            "upload discarded"))
         self._over = True
-        self._batch = []
+        self._block, self._spare = None, []
         if self._paused:
             self._set_paused(False)  # let the door drain what the client still sends
         if not self.done.called:
@@ -257,11 +331,12 @@ class Upload:
                 if item is _FINISH:
                     outcome = spool.publish(self._expected)
                     break
-                try:
-                    spool.write(item)
-                except OSError as e:
-                    raise write_error(e) from None
-                call(self._written, sum(map(len, item)))
+                with item.view[:item.fill] as data:
+                    try:
+                        spool.write(data)
+                    except OSError as e:
+                        raise write_error(e) from None
+                call(self._written, item)
         except BaseException:
             outcome = Failure()
             spool.discard()

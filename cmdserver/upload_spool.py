@@ -39,7 +39,6 @@ FLUSH_STEP = 32 << 20  # bytes written between two writeback kicks
 PARALLEL_MIN = 8 << 20  # uploads this large hash in helper threads, beside the writes
 DIRECT_MIN = 8 << 20  # uploads this large bypass the page cache (O_DIRECT) where they can
 DIRECT_ALIGN = 4096  # offsets, lengths and addresses of direct writes are multiples of it
-STAGE_SIZE = 4 << 20  # the aligned buffer a batch is copied into for direct writes
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 Writer = Callable[[int, Sequence[bytes]], int]
@@ -84,6 +83,20 @@ def write_all(fd: int, chunks: Sequence[bytes], writer: Writer = os.writev) -> N
         while n >= len(pending[0]):
             n -= len(pending.pop(0))
         pending[0] = memoryview(pending[0])[n:]  # type: ignore[call-overload]
+
+
+class Block:
+    """A page-aligned buffer (an anonymous mapping) for the bytes of an upload.
+
+    The door's socket reads fill it in place and direct writes take it from
+    there: the bytes are copied once, out of the socket.  ``fill`` bytes are used.
+    """
+
+    __slots__ = ("fill", "view")
+
+    def __init__(self, size: int) -> None:
+        self.view = memoryview(mmap.mmap(-1, size))
+        self.fill = 0
 
 
 def name_thread(label: str) -> None:
@@ -152,94 +165,51 @@ class Spool:
         self._helpers: list[_HashThread] = []
         self._written = self._flushed = self._dropped = 0
         self._direct = False
-        self._stage: mmap.mmap | None = None  # page-aligned: what direct writes read from
-        self._stage_view: memoryview | None = None
-        self._staged = 0  # bytes in the stage not written yet (less than DIRECT_ALIGN)
         if size >= PARALLEL_MIN:
             self._helpers = [_HashThread(self._mac, "upload-hmac"),
                              _HashThread(self._sha, "upload-sha256")]
-        if size >= DIRECT_MIN and O_DIRECT and self._set_direct(True):
-            self._stage = mmap.mmap(-1, STAGE_SIZE)
-            self._stage_view = memoryview(self._stage)
+        if size >= DIRECT_MIN and O_DIRECT:
+            self._set_direct(True)
 
     @property
     def temp_path(self) -> str | None:
         """Where the bytes are spooled (for logs and tests); None once gone."""
         return self._tmp
 
-    def write(self, chunks: Sequence[bytes]) -> None:
-        """Hash and write one batch (an ``OSError`` such as ENOSPC propagates)."""
+    def write(self, data: memoryview) -> None:
+        """Hash and write the next bytes (an ``OSError`` such as ENOSPC propagates).
+
+        ``data`` starts on a page boundary (a :class:`Block`), so every whole block
+        of a large upload goes to the disk directly: no copy into the page cache,
+        no dirty-page bookkeeping or writeback by the kernel, little left for fsync.
+        """
         assert self._fd is not None
         helpers = self._helpers
         if helpers:
             for helper in helpers:
-                helper.start(chunks)
+                helper.start((data,))
         else:
-            for chunk in chunks:
-                self._mac.update(chunk)
-                self._sha.update(chunk)
+            self._mac.update(data)
+            self._sha.update(data)
         try:
-            if self._stage_view is not None:
-                self._write_staged(chunks)
-            else:
-                write_all(self._fd, chunks, self._writer)
+            self._write_block(data)
         finally:
             for helper in helpers:
                 helper.wait()
-        self._written += sum(map(len, chunks))
+        self._written += len(data)
         if not self._direct and self._written - self._flushed >= FLUSH_STEP:
             self._start_writeback()
 
-    def _set_direct(self, on: bool) -> bool:
-        """Turn ``O_DIRECT`` on or off for the file; False if the filesystem refuses."""
-        assert self._fd is not None
-        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-        try:
-            fcntl.fcntl(self._fd, fcntl.F_SETFL,
-                        flags | O_DIRECT if on else flags & ~O_DIRECT)
-        except OSError:
-            return False
-        self._direct = on
-        return True
-
-    def _write_staged(self, chunks: Sequence[bytes]) -> None:
-        """Copy ``chunks`` into the aligned stage and write every whole aligned part.
-
-        Direct writes skip the page cache: no second copy into it, no dirty-page
-        bookkeeping and writeback by the kernel, and fsync finds little to do.
-        Less than ``DIRECT_ALIGN`` bytes stay staged for the next batch.
-        """
-        stage, staged = self._stage_view, self._staged
-        assert stage is not None
-        for chunk in chunks:
-            view = memoryview(chunk)
-            pos, end = 0, len(view)
-            while pos < end:
-                n = min(end - pos, STAGE_SIZE - staged)
-                stage[staged:staged + n] = view[pos:pos + n]
-                staged += n
-                pos += n
-                if staged == STAGE_SIZE:
-                    self._write_stage(STAGE_SIZE)
-                    staged = 0
-        whole = staged - staged % DIRECT_ALIGN
-        if whole:
-            self._write_stage(whole)
-            stage[:staged - whole] = stage[whole:staged]  # the tail: under one block
-            staged -= whole
-        self._staged = staged
-
-    def _write_stage(self, length: int) -> None:
-        """Write the first ``length`` bytes of the stage; buffered if direct I/O fails."""
-        assert self._fd is not None and self._stage_view is not None
-        view = self._stage_view[:length]
-        done = 0
-        while done < length:
+    def _write_block(self, data: memoryview) -> None:
+        if self._direct and len(data) % DIRECT_ALIGN:
+            self._set_direct(False)  # the last, short block goes through the page cache
+        done, size = 0, len(data)
+        while done < size:
             if not self._direct:
-                write_all(self._fd, [view[done:]], self._writer)
+                write_all(self._fd, (data[done:],), self._writer)  # type: ignore[arg-type]
                 return
             try:
-                n = self._writer(self._fd, [view[done:]])
+                n = self._writer(self._fd, (data[done:],))  # type: ignore[arg-type]
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
@@ -248,6 +218,18 @@ class Spool:
             done += n
             if n % DIRECT_ALIGN:  # a short write left the offset unaligned
                 self._set_direct(False)
+
+    def _set_direct(self, on: bool) -> None:
+        """Turn ``O_DIRECT`` on or off for the file (stays off if the filesystem refuses)."""
+        assert self._fd is not None
+        self._direct = False
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_SETFL,
+                        flags | O_DIRECT if on else flags & ~O_DIRECT)
+        except OSError:
+            return
+        self._direct = on
 
     def _start_writeback(self) -> None:
         """Start writing the last window to disk now, and drop the window before it.
@@ -273,11 +255,6 @@ class Spool:
         if not hmac.compare_digest(self._mac.digest(), expected_mac):
             raise HmacMismatchError()
         try:
-            if self._staged:  # the last bytes, shorter than an aligned block
-                assert self._stage_view is not None
-                self._set_direct(False)
-                write_all(self._fd, [self._stage_view[:self._staged]], self._writer)
-                self._staged = 0
             os.fsync(self._fd)
         except OSError as e:
             raise write_error(e) from None
@@ -336,15 +313,6 @@ class Spool:
         helpers, self._helpers = self._helpers, []
         for helper in helpers:
             helper.stop()
-        stage, self._stage = self._stage, None
-        if stage is not None:
-            assert self._stage_view is not None
-            self._stage_view.release()
-            self._stage_view = None
-            try:
-                stage.close()
-            except BufferError:
-                pass  # a traceback still holds a slice: unmapped when it goes
         for attr in ("_fd", "_dir_fd"):
             fd = getattr(self, attr)
             if fd is not None:

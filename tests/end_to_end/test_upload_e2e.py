@@ -52,7 +52,7 @@ class ServiceTests(unittest.TestCase):
         options = Options()
         options.parseOptions(["--line", "tcp:0:interface=127.0.0.1", "--data-dir", self.data,
                               "--root", self.root, "--audit-log", "none",
-                              "--max-upload", "64M"])
+                              "--max-upload", "64M", "--ssh", "none", "--pb", "none"])
         self.service = makeService(options, reactor)
         self.service.startService()
         self.addCleanup(lambda: self.service.running and self.service.stopService())
