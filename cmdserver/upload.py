@@ -20,6 +20,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
@@ -331,12 +332,10 @@ class Upload:
                 if item is _FINISH:
                     outcome = spool.publish(self._expected)
                     break
-                with item.view[:item.fill] as data:
-                    try:
-                        spool.write(data)
-                    except OSError as e:
-                        raise write_error(e) from None
-                call(self._written, item)
+                try:
+                    spool.write(item.view[:item.fill], partial(call, self._written, item))
+                except OSError as e:
+                    raise write_error(e) from None
         except BaseException:
             outcome = Failure()
             spool.discard()

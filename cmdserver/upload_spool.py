@@ -108,35 +108,60 @@ def name_thread(label: str) -> None:
         pass
 
 
+class _Countdown:
+    """Calls ``then`` once ``count`` threads have called it: all are done with a block."""
+
+    __slots__ = ("_count", "_lock", "_then")
+
+    def __init__(self, count: int, then: Callable[[], None]) -> None:
+        self._count = count
+        self._then = then
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self._count -= 1
+            last = not self._count
+        if last:
+            self._then()
+
+
 class _HashThread:
-    """Feeds one hash beside the worker that writes, so hashing and writing overlap.
+    """Feeds one hash beside the worker that writes, at its own pace.
 
     hashlib and hmac release the GIL on large buffers, so the threads really run
-    in parallel.
+    in parallel.  Each keeps its own queue of blocks: when one of the three
+    (this hash, the other, the writer) is held up for a moment, the others go
+    on with the blocks already received instead of waiting for it.
     """
 
     def __init__(self, digest: Any, label: str) -> None:
         self.digest = digest
         self._label = label
-        self._inbox: queue.SimpleQueue[Sequence[bytes] | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[Any, Callable[[], None]] | None] = (
+            queue.SimpleQueue())
         self._thread = threading.Thread(target=self._run, name=label, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         name_thread(self._label)
-        while (chunks := self._inbox.get()) is not None:
+        while (item := self._inbox.get()) is not None:
+            data, then = item
             try:
-                for chunk in chunks:
-                    self.digest.update(chunk)
+                if data is not None:
+                    self.digest.update(data)
             finally:
-                self._done.put(True)
+                then()
 
-    def start(self, chunks: Sequence[bytes]) -> None:
-        self._inbox.put(chunks)
+    def start(self, data: memoryview, then: Callable[[], None]) -> None:
+        """Hash ``data`` after the blocks before it, then call ``then``."""
+        self._inbox.put((data, then))
 
-    def wait(self) -> None:
-        self._done.get()
+    def drain(self) -> None:
+        """Wait until every block given so far is hashed."""
+        done = threading.Event()
+        self._inbox.put((None, done.set))
+        done.wait()
 
     def stop(self) -> None:
         self._inbox.put(None)
@@ -176,26 +201,29 @@ class Spool:
         """Where the bytes are spooled (for logs and tests); None once gone."""
         return self._tmp
 
-    def write(self, data: memoryview) -> None:
-        """Hash and write the next bytes (an ``OSError`` such as ENOSPC propagates).
+    def write(self, data: memoryview, then: Callable[[], None]) -> None:
+        """Hash and write the next bytes; ``then()`` once both hashes and the disk have them.
 
         ``data`` starts on a page boundary (a :class:`Block`), so every whole block
         of a large upload goes to the disk directly: no copy into the page cache,
         no dirty-page bookkeeping or writeback by the kernel, little left for fsync.
+        The hash threads may still be busy with it when this returns: ``data``
+        must stay as it is until ``then`` is called.  An ``OSError`` such as
+        ENOSPC propagates.
         """
         assert self._fd is not None
         helpers = self._helpers
         if helpers:
+            then = _Countdown(len(helpers) + 1, then)
             for helper in helpers:
-                helper.start((data,))
+                helper.start(data, then)
         else:
             self._mac.update(data)
             self._sha.update(data)
         try:
             self._write_block(data)
         finally:
-            for helper in helpers:
-                helper.wait()
+            then()
         self._written += len(data)
         if not self._direct and self._written - self._flushed >= FLUSH_STEP:
             self._start_writeback()
@@ -252,6 +280,8 @@ class Spool:
         calls :meth:`discard`.
         """
         assert self._fd is not None and self._dir_fd is not None and self._tmp is not None
+        for helper in self._helpers:
+            helper.drain()
         if not hmac.compare_digest(self._mac.digest(), expected_mac):
             raise HmacMismatchError()
         try:
