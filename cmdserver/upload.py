@@ -1,15 +1,18 @@
 """The upload engine: bytes in from any door, a verified file out, or nothing at all.
 
 A door (line, SSH exec, PB writer) gets an :class:`Upload` from
-:meth:`Uploads.begin` and feeds it with :meth:`Upload.write` on the reactor
-thread.  Chunks are batched (about 2 MiB) and handed to one worker thread per
-upload through a queue; the worker hashes (HMAC-SHA256 and SHA-256) and writes
-them into a hidden temporary file (see :mod:`cmdserver.upload_spool`), so the
-reactor only moves references.  When more than ``HIGH_WATER`` bytes wait for
-the worker the door's producer is paused, and resumed below ``LOW_WATER``:
-memory stays flat whatever the size.  After the last byte the worker checks
-the HMAC in constant time, fsyncs and moves the file into place; on a mismatch,
-an error or a cancel it removes the temporary file.
+:meth:`Uploads.begin` and feeds it on the reactor thread: the line door reads
+its socket straight into the upload's page-aligned blocks
+(:meth:`Upload.read_into`, :meth:`Upload.commit`), other doors copy into them
+with :meth:`Upload.write`.  Each full block (2 MiB) goes to the upload's
+worker thread, which writes it into a hidden temporary file (``O_DIRECT`` when
+large) while two more threads compute the HMAC-SHA256 and the SHA-256 (see
+:mod:`cmdserver.upload_spool`); the block comes back to be filled again when
+all three are done with it.  When more than ``HIGH_WATER`` bytes wait for them
+the door's producer is paused, and resumed below ``LOW_WATER``: memory stays
+flat whatever the size.  After the last byte the worker checks the HMAC in
+constant time, fsyncs and moves the file into place; on a mismatch, an error
+or a cancel it removes the temporary file.
 """
 
 from __future__ import annotations
@@ -24,21 +27,18 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet import defer, main
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.tcp import Connection
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 
 from cmdserver.errors import CommandError
+from cmdserver.upload_io import Block, name_thread
 from cmdserver.upload_spool import (
-    Block,
     Spool,
     UploadResult,
     Writer,
-    name_thread,
     new_run_id,
     open_spool,
     remove_stale,
@@ -54,7 +54,6 @@ BATCH = 2 << 20
 HIGH_WATER = 12 << 20
 LOW_WATER = 6 << 20
 DEFAULT_MAX_UPLOAD = 1 << 30
-RAW_READ_SIZE = 1 << 20  # socket reads while an upload streams in
 _HEX_MAC = re.compile(r"\A[0-9a-fA-F]{64}\Z")
 _FINISH = object()
 
@@ -97,65 +96,6 @@ def flag(value: Any) -> bool:
 
 
 byte_size.coerceDoc = "Bytes; K, M, G, T suffixes are powers of 1024."  # type: ignore[attr-defined]
-
-
-def widen_reads(transport: Any, size: int = RAW_READ_SIZE) -> Callable[[], None]:
-    """Let the socket transport under ``transport`` read ``size`` bytes at a time.
-
-    Twisted's TCP transport reads 64 KiB per call; for a bulk upload 1 MiB reads
-    halve the reactor's work per byte.  Follows the ``transport`` chain through
-    wrappers (connection limits, TLS) to the one with a ``bufferSize``; returns
-    a function that restores the default.
-    """
-    while transport is not None:
-        if isinstance(getattr(type(transport), "bufferSize", None), int):
-            transport.bufferSize = size
-            return lambda: vars(transport).pop("bufferSize", None)
-        transport = vars(transport).get("transport") if hasattr(transport, "__dict__") else None
-    return lambda: None
-
-
-def direct_reads(transport: Any, protocol: Any, consumer: Upload,
-                 received: Callable[[], None]) -> Callable[[], None] | None:
-    """Read the socket under ``transport`` straight into ``consumer``'s blocks.
-
-    Replaces the TCP transport's ``doRead`` for the rest of the upload: each
-    read is a ``recv_into`` the space :meth:`Upload.read_into` gives, never
-    more than the upload still expects (later bytes stay in the socket for the
-    line reader), then :meth:`Upload.commit` and ``received()`` (the door resets
-    its idle timer and leaves raw mode after the last byte).  Only when every
-    wrapper between the socket and ``protocol`` passes bytes through untouched
-    (connection limits do; TLS does not): returns None otherwise, or a function
-    that restores the transport's own reads.
-    """
-    tcp = transport
-    while not isinstance(tcp, Connection):
-        tcp = getattr(tcp, "transport", None)
-        if tcp is None:
-            return None
-    wrapper = tcp.protocol
-    while wrapper is not protocol:
-        if (not isinstance(wrapper, ProtocolWrapper)
-                or type(wrapper).dataReceived is not ProtocolWrapper.dataReceived):
-            return None
-        wrapper = wrapper.wrappedProtocol
-    sock = tcp.socket
-
-    def doRead() -> Exception | None:
-        try:
-            n = sock.recv_into(consumer.read_into())
-        except BlockingIOError:
-            return None
-        except OSError:
-            return main.CONNECTION_LOST
-        if not n:
-            return main.CONNECTION_DONE
-        consumer.commit(n)
-        received()
-        return None
-
-    tcp.doRead = doRead
-    return lambda: vars(tcp).pop("doRead", None)
 
 
 def check_request(name: str, size: int, mac_hex: str, max_upload: int) -> bytes:

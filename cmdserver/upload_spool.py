@@ -12,21 +12,18 @@ import errno
 import fcntl
 import hashlib
 import hmac
-import mmap
 import os
-import queue
 import re
 import secrets
 import stat
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.logger import Logger
 
 from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
+from cmdserver.upload_io import Countdown, HashThread
 
 log = Logger()
 
@@ -85,88 +82,6 @@ def write_all(fd: int, chunks: Sequence[bytes], writer: Writer = os.writev) -> N
         pending[0] = memoryview(pending[0])[n:]  # type: ignore[call-overload]
 
 
-class Block:
-    """A page-aligned buffer (an anonymous mapping) for the bytes of an upload.
-
-    The door's socket reads fill it in place and direct writes take it from
-    there: the bytes are copied once, out of the socket.  ``fill`` bytes are used.
-    """
-
-    __slots__ = ("fill", "view")
-
-    def __init__(self, size: int) -> None:
-        self.view = memoryview(mmap.mmap(-1, size))
-        self.fill = 0
-
-
-def name_thread(label: str) -> None:
-    """Give the calling thread a name ``top -H`` and /proc show (Linux; best effort)."""
-    try:
-        with open("/proc/thread-self/comm", "w") as f:
-            f.write(label[:15])
-    except OSError:
-        pass
-
-
-class _Countdown:
-    """Calls ``then`` once ``count`` threads have called it: all are done with a block."""
-
-    __slots__ = ("_count", "_lock", "_then")
-
-    def __init__(self, count: int, then: Callable[[], None]) -> None:
-        self._count = count
-        self._then = then
-        self._lock = threading.Lock()
-
-    def __call__(self) -> None:
-        with self._lock:
-            self._count -= 1
-            last = not self._count
-        if last:
-            self._then()
-
-
-class _HashThread:
-    """Feeds one hash beside the worker that writes, at its own pace.
-
-    hashlib and hmac release the GIL on large buffers, so the threads really run
-    in parallel.  Each keeps its own queue of blocks: when one of the three
-    (this hash, the other, the writer) is held up for a moment, the others go
-    on with the blocks already received instead of waiting for it.
-    """
-
-    def __init__(self, digest: Any, label: str) -> None:
-        self.digest = digest
-        self._label = label
-        self._inbox: queue.SimpleQueue[tuple[Any, Callable[[], None]] | None] = (
-            queue.SimpleQueue())
-        self._thread = threading.Thread(target=self._run, name=label, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        name_thread(self._label)
-        while (item := self._inbox.get()) is not None:
-            data, then = item
-            try:
-                if data is not None:
-                    self.digest.update(data)
-            finally:
-                then()
-
-    def start(self, data: memoryview, then: Callable[[], None]) -> None:
-        """Hash ``data`` after the blocks before it, then call ``then``."""
-        self._inbox.put((data, then))
-
-    def drain(self) -> None:
-        """Wait until every block given so far is hashed."""
-        done = threading.Event()
-        self._inbox.put((None, done.set))
-        done.wait()
-
-    def stop(self) -> None:
-        self._inbox.put(None)
-
-
 class Spool:
     """A hidden temporary file in the target directory, hashed as it is written.
 
@@ -187,12 +102,12 @@ class Spool:
         self._writer = writer
         self._sha = hashlib.sha256()
         self._mac = hmac.new(key, digestmod=hashlib.sha256)
-        self._helpers: list[_HashThread] = []
+        self._helpers: list[HashThread] = []
         self._written = self._flushed = self._dropped = 0
         self._direct = False
         if size >= PARALLEL_MIN:
-            self._helpers = [_HashThread(self._mac, "upload-hmac"),
-                             _HashThread(self._sha, "upload-sha256")]
+            self._helpers = [HashThread(self._mac, "upload-hmac"),
+                             HashThread(self._sha, "upload-sha256")]
         if size >= DIRECT_MIN and O_DIRECT:
             self._set_direct(True)
 
@@ -214,7 +129,7 @@ class Spool:
         assert self._fd is not None
         helpers = self._helpers
         if helpers:
-            then = _Countdown(len(helpers) + 1, then)
+            then = Countdown(len(helpers) + 1, then)
             for helper in helpers:
                 helper.start(data, then)
         else:

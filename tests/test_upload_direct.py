@@ -15,7 +15,8 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial import unittest
 
-from cmdserver.upload import BATCH, direct_reads
+from cmdserver.upload import BATCH
+from cmdserver.upload_io import direct_reads
 from cmdserver.upload_spool import DIRECT_MIN, O_DIRECT
 from tests.upload_helpers import context, leftovers, mac_of, make_core, temp_dir
 

@@ -29,7 +29,7 @@ from cmdserver import __version__
 from cmdserver.commands.base import Context
 from cmdserver.core import CommandCore, TextReply
 from cmdserver.doors.limits import format_peer
-from cmdserver.upload import direct_reads, widen_reads
+from cmdserver.upload_io import direct_reads, widen_reads
 
 log = Logger()
 
