@@ -140,6 +140,7 @@ class HashThread:
 
     def __init__(self, digest: Any, label: str) -> None:
         self.digest = digest
+        self.error: BaseException | None = None  # the digest is unusable if set
         self._label = label
         self._inbox: queue.SimpleQueue[tuple[Any, Callable[[], None]] | None] = (
             queue.SimpleQueue())
@@ -151,8 +152,10 @@ class HashThread:
         while (item := self._inbox.get()) is not None:
             data, then = item
             try:
-                if data is not None:
+                if data is not None and self.error is None:
                     self.digest.update(data)
+            except BaseException as e:  # reported by drain(); the thread goes on
+                self.error = e
             finally:
                 then()
 
@@ -161,10 +164,12 @@ class HashThread:
         self._inbox.put((data, then))
 
     def drain(self) -> None:
-        """Wait until every block given so far is hashed."""
+        """Wait until every block given so far is hashed; raise what hashing raised."""
         done = threading.Event()
         self._inbox.put((None, done.set))
         done.wait()
+        if self.error is not None:
+            raise self.error
 
     def stop(self) -> None:
         self._inbox.put(None)

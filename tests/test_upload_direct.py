@@ -168,3 +168,36 @@ class DirectReadTests(unittest.TestCase):
     def test_not_without_a_socket_transport(self):
         self.assertIsNone(self.install(StringTransport(), Sink(10)))
 
+
+
+class HashThreadTests(unittest.TestCase):
+    def test_blocks_are_hashed_in_order_and_each_is_released(self):
+        import hashlib
+
+        from cmdserver.upload_io import HashThread
+
+        digest = hashlib.sha256()
+        thread = HashThread(digest, "test-hash")
+        self.addCleanup(thread.stop)
+        released = []
+        parts = [os.urandom(5000) for _ in range(20)]
+        for i, part in enumerate(parts):
+            thread.start(memoryview(part), lambda i=i: released.append(i))
+        thread.drain()
+        self.assertEqual(released, list(range(20)))
+        self.assertEqual(digest.hexdigest(), hashlib.sha256(b"".join(parts)).hexdigest())
+
+    def test_a_failing_hash_is_reported_and_releases_its_blocks(self):
+        from cmdserver.upload_io import HashThread
+
+        class Broken:
+            def update(self, data):
+                raise ValueError("broken digest")
+
+        thread = HashThread(Broken(), "test-hash")
+        self.addCleanup(thread.stop)
+        released = []
+        for i in range(3):
+            thread.start(memoryview(b"x"), lambda i=i: released.append(i))
+        self.assertRaises(ValueError, thread.drain)
+        self.assertEqual(released, [0, 1, 2])
