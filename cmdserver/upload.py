@@ -165,7 +165,7 @@ class Upload:
         """Where the next bytes go: free space in a block, no more than ``remaining``.
 
         A door that can read its socket into it (``recv_into``) then calls
-        :meth:`commit`; the bytes are never copied on the reactor thread.
+        :meth:`commit`: the kernel copies them there, and nothing copies them again.
         """
         block = self._block
         if block is None:
