@@ -342,15 +342,22 @@ class TlsTests(unittest.TestCase):
         options = Options()
         options.parseOptions([
             "--line", f"ssl:0:privateKey={key_pem}:certKey={cert_pem}:interface=127.0.0.1",
-            "--data-dir", data, "--root", root, "--audit-log", "none"])
+            "--data-dir", data, "--root", root, "--audit-log", "none",
+            "--ssh", "none", "--pb", "none"])
         service = makeService(options, reactor)
         service.startService()
         self.addCleanup(service.stopService)
         port = (yield service.doors[0].listening).getHost().port
         src = os.path.join(base, "src.bin")
-        content = os.urandom(5 << 20)
+        content = os.urandom(DIRECT_MIN + (1 << 20) + 7)
         with open(src, "wb") as f:
             f.write(content)
+        from cmdserver.upload import Upload
+
+        copied = []  # under TLS the decrypted bytes are copied into the blocks
+        write = Upload.write
+        self.patch(Upload, "write", lambda upload, chunk: (copied.append(len(chunk)),
+                                                           write(upload, chunk)))
         out, err, code = yield getProcessOutputAndValue(
             sys.executable, ["-m", "cmdserver.cli", "upload", src, "--port", str(port),
                              "--tls", "--ca-file", cert_pem, "--key-file",
@@ -360,3 +367,4 @@ class TlsTests(unittest.TestCase):
                                        f"sha256={hashlib.sha256(content).hexdigest()}\n")
         with open(os.path.join(root, "src.bin"), "rb") as f:
             self.assertEqual(f.read(), content)
+        self.assertEqual(sum(copied), len(content))
