@@ -1,15 +1,18 @@
 """The upload engine: bytes in from any door, a verified file out, or nothing at all.
 
 A door (line, SSH exec, PB writer) gets an :class:`Upload` from
-:meth:`Uploads.begin` and feeds it with :meth:`Upload.write` on the reactor
-thread.  Chunks are batched (about 2 MiB) and handed to one worker thread per
-upload through a queue; the worker hashes (HMAC-SHA256 and SHA-256) and writes
-them into a hidden temporary file (see :mod:`cmdserver.upload_spool`), so the
-reactor only moves references.  When more than ``HIGH_WATER`` bytes wait for
-the worker the door's producer is paused, and resumed below ``LOW_WATER``:
-memory stays flat whatever the size.  After the last byte the worker checks
-the HMAC in constant time, fsyncs and moves the file into place; on a mismatch,
-an error or a cancel it removes the temporary file.
+:meth:`Uploads.begin` and feeds it on the reactor thread: the line door reads
+its socket straight into the upload's page-aligned blocks
+(:meth:`Upload.read_into`, :meth:`Upload.commit`), other doors copy into them
+with :meth:`Upload.write`.  Each full block (2 MiB) goes to the upload's
+worker thread, which writes it into a hidden temporary file (``O_DIRECT`` when
+large) while two more threads compute the HMAC-SHA256 and the SHA-256 (see
+:mod:`cmdserver.upload_spool`); the block comes back to be filled again when
+all three are done with it.  When more than ``HIGH_WATER`` bytes wait for them
+the door's producer is paused, and resumed below ``LOW_WATER``: memory stays
+flat whatever the size.  After the last byte the worker checks the HMAC in
+constant time, fsyncs and moves the file into place; on a mismatch, an error
+or a cancel it removes the temporary file.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
@@ -30,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cmdserver.errors import CommandError
+from cmdserver.upload_io import Block, name_thread
 from cmdserver.upload_spool import (
     Spool,
     UploadResult,
@@ -49,7 +54,6 @@ BATCH = 2 << 20
 HIGH_WATER = 12 << 20
 LOW_WATER = 6 << 20
 DEFAULT_MAX_UPLOAD = 1 << 30
-RAW_READ_SIZE = 1 << 20  # socket reads while an upload streams in
 _HEX_MAC = re.compile(r"\A[0-9a-fA-F]{64}\Z")
 _FINISH = object()
 
@@ -94,22 +98,6 @@ def flag(value: Any) -> bool:
 byte_size.coerceDoc = "Bytes; K, M, G, T suffixes are powers of 1024."  # type: ignore[attr-defined]
 
 
-def widen_reads(transport: Any, size: int = RAW_READ_SIZE) -> Callable[[], None]:
-    """Let the socket transport under ``transport`` read ``size`` bytes at a time.
-
-    Twisted's TCP transport reads 64 KiB per call; for a bulk upload 1 MiB reads
-    halve the reactor's work per byte.  Follows the ``transport`` chain through
-    wrappers (connection limits, TLS) to the one with a ``bufferSize``; returns
-    a function that restores the default.
-    """
-    while transport is not None:
-        if isinstance(getattr(type(transport), "bufferSize", None), int):
-            transport.bufferSize = size
-            return lambda: vars(transport).pop("bufferSize", None)
-        transport = vars(transport).get("transport") if hasattr(transport, "__dict__") else None
-    return lambda: None
-
-
 def check_request(name: str, size: int, mac_hex: str, max_upload: int) -> bytes:
     """Validate an upload request without touching the disk; returns the HMAC bytes."""
     if not isinstance(name, str) or not name:
@@ -144,8 +132,8 @@ class Upload:
         self.closed: Deferred = Deferred()
         self._expected = expected_mac
         self._reactor = reactor
-        self._batch: list[bytes] = []
-        self._batch_len = 0
+        self._block: Block | None = None  # being filled
+        self._spare: list[Block] = []  # written, ready to be filled again
         self._in_flight = 0  # bytes handed to the worker and not yet written
         self._producer: IPushProducer | None = None
         self._paused = False
@@ -165,16 +153,41 @@ class Upload:
         n = len(data)
         if n > self.remaining:
             raise ValueError(f"{n} bytes offered, {self.remaining} expected")
+        view, pos = memoryview(data), 0
+        while pos < n:
+            space = self.read_into()
+            k = min(len(space), n - pos)
+            space[:k] = view[pos:pos + k]
+            pos += k
+            self.commit(k)
+
+    def read_into(self) -> memoryview:
+        """Where the next bytes go: free space in a block, no more than ``remaining``.
+
+        A door that can read its socket into it (``recv_into``) then calls
+        :meth:`commit`: the kernel copies them there, and nothing copies them again.
+        """
+        block = self._block
+        if block is None:
+            block = self._block = self._spare.pop() if self._spare else Block(BATCH)
+        return block.view[block.fill:block.fill + min(BATCH - block.fill, self.remaining)]
+
+    def commit(self, n: int) -> None:
+        """``n`` bytes were put where :meth:`read_into` said."""
+        if n > self.remaining:
+            raise ValueError(f"{n} bytes offered, {self.remaining} expected")
         self.remaining -= n
-        if self._over:
-            return  # failed or aborted: the rest of the stream is only drained
-        self._batch.append(data)
-        self._batch_len += n
-        if self._batch_len >= BATCH or not self.remaining:
-            batch, n = self._batch, self._batch_len
-            self._batch, self._batch_len = [], 0
-            self._in_flight += n
-            self._inbox.put(batch)
+        block = self._block
+        if block is None:
+            return  # size 0, or nothing asked for
+        if self._over:  # failed or aborted: the rest of the stream is only drained
+            block.fill = 0
+            return
+        block.fill += n
+        if block.fill == BATCH or not self.remaining:
+            self._block = None
+            self._in_flight += block.fill
+            self._inbox.put(block)
             if not self.remaining:
                 self._inbox.put(_FINISH)
             elif self._in_flight >= HIGH_WATER and not self._paused:
@@ -206,7 +219,7 @@ class Upload:
 
     def _stop_worker(self) -> None:
         self._over = True
-        self._batch = []
+        self._block, self._spare = None, []
         self._abort.set()
         self._inbox.put(_FINISH)  # wakes the worker; it sees the abort flag first
 
@@ -220,8 +233,11 @@ class Upload:
 
     # -- reports from the worker (run on the reactor thread) ---------------
 
-    def _written(self, n: int) -> None:
-        self._in_flight -= n
+    def _written(self, block: Block) -> None:
+        self._in_flight -= block.fill
+        block.fill = 0
+        if not self._over:
+            self._spare.append(block)
         if self._paused and self._in_flight <= LOW_WATER:
             self._set_paused(False)
 
@@ -231,7 +247,7 @@ class Upload:
             outcome = Failure(CommandError("upload failed (see the server log), "
                                            "upload discarded"))
         self._over = True
-        self._batch = []
+        self._block, self._spare = None, []
         if self._paused:
             self._set_paused(False)  # let the door drain what the client still sends
         if not self.done.called:
@@ -244,6 +260,7 @@ class Upload:
     # -- the worker thread ----------------------------------------------------
 
     def _work(self) -> None:
+        name_thread("upload-write")
         spool, inbox, abort = self.spool, self._inbox, self._abort
         call = self._reactor.callFromThread
         outcome: UploadResult | Failure
@@ -256,10 +273,9 @@ class Upload:
                     outcome = spool.publish(self._expected)
                     break
                 try:
-                    spool.write(item)
+                    spool.write(item.view[:item.fill], partial(call, self._written, item))
                 except OSError as e:
                     raise write_error(e) from None
-                call(self._written, sum(map(len, item)))
         except BaseException:
             outcome = Failure()
             spool.discard()

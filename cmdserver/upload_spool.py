@@ -9,22 +9,21 @@ in the directory that was checked even if a path component is swapped meanwhile.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import hmac
 import os
-import queue
 import re
 import secrets
 import stat
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.logger import Logger
 
 from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
+from cmdserver.upload_io import Countdown, HashThread
 
 log = Logger()
 
@@ -35,6 +34,9 @@ NAME_IN_TEMP = 100  # characters of the target name kept in the temporary name
 IOV_MAX = 512  # buffers per writev call (the kernel's limit is 1024)
 FLUSH_STEP = 32 << 20  # bytes written between two writeback kicks
 PARALLEL_MIN = 8 << 20  # uploads this large hash in helper threads, beside the writes
+DIRECT_MIN = 8 << 20  # uploads this large bypass the page cache (O_DIRECT) where they can
+DIRECT_ALIGN = 4096  # offsets, lengths and addresses of direct writes are multiples of it
+O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 Writer = Callable[[int, Sequence[bytes]], int]
 
@@ -99,39 +101,6 @@ def write_all(fd: int, chunks: Sequence[bytes], writer: Writer = os.writev) -> N
         pending[0] = memoryview(pending[0])[n:]  # type: ignore[call-overload]
 
 
-class _HashThread:
-    """Feeds one hash beside the worker that writes, so hashing and writing overlap.
-
-    hashlib and hmac release the GIL on large buffers, so the threads really run
-    in parallel.
-    """
-
-    def __init__(self, digest: Any, label: str) -> None:
-        self.digest = digest
-        self._inbox: queue.SimpleQueue[Sequence[bytes] | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[bool] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"upload-hash {label}",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (chunks := self._inbox.get()) is not None:
-            try:
-                for chunk in chunks:
-                    self.digest.update(chunk)
-            finally:
-                self._done.put(True)
-
-    def start(self, chunks: Sequence[bytes]) -> None:
-        self._inbox.put(chunks)
-
-    def wait(self) -> None:
-        self._done.get()
-
-    def stop(self) -> None:
-        self._inbox.put(None)
-
-
 class Spool:
     """A hidden temporary file in the target directory, hashed as it is written.
 
@@ -152,35 +121,77 @@ class Spool:
         self._writer = writer
         self._sha = hashlib.sha256()
         self._mac = hmac.new(key, digestmod=hashlib.sha256)
-        self._helpers: list[_HashThread] = []
+        self._helpers: list[HashThread] = []
         self._written = self._flushed = self._dropped = 0
+        self._direct = False
         if size >= PARALLEL_MIN:
-            self._helpers = [_HashThread(self._mac, name), _HashThread(self._sha, name)]
+            self._helpers = [HashThread(self._mac, "upload-hmac"),
+                             HashThread(self._sha, "upload-sha256")]
+        if size >= DIRECT_MIN and O_DIRECT:
+            self._set_direct(True)
 
     @property
     def temp_path(self) -> str | None:
         """Where the bytes are spooled (for logs and tests); None once gone."""
         return self._tmp
 
-    def write(self, chunks: Sequence[bytes]) -> None:
-        """Hash and write one batch (an ``OSError`` such as ENOSPC propagates)."""
+    def write(self, data: memoryview, then: Callable[[], None]) -> None:
+        """Hash and write the next bytes; ``then()`` once both hashes and the disk have them.
+
+        ``data`` starts on a page boundary (a :class:`Block`), so every whole block
+        of a large upload goes to the disk directly: no copy into the page cache,
+        no dirty-page bookkeeping or writeback by the kernel, little left for fsync.
+        The hash threads may still be busy with it when this returns: ``data``
+        must stay as it is until ``then`` is called.  An ``OSError`` such as
+        ENOSPC propagates.
+        """
         assert self._fd is not None
         helpers = self._helpers
         if helpers:
+            then = Countdown(len(helpers) + 1, then)
             for helper in helpers:
-                helper.start(chunks)
+                helper.start(data, then)
         else:
-            for chunk in chunks:
-                self._mac.update(chunk)
-                self._sha.update(chunk)
+            self._mac.update(data)
+            self._sha.update(data)
         try:
-            write_all(self._fd, chunks, self._writer)
+            self._write_block(data)
         finally:
-            for helper in helpers:
-                helper.wait()
-        self._written += sum(map(len, chunks))
-        if self._written - self._flushed >= FLUSH_STEP:
+            then()
+        self._written += len(data)
+        if not self._direct and self._written - self._flushed >= FLUSH_STEP:
             self._start_writeback()
+
+    def _write_block(self, data: memoryview) -> None:
+        if self._direct and len(data) % DIRECT_ALIGN:
+            self._set_direct(False)  # the last, short block goes through the page cache
+        done, size = 0, len(data)
+        while done < size:
+            if not self._direct:
+                write_all(self._fd, (data[done:],), self._writer)  # type: ignore[arg-type]
+                return
+            try:
+                n = self._writer(self._fd, (data[done:],))  # type: ignore[arg-type]
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._set_direct(False)  # not for this file after all: write it buffered
+                continue
+            done += n
+            if n % DIRECT_ALIGN:  # a short write left the offset unaligned
+                self._set_direct(False)
+
+    def _set_direct(self, on: bool) -> None:
+        """Turn ``O_DIRECT`` on or off for the file (stays off if the filesystem refuses)."""
+        assert self._fd is not None
+        self._direct = False
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_SETFL,
+                        flags | O_DIRECT if on else flags & ~O_DIRECT)
+        except OSError:
+            return
+        self._direct = on
 
     def _start_writeback(self) -> None:
         """Start writing the last window to disk now, and drop the window before it.
@@ -203,6 +214,8 @@ class Spool:
         calls :meth:`discard`.
         """
         assert self._fd is not None and self._dir_fd is not None and self._tmp is not None
+        for helper in self._helpers:
+            helper.drain()
         if not hmac.compare_digest(self._mac.digest(), expected_mac):
             raise HmacMismatchError()
         try:

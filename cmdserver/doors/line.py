@@ -29,7 +29,7 @@ from cmdserver import __version__
 from cmdserver.commands.base import Context
 from cmdserver.core import CommandCore, TextReply
 from cmdserver.doors.limits import format_peer
-from cmdserver.upload import widen_reads
+from cmdserver.upload_io import direct_reads, widen_reads
 
 log = Logger()
 
@@ -186,10 +186,19 @@ class LineProtocol(LineReceiver, TimeoutMixin):
             consumer.write(data)
             return
         consumer.write(data if len(data) == n else data[:n])
-        self._raw, self._raw_paused = None, False
+        self._end_raw(data[n:])
+
+    def _raw_read(self) -> None:
+        """Bytes went from the socket straight into the raw consumer (``direct_reads``)."""
+        self.resetTimeout()
+        if self._raw is not None and not self._raw.remaining:
+            self._end_raw(b"")
+
+    def _end_raw(self, rest: bytes) -> None:
+        consumer, self._raw, self._raw_paused = self._raw, None, False
         self._narrow_reads()
         consumer.unregisterProducer()
-        self.setLineMode(data[n:])  # bytes after the content are command lines again
+        self.setLineMode(rest)  # bytes after the content are command lines again
         self._drain()
 
     def receive_raw(self, size: int, consumer: Any) -> None:
@@ -201,10 +210,15 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         if size == 0 or not self._connected:
             return
         self._raw = consumer
-        self._narrow_reads = widen_reads(self.transport)
+        self._narrow_reads: Callable[[], None] = lambda: None
         consumer.registerProducer(_RawReading(self), True)
         self.setRawMode()
         self.dataReceived(b"")  # bytes that arrived with the command line
+        if self._raw is consumer:  # the socket's bytes go to the consumer from now on
+            direct = None
+            if hasattr(consumer, "read_into") and not self._buffer:
+                direct = direct_reads(self.transport, self, consumer, self._raw_read)
+            self._narrow_reads = direct or widen_reads(self.transport)
 
     def _pause_raw(self, paused: bool) -> None:
         self._raw_paused = paused

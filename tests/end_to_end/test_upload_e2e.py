@@ -6,15 +6,17 @@ import hashlib
 import os
 import socket
 import sys
+import threading
 
-from twisted.internet import reactor, threads
+from twisted.internet import reactor, task, threads
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from cmdserver.tap import Options, makeService
+from cmdserver.upload import BATCH, HIGH_WATER
 from cmdserver.upload_key import read_key_file
-from cmdserver.upload_spool import temp_name
+from cmdserver.upload_spool import DIRECT_MIN, temp_name
 from tests.upload_helpers import leftovers, listing, mac_of, temp_dir, wait_until
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -173,6 +175,65 @@ class ServiceTests(unittest.TestCase):
             "pong"])
 
     @inlineCallbacks
+    def test_large_socket_upload_reads_into_blocks_then_lines_again(self):
+        """Past the first reads, the socket is read straight into the upload's blocks,
+        never past SIZE: the next command in the same send is still a command."""
+        from cmdserver.upload import Upload
+
+        data = os.urandom(DIRECT_MIN + 3 * BATCH + 12345)
+        copied = []
+        write = Upload.write
+        self.patch(Upload, "write", lambda upload, chunk: (copied.append(len(chunk)),
+                                                           write(upload, chunk)))
+
+        def talk():
+            c = Client(self.port)
+            c.send(f"upload big.bin {len(data)} {mac_of(data, self.key)}\n".encode())
+            ready = c.readline()
+            c.send(data + b"ping\n")
+            answers = [ready, c.readline(), c.readline()]
+            c.close()
+            return answers
+
+        answers = yield threads.deferToThread(talk)
+        self.assertEqual(answers, [
+            f"Ready for {len(data)} bytes",
+            f"Upload OK big.bin {len(data)} sha256={hashlib.sha256(data).hexdigest()}",
+            "pong"])
+        self.assertLess(sum(copied), BATCH)  # at most what came with the command line
+        with open(os.path.join(self.root, "big.bin"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    @inlineCallbacks
+    def test_slow_disk_stops_socket_reads_until_it_catches_up(self):
+        gate = threading.Event()
+        self.uploads.writer = lambda fd, buffers: (gate.wait(), os.writev(fd, buffers))[1]
+        data = os.urandom(HIGH_WATER + 4 * BATCH)
+
+        def talk():
+            c = Client(self.port)
+            c.send(f"upload slow.bin {len(data)} {mac_of(data, self.key)}\n".encode())
+            ready = c.readline()
+            c.send(data)
+            answer = c.readline()
+            c.close()
+            return [ready, answer]
+
+        talking = threads.deferToThread(talk)
+        yield wait_until(lambda: any(u._paused for u in self.uploads.active))
+        [upload] = self.uploads.active
+        self.assertLessEqual(upload._in_flight, HIGH_WATER)
+        received = upload.size - upload.remaining
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(upload.size - upload.remaining, received)  # not reading
+        gate.set()
+        answers = yield talking
+        self.assertEqual(answers[1], f"Upload OK slow.bin {len(data)} "
+                                     f"sha256={hashlib.sha256(data).hexdigest()}")
+        with open(os.path.join(self.root, "slow.bin"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    @inlineCallbacks
     def test_truncated_stream_then_disconnect(self):
         data = os.urandom(1 << 20)
 
@@ -288,9 +349,15 @@ class TlsTests(unittest.TestCase):
         self.addCleanup(service.stopService)
         port = (yield service.doors[0].listening).getHost().port
         src = os.path.join(base, "src.bin")
-        content = os.urandom(5 << 20)
+        content = os.urandom(DIRECT_MIN + (1 << 20) + 7)
         with open(src, "wb") as f:
             f.write(content)
+        from cmdserver.upload import Upload
+
+        copied = []  # under TLS the decrypted bytes are copied into the blocks
+        write = Upload.write
+        self.patch(Upload, "write", lambda upload, chunk: (copied.append(len(chunk)),
+                                                           write(upload, chunk)))
         out, err, code = yield getProcessOutputAndValue(
             sys.executable, ["-m", "cmdserver.cli", "upload", src, "--port", str(port),
                              "--tls", "--ca-file", cert_pem, "--key-file",
@@ -300,3 +367,4 @@ class TlsTests(unittest.TestCase):
                                        f"sha256={hashlib.sha256(content).hexdigest()}\n")
         with open(os.path.join(root, "src.bin"), "rb") as f:
             self.assertEqual(f.read(), content)
+        self.assertEqual(sum(copied), len(content))
