@@ -69,7 +69,7 @@ def main() -> None:
     chunk = b"ping\n" * args.chunk
     clock = Clock()
     core = CommandCore(default_registry(LogSource("")), Policy(["/"]), clock)
-    door = LineFactory(core, LineSettings(greeting="", idle_timeout=0))
+    door = LineFactory(core, LineSettings(greeting=""))  # idle timer on, as deployed
 
     def nothing() -> None:
         pass
