@@ -143,8 +143,8 @@ class CommandCore:
             self._audit(ctx, name, command.audit_argv(args), "refused", 0.0, str(e))
             self.stats.errors += 1
             return TextReply([e.text], False)
-        result = self._invoke(ctx, command, kwargs)
-        if _is_deferred(result):
+        result = self.invoke(ctx, command, kwargs)
+        if is_deferred(result):
             return result.addCallbacks(
                 lambda value: TextReply(command.text(value), True),
                 self._text_failure,
@@ -165,7 +165,7 @@ class CommandCore:
 
         Doors use it for their own command objects that are not in the registry
         (PB's upload writer)."""
-        result = self._invoke(ctx, command, kwargs)
+        result = self.invoke(ctx, command, kwargs)
         if isinstance(result, Deferred):
             return result
         if isinstance(result, Failure):
@@ -175,13 +175,15 @@ class CommandCore:
     def _text_failure(self, failure: Failure) -> TextReply:
         return TextReply([error_text(failure)], False)
 
-    def _invoke(self, ctx: Context, command: Command,
-                kwargs: dict[str, Any]) -> Deferred | Failure | Any:
-        """Run, count and audit a command.
+    def invoke(self, ctx: Context, command: Command,
+               kwargs: dict[str, Any]) -> Deferred | Failure | Any:
+        """Run, count and audit a command object.
 
         Gives the result (or a Failure) itself when the command finished at once,
         else a Deferred for it: most commands answer synchronously, and a
-        Deferred chain per command would cost more than the command.
+        Deferred chain per command would cost more than the command.  Doors that
+        can hand a plain value on (PB) call this; :func:`is_deferred` tells the
+        cases apart.
         """
         stats = self.stats
         stats.commands[command.name] += 1
@@ -191,8 +193,8 @@ class CommandCore:
             result = command.run(ctx, **kwargs)
         except BaseException:
             return self._done(Failure(), ctx, command, kwargs, started)
-        if _is_deferred(result):
-            if not result.called or result.paused or _is_deferred(result.result):
+        if is_deferred(result):
+            if not result.called or result.paused or is_deferred(result.result):
                 return result.addBoth(self._done, ctx, command, kwargs, started)
             # Already fired: nothing to wait for.  A Failure taken out is handled
             # here, so the spent Deferred must not report it as unhandled.
@@ -228,7 +230,7 @@ class CommandCore:
                                round(duration, 6), error, result)
 
 
-def _is_deferred(value: Any) -> bool:
+def is_deferred(value: object) -> bool:
     """``isinstance(value, Deferred)``, fast for plain values too.
 
     Deferred is an ABC (Awaitable), so ``isinstance`` with anything else walks
