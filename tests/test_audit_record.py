@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from cmdserver.audit import NAMESPACE, AuditFile, AuditPublisher
+from cmdserver.audit import FLUSH_DELAY, NAMESPACE, AuditFile, AuditPublisher
 
 texts = st.text(max_size=200)
 values = st.one_of(
@@ -62,7 +62,7 @@ class PublisherTests(unittest.TestCase):
         self.publisher = AuditPublisher()
 
     def lines(self) -> list[dict]:
-        self.clock.advance(0)
+        self.clock.advance(FLUSH_DELAY)
         with open(self.path, encoding="utf-8") as f:
             return [json.loads(line) for line in f]
 
