@@ -137,6 +137,8 @@ class AuditFile:
         self._flush_call: Any = None
         self._last_ms = -1
         self._last_time = ""
+        self._last_second = -1
+        self._second_text = ""
         self._strings: dict[str, str] = {}  # str -> its JSON encoding
 
     def open(self) -> None:
@@ -168,12 +170,20 @@ class AuditFile:
             view = view[os.write(self._fd, view):]
 
     def _timestamp(self, when: float) -> str:
+        """ISO 8601 in UTC to the millisecond, as ``datetime.isoformat`` writes it.
+
+        Bursts share one formatted millisecond, and the date and time of day are
+        formatted once a second: a client calling one command at a time has a
+        new millisecond on nearly every call."""
         ms = int(when * 1000)
-        if ms != self._last_ms:  # bursts share one formatted millisecond
+        if ms != self._last_ms:
             self._last_ms = ms
-            moment = datetime.fromtimestamp(ms // 1000, UTC).replace(
-                microsecond=ms % 1000 * 1000)
-            self._last_time = moment.isoformat(timespec="milliseconds")
+            second, milli = divmod(ms, 1000)
+            if second != self._last_second:
+                self._last_second = second
+                self._second_text = datetime.fromtimestamp(second, UTC).strftime(
+                    "%Y-%m-%dT%H:%M:%S")
+            self._last_time = f"{self._second_text}.{milli:03d}+00:00"
         return self._last_time
 
     def __call__(self, event: dict[str, Any]) -> None:

@@ -220,8 +220,9 @@ class CommandCore:
             self._audit(ctx, command.name, command.audit_args(kwargs), outcome,
                         elapsed, reason)
         else:
-            self._audit(ctx, command.name, command.audit_args(kwargs), "ok",
-                        elapsed, None, command.audit_result(result))
+            audit_publisher.record(ctx.user, ctx.peer, ctx.door, command.name,
+                                   command.audit_args(kwargs), "ok", round(elapsed, 6), None,
+                                   command.audit_result(result))
         return result
 
     def _audit(self, ctx: Context, command: str, args: dict[str, Any], outcome: str,

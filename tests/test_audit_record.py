@@ -105,3 +105,16 @@ class PublisherTests(unittest.TestCase):
                                   0.0, None)
         self.assertEqual([line["command"][-1] for line in self.lines()], ["0", "1", "2"])
         self.assertNotIn("x" * 500 + "0", self.file._strings)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=4e9), min_size=1, max_size=5))
+def test_timestamps_match_isoformat(times: list[float]) -> None:
+    from datetime import UTC, datetime
+
+    audit = AuditFile("unused")
+    for when in times:  # in any order: the cached second must not leak
+        ms = int(when * 1000)
+        expected = datetime.fromtimestamp(ms // 1000, UTC).replace(
+            microsecond=ms % 1000 * 1000).isoformat(timespec="milliseconds")
+        assert audit._timestamp(when) == expected
