@@ -66,6 +66,7 @@ class Daemon:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cmdbench-")))
     proc: subprocess.Popen | None = None
     port: int = 0
+    source: str | None = None  # a directory with another cmdserver package to run
 
     @property
     def log_path(self) -> Path:
@@ -80,8 +81,9 @@ class Daemon:
         cmd = [TWISTD, "-n", "--pidfile=", "-l", str(self.log_path), "cmdserver",
                "--line", self.endpoint, "--data-dir",
                str(self.workdir / "data"), *audit, *self.args]
+        env = dict(os.environ, PYTHONPATH=self.source) if self.source else None
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdin=subprocess.DEVNULL,
-                                     preexec_fn=raise_nofile)
+                                     preexec_fn=raise_nofile, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -67,12 +67,19 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=8, help="lines per client write")
     p.add_argument("--repeat", type=int, default=5, help="runs per point; the median counts")
     p.add_argument("--connections", type=int, nargs="*", default=list(CONNECTIONS))
+    p.add_argument("--compare", metavar="DIR",
+                   help="also run the cmdserver package found in DIR (an older version, "
+                        "e.g. from git archive), audit on")
     args = p.parse_args()
     raise_nofile()
     limit = str(max(args.connections) + 10)
     runs: dict[str, dict[int, list[dict]]] = {}
-    daemons = {name: Daemon(args=["--max-clients", limit, "--max-per-ip", limit], audit=audit)
-               for name, audit in (("cmdserver", True), ("audit-log none", False))}
+    variants = [("cmdserver", True, None), ("audit-log none", False, None)]
+    if args.compare:
+        variants.append(("compared", True, args.compare))
+    daemons = {name: Daemon(args=["--max-clients", limit, "--max-per-ip", limit], audit=audit,
+                            source=source)
+               for name, audit, source in variants}
     with EchoServer() as echo:
         servers = {"bare": (echo.port, 0)}
         try:
