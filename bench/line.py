@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 
-from _common import HERE, PYTHON, Daemon, raise_nofile
+from _common import HERE, PYTHON, Daemon, cpu_seconds, raise_nofile
 
 CONNECTIONS = (1, 10, 100, 1000)
 
@@ -43,15 +43,20 @@ class EchoServer:
         self.proc.wait()
 
 
-def load(port: int, connections: int, args: argparse.Namespace, greeting: int) -> dict:
-    """One run of the load generator against one server."""
+def load(port: int, connections: int, args: argparse.Namespace, greeting: int,
+         pid: int) -> dict:
+    """One run of the load generator against one server (process ``pid``); adds the
+    server's CPU time per line, in microseconds, as ``cpu_us``."""
     per_connection = max(args.chunk, args.total // connections)
+    before = cpu_seconds(pid)
     out = subprocess.run(
         [PYTHON, str(HERE / "_loadgen.py"), "--port", str(port), "--connections",
          str(connections), "--lines", str(per_connection), "--window", str(args.window),
          "--chunk", str(args.chunk), "--greeting", str(greeting)],
         capture_output=True, text=True, check=True, timeout=300)
-    return json.loads(out.stdout)
+    result = json.loads(out.stdout)
+    result["cpu_us"] = (cpu_seconds(pid) - before) / result["lines"] * 1e6
+    return result
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -81,16 +86,16 @@ def main() -> None:
                             source=source)
                for name, audit, source in variants}
     with EchoServer() as echo:
-        servers = {"bare": (echo.port, 0)}
+        servers = {"bare": (echo.port, 0, echo.proc.pid)}
         try:
             for name, daemon in daemons.items():
                 daemon.start()
-                servers[name] = (daemon.port, 1)
+                servers[name] = (daemon.port, 1, daemon.pid)
             for c in args.connections:
                 for _ in range(args.repeat):
-                    for name, (port, greeting) in servers.items():
+                    for name, (port, greeting, pid) in servers.items():
                         runs.setdefault(name, {}).setdefault(c, []).append(
-                            load(port, c, args, greeting))
+                            load(port, c, args, greeting, pid))
         finally:
             for daemon in daemons.values():
                 daemon.stop()
@@ -108,6 +113,13 @@ def main() -> None:
             print(f"{name:<22}{c:>6}{r['lines_per_s']:>11,}{r['p50_ms']:>9.2f}"
                   f"{r['p99_ms']:>9.2f}{ratio:>7.2f}  {min(per_run):.2f}-{max(per_run):.2f}"
                   f" (median {statistics.median(per_run):.2f})")
+    print("server CPU per line (user+system, all runs; less sensitive to the load of other "
+          "work than lines/s):")
+    for name, by_conns in runs.items():
+        for c, rs in by_conns.items():
+            mine = statistics.median(r["cpu_us"] for r in rs)
+            bare = statistics.median(r["cpu_us"] for r in runs["bare"][c])
+            print(f"  {name:<20}{c:>6}{mine:>8.2f} us  (bare/this {bare / mine:.2f})")
     if 100 in args.connections:
         off = results["audit-log none"][100]["lines_per_s"] / results["bare"][100][
             "lines_per_s"]

@@ -46,6 +46,13 @@ _encode_str = json.encoder.encode_basestring_ascii
 _log = Logger()
 
 
+def _float(value: Any) -> str:
+    """:func:`encode_value` for a value that is nearly always a finite float."""
+    if type(value) is float and -math.inf < value < math.inf:  # NaN compares false
+        return repr(value)
+    return encode_value(value)
+
+
 def encode_value(value: Any) -> str:
     """``json.dumps(value, default=str)``, with the usual types encoded directly."""
     if type(value) is str:
@@ -214,7 +221,7 @@ class AuditFile:
             f'"command": {strings.get(command) or self._string(command)}, '
             f'"args": {"{}" if not args and type(args) is dict else encode_value(args)}, '
             f'"outcome": {strings.get(outcome) or self._string(outcome)}, '
-            f'"duration": {encode_value(duration)}, '
+            f'"duration": {_float(duration)}, '
             f'"error": {"null" if error is None else encode_value(error)}')
         if result is not None:
             line += f', "result": {encode_value(result)}'
