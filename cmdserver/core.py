@@ -17,7 +17,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cmdserver.audit import FORMAT, audit_publisher
+from cmdserver.audit import audit_publisher
 from cmdserver.auth import ANONYMOUS
 from cmdserver.commands.base import Command, Context, Registry
 from cmdserver.errors import CommandError, NotFound, UsageError
@@ -25,12 +25,10 @@ from cmdserver.policy import Policy
 from cmdserver.stats import Stats
 
 log = Logger()
-audit = audit_publisher.logger
 
 NOT_FOUND_TEXT = "Command not found."
 LOGIN_REQUIRED = "login required"
 INTERNAL_ERROR = "internal error (see the server log)"
-AUDIT_FORMAT = FORMAT
 
 
 class TextReply(NamedTuple):
