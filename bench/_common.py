@@ -43,6 +43,13 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (from /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -66,6 +73,7 @@ class Daemon:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cmdbench-")))
     proc: subprocess.Popen | None = None
     port: int = 0
+    source: str | None = None  # a directory with another cmdserver package to run
 
     @property
     def log_path(self) -> Path:
@@ -82,8 +90,9 @@ class Daemon:
                str(self.workdir / "data"), *audit,
                "--ssh", "none", "--pb", "none",  # no fixed ports: other daemons may hold them
                *self.args]
+        env = dict(os.environ, PYTHONPATH=self.source) if self.source else None
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdin=subprocess.DEVNULL,
-                                     preexec_fn=raise_nofile)
+                                     preexec_fn=raise_nofile, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -6,7 +6,10 @@ Side by side in one run, each server in its own process and the load generator
 cmdserver with its JSON audit file (the default), and cmdserver with
 ``--audit-log none`` (the audit events then go to twistd's text log).  Every
 connection keeps ``--window`` lines in flight, sent ``--chunk`` at a time,
-with 1, 10, 100 and 1000 connections; the best of ``--repeat`` runs counts.
+with 1, 10, 100 and 1000 connections.  The three servers run at once and the
+runs alternate between them, ``--repeat`` times per point, so a change in the
+machine's load hits all three alike; the median run counts, and the spread of
+the ratio over the runs is printed beside it.
 The last line is the throughput ratio cmdserver/bare at 100 connections with
 the audit log on.
 
@@ -17,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 
-from _common import HERE, PYTHON, Daemon, raise_nofile
+from _common import HERE, PYTHON, Daemon, cpu_seconds, raise_nofile
 
 CONNECTIONS = (1, 10, 100, 1000)
 
@@ -39,19 +43,26 @@ class EchoServer:
         self.proc.wait()
 
 
-def load(port: int, connections: int, args: argparse.Namespace, greeting: int) -> dict:
+def load(port: int, connections: int, args: argparse.Namespace, greeting: int,
+         pid: int) -> dict:
+    """One run of the load generator against one server (process ``pid``); adds the
+    server's CPU time per line, in microseconds, as ``cpu_us``."""
     per_connection = max(args.chunk, args.total // connections)
-    best: dict = {}
-    for _ in range(args.repeat):
-        out = subprocess.run(
-            [PYTHON, str(HERE / "_loadgen.py"), "--port", str(port), "--connections",
-             str(connections), "--lines", str(per_connection), "--window", str(args.window),
-             "--chunk", str(args.chunk), "--greeting", str(greeting)],
-            capture_output=True, text=True, check=True, timeout=300)
-        result = json.loads(out.stdout)
-        if not best or result["lines_per_s"] > best["lines_per_s"]:
-            best = result
-    return best
+    before = cpu_seconds(pid)
+    out = subprocess.run(
+        [PYTHON, str(HERE / "_loadgen.py"), "--port", str(port), "--connections",
+         str(connections), "--lines", str(per_connection), "--window", str(args.window),
+         "--chunk", str(args.chunk), "--greeting", str(greeting)],
+        capture_output=True, text=True, check=True, timeout=300)
+    result = json.loads(out.stdout)
+    result["cpu_us"] = (cpu_seconds(pid) - before) / result["lines"] * 1e6
+    return result
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput (the lower middle one for an even count)."""
+    ranked = sorted(runs, key=lambda r: r["lines_per_s"])
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def main() -> None:
@@ -59,29 +70,56 @@ def main() -> None:
     p.add_argument("--total", type=int, default=200_000, help="ping lines per run")
     p.add_argument("--window", type=int, default=32, help="lines in flight per connection")
     p.add_argument("--chunk", type=int, default=8, help="lines per client write")
-    p.add_argument("--repeat", type=int, default=3, help="runs per point; the best counts")
+    p.add_argument("--repeat", type=int, default=5, help="runs per point; the median counts")
     p.add_argument("--connections", type=int, nargs="*", default=list(CONNECTIONS))
+    p.add_argument("--compare", metavar="DIR",
+                   help="also run the cmdserver package found in DIR (an older version, "
+                        "e.g. from git archive), audit on")
     args = p.parse_args()
     raise_nofile()
     limit = str(max(args.connections) + 10)
-    results: dict[str, dict[int, dict]] = {}
+    runs: dict[str, dict[int, list[dict]]] = {}
+    variants = [("cmdserver", True, None), ("audit-log none", False, None)]
+    if args.compare:
+        variants.append(("compared", True, args.compare))
+    daemons = {name: Daemon(args=["--max-clients", limit, "--max-per-ip", limit], audit=audit,
+                            source=source)
+               for name, audit, source in variants}
     with EchoServer() as echo:
-        results["bare"] = {c: load(echo.port, c, args, 0) for c in args.connections}
-    for name, audit in (("cmdserver", True), ("audit-log none", False)):
-        daemon = Daemon(args=["--max-clients", limit, "--max-per-ip", limit], audit=audit)
-        daemon.start()
+        servers = {"bare": (echo.port, 0, echo.proc.pid)}
         try:
-            results[name] = {c: load(daemon.port, c, args, 1) for c in args.connections}
+            for name, daemon in daemons.items():
+                daemon.start()
+                servers[name] = (daemon.port, 1, daemon.pid)
+            for c in args.connections:
+                for _ in range(args.repeat):
+                    for name, (port, greeting, pid) in servers.items():
+                        runs.setdefault(name, {}).setdefault(c, []).append(
+                            load(port, c, args, greeting, pid))
         finally:
-            daemon.stop()
+            for daemon in daemons.values():
+                daemon.stop()
+    results = {name: {c: median_run(r) for c, r in by_conns.items()}
+               for name, by_conns in runs.items()}
     print(f"ping, window {args.window} lines, {args.chunk} per write, "
-          f"{args.total} lines per run, best of {args.repeat}")
-    print(f"{'server':<22}{'conns':>6}{'lines/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>7}")
+          f"{args.total} lines per run, median of {args.repeat} alternating runs")
+    print(f"{'server':<22}{'conns':>6}{'lines/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>7}"
+          f"  ratio per run (min-max)")
     for name, by_conns in results.items():
         for c, r in by_conns.items():
             ratio = r["lines_per_s"] / results["bare"][c]["lines_per_s"]
+            per_run = [mine["lines_per_s"] / bare["lines_per_s"]
+                       for mine, bare in zip(runs[name][c], runs["bare"][c], strict=True)]
             print(f"{name:<22}{c:>6}{r['lines_per_s']:>11,}{r['p50_ms']:>9.2f}"
-                  f"{r['p99_ms']:>9.2f}{ratio:>7.2f}")
+                  f"{r['p99_ms']:>9.2f}{ratio:>7.2f}  {min(per_run):.2f}-{max(per_run):.2f}"
+                  f" (median {statistics.median(per_run):.2f})")
+    print("server CPU per line (user+system, all runs; less sensitive to the load of other "
+          "work than lines/s):")
+    for name, by_conns in runs.items():
+        for c, rs in by_conns.items():
+            mine = statistics.median(r["cpu_us"] for r in rs)
+            bare = statistics.median(r["cpu_us"] for r in runs["bare"][c])
+            print(f"  {name:<20}{c:>6}{mine:>8.2f} us  (bare/this {bare / mine:.2f})")
     if 100 in args.connections:
         off = results["audit-log none"][100]["lines_per_s"] / results["bare"][100][
             "lines_per_s"]

@@ -4,11 +4,12 @@
 Feeds chunks of pipelined lines straight into the protocols' ``dataReceived``
 (a transport that drops the output) and reports microseconds per line for: a
 bare Twisted ``LineReceiver`` echo; cmdserver's door and core with the audit
-events built but dropped; with the JSON audit file (written once per chunk, as
-the daemon does once per reactor turn); and with ``--audit-log none``, where
+events built but dropped; with the JSON audit file (written in batches of
+``FLUSH_LINES`` at this rate, as in the daemon); and with ``--audit-log none``, where
 the events are rendered into the main text log as twistd does.  The
 differences are what each part adds per command; bench/line.py measures the
-whole with sockets.
+whole with sockets.  ``--steps`` also times each step of a ``ping`` on its own
+(the steps overlap a little: a step's own call is counted in the one above it).
 
     .venv/bin/python bench/line_costs.py
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+import timeit
 from collections.abc import Callable
 
 from twisted.internet.address import IPv4Address
@@ -28,9 +30,10 @@ from twisted.protocols.basic import LineReceiver
 
 from cmdserver.audit import AuditFile, audit_publisher
 from cmdserver.commands import default_registry
+from cmdserver.commands.base import Context
 from cmdserver.commands.lastlog import LogSource
-from cmdserver.core import CommandCore
-from cmdserver.doors.line import LineFactory, LineSettings
+from cmdserver.core import CommandCore, TextReply, split_line
+from cmdserver.doors.line import LineFactory, LineProtocol, LineSettings
 from cmdserver.policy import Policy
 
 
@@ -61,15 +64,46 @@ def per_line(proto, chunk: bytes, lines: int, rounds: int, after: Callable[[], N
     return best / (rounds * lines) * 1e6
 
 
+def steps(core: CommandCore, audit: AuditFile, proto: LineProtocol) -> None:
+    """Time the steps of one ``ping`` in isolation, in microseconds."""
+    ctx = Context(core, user="anonymous", peer="127.0.0.1:40000", door="line")
+    ping = core.registry.get("ping")
+    raw = b"ping"
+    rows = [
+        ("door: decode and check the line", lambda: raw.decode("utf-8").isprintable()),
+        ("core: split the line into words", lambda: split_line("ping")),
+        ("core: look the command up", lambda: core.registry.get("ping")),
+        ("core: parse the arguments", lambda: ping.parse([])),
+        ("command: ping.run (a fired Deferred)", lambda: ping.run(ctx)),
+        ("core.invoke: count, run, time, audit record", lambda: core.invoke(ctx, ping, {})),
+        ("audit: AuditFile.record (the JSON line)",
+         lambda: audit.record(1e9, "anonymous", "127.0.0.1:40000", "line", "ping", {},
+                              "ok", 1e-06, None)),
+        ("core: render the reply (text, TextReply)", lambda: TextReply(ping.text("pong"), True)),
+        ("door: encode and queue the reply line", lambda: proto.line("pong")),
+        ("core.run_text, all of the core (audit file)", lambda: core.run_text(ctx, "ping")),
+    ]
+    print("one ping, step by step (best of 5, microseconds):")
+    for name, f in rows:
+        n = 200_000
+        audit_publisher.addObserver(audit)  # as deployed: the audit file alone
+        per = min(timeit.repeat(f, number=n, repeat=5)) / n * 1e6
+        audit_publisher.removeObserver(audit)
+        print(f"  {name:<46} {per:5.2f}")
+        if name.startswith("door: encode"):
+            proto._flush()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--chunk", type=int, default=8, help="lines per dataReceived")
     p.add_argument("--rounds", type=int, default=20000)
+    p.add_argument("--steps", action="store_true", help="also time each step of a ping")
     args = p.parse_args()
     chunk = b"ping\n" * args.chunk
     clock = Clock()
     core = CommandCore(default_registry(LogSource("")), Policy(["/"]), clock)
-    door = LineFactory(core, LineSettings(greeting="", idle_timeout=0))
+    door = LineFactory(core, LineSettings(greeting=""))  # idle timer on, as deployed
 
     def nothing() -> None:
         pass
@@ -86,11 +120,8 @@ def main() -> None:
         audit = AuditFile(f"{d}/audit.log", clock)
         audit.open()
         audit_publisher.addObserver(audit)
-
-        def turn() -> None:
-            clock.advance(0)  # the per-turn write
-
-        with_audit = per_line(door.buildProtocol(None), chunk, args.chunk, args.rounds, turn)
+        with_audit = per_line(door.buildProtocol(None), chunk, args.chunk, args.rounds,
+                              nothing)
         audit_publisher.removeObserver(audit)
         audit.close()
         # --audit-log none: the events go to the main log, rendered as twistd does.
@@ -108,6 +139,16 @@ def main() -> None:
           f"{with_audit - no_audit:.2f}")
     print(f"cmdserver, --audit-log none (text log) {as_text:6.2f}   the text log adds "
           f"{as_text - no_audit:.2f}")
+    if args.steps:
+        with tempfile.TemporaryDirectory() as d:
+            audit = AuditFile(f"{d}/audit.log", clock)
+            audit.open()
+            proto = door.buildProtocol(None)
+            proto.makeConnection(DropTransport(
+                peerAddress=IPv4Address("TCP", "127.0.0.1", 40000)))
+            proto._batch = []  # replies gathered as during a read
+            steps(core, audit, proto)
+            audit.close()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The audit file: exact JSON lines, written once per reactor turn and on close."""
+"""The audit file: exact JSON lines, written in batches and on close."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from cmdserver.audit import FIELDS, NAMESPACE, AuditFile
+from cmdserver.audit import FIELDS, FLUSH_DELAY, FLUSH_LINES, NAMESPACE, AuditFile
 
 
 def event(**fields: object) -> dict:
@@ -50,16 +50,27 @@ class AuditFileTests(unittest.TestCase):
         with open(self.path, encoding="utf-8") as f:
             return f.read()
 
-    def test_written_at_next_turn(self) -> None:
+    def test_written_after_the_flush_delay(self) -> None:
         self.audit(event(user="u", command="ping", outcome="ok", duration=1e-05,
                          args={}, error=None))
         self.audit(event(user="u", command="ls", outcome="error", error="no"))
+        self.clock.advance(FLUSH_DELAY / 2)
         self.assertEqual(self.read(), "")
-        self.clock.advance(0)
+        self.clock.advance(FLUSH_DELAY / 2)
         lines = self.read().splitlines()
         self.assertEqual(len(lines), 2)
         self.assertEqual(json.loads(lines[0])["command"], "ping")
         self.assertEqual(json.loads(lines[1])["error"], "no")
+
+    def test_a_long_batch_is_written_at_once(self) -> None:
+        for i in range(FLUSH_LINES):
+            self.audit(event(command=f"c{i}"))
+        self.assertEqual(len(self.read().splitlines()), FLUSH_LINES)
+        self.audit(event(command="next"))
+        self.assertEqual(len(self.read().splitlines()), FLUSH_LINES)
+        self.clock.advance(FLUSH_DELAY)
+        self.assertEqual(json.loads(self.read().splitlines()[-1])["command"], "next")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_close_flushes(self) -> None:
         self.audit(event(command="ping"))
@@ -69,7 +80,7 @@ class AuditFileTests(unittest.TestCase):
 
     def test_other_namespaces_ignored(self) -> None:
         self.audit({"log_namespace": "other", "log_time": 1.0, "command": "x"})
-        self.clock.advance(0)
+        self.clock.advance(FLUSH_DELAY)
         self.assertEqual(self.read(), "")
 
     def test_mode_0600(self) -> None:
@@ -81,7 +92,7 @@ class AuditFileTests(unittest.TestCase):
                     1763712224.001: "2025-11-21T08:03:44.001+00:00"}
         for when in expected:
             self.audit(event(log_time=when, command="x"))
-        self.clock.advance(0)
+        self.clock.advance(FLUSH_DELAY)
         times = [json.loads(r)["time"] for r in self.read().splitlines()]
         self.assertEqual(times, list(expected.values()))
 

@@ -241,8 +241,15 @@ class LineProtocol(LineReceiver, TimeoutMixin):
             peer_login, self._peer_login = self._peer_login, None
             peer_login(self.ctx, self.transport)
         reply = self.core.run_text(self.ctx, text)
-        if isinstance(reply, TextReply):  # cheaper to test than Deferred (an ABC)
-            self._reply(reply)
+        if type(reply) is TextReply:
+            # Answered at once (ping, help, refusals): no time has passed since the
+            # read reset the idle timer, and the caller goes on with the next line.
+            for reply_line in reply.lines:
+                self.line(reply_line)
+            if self._closing:
+                self._close()
+            elif self._eof:
+                self._close_if_done()
         else:
             self._running = reply
             reply.addCallback(self._reply)

@@ -33,7 +33,7 @@ from zope.interface import implementer
 from cmdserver.auth import ANONYMOUS, Account, Realm
 from cmdserver.commands.base import Context, NullSink
 from cmdserver.commands.lastlog import DEFAULT_LINES
-from cmdserver.core import CommandCore
+from cmdserver.core import NOT_FOUND_TEXT, CommandCore, is_deferred
 from cmdserver.doors.limits import format_peer
 from cmdserver.doors.pb_calls import (
     RemoteSink,
@@ -91,40 +91,54 @@ class PBAvatar(pb.Avatar):
         return Context(self.core, user=self.account.name, peer=self.peer, door=DOOR,
                        out=out, policy=self.policy)
 
-    def _call(self, name: str, observer: Any = None, **kwargs: Any) -> Deferred:
+    def _call(self, name: str, observer: Any = None,
+              convert: Callable[[Any], Any] | None = None, **kwargs: Any) -> Any:
+        """Run a command for the client: its value (through ``convert``) when it
+        finished at once, which PB sends straight back, else a Deferred of it.
+        A failure reaches the client as one of the door's ``pb.Error``s."""
         observer = check_observer(observer)
+        command = self.core.registry.get(name)
+        if command is None:
+            raise CommandFailed(NOT_FOUND_TEXT)
         ctx = self._ctx if observer is None else self._context(RemoteSink(observer))
-        d = self.calls.track(self.core.call(ctx, name, **kwargs))
-        return d.addErrback(to_remote, name, True)
+        result = self.core.invoke(ctx, command, kwargs)
+        if is_deferred(result):
+            d = self.calls.track(result)
+            if convert is not None:
+                d.addCallback(convert)
+            return d.addErrback(to_remote, name, True)
+        if isinstance(result, Failure):
+            to_remote(result, name, True).raiseException()
+        return result if convert is None else convert(result)
 
     # -- the remote methods ---------------------------------------------------
+    # Each returns the command's value, or a Deferred of it for a command that
+    # takes time (PB accepts both).
 
-    def perspective_ping(self) -> Deferred:
+    def perspective_ping(self) -> Any:
         return self._call("ping")
 
-    def perspective_help(self, command: str | None = None) -> Deferred:
+    def perspective_help(self, command: str | None = None) -> Any:
         if command is None:
             return self._call("help")
-        d = self._call("help", command=check(command, str, "command"))
-        return d.addCallback(lambda h: {"name": h.name, "usage": h.usage,
-                                        "summary": h.summary})
+        return self._call("help", None, _help_dict, command=check(command, str, "command"))
 
-    def perspective_stats(self) -> Deferred:
+    def perspective_stats(self) -> Any:
         return self._call("stats")
 
-    def perspective_lastlog(self, n: int = DEFAULT_LINES, observer: Any = None) -> Deferred:
+    def perspective_lastlog(self, n: int = DEFAULT_LINES, observer: Any = None) -> Any:
         return self._call("lastlog", observer, n=check(n, int, "n"))
 
     def perspective_comphash(self, path: str, algo: str = "sha256",
-                             observer: Any = None) -> Deferred:
+                             observer: Any = None) -> Any:
         return self._call("comphash", observer, path=check(path, str, "path"),
                           algo=check(algo, str, "algo"))
 
-    def perspective_ls(self, path: str | None = None, observer: Any = None) -> Deferred:
+    def perspective_ls(self, path: str | None = None, observer: Any = None) -> Any:
         return self._call("ls", observer, path=check(path, (str, type(None)), "path"))
 
     def perspective_portscan(self, host: str, ports: str | list[int] | None = None,
-                             observer: Any = None) -> Deferred:
+                             observer: Any = None) -> Any:
         command = self.core.registry.get("portscan")
         if command is None:
             raise CommandFailed("Command not found.")
@@ -137,7 +151,7 @@ class PBAvatar(pb.Avatar):
             kwargs = command.parse(argv)
         except CommandError as e:
             raise CommandFailed(e.message) from None
-        return self._call("portscan", observer, **kwargs).addCallback(scan_result)
+        return self._call("portscan", observer, scan_result, **kwargs)
 
     def perspective_upload(self, name: str, size: int, hmac: str) -> Deferred:
         check(name, str, "name")
@@ -160,6 +174,10 @@ class PBAvatar(pb.Avatar):
 
         d.addBoth(ended)
         return ready.addErrback(to_remote, "upload", True)
+
+
+def _help_dict(h: Any) -> dict[str, str]:
+    return {"name": h.name, "usage": h.usage, "summary": h.summary}
 
 
 def _word(value: str, what: str) -> str:

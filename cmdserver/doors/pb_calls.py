@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
-from cmdserver.core import INTERNAL_ERROR
+from cmdserver.core import INTERNAL_ERROR, is_deferred
 from cmdserver.doors.pb_errors import BadArguments, InternalError, UnknownMethod
 
 log = Logger()
@@ -153,11 +153,11 @@ def dispatch(table: dict[str, Callable[..., Any]], signatures: dict[str, inspect
             raise BadArguments(f"{message}: {mismatch}") from None
         log.failure("pb: {method} failed", Failure(e), method=message)
         raise InternalError(INTERNAL_ERROR) from e
-    if isinstance(result, Deferred) and result.called:
-        # Already answered (ping, stats, help): hand PB the plain value, sparing it
-        # the callbacks it would chain onto a fired Deferred.  Failures (and a result
-        # still waiting on another Deferred) keep their path.
+    if is_deferred(result) and result.called:
+        # Already answered: hand PB the plain value, sparing it the callbacks it
+        # would chain onto a fired Deferred.  Failures (and a result still waiting
+        # on another Deferred) keep their path.
         value = result.result
-        if not isinstance(value, Failure | Deferred):
+        if not isinstance(value, Failure) and not is_deferred(value):
             result = value
     return broker.serialize(result, obj, method, args, kw)
