@@ -189,7 +189,7 @@ class CommandCore:
         started = self.reactor.seconds()
         try:
             result = command.run(ctx, **kwargs)
-        except BaseException:
+        except Exception:  # KeyboardInterrupt, SystemExit: not a command failure
             return self._done(Failure(), ctx, command, kwargs, started)
         if is_deferred(result):
             if not result.called or result.paused or is_deferred(result.result):
