@@ -14,7 +14,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from cmdserver.commands import default_registry
-from cmdserver.commands.base import Context, ListSink
+from cmdserver.commands.base import Command, Context, ListSink
 from cmdserver.commands.lastlog import LogSource
 from cmdserver.core import CommandCore
 from cmdserver.policy import Policy
@@ -102,3 +102,18 @@ class OutsideTreeTempMixin:
         base = tempfile.mkdtemp(prefix="cmdserver-test-")
         self.addCleanup(shutil.rmtree, base, True)  # type: ignore[attr-defined]
         return os.path.join(base, "temp")
+
+
+class Later(Command):
+    """A command that answers when the test fires one of its ``pending`` Deferreds."""
+
+    name = "later"
+    usage = "later"
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred] = []
+
+    def run(self, ctx: Context) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append(d)
+        return d

@@ -18,21 +18,7 @@ from cmdserver.commands.lastlog import LogSource
 from cmdserver.core import CommandCore, TextReply
 from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
-
-
-class Later(Command):
-    """Answers when the test fires its Deferred."""
-
-    name = "later"
-    usage = "later"
-
-    def __init__(self) -> None:
-        self.pending: list[Deferred] = []
-
-    def run(self, ctx: Context) -> Deferred:
-        d: Deferred = Deferred()
-        self.pending.append(d)
-        return d
+from tests.helpers import Later
 
 
 class Refuse(Command):

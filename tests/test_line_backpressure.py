@@ -4,12 +4,10 @@ with lines, costs bounded memory and bounded work per reactor turn."""
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from cmdserver.commands import default_registry
-from cmdserver.commands.base import Command, Context
 from cmdserver.commands.lastlog import LogSource
 from cmdserver.core import CommandCore
 from cmdserver.doors.line import (
@@ -20,6 +18,7 @@ from cmdserver.doors.line import (
     LineSettings,
 )
 from cmdserver.policy import Policy
+from tests.helpers import Later
 
 SEND_BUFFER = 65536  # what a real TCP transport buffers before it pauses its producer
 READ_SIZE = 65536  # what a real TCP transport reads at once
@@ -63,18 +62,6 @@ def next_turn(reactor: MemoryReactorClock) -> None:
         call.called = 1
         call.func(*call.args, **call.kw)
 
-
-class Later(Command):
-    name = "later"
-    usage = "later"
-
-    def __init__(self) -> None:
-        self.pending: list[Deferred] = []
-
-    def run(self, ctx: Context) -> Deferred:
-        d: Deferred = Deferred()
-        self.pending.append(d)
-        return d
 
 
 class BackPressureTests(unittest.TestCase):

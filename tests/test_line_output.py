@@ -4,16 +4,15 @@ order, and nothing is lost when the connection closes in the middle of one."""
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from cmdserver.commands import default_registry
-from cmdserver.commands.base import Command, Context
 from cmdserver.commands.lastlog import LogSource
 from cmdserver.core import CommandCore
 from cmdserver.doors.line import BATCH_LIMIT, LineFactory, LineSettings
 from cmdserver.policy import Policy
+from tests.helpers import Later
 
 
 class CountingTransport(StringTransport):
@@ -31,18 +30,6 @@ class CountingTransport(StringTransport):
         self.calls += 1
         super().write(b"".join(seq))
 
-
-class Later(Command):
-    name = "later"
-    usage = "later"
-
-    def __init__(self) -> None:
-        self.pending: list[Deferred] = []
-
-    def run(self, ctx: Context) -> Deferred:
-        d: Deferred = Deferred()
-        self.pending.append(d)
-        return d
 
 
 class LineOutputTests(unittest.TestCase):
