@@ -131,6 +131,21 @@ def wait_for(predicate: Any, what: str) -> defer.Deferred:
     return loop()
 
 
+class ChannelReader:
+    """Reads a paramiko channel until a marker shows up; keeps all it has read."""
+
+    def __init__(self, chan: Any) -> None:
+        self.chan = chan
+        self.seen = b""
+
+    def until(self, marker: bytes) -> None:
+        while marker not in self.seen:
+            data = self.chan.recv(4096)
+            if not data:
+                raise AssertionError(f"closed before {marker!r}: {self.seen!r}")
+            self.seen += data
+
+
 class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
     def setUp(self) -> defer.Deferred:
         self.root = self.mktemp()
@@ -398,15 +413,8 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
             try:
                 chan = client.invoke_shell(width=100, height=30)
                 chan.settimeout(10)
-                seen = b""
-
-                def until(marker: bytes) -> None:
-                    nonlocal seen
-                    while marker not in seen:
-                        data = chan.recv(4096)
-                        if not data:
-                            raise AssertionError(f"closed before {marker!r}: {seen!r}")
-                        seen += data
+                reader = ChannelReader(chan)
+                until = reader.until
 
                 until(b"cmdserver> ")
                 chan.send(b"ping\r")
@@ -424,7 +432,7 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
                 until(b"^C\r\nError: cancelled\r\ncmdserver> ")
                 chan.send(b"exit\r")
                 until(b"bye !")
-                return seen.decode(), chan.recv_exit_status()
+                return reader.seen.decode(), chan.recv_exit_status()
             finally:
                 client.close()
 
@@ -445,15 +453,8 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
             try:
                 chan = client.invoke_shell()
                 chan.settimeout(10)
-                seen = b""
-
-                def until(marker: bytes) -> None:
-                    nonlocal seen
-                    while marker not in seen:
-                        data = chan.recv(4096)
-                        if not data:
-                            raise AssertionError(f"closed before {marker!r}: {seen!r}")
-                        seen += data
+                reader = ChannelReader(chan)
+                until = reader.until
 
                 until(b"cmdserver> ")
                 chan.send(b"slow\r")
@@ -464,7 +465,7 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
                     lambda: len(self.slow.ctx.session.shell._typeahead) == 8, "type-ahead")
                 reactor.callFromThread(self.slow.running.callback, "slow done")
                 until("café\r\ncmdserver> ".encode())
-                return seen[seen.index(b"started\r\n"):]
+                return reader.seen[reader.seen.index(b"started\r\n"):]
             finally:
                 client.close()
 
