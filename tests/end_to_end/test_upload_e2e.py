@@ -156,12 +156,12 @@ class ServiceTests(unittest.TestCase):
         self.assertEqual((code, out), (0, self.key.hex() + "\n"))
 
     @inlineCallbacks
-    def test_socket_upload_with_extra_bytes_after_size(self):
-        data = os.urandom(100_000)
+    def upload_then_ping(self, name: str, data: bytes):
+        """Send the upload and a ``ping`` right behind its bytes, in one send."""
 
         def talk():
             c = Client(self.port)
-            c.send(f"upload sock.bin {len(data)} {mac_of(data, self.key)}\n".encode())
+            c.send(f"upload {name} {len(data)} {mac_of(data, self.key)}\n".encode())
             ready = c.readline()
             c.send(data + b"ping\n")
             answers = [ready, c.readline(), c.readline()]
@@ -171,8 +171,14 @@ class ServiceTests(unittest.TestCase):
         answers = yield threads.deferToThread(talk)
         self.assertEqual(answers, [
             f"Ready for {len(data)} bytes",
-            f"Upload OK sock.bin {len(data)} sha256={hashlib.sha256(data).hexdigest()}",
+            f"Upload OK {name} {len(data)} sha256={hashlib.sha256(data).hexdigest()}",
             "pong"])
+
+    @inlineCallbacks
+    def test_socket_upload_with_extra_bytes_after_size(self):
+        data = os.urandom(100_000)
+
+        yield self.upload_then_ping("sock.bin", data)
 
     @inlineCallbacks
     def test_large_socket_upload_reads_into_blocks_then_lines_again(self):
@@ -186,20 +192,7 @@ class ServiceTests(unittest.TestCase):
         self.patch(Upload, "write", lambda upload, chunk: (copied.append(len(chunk)),
                                                            write(upload, chunk)))
 
-        def talk():
-            c = Client(self.port)
-            c.send(f"upload big.bin {len(data)} {mac_of(data, self.key)}\n".encode())
-            ready = c.readline()
-            c.send(data + b"ping\n")
-            answers = [ready, c.readline(), c.readline()]
-            c.close()
-            return answers
-
-        answers = yield threads.deferToThread(talk)
-        self.assertEqual(answers, [
-            f"Ready for {len(data)} bytes",
-            f"Upload OK big.bin {len(data)} sha256={hashlib.sha256(data).hexdigest()}",
-            "pong"])
+        yield self.upload_then_ping("big.bin", data)
         self.assertLess(sum(copied), BATCH)  # at most what came with the command line
         with open(os.path.join(self.root, "big.bin"), "rb") as f:
             self.assertEqual(f.read(), data)
