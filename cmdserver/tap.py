@@ -83,12 +83,6 @@ def positive_number(value: Any) -> float:
     return number
 
 
-def strict_bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{value!r} is not true or false")
-    return value
-
-
 # Every option a TOML file may set too: name -> (default, coerce).  Lists are repeatable.
 SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "line": (["tcp:9999:interface=127.0.0.1"], None),
@@ -114,7 +108,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "ssh": ("tcp:2222:interface=127.0.0.1", str),
     # Perspective Broker door
     "pb": (PB_ENDPOINT, str),
-    "pb-anonymous": (False, strict_bool),
+    "pb-anonymous": (False, flag),
     # uploads
     "max-upload": (1 << 30, byte_size),
     "overwrite": (False, flag),
