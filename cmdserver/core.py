@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 import threading
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard, final
 
 from twisted.internet import defer, threads
 from twisted.internet.defer import CancelledError, Deferred
@@ -31,6 +31,7 @@ LOGIN_REQUIRED = "login required"
 INTERNAL_ERROR = "internal error (see the server log)"
 
 
+@final  # so that ``type(reply) is TextReply`` narrows run_text's result
 class TextReply(NamedTuple):
     """What a text door prints after a command's streamed output.
 
@@ -188,7 +189,7 @@ class CommandCore:
         stats.in_flight += 1
         started = self.reactor.seconds()
         try:
-            result = command.run(ctx, **kwargs)
+            result: Any = command.run(ctx, **kwargs)  # a Deferred, or its fired value below
         except Exception:  # KeyboardInterrupt, SystemExit: not a command failure
             return self._done(Failure(), ctx, command, kwargs, started)
         if is_deferred(result):
@@ -229,7 +230,7 @@ class CommandCore:
                                round(duration, 6), error, result)
 
 
-def is_deferred(value: object) -> bool:
+def is_deferred(value: object) -> TypeGuard[Deferred[Any]]:
     """``isinstance(value, Deferred)``, fast for plain values too.
 
     Deferred is an ABC (Awaitable), so ``isinstance`` with anything else walks

@@ -89,7 +89,7 @@ class Command:
             raise self.usage_error()
         return {}
 
-    def run(self, ctx: Context, **kwargs: Any) -> Deferred:
+    def run(self, ctx: Context, *args: Any, **kwargs: Any) -> Deferred:
         raise NotImplementedError
 
     def text(self, result: Any) -> list[str]:

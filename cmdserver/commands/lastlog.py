@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -69,6 +70,9 @@ def choose_source(configured: str | None, own_log: str | None) -> LogSource:
 
 class _TailProtocol(ProcessProtocol):
     """Streams the child's stdout as lines; keeps a little stderr for the error."""
+
+    # Set by spawnProcess; a cancel before that meets None (an AttributeError).
+    transport: IProcessTransport
 
     def __init__(self, out: OutputSink, done: Deferred) -> None:
         self.out = out

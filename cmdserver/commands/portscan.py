@@ -13,12 +13,12 @@ import ipaddress
 import re
 import socket
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHostnameResolver, IHostResolution
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution, IResolutionReceiver
 from zope.interface import implementer
 
 from cmdserver.commands.base import Command, Context
@@ -31,7 +31,7 @@ from cmdserver.scanner import Scan, SocketFactory
 _HOST_NAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?", re.ASCII)
 
 
-@implementer(IHostResolution)
+@implementer(IResolutionReceiver)
 class _Lookup:
     """Collects the addresses an ``IHostnameResolver`` finds for a name, as a Deferred."""
 
@@ -77,7 +77,8 @@ def resolve(resolver: IHostnameResolver, name: str) -> Deferred:
 
 def connection_key(ctx: Context) -> Hashable:
     """What "one connection" means for the one-scan rule, whatever the door."""
-    return ctx.session if ctx.session is not None else (ctx.door, ctx.peer)
+    # A session is a connection object: hashed by identity.
+    return cast(Hashable, ctx.session) if ctx.session is not None else (ctx.door, ctx.peer)
 
 
 def checked_target(policy: ScanPolicy, host: str, addresses: list[IPAddress]) -> IPAddress:
