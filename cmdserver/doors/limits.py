@@ -9,9 +9,9 @@ connection and a line connection from one host count against the same limit.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -22,12 +22,12 @@ from cmdserver.stats import Stats
 log = Logger()
 
 
-def peer_host(addr: IAddress) -> str | None:
+def peer_host(addr: IAddress | None) -> str | None:
     """The client's host for per-address limits; None for local (UNIX) sockets."""
     return getattr(addr, "host", None)
 
 
-def format_peer(addr: IAddress) -> str:
+def format_peer(addr: IAddress | None) -> str:
     host, port = getattr(addr, "host", None), getattr(addr, "port", None)
     if host is None:
         return "local"
@@ -64,6 +64,8 @@ class ConnectionLimits:
 class _Refusal(Protocol):
     """Says why (if the door has words for it) and hangs up."""
 
+    transport: ITransport  # set in makeConnection, before connectionMade
+
     def __init__(self, message: bytes | None) -> None:
         self.message = message
 
@@ -88,19 +90,20 @@ class _Counted(ProtocolWrapper):
             alsoProvides(self, IHalfCloseableProtocol)
 
     def readConnectionLost(self) -> None:
-        self.wrappedProtocol.readConnectionLost()
+        # Called only when the wrapped protocol provides it (see makeConnection).
+        cast(IHalfCloseableProtocol, self.wrappedProtocol).readConnectionLost()
 
     def writeConnectionLost(self) -> None:
-        self.wrappedProtocol.writeConnectionLost()
+        cast(IHalfCloseableProtocol, self.wrappedProtocol).writeConnectionLost()
 
 
-class LimitedFactory(WrappingFactory):
+class LimitedFactory(WrappingFactory[_Counted]):
     """Wraps a door's factory; counts its connections against shared limits."""
 
     protocol = _Counted
     noisy = False
 
-    def __init__(self, wrapped: Factory, limits: ConnectionLimits, stats: Stats,
+    def __init__(self, wrapped: Factory[Any], limits: ConnectionLimits, stats: Stats,
                  door: str, refusal: bytes | None = None) -> None:
         super().__init__(wrapped)
         self.limits = limits
@@ -111,7 +114,7 @@ class LimitedFactory(WrappingFactory):
     def logPrefix(self) -> str:
         return self.door
 
-    def buildProtocol(self, addr: IAddress) -> Any:
+    def buildProtocol(self, addr: IAddress | None) -> Any:
         host = peer_host(addr)
         if not self.limits.acquire(host):
             self.stats.refused += 1

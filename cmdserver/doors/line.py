@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -30,6 +30,12 @@ from cmdserver.commands.base import Context
 from cmdserver.core import CommandCore, TextReply
 from cmdserver.doors.limits import format_peer
 from cmdserver.upload_io import direct_reads, widen_reads
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IConsumer, ITransport
+
+    class IStreamTransport(ITransport, IConsumer, IPushProducer):
+        """What the line door uses of its transport (TCP, TLS, UNIX all provide it)."""
 
 log = Logger()
 
@@ -52,10 +58,11 @@ class LineSettings:
     peer_login: Callable[[Context, Any], None] | None = None
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IPushProducer)
 class LineProtocol(LineReceiver, TimeoutMixin):
     delimiter = b"\n"
     door = "line"
+    transport: IStreamTransport  # set in makeConnection, before any other callback
 
     def __init__(self, core: CommandCore, settings: LineSettings) -> None:
         self.core = core
@@ -237,6 +244,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
             if not text.isprintable():
                 self.line("Error: control characters are not allowed in a command")
                 return
+        assert self.ctx is not None  # set in connectionMade
         if self._peer_login is not None:  # the TLS handshake is done once a line arrives
             peer_login, self._peer_login = self._peer_login, None
             peer_login(self.ctx, self.transport)

@@ -18,12 +18,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.cred import error as cred_error
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -218,7 +220,9 @@ class LoginRoot(pb.Referenceable):
     def peer(self) -> str:
         """The client's address (the root is built before the broker has a transport)."""
         if self._peer is None:
-            self._peer = format_peer(self.broker.transport.getPeer())
+            transport = self.broker.transport
+            assert transport is not None  # connected by the time a remote call arrives
+            self._peer = format_peer(transport.getPeer())
         return self._peer
 
     def remoteMessageReceived(self, broker: pb.Broker, message: str | bytes, args: Any,
@@ -297,7 +301,7 @@ class AnonymousRoot(LoginRoot):
         return self.calls.track(self.door.core.call(ctx, "ls", path=directory))
 
 
-def _table(cls: type, names: tuple[str, ...]) -> None:
+def _table(cls: type[LoginRoot], names: tuple[str, ...]) -> None:
     cls.methods = {n: getattr(cls, f"remote_{n}") for n in names}
     cls.signatures = {n: inspect.signature(f) for n, f in cls.methods.items()}
 
@@ -330,6 +334,8 @@ class DoorBroker(pb.Broker, TimeoutMixin):
     """A server broker that hangs up on a client silent for the idle timeout,
     unless one of its calls (a long lastlog, an upload) is still running."""
 
+    transport: ITransport  # set in makeConnection, before any other callback
+
     def __init__(self, isClient: bool = False, security: Any = jelly.globalSecurity) -> None:
         super().__init__(isClient=isClient, security=security)
         self.idle_timeout: float | None = None
@@ -352,7 +358,7 @@ class DoorBroker(pb.Broker, TimeoutMixin):
                  peer=format_peer(self.transport.getPeer()), timeout=self.idle_timeout)
         self.transport.loseConnection()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
         super().connectionLost(reason)
 
@@ -390,6 +396,6 @@ def pb_factory(core: CommandCore, portal: Portal, anonymous: bool = False,
     ``idle_timeout`` (seconds, None or 0 for none) closes silent connections.
     """
     door = PBDoor(core, portal, anonymous, upload)
-    realm: Realm = portal.realm
+    realm = cast(Realm, portal.realm)  # the service's portal is built on a cmdserver Realm
     realm.register(pb.IPerspective, door.avatar)
     return DoorFactory(door, idle_timeout)

@@ -180,7 +180,7 @@ class UploadWriter(pb.Referenceable):
             return None
         self.pending += 1
 
-        def taken(result: Any) -> None:
+        def taken(result: Any) -> Any:
             self.pending -= 1
             if isinstance(result, Failure):
                 self._end(result)
@@ -233,7 +233,7 @@ class UploadWriter(pb.Referenceable):
         return result
 
 
-_WRITER_METHODS = {
+_WRITER_METHODS: dict[str, Callable[..., Any]] = {
     "write": UploadWriter.remote_write,
     "close": UploadWriter.remote_close,
     "abort": UploadWriter.remote_abort,

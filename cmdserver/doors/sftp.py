@@ -34,7 +34,9 @@ from twisted.conch.ssh.filetransfer import (
 )
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cmdserver.doors.sftp_files import (
@@ -303,7 +305,7 @@ class JailedFileTransferServer(filetransfer.FileTransferServer):
     def __init__(self, server: JailedSFTPServer) -> None:
         super().__init__(avatar=server)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         files = list(self.openFiles.values())
         self.openFiles = {}
         for open_file in files:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.conch.interfaces import ISFTPFile
 from twisted.conch.ssh import filetransfer
@@ -25,6 +25,7 @@ from twisted.conch.ssh.filetransfer import (
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 if TYPE_CHECKING:
@@ -43,8 +44,9 @@ def stat_attrs(st: os.stat_result) -> dict[str, int]:
 
 def os_error(e: OSError, path: str) -> SFTPError:
     """An SFTP status for an OS error: a short reason, never a traceback."""
-    codes = {errno.ENOENT: filetransfer.FX_NO_SUCH_FILE, errno.EACCES: FX_PERMISSION_DENIED,
-             errno.EPERM: FX_PERMISSION_DENIED, errno.EEXIST: FX_FILE_ALREADY_EXISTS}
+    codes: dict[int | None, int] = {  # e.errno may be None
+        errno.ENOENT: filetransfer.FX_NO_SUCH_FILE, errno.EACCES: FX_PERMISSION_DENIED,
+        errno.EPERM: FX_PERMISSION_DENIED, errno.EEXIST: FX_FILE_ALREADY_EXISTS}
     reason = e.strerror or str(e)
     return SFTPError(codes.get(e.errno, FX_FAILURE), f"{reason.lower()}: {path}")
 
@@ -96,7 +98,8 @@ class _OpenFile:
 
     def getAttrs(self) -> Deferred:
         fd = self.fd
-        return self._op(lambda: stat_attrs(os.fstat(fd)))
+        # _op refuses a closed file (fd None) before the lambda can run.
+        return self._op(lambda: stat_attrs(os.fstat(cast(int, fd))))
 
 
 @implementer(ISFTPFile)
@@ -156,9 +159,15 @@ class UploadFile(_OpenFile):
         fd, self.fd = self.fd, None
         d = self._after_pending(lambda: self._commit(fd))
         server = self.server
-        d.addCallbacks(
-            lambda _: server._audit("put", [self.name], "ok"),
-            lambda f: (server._audit("put", [self.name], "error", f.getErrorMessage()), f)[1])
+
+        def audit_ok(_: Any) -> None:
+            server._audit("put", [self.name], "ok")
+
+        def audit_error(f: Failure) -> Failure:
+            server._audit("put", [self.name], "error", f.getErrorMessage())
+            return f
+
+        d.addCallbacks(audit_ok, audit_error)
         return d
 
     def _commit(self, fd: int) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.conch.avatar import ConchUser
 from twisted.conch.error import IgnoreAuthentication
@@ -22,10 +22,12 @@ from twisted.conch.interfaces import IConchUser, ISession
 from twisted.conch.ssh import _kex, common, connection, factory, transport, userauth
 from twisted.conch.ssh.keys import Key
 from twisted.internet import protocol
+from twisted.internet.interfaces import ISystemHandle, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python import components
+from twisted.python.failure import Failure
 
 from cmdserver import __version__
 from cmdserver.auth import Account
@@ -99,7 +101,7 @@ class SSHAvatar(ConchUser):
             return None
         return super().lookupSubsystem(subsystem, data)
 
-    def _sftp(self, data: bytes, avatar: SSHAvatar) -> Protocol:
+    def _sftp(self, data: bytes, avatar: IConchUser) -> Protocol:
         log.info("ssh: sftp session for {user}@{peer}", user=self.account.name, peer=self.peer)
         return JailedFileTransferServer(JailedSFTPServer(self))
 
@@ -119,10 +121,12 @@ components.registerAdapter(CommandSession, SSHAvatar, ISession)
 class CmdServerConnection(connection.SSHConnection):
     """``ssh-connection`` that opens only session channels, and only a few."""
 
+    transport: CmdServerTransport  # set by the transport before the service starts
+
     def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
         channel_type, rest = common.getNS(packet)
         sender = struct.unpack(">L", rest[:4])[0]
-        avatar: SSHAvatar = self.transport.avatar
+        avatar = self.transport.avatar
         reason = None
         if channel_type != b"session":
             avatar.refused("channel", channel_type)
@@ -156,11 +160,14 @@ class CmdServerUserAuth(userauth.SSHUserAuthServer):
     made, so a client that stalls the key exchange is cut off as well.
     """
 
+    transport: CmdServerTransport  # set by the transport before the service starts
+
     def serviceStarted(self) -> None:
         settings: SSHSettings = self.transport.factory.settings
         self.clock = self.transport.factory.reactor
-        self.loginTimeout = settings.login_grace
-        self.passwordDelay = settings.password_delay
+        # conch infers int from its whole-second defaults; callLater takes a float.
+        self.loginTimeout = settings.login_grace  # type: ignore[assignment]
+        self.passwordDelay = settings.password_delay  # type: ignore[assignment]
         # Conch disconnects when failures exceed this number.
         self.attemptsBeforeDisconnect = settings.max_auth_attempts - 1
         super().serviceStarted()
@@ -195,6 +202,9 @@ class CmdServerUserAuth(userauth.SSHUserAuthServer):
 class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
     """The server transport with TCP_NODELAY and the door's idle timeout."""
 
+    factory: CmdServerSSHFactory
+    transport: ITransport  # set in makeConnection, before any other callback
+    avatar: SSHAvatar  # set by userauth on a successful login
     auth_deadline = 0.0  # when the login grace time runs out
     auth_failures = 0  # failed authentication attempts on this connection
     _grace_timer: Any = None
@@ -211,7 +221,7 @@ class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
     def connectionMade(self) -> None:
         _set_nodelay(self.transport)
         try:
-            self._quickack = self.transport.getHandle()
+            self._quickack = cast(ISystemHandle, self.transport).getHandle()
         except AttributeError:
             pass
         super().connectionMade()
@@ -254,7 +264,7 @@ class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
         self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION,
                             f"Timeout: idle for {seconds:g} s".encode())
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)
         self.stop_grace_timer()
         super().connectionLost(reason)
@@ -305,6 +315,7 @@ class CmdServerSSHFactory(factory.SSHFactory):
         # SSHFactory.buildProtocol logs on every connection that it drops the
         # group-exchange methods (no moduli file); do the same, once, quietly.
         t = protocol.Factory.buildProtocol(self, addr)
+        t = cast(CmdServerTransport, t)  # built from self.protocol
         t.supportedPublicKeys = self._host_key_algorithms
         t.supportedKeyExchanges = self._key_exchanges
         return t

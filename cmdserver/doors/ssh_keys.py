@@ -27,6 +27,7 @@ HOST_KEY_FILES = {
 
 def _generate(kind: str) -> bytes:
     """A new private key of ``kind`` in OpenSSH format."""
+    key: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
     if kind == "ed25519":
         key = ed25519.Ed25519PrivateKey.generate()
     else:

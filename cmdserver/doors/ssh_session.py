@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from twisted.conch.insults import insults
 from twisted.conch.interfaces import EnvironmentVariableNotPermitted, ISession, ISessionSetEnv
@@ -54,6 +54,8 @@ class RefusingSSHSession(session.SSHSession):
     (a few names), ``window-change``.  Refused: ``x11-req``,
     ``auth-agent-req@openssh.com`` and anything else.
     """
+
+    avatar: SSHAvatar  # conch passes the channel's avatar in before any request
 
     input_paused = False  # while True the connection does not reopen our window
 
@@ -131,7 +133,7 @@ class CommandSession:
         terminal = insults.ServerProtocol(ShellProtocol, self)
         terminal.makeConnection(proto)
         proto.makeConnection(session.wrapProtocol(terminal))
-        self.shell = terminal.terminalProtocol
+        self.shell = cast(ShellProtocol, terminal.terminalProtocol)  # built just above
         self.shell.terminalSize(self.width, self.height)
 
     def eofReceived(self) -> None:
