@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm, Portal
@@ -52,9 +52,11 @@ class Realm:
         """
         self._factories[interface] = factory
 
-    def requestAvatar(self, avatarId: bytes | str, mind: Any, *interfaces: Any) -> tuple:
+    def requestAvatar(self, avatarId: bytes | str | tuple[()], mind: Any,
+                      *interfaces: Any) -> tuple:
         name = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
-        account = self.lookup(name)
+        # No checker of ours gives cred's anonymous ``()``: every avatar ID names a user.
+        account = self.lookup(cast(str, name))
         for interface in interfaces:
             factory = self._factories.get(interface)
             if factory is not None:

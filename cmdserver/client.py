@@ -22,7 +22,7 @@ import hashlib
 import hmac as hmac_lib
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, error, threads
 from twisted.internet.defer import Deferred
@@ -297,7 +297,7 @@ def connect_blocking(host: str, port: int, user: str, password: str) -> Blocking
     """Like :func:`connect`, for scripts that run no reactor: blocks, returns a
     :class:`BlockingSession`.  Twisted's reactor runs in a daemon thread."""
     reactor = _ensure_reactor()
-    session = threads.blockingCallFromThread(reactor, connect, host, port, user, password,
-                                             reactor)
+    session = cast(Session, threads.blockingCallFromThread(  # connect() fires with one
+        reactor, connect, host, port, user, password, reactor))
     return BlockingSession(session, reactor)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
@@ -54,7 +54,7 @@ class DoorService(Service):
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
-        address = port.getHost()
+        address: Any = port.getHost()  # an IPv4/IPv6 (host, port) or a UNIX (name) address
         where = getattr(address, "name", None) or f"{address.host}:{address.port}"
         log.info("{door} door listening on {where}", door=self.door, where=where)
         self.listening.callback(port)
@@ -91,12 +91,13 @@ class CmdServerService(MultiService):
         super().__init__()
         self.core = core
         self.portal = portal or build_portal(Realm())
-        self.realm: Realm = self.portal.realm
+        # A portal given here is built on a cmdserver Realm (build_portal).
+        self.realm = cast(Realm, self.portal.realm)
         self.limits = ConnectionLimits(limits.max_clients, limits.max_per_ip)
         self.audit = AuditFile(audit_log, core.reactor) if audit_log else None
         self.doors: list[DoorService] = []
 
-    def add_door(self, door: str, description: str, factory: Factory,
+    def add_door(self, door: str, description: str, factory: Factory[Any],
                  refusal: bytes | None = None, endpoint: Any = None) -> DoorService:
         """Serve ``factory`` on the endpoint ``description``, under the shared limits.
 

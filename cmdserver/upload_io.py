@@ -84,7 +84,8 @@ def direct_reads(transport: Any, protocol: Any, consumer: BlockSink,
         received()
         return None
 
-    tcp.doRead = doRead
+    # Replaced on this one connection on purpose; the returned function restores it.
+    tcp.doRead = doRead  # type: ignore[method-assign,assignment]
     return lambda: vars(tcp).pop("doRead", None)
 
 

@@ -200,6 +200,7 @@ class Spool:
         evicts clean ones: the final fsync has little left to do, and a large
         upload does not fill the page cache.
         """
+        assert self._fd is not None  # called from write(), which checked it
         start = self._dropped
         try:
             os.posix_fadvise(self._fd, start, self._written - start, os.POSIX_FADV_DONTNEED)
@@ -234,6 +235,7 @@ class Spool:
 
     def _move_into_place(self) -> None:
         dfd, tmp, base = self._dir_fd, self._tmp, self.base
+        assert dfd is not None and tmp is not None  # called from publish(), which checked
         try:
             if self.overwrite:
                 os.rename(tmp, base, src_dir_fd=dfd, dst_dir_fd=dfd)
