@@ -1,5 +1,6 @@
-"""The tree stays ruff clean (ruff is a test dependency)."""
+"""The tree stays ruff clean and type-checks with mypy (both are test dependencies)."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -16,4 +17,14 @@ def test_ruff_is_clean():
         pytest.skip("ruff is not installed")
     done = subprocess.run([ruff, "check", "--no-cache", str(PROJECT)], capture_output=True,
                           text=True, cwd=PROJECT, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_mypy_is_clean():
+    pytest.importorskip("mypy")
+    pytest.importorskip("mypy_zope")
+    # The configuration (files, plugins) is [tool.mypy] in pyproject.toml.
+    done = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental",
+                           "--cache-dir", os.devnull],
+                          capture_output=True, text=True, cwd=PROJECT, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
