@@ -37,6 +37,7 @@ class PortSet:
             yield from range(first, last + 1)
 
     def __contains__(self, port: object) -> bool:
+        # ``in`` passes any object; an int (or anything that compares with one) is what counts.
         return any(first <= port <= last for first, last in self.ranges)  # type: ignore[operator]
 
 

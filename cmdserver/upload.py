@@ -95,6 +95,7 @@ def flag(value: Any) -> bool:
     return value
 
 
+# usage.Options reads a coerce function's coerceDoc attribute for --help.
 byte_size.coerceDoc = "Bytes; K, M, G, T suffixes are powers of 1024."  # type: ignore[attr-defined]
 
 

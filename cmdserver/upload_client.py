@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from io import BufferedIOBase
 from typing import IO, Any
 
 from cmdserver.upload_key import BadKeyError, parse_key, read_key_file, server_key
@@ -88,7 +89,7 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def file_hmac(f: IO[bytes], key: bytes, size: int,
+def file_hmac(f: BufferedIOBase, key: bytes, size: int,
               progress: Callable[[int], None] = lambda n: None) -> str:
     """HMAC-SHA256 of the first ``size`` bytes of ``f``, read in 1 MiB chunks."""
     mac = hmac.new(key, digestmod=hashlib.sha256)
@@ -96,7 +97,7 @@ def file_hmac(f: IO[bytes], key: bytes, size: int,
     view = memoryview(buf)
     done = 0
     while done < size:
-        n = f.readinto(view[:min(CHUNK, size - done)])  # type: ignore[attr-defined]
+        n = f.readinto(view[:min(CHUNK, size - done)])
         if not n:
             raise UploadFailed("Error: the file shrank while it was read")
         mac.update(view[:n])
@@ -181,7 +182,7 @@ def wait_ready(reader: IO[bytes]) -> None:
     raise UploadFailed("Error: the server did not answer the upload command")
 
 
-def send_file(sock: socket.socket, f: IO[bytes], size: int, bar: Progress,
+def send_file(sock: socket.socket, f: BufferedIOBase, size: int, bar: Progress,
               reader: IO[bytes]) -> None:
     """Stream the first ``size`` bytes of ``f``: ``sendfile`` on plain TCP (no copy
     through user space), 1 MiB reads and ``sendall`` through TLS."""
@@ -193,7 +194,7 @@ def send_file(sock: socket.socket, f: IO[bytes], size: int, bar: Progress,
         while sent < size:
             step = min(SEND_STEP, size - sent)
             if isinstance(sock, ssl.SSLSocket):
-                n = f.readinto(view[:min(CHUNK, step)])  # type: ignore[attr-defined]
+                n = f.readinto(view[:min(CHUNK, step)])
                 if n:
                     sock.sendall(view[:n])
             else:

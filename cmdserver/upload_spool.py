@@ -38,7 +38,8 @@ DIRECT_MIN = 8 << 20  # uploads this large bypass the page cache (O_DIRECT) wher
 DIRECT_ALIGN = 4096  # offsets, lengths and addresses of direct writes are multiples of it
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
-Writer = Callable[[int, Sequence[bytes]], int]
+Chunk = bytes | memoryview
+Writer = Callable[[int, Sequence[Chunk]], int]
 
 
 class HmacMismatchError(CommandError):
@@ -85,7 +86,7 @@ def open_temp(base: str, run_id: str, dir_fd: int) -> tuple[str, int]:
     raise FileExistsError(errno.EEXIST, "too many name clashes")
 
 
-def write_all(fd: int, chunks: Sequence[bytes], writer: Writer = os.writev) -> None:
+def write_all(fd: int, chunks: Sequence[Chunk], writer: Writer = os.writev) -> None:
     """Write every byte of ``chunks``, in as few system calls as the kernel allows."""
     pending = list(chunks)
     while pending:
@@ -98,7 +99,7 @@ def write_all(fd: int, chunks: Sequence[bytes], writer: Writer = os.writev) -> N
         # A short write: drop what was written, keep the rest of the first buffer.
         while n >= len(pending[0]):
             n -= len(pending.pop(0))
-        pending[0] = memoryview(pending[0])[n:]  # type: ignore[call-overload]
+        pending[0] = memoryview(pending[0])[n:]
 
 
 class Spool:
@@ -163,15 +164,17 @@ class Spool:
             self._start_writeback()
 
     def _write_block(self, data: memoryview) -> None:
+        fd = self._fd
+        assert fd is not None  # called from write(), which checked it
         if self._direct and len(data) % DIRECT_ALIGN:
             self._set_direct(False)  # the last, short block goes through the page cache
         done, size = 0, len(data)
         while done < size:
             if not self._direct:
-                write_all(self._fd, (data[done:],), self._writer)  # type: ignore[arg-type]
+                write_all(fd, (data[done:],), self._writer)
                 return
             try:
-                n = self._writer(self._fd, (data[done:],))  # type: ignore[arg-type]
+                n = self._writer(fd, (data[done:],))
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
