@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 import threading
 from collections.abc import Callable
-from typing import Any, NamedTuple, TypeGuard, final
+from typing import Any, NamedTuple, TypeGuard, cast, final
 
 from twisted.internet import defer, threads
 from twisted.internet.defer import CancelledError, Deferred
@@ -55,7 +55,7 @@ def split_line(line: str) -> list[str]:
 def error_text(failure: Failure) -> str:
     """The one line a user sees for a failed command."""
     if failure.check(CommandError):
-        return failure.value.text
+        return cast(CommandError, failure.value).text
     if failure.check(CancelledError):
         return "Error: cancelled"
     return f"Error: {INTERNAL_ERROR}"

@@ -233,7 +233,7 @@ def build_checkers(credentials: Credentials, run_in_thread: Runner | None = None
 class ReloadService(Service):
     """Polls the store's stat signature every ``interval`` seconds and reloads on SIGHUP."""
 
-    name = "credentials-reload"  # type: ignore[assignment]  # Twisted types it as None
+    name = "credentials-reload"
 
     def __init__(self, credentials: Credentials, interval: float, clock: Any = None,
                  reactor: Any = None, install_signal: bool = True) -> None:

@@ -351,7 +351,7 @@ class Uploads:
 class UploadService(Service):
     """Removes a dead run's temporary files at start; aborts uploads at stop."""
 
-    name = "uploads"  # type: ignore[assignment]  # Twisted types Service.name as None
+    name = "uploads"
 
     def __init__(self, uploads: Uploads, roots: list[str], reactor: Any) -> None:
         self.uploads = uploads

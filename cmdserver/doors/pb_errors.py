@@ -8,6 +8,8 @@ and carrying the message, with no traceback (the door never sets
 
 from __future__ import annotations
 
+from typing import cast
+
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,7 +54,7 @@ def to_remote(failure: Failure, where: str, logged: bool = False) -> Failure:
     if failure.check(pb.Error):
         return failure
     if failure.check(CommandError):
-        return Failure(CommandFailed(failure.value.message))
+        return Failure(CommandFailed(cast(CommandError, failure.value).message))
     if failure.check(CancelledError):
         return Failure(Cancelled("cancelled"))
     if not logged:
