@@ -110,6 +110,9 @@ class Session:
     def stats(self) -> Deferred:
         return self._call("stats")
 
+    def whoami(self) -> Deferred:
+        return self._call("whoami")
+
     def lastlog(self, n: int = 10, on_line: Callable[[str], Any] | None = None) -> Deferred:
         return self._call("lastlog", n, on_line=on_line)
 
@@ -267,6 +270,9 @@ class BlockingSession:
 
     def stats(self) -> dict[str, Any]:
         return self._block("stats")
+
+    def whoami(self) -> str:
+        return self._block("whoami")
 
     def lastlog(self, n: int = 10) -> list[str]:
         return self._block("lastlog", n)

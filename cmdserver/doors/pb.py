@@ -126,6 +126,9 @@ class PBAvatar(pb.Avatar):
     def perspective_stats(self) -> Any:
         return self._call("stats")
 
+    def perspective_whoami(self) -> Any:
+        return self._call("whoami")
+
     def perspective_lastlog(self, n: int = DEFAULT_LINES, observer: Any = None) -> Any:
         return self._call("lastlog", observer, n=check(n, int, "n"))
 
@@ -190,6 +193,7 @@ AVATAR_METHODS: dict[str, Callable[..., Any]] = {
     "ping": PBAvatar.perspective_ping,
     "help": PBAvatar.perspective_help,
     "stats": PBAvatar.perspective_stats,
+    "whoami": PBAvatar.perspective_whoami,
     "lastlog": PBAvatar.perspective_lastlog,
     "comphash": PBAvatar.perspective_comphash,
     "ls": PBAvatar.perspective_ls,

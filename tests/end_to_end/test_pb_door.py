@@ -118,6 +118,13 @@ class PBCommandsTests(PBDoorTestBase):
         self.assertEqual(str(e), "no such command: nosuch")
 
     @defer.inlineCallbacks
+    def test_whoami(self) -> Any:
+        s = yield self.session()
+        self.assertEqual((yield s.whoami()), "ops")
+        [event] = self.audited("whoami")
+        self.assertEqual((event["user"], event["door"]), ("ops", "pb"))
+
+    @defer.inlineCallbacks
     def test_stats(self) -> Any:
         s = yield self.session()
         yield s.ping()
