@@ -119,8 +119,8 @@ class PBAvatar(pb.Avatar):
         return self._call("ping")
 
     def perspective_help(self, command: str | None = None) -> Any:
-        if command is None:
-            return self._call("help")
+        if command is None:  # only what this door serves: no exit, login, quit
+            return self._call("help", None, _served_here)
         return self._call("help", None, _help_dict, command=check(command, str, "command"))
 
     def perspective_stats(self) -> Any:
@@ -177,6 +177,10 @@ class PBAvatar(pb.Avatar):
 
         d.addBoth(ended)
         return ready.addErrback(to_remote, "upload", True)
+
+
+def _served_here(commands: dict[str, str]) -> dict[str, str]:
+    return {name: summary for name, summary in commands.items() if name in AVATAR_METHODS}
 
 
 def _help_dict(h: Any) -> dict[str, str]:

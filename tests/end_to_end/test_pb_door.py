@@ -21,6 +21,7 @@ from twisted.trial import unittest
 
 from cmdserver import client
 from cmdserver.client import LoginError, RemoteCommandError, RemoteError
+from cmdserver.doors.pb import AVATAR_METHODS
 from tests.end_to_end.pb_server import KEY, PBServer
 
 
@@ -112,6 +113,8 @@ class PBCommandsTests(PBDoorTestBase):
         commands = yield s.help()
         self.assertEqual(commands["ping"], "Answer pong: a cheap liveness probe.")
         self.assertIn("comphash", commands)
+        self.assertNotIn("exit", commands)  # commands the PB door has no method for
+        self.assertLessEqual(set(commands), set(AVATAR_METHODS))
         one = yield s.help("ls")
         self.assertEqual(one["usage"], "ls [PATH]")
         e = yield self.assertFailure(s.help("nosuch"), RemoteCommandError)
