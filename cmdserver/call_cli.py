@@ -58,6 +58,7 @@ def _portscan(args: list[str]) -> tuple:
 COMMANDS: dict[str, Callable[[list[str]], tuple]] = {
     "ping": _none,
     "stats": _none,
+    "whoami": _none,
     "help": _optional(str),
     "lastlog": _optional(int),
     "ls": _optional(str),
@@ -152,7 +153,8 @@ def run_call(args: argparse.Namespace) -> int:
 def call(session: Session, command: str, args: Sequence[Any]) -> defer.Deferred:
     """Run ``command`` through the session's method of the same name."""
     methods: dict[str, Callable[..., defer.Deferred]] = {
-        "ping": session.ping, "stats": session.stats, "help": session.help,
+        "ping": session.ping, "stats": session.stats, "whoami": session.whoami,
+        "help": session.help,
         "lastlog": session.lastlog, "ls": session.ls, "comphash": session.comphash,
         "portscan": session.portscan,
     }

@@ -58,6 +58,8 @@ class CallCLITests(unittest.TestCase):
         self.assertEqual((out, code), (b"d\n", 0), err)
         out, err, code = yield self.call("lastlog", "1")
         self.assertEqual((out, code), (b"two\n", 0), err)
+        out, err, code = yield self.call("whoami")
+        self.assertEqual((out, code), (b"ops\n", 0), err)
 
     @defer.inlineCallbacks
     def test_call_json(self) -> Any:
