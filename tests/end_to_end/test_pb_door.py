@@ -22,6 +22,7 @@ from twisted.trial import unittest
 from cmdserver import client
 from cmdserver.client import LoginError, RemoteCommandError, RemoteError
 from cmdserver.doors.pb import AVATAR_METHODS
+from cmdserver.upload_key import BadKeyError
 from tests.end_to_end.pb_server import KEY, PBServer
 
 
@@ -362,6 +363,18 @@ class PBUploadTests(PBDoorTestBase):
         [event] = self.audited("upload")
         self.assertEqual((event["outcome"], event["args"]), ("ok", {"name": "up.bin",
                                                                      "size": len(data)}))
+
+    @defer.inlineCallbacks
+    def test_upload_file_takes_the_key_as_hmac_key_prints_it(self) -> Any:
+        local = os.path.join(self.tmp, "local")
+        with open(local, "wb") as f:
+            f.write(b"payload")
+        s = yield self.session()
+        result = yield s.upload_file(local, "hex.bin", KEY.hex() + "\n")
+        self.assertEqual(result["name"], "hex.bin")
+        e = yield self.assertFailure(s.upload_file(local, "no.bin", "not hex"), BadKeyError)
+        self.assertEqual(str(e), "the key is not hex")
+        self.assertFalse(os.path.exists(os.path.join(self.root, "no.bin")))
 
     @defer.inlineCallbacks
     def test_upload_empty_file(self) -> Any:
