@@ -216,6 +216,8 @@ class PBErrorTests(PBDoorTestBase):
         self.assertEqual(str(e), "no such file or directory: nope.bin")
         e = yield self.assertFailure(s.comphash("a.txt", "crc"), RemoteCommandError)
         self.assertIn("unknown algorithm 'crc'", str(e))
+        e = yield self.assertFailure(s.comphash(""), RemoteCommandError)
+        self.assertEqual(str(e), "Please provide a path.")
         e = yield self.assertFailure(s.lastlog(0), RemoteCommandError)
         self.assertEqual(str(e), "lastlog takes 1 to 1000 lines, not 0")
         e = yield self.assertFailure(s.ls("a.txt"), RemoteCommandError)
