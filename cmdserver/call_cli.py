@@ -58,6 +58,7 @@ def _portscan(args: list[str]) -> tuple:
 COMMANDS: dict[str, Callable[[list[str]], tuple]] = {
     "ping": _none,
     "stats": _none,
+    "whoami": _none,
     "help": _optional(str),
     "lastlog": _optional(int),
     "ls": _optional(str),
@@ -78,9 +79,9 @@ def add_call_parser(subparsers: Any) -> None:
                    help="client endpoint string instead of --host/--port, "
                    "e.g. tls:host=example.org:port=9876")
     p.add_argument("--user", default="admin", help="user to log in as (default: admin)")
-    p.add_argument("--password-env", metavar="VAR",
-                   help="read the password from this environment variable "
-                   "(default: prompt for it)")
+    p.add_argument("--password-env", metavar="VAR", default="CMDSERVER_PASSWORD",
+                   help="environment variable with the password (default: "
+                   "CMDSERVER_PASSWORD; else a prompt on a terminal)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND",
                    help="one of: " + ", ".join(sorted(COMMANDS)))
@@ -105,13 +106,12 @@ def run_call(args: argparse.Namespace) -> int:
     except CallUsageError as e:
         print(f"cmdserver call {args.command}: {e}", file=sys.stderr)
         return 2
-    if args.password_env:
-        password = os.environ.get(args.password_env)
-        if password is None:
-            print(f"Error: environment variable {args.password_env} is not set",
+    password = os.environ.get(args.password_env)
+    if password is None:
+        if not sys.stdin.isatty():
+            print(f"Error: no password: set {args.password_env} (no terminal to ask on)",
                   file=sys.stderr)
             return 2
-    else:
         password = getpass.getpass(f"Password for {args.user}: ")
     outcome: list[int] = []
 
@@ -153,7 +153,8 @@ def run_call(args: argparse.Namespace) -> int:
 def call(session: Session, command: str, args: Sequence[Any]) -> defer.Deferred:
     """Run ``command`` through the session's method of the same name."""
     methods: dict[str, Callable[..., defer.Deferred]] = {
-        "ping": session.ping, "stats": session.stats, "help": session.help,
+        "ping": session.ping, "stats": session.stats, "whoami": session.whoami,
+        "help": session.help,
         "lastlog": session.lastlog, "ls": session.ls, "comphash": session.comphash,
         "portscan": session.portscan,
     }

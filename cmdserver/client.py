@@ -30,6 +30,8 @@ from twisted.internet.endpoints import HostnameEndpoint, clientFromString
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
+from cmdserver.upload_key import parse_key
+
 __all__ = [
     "BlockingSession", "LoginError", "RemoteCommandError", "RemoteError", "Session",
     "connect", "connect_blocking", "connect_endpoint",
@@ -110,6 +112,9 @@ class Session:
     def stats(self) -> Deferred:
         return self._call("stats")
 
+    def whoami(self) -> Deferred:
+        return self._call("whoami")
+
     def lastlog(self, n: int = 10, on_line: Callable[[str], Any] | None = None) -> Deferred:
         return self._call("lastlog", n, on_line=on_line)
 
@@ -124,13 +129,16 @@ class Session:
         return self._call("portscan", host, ports, on_line=on_line)
 
     @defer.inlineCallbacks
-    def upload_file(self, path: str, name: str, key: bytes,
+    def upload_file(self, path: str, name: str, key: bytes | str,
                     on_progress: Callable[[int, int], Any] | None = None) -> Any:
         """Send a local file as ``name``; fires with the server's result.
 
-        The HMAC-SHA256 of the file under ``key`` is computed first (in a
-        thread), then the bytes go in 64 KiB writes with a few in flight.
+        ``key`` is the raw key (bytes) or its hex text as ``cmdserver hmac-key``
+        prints it (str).  The HMAC-SHA256 of the file under it is computed first
+        (in a thread), then the bytes go in 64 KiB writes with a few in flight.
         """
+        if isinstance(key, str):
+            key = parse_key(key)
         size, digest = yield threads.deferToThread(file_hmac, path, key)
         writer = yield self._call("upload", name, size, digest)
         sent = 0
@@ -268,6 +276,9 @@ class BlockingSession:
     def stats(self) -> dict[str, Any]:
         return self._block("stats")
 
+    def whoami(self) -> str:
+        return self._block("whoami")
+
     def lastlog(self, n: int = 10) -> list[str]:
         return self._block("lastlog", n)
 
@@ -280,7 +291,7 @@ class BlockingSession:
     def portscan(self, host: str, ports: str | list[int] | None = None) -> dict[str, Any]:
         return self._block("portscan", host, ports)
 
-    def upload_file(self, path: str, name: str, key: bytes) -> Any:
+    def upload_file(self, path: str, name: str, key: bytes | str) -> Any:
         return self._block("upload_file", path, name, key)
 
     def close(self) -> None:

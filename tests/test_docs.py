@@ -24,3 +24,13 @@ def test_every_command_is_in_protocol_md():
     names += ["login", "portscan", "upload"]  # registered by makeService
     missing = sorted(n for n in names if f"### {n}" not in text)
     assert not missing, f"protocol.md has no section for: {missing}"
+
+
+def test_every_option_has_one_table_row():
+    rows = [line for line in (DOCS / "configuration.md").read_text().splitlines()
+            if line.startswith("| `--")]
+    options = set(tap.SETTINGS) | {"config", "overwrite", "pb-anonymous"}
+    counts = {name: sum(row.startswith((f"| `--{name} ", f"| `--{name}`")) for row in rows)
+              for name in options}
+    wrong = sorted(name for name, count in counts.items() if count != 1)
+    assert not wrong, f"configuration.md: not exactly one table row for {wrong}"

@@ -119,6 +119,8 @@ class ComputeHash(Command):
         return {"path": rest[0], "algo": algo}
 
     def run(self, ctx: Context, path: str, algo: str = "sha256") -> Deferred:
+        if not path:  # `comphash ""` would name the first root: "is a directory: "
+            raise MissingArgument("Please provide a path.")
         if algo not in ALGORITHMS:
             raise CommandError(f"unknown algorithm {algo!r} (use one of {', '.join(ALGORITHMS)})")
         return ctx.core.in_thread_cancellable(hash_file, ctx.policy, path, algo)

@@ -121,12 +121,15 @@ class PBAvatar(pb.Avatar):
         return self._call("ping")
 
     def perspective_help(self, command: str | None = None) -> Any:
-        if command is None:
-            return self._call("help")
+        if command is None:  # only what this door serves: no exit, login, quit
+            return self._call("help", None, _served_here)
         return self._call("help", None, _help_dict, command=check(command, str, "command"))
 
     def perspective_stats(self) -> Any:
         return self._call("stats")
+
+    def perspective_whoami(self) -> Any:
+        return self._call("whoami")
 
     def perspective_lastlog(self, n: int = DEFAULT_LINES, observer: Any = None) -> Any:
         return self._call("lastlog", observer, n=check(n, int, "n"))
@@ -178,6 +181,10 @@ class PBAvatar(pb.Avatar):
         return ready.addErrback(to_remote, "upload", True)
 
 
+def _served_here(commands: dict[str, str]) -> dict[str, str]:
+    return {name: summary for name, summary in commands.items() if name in AVATAR_METHODS}
+
+
 def _help_dict(h: Any) -> dict[str, str]:
     return {"name": h.name, "usage": h.usage, "summary": h.summary}
 
@@ -192,6 +199,7 @@ AVATAR_METHODS: dict[str, Callable[..., Any]] = {
     "ping": PBAvatar.perspective_ping,
     "help": PBAvatar.perspective_help,
     "stats": PBAvatar.perspective_stats,
+    "whoami": PBAvatar.perspective_whoami,
     "lastlog": PBAvatar.perspective_lastlog,
     "comphash": PBAvatar.perspective_comphash,
     "ls": PBAvatar.perspective_ls,

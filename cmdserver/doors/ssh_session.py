@@ -77,6 +77,15 @@ class RefusingSSHSession(session.SSHSession):
             return 0
         return super().requestReceived(requestType, data)
 
+    def eofReceived(self) -> None:
+        # An sftp subsystem ends at the client's EOF.  conch only closes it when no
+        # session object exists, but an earlier env request (OpenSSH sends LANG)
+        # creates one, whose EOF handling is for exec and shells.
+        if self.client is not None and getattr(self.session, "proto", None) is None:
+            self.conn.sendClose(self)
+            return
+        super().eofReceived()
+
 
 @implementer(ISession, ISessionSetEnv)
 class CommandSession:

@@ -57,6 +57,7 @@ class FileCommandTests(unittest.SynchronousTestCase):
     def test_comphash_without_path(self) -> None:
         self.assertEqual(self.lines("comphash"), ["Please provide a path."])
         self.assertEqual(self.lines("comphash --algo md5"), ["Please provide a path."])
+        self.assertEqual(self.lines('comphash ""'), ["Please provide a path."])
 
     def test_comphash_bad_arguments(self) -> None:
         usage = "usage: comphash [--algo blake2b|md5|sha1|sha256|sha512] PATH"

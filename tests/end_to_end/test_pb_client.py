@@ -58,6 +58,8 @@ class CallCLITests(unittest.TestCase):
         self.assertEqual((out, code), (b"d\n", 0), err)
         out, err, code = yield self.call("lastlog", "1")
         self.assertEqual((out, code), (b"two\n", 0), err)
+        out, err, code = yield self.call("whoami")
+        self.assertEqual((out, code), (b"ops\n", 0), err)
 
     @defer.inlineCallbacks
     def test_call_json(self) -> Any:
@@ -74,6 +76,20 @@ class CallCLITests(unittest.TestCase):
         out, err, code = yield self.call("lastlog", "x")
         self.assertEqual((err, code), (b"cmdserver call lastlog: not a number: x\n", 2))
         self.assertNotIn(b"Traceback", err)
+
+    @defer.inlineCallbacks
+    def test_call_password_from_cmdserver_password_else_a_clear_error(self) -> Any:
+        argv = ["-m", "cmdserver.cli", "call", "--port", str(self.server.port), "--user", "ops",
+                "ping"]
+        env = {k: v for k, v in os.environ.items() if k != "CMDSERVER_PASSWORD"}
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable, argv, env={**env, "CMDSERVER_PASSWORD": "s3cret"})
+        self.assertEqual((out, code), (b"pong\n", 0), err)
+        # No variable and no terminal to prompt on (stdin is a pipe): one line, status 2.
+        out, err, code = yield utils.getProcessOutputAndValue(sys.executable, argv, env=env)
+        self.assertEqual(
+            (out, err, code),
+            (b"", b"Error: no password: set CMDSERVER_PASSWORD (no terminal to ask on)\n", 2))
 
     @defer.inlineCallbacks
     def test_call_cannot_connect(self) -> Any:

@@ -21,6 +21,8 @@ from twisted.trial import unittest
 
 from cmdserver import client
 from cmdserver.client import LoginError, RemoteCommandError, RemoteError
+from cmdserver.doors.pb import AVATAR_METHODS
+from cmdserver.upload_key import BadKeyError
 from tests.end_to_end.pb_server import KEY, PBServer
 
 
@@ -112,10 +114,19 @@ class PBCommandsTests(PBDoorTestBase):
         commands = yield s.help()
         self.assertEqual(commands["ping"], "Answer pong: a cheap liveness probe.")
         self.assertIn("comphash", commands)
+        self.assertNotIn("exit", commands)  # commands the PB door has no method for
+        self.assertLessEqual(set(commands), set(AVATAR_METHODS))
         one = yield s.help("ls")
         self.assertEqual(one["usage"], "ls [PATH]")
         e = yield self.assertFailure(s.help("nosuch"), RemoteCommandError)
         self.assertEqual(str(e), "no such command: nosuch")
+
+    @defer.inlineCallbacks
+    def test_whoami(self) -> Any:
+        s = yield self.session()
+        self.assertEqual((yield s.whoami()), "ops")
+        [event] = self.audited("whoami")
+        self.assertEqual((event["user"], event["door"]), ("ops", "pb"))
 
     @defer.inlineCallbacks
     def test_stats(self) -> Any:
@@ -205,6 +216,8 @@ class PBErrorTests(PBDoorTestBase):
         self.assertEqual(str(e), "no such file or directory: nope.bin")
         e = yield self.assertFailure(s.comphash("a.txt", "crc"), RemoteCommandError)
         self.assertIn("unknown algorithm 'crc'", str(e))
+        e = yield self.assertFailure(s.comphash(""), RemoteCommandError)
+        self.assertEqual(str(e), "Please provide a path.")
         e = yield self.assertFailure(s.lastlog(0), RemoteCommandError)
         self.assertEqual(str(e), "lastlog takes 1 to 1000 lines, not 0")
         e = yield self.assertFailure(s.ls("a.txt"), RemoteCommandError)
@@ -352,6 +365,18 @@ class PBUploadTests(PBDoorTestBase):
         [event] = self.audited("upload")
         self.assertEqual((event["outcome"], event["args"]), ("ok", {"name": "up.bin",
                                                                      "size": len(data)}))
+
+    @defer.inlineCallbacks
+    def test_upload_file_takes_the_key_as_hmac_key_prints_it(self) -> Any:
+        local = os.path.join(self.tmp, "local")
+        with open(local, "wb") as f:
+            f.write(b"payload")
+        s = yield self.session()
+        result = yield s.upload_file(local, "hex.bin", KEY.hex() + "\n")
+        self.assertEqual(result["name"], "hex.bin")
+        e = yield self.assertFailure(s.upload_file(local, "no.bin", "not hex"), BadKeyError)
+        self.assertEqual(str(e), "the key is not hex")
+        self.assertFalse(os.path.exists(os.path.join(self.root, "no.bin")))
 
     @defer.inlineCallbacks
     def test_upload_empty_file(self) -> Any:

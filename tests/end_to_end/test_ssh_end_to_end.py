@@ -662,6 +662,28 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
             self.assertEqual(f.read(), payload)
         self.assertEqual(sorted(os.listdir(self.root)), ["notes.txt"])
 
+    def test_sftp_ends_at_eof_after_an_env_request(self) -> defer.Deferred:
+        # OpenSSH's sftp sends LANG first (SendEnv), then ends the session by EOF.
+        def run() -> tuple[bool, list[str], bool]:
+            t = self.transport()
+            try:
+                t.auth_password("ops", PASSWORD)
+                chan = t.open_session()
+                accepted = _env_request(chan, "LANG", "C.UTF-8")
+                chan.invoke_subsystem("sftp")
+                listing = paramiko.SFTPClient(chan).listdir(".")
+                chan.shutdown_write()
+                chan.settimeout(10)
+                try:
+                    ended = chan.recv(1) == b""
+                except TimeoutError:
+                    ended = False
+                return accepted, listing, ended
+            finally:
+                t.close()
+
+        return self.in_thread(run).addCallback(self.assertEqual, (True, ["notes.txt"], True))
+
     @defer.inlineCallbacks
     def test_sftp_refuses_paths_outside_the_jail(self) -> Any:
         def session(sftp: paramiko.SFTPClient) -> list[type]:
