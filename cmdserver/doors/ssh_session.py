@@ -82,6 +82,7 @@ class RefusingSSHSession(session.SSHSession):
         # session object exists, but an earlier env request (OpenSSH sends LANG)
         # creates one, whose EOF handling is for exec and shells.
         if self.client is not None and getattr(self.session, "proto", None) is None:
+            assert self.conn is not None  # a channel that gets EOF is open on a connection
             self.conn.sendClose(self)
             return
         super().eofReceived()

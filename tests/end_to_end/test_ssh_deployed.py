@@ -18,6 +18,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.internet import defer, reactor, utils
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from cmdserver.cli import main as cli
@@ -93,6 +94,13 @@ class DeployedSSHTest(unittest.TestCase):
         os.link(os.path.join(self.root, stale), aside)
         client.close()
         yield first.stop()
+        # The session's own clean-up removes the file in a worker thread: wait for
+        # it, or it could remove the copy put back below.
+        for _ in range(500):
+            if stale not in os.listdir(self.root):
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertNotIn(stale, os.listdir(self.root))
         os.rename(aside, os.path.join(self.root, stale))
 
         second = self.build()
