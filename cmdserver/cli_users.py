@@ -105,6 +105,9 @@ def cmd_addkey(args: argparse.Namespace) -> None:
 
 def cmd_users(args: argparse.Namespace) -> None:
     store = UserStore(args.data_dir)
+    if not os.path.exists(store.users_path):  # a mistyped --data-dir, or no first start yet
+        raise CredentialError(f"no users file in {args.data_dir} (is --data-dir right? "
+                              "the daemon creates it on its first start)")
     users = store.load()
     found_keys = store.load_keys(set(users))
     for user in sorted(users.values(), key=lambda u: u.name):

@@ -255,3 +255,9 @@ def test_hmac_key_unknown_user(capsys, data):
     assert main(["hmac-key", "--user", "ghost", "-d", data]) == 1
     assert capsys.readouterr().err == "Error: no such user: ghost\n"
     assert not os.path.exists(os.path.join(data, "keys", "ghost.hmac"))
+
+
+def test_users_with_a_mistyped_data_dir(capsys, tmp_path):
+    assert main(["users", "-d", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: no users file in ") and "--data-dir" in err
