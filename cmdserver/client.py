@@ -58,6 +58,13 @@ class LoginError(RemoteError):
     """Wrong user name or password."""
 
 
+class ConnectionClosed(RemoteError):
+    """The connection is gone (the server closed it, an idle timeout, the network)."""
+
+    def __init__(self) -> None:
+        super().__init__("the connection to the server is closed", "ConnectionClosed")
+
+
 _KINDS: dict[str, type[RemoteError]] = {
     "CommandFailed": RemoteCommandError,
     "LoginFailed": LoginError,
@@ -66,6 +73,8 @@ _KINDS: dict[str, type[RemoteError]] = {
 
 def _translate(failure: Failure) -> Failure:
     """Turn a remote ``pb.Error`` into a :class:`RemoteError` subclass."""
+    if failure.check(pb.PBConnectionLost, pb.DeadReferenceError):
+        return Failure(ConnectionClosed())
     if isinstance(failure, pb.CopiedFailure):
         kind = failure.type.decode() if isinstance(failure.type, bytes) else str(failure.type)
         if kind.startswith("cmdserver.doors.pb_errors."):
@@ -99,8 +108,8 @@ class Session:
             kwargs["observer"] = _LineObserver(on_line)
         try:
             d = self.avatar.callRemote(method, *args, **kwargs)
-        except pb.DeadReferenceError as e:
-            return defer.fail(e)
+        except pb.DeadReferenceError:
+            return defer.fail(ConnectionClosed())
         return d.addErrback(_translate)
 
     def ping(self) -> Deferred:

@@ -111,6 +111,19 @@ class CallCLITests(unittest.TestCase):
         stats = yield first.stats()
         self.assertEqual((stats["connections"], stats["refused"]), (1, 1))
 
+    @defer.inlineCallbacks
+    def test_a_closed_connection_is_one_clear_error(self) -> Any:
+        session = yield client.connect("127.0.0.1", self.server.port, "ops", "s3cret")
+        stopped = self.server.stop()  # the server goes away: connections are dropped
+        yield stopped
+        for _ in range(100):
+            if not session.avatar.broker.connected:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        failure = yield self.assertFailure(session.ping(), client.ConnectionClosed)
+        self.assertEqual(str(failure), "the connection to the server is closed")
+        self.assertIsInstance(failure, client.RemoteError)
+
     def test_render(self) -> None:
         self.assertEqual(render(["a", "b"]), ["a", "b"])
         self.assertEqual(render({"x": 1, "y": {"z": 2}}), ["x: 1", 'y: {"z": 2}'])
