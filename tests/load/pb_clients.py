@@ -21,7 +21,7 @@ from twisted.internet import defer, task
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.spread import pb
 
-from cmdserver.client import RemoteError, Session, connect
+from cmdserver.client import ConnectionClosed, RemoteError, Session, connect
 
 ABORT_CHANCE = 0.03
 
@@ -36,7 +36,7 @@ CALLS: list[tuple[str, tuple, dict]] = [
 ]
 CLEAN_REFUSALS = ("CommandFailed", "BadArguments")
 GONE = (ConnectionAborted, ConnectionLost, ConnectionDone, pb.PBConnectionLost,
-        pb.DeadReferenceError)
+        pb.DeadReferenceError, ConnectionClosed)
 
 
 async def one_client(reactor: Any, port: int, user: str, password: str, calls: int,
