@@ -142,12 +142,12 @@ class Session:
                     on_progress: Callable[[int, int], Any] | None = None) -> Any:
         """Send a local file as ``name``; fires with the server's result.
 
-        ``key`` is the raw key (bytes) or its hex text as ``cmdserver hmac-key``
-        prints it (str).  The HMAC-SHA256 of the file under it is computed first
-        (in a thread), then the bytes go in 64 KiB writes with a few in flight.
+        ``key`` is read as the server reads its key files: hex text as
+        ``cmdserver hmac-key`` prints it (str, or the bytes of such a file), else
+        raw bytes.  The HMAC-SHA256 of the file under it is computed first (in a
+        thread), then the bytes go in 64 KiB writes with a few in flight.
         """
-        if isinstance(key, str):
-            key = parse_key(key)
+        key = parse_key(key)
         size, digest = yield threads.deferToThread(file_hmac, path, key)
         writer = yield self._call("upload", name, size, digest)
         sent = 0

@@ -373,6 +373,8 @@ class PBUploadTests(PBDoorTestBase):
             f.write(b"payload")
         s = yield self.session()
         result = yield s.upload_file(local, "hex.bin", KEY.hex() + "\n")
+        # The bytes of a key file, as open(path, "rb").read() gives them: the same key.
+        yield s.upload_file(local, "hex-bytes.bin", (KEY.hex() + "\n").encode())
         self.assertEqual(result["name"], "hex.bin")
         e = yield self.assertFailure(s.upload_file(local, "no.bin", "not hex"), BadKeyError)
         self.assertEqual(str(e), "the key is not hex")
@@ -393,7 +395,7 @@ class PBUploadTests(PBDoorTestBase):
         with open(local, "wb") as f:
             f.write(b"payload")
         s = yield self.session()
-        e = yield self.assertFailure(s.upload_file(local, "bad.bin", b"wrong key"),
+        e = yield self.assertFailure(s.upload_file(local, "bad.bin", b"wrong key " * 4),
                                      RemoteCommandError)
         self.assertEqual(str(e), "HMAC mismatch, upload discarded")
         self.assertFalse(os.path.exists(os.path.join(self.root, "bad.bin")))

@@ -75,7 +75,7 @@ class RealUploadTests(unittest.TestCase):
         with open(os.path.join(self.root, "big.bin"), "rb") as f:
             self.assertEqual(f.read(), data)
         e = yield self.assertFailure(
-            session.upload_file(self.local(b"payload"), "bad.bin", b"wrong key"),
+            session.upload_file(self.local(b"payload"), "bad.bin", b"wrong key " * 4),
             client.RemoteCommandError)
         self.assertEqual(str(e), "HMAC mismatch, upload discarded")
         self.assertEqual(self.names(), ["big.bin"])
