@@ -42,6 +42,17 @@ def warm(path: Path) -> None:
             pass
 
 
+def daemon_with_big_file(size_mib: int) -> tuple[Daemon, Path, Path]:
+    """A daemon (not started yet) whose jail root holds a warm ``big.bin``."""
+    daemon = Daemon()
+    root = daemon.workdir / "root"
+    root.mkdir()
+    big = root / "big.bin"
+    make_file(big, size_mib)
+    warm(big)
+    return daemon, root, big
+
+
 def bare_hashlib(path: Path) -> tuple[float, str]:
     started = time.perf_counter()
     digest = hashlib.sha256()
@@ -93,12 +104,7 @@ def main() -> None:
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
     args = p.parse_args()
-    daemon = Daemon()
-    root = daemon.workdir / "root"
-    root.mkdir()
-    big = root / "big.bin"
-    make_file(big, args.size_mib)
-    warm(big)
+    daemon, root, big = daemon_with_big_file(args.size_mib)
     daemon.args = ["--root", str(root)]
     daemon.start()
     best: dict[str, float] = {}

@@ -28,8 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from _common import Daemon
-from comphash import make_file, warm
+from comphash import daemon_with_big_file
 
 
 def read_reply(sock: socket.socket, until: bytes) -> bytes:
@@ -187,12 +186,7 @@ def main() -> None:
         script = " ".join([sys.executable, str(Path(__file__).resolve()),
                            "--size-mib", str(args.size_mib), "--seconds", str(args.seconds)])
         os.execvp("unshare", ["unshare", "-n", "sh", "-c", f"ip link set lo up && {script}"])
-    daemon = Daemon()
-    root = daemon.workdir / "root"
-    root.mkdir()
-    big = root / "big.bin"
-    make_file(big, args.size_mib)
-    warm(big)
+    daemon, root, big = daemon_with_big_file(args.size_mib)
     daemon.args = ["--root", str(root), "--max-clients", "50", "--max-per-ip", "50",
                    "--overwrite"]
     daemon.start()

@@ -249,16 +249,19 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
     def test_key_of_another_user(self) -> defer.Deferred:
         return self._login_fails(user="jailed", pkey=self.pkey)
 
-    def test_three_attempts_then_disconnect(self) -> defer.Deferred:
+    def _three_failures_then_disconnect(self, attempt: Any) -> defer.Deferred:
+        """Two failed ``attempt(transport)`` calls leave the connection up; the third
+        ends it."""
+
         def run() -> None:
             t = self.transport()
             try:
                 for _ in range(2):
                     with self.assertRaises(paramiko.AuthenticationException):
-                        t.auth_password("ops", "wrong")
+                        attempt(t)
                     self.assertTrue(t.is_active())
                 with self.assertRaises(paramiko.SSHException):
-                    t.auth_password("ops", "wrong")  # the third failure: cut off
+                    attempt(t)  # the third failure: cut off
                 for _ in range(100):
                     if not t.is_active():
                         break
@@ -268,25 +271,14 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
                 t.close()
 
         return self.in_thread(run)
+
+    def test_three_attempts_then_disconnect(self) -> defer.Deferred:
+        return self._three_failures_then_disconnect(
+            lambda t: t.auth_password("ops", "wrong"))
 
     def test_three_key_attempts_then_disconnect(self) -> defer.Deferred:
-        def run() -> None:
-            t = self.transport()
-            try:
-                for _ in range(2):
-                    with self.assertRaises(paramiko.AuthenticationException):
-                        t.auth_publickey("ops", client_key()[0])
-                with self.assertRaises(paramiko.SSHException):
-                    t.auth_publickey("ops", client_key()[0])  # the third failure: cut off
-                for _ in range(100):
-                    if not t.is_active():
-                        break
-                    time.sleep(0.05)
-                self.assertFalse(t.is_active())
-            finally:
-                t.close()
-
-        return self.in_thread(run)
+        return self._three_failures_then_disconnect(
+            lambda t: t.auth_publickey("ops", client_key()[0]))
 
     def test_shared_per_address_limit_counts_ssh(self) -> defer.Deferred:
         def run() -> tuple[list[bytes], bytes]:
