@@ -378,6 +378,8 @@ class PBUploadTests(PBDoorTestBase):
         self.assertEqual(result["name"], "hex.bin")
         e = yield self.assertFailure(s.upload_file(local, "no.bin", "not hex"), BadKeyError)
         self.assertEqual(str(e), "the key is not hex")
+        e = yield self.assertFailure(s.upload_file(local, "no.bin", b"short"), BadKeyError)
+        self.assertEqual(str(e), "the key is too short (5 bytes, at least 16)")
         self.assertFalse(os.path.exists(os.path.join(self.root, "no.bin")))
 
     @defer.inlineCallbacks
