@@ -77,6 +77,7 @@ class CommandCore:
         self.policy = policy
         self.reactor = reactor
         self.stats = Stats(reactor.seconds())
+        self._seconds = reactor.seconds
         self._run_in_thread = run_in_thread
 
     def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
@@ -119,10 +120,13 @@ class CommandCore:
         every refusal then cost no Deferred chain.  A command still running gives
         a Deferred that fires with the :class:`TextReply`.
         """
-        try:
-            argv = split_line(line)
-        except UsageError as e:
-            return TextReply([e.text], False)
+        if '"' in line or "'" in line or "\\" in line:  # split_line, without a call
+            try:
+                argv = split_line(line)
+            except UsageError as e:
+                return TextReply([e.text], False)
+        else:
+            argv = line.split()
         if not argv:
             return TextReply([], True)
         name, args = argv[0], argv[1:]
@@ -131,15 +135,15 @@ class CommandCore:
                 and (command is None or not command.open_before_login)):
             # Input before login may be a password typed at the wrong prompt: only the
             # name of a known command is kept, never the words.
-            self._audit(ctx, name if command else "?", {}, "refused", 0.0, LOGIN_REQUIRED)
+            self._audit(ctx, name if command else "?", {}, "refused", LOGIN_REQUIRED)
             return TextReply([f"Error: {LOGIN_REQUIRED}"], False)
         if command is None:
-            self._audit(ctx, name, {"argv": args}, "not-found", 0.0, None)
+            self._audit(ctx, name, {"argv": args}, "not-found", None)
             return TextReply([NOT_FOUND_TEXT], False)
         try:
             kwargs = command.parse(args)
         except CommandError as e:
-            self._audit(ctx, name, command.audit_argv(args), "refused", 0.0, str(e))
+            self._audit(ctx, name, command.audit_argv(args), "refused", str(e))
             self.stats.errors += 1
             return TextReply([e.text], False)
         result = self.invoke(ctx, command, kwargs)
@@ -187,12 +191,19 @@ class CommandCore:
         stats = self.stats
         stats.commands[command.name] += 1
         stats.in_flight += 1
-        started = self.reactor.seconds()
+        started = self._seconds()
         try:
-            result: Any = command.run(ctx, **kwargs)  # a Deferred, or its fired value below
+            result: Any = command.run(ctx, **kwargs)  # a Deferred, or the result itself
         except Exception:  # KeyboardInterrupt, SystemExit: not a command failure
             return self._done(Failure(), ctx, command, kwargs, started)
-        if is_deferred(result):
+        kind = type(result)
+        if kind in _PLAIN:  # it finished at once, well: the common case, done here
+            stats.in_flight -= 1
+            audit_publisher.record(ctx.user, ctx.peer, ctx.door, command.name,
+                                   command.audit_args(kwargs), "ok", self._seconds() - started,
+                                   None, command.audit_result(result))
+            return result
+        if kind is Deferred or isinstance(result, Deferred):
             if not result.called or result.paused or is_deferred(result.result):
                 return result.addBoth(self._done, ctx, command, kwargs, started)
             # Already fired: nothing to wait for.  A Failure taken out is handled
@@ -207,27 +218,25 @@ class CommandCore:
               started: float) -> Any:
         """Count and audit a command that ended; gives its result (or Failure) back."""
         self.stats.in_flight -= 1
-        elapsed = self.reactor.seconds() - started
-        if isinstance(result, Failure):
-            self.stats.errors += 1
-            outcome, reason = _outcome(result)
-            if outcome == "internal-error":
-                log.failure(
-                    "command {command} failed", result, command=command.name,
-                    user=ctx.user, peer=ctx.peer,
-                )
-            self._audit(ctx, command.name, command.audit_args(kwargs), outcome,
-                        elapsed, reason)
-        else:
+        elapsed = self._seconds() - started
+        if not isinstance(result, Failure):
             audit_publisher.record(ctx.user, ctx.peer, ctx.door, command.name,
-                                   command.audit_args(kwargs), "ok", round(elapsed, 6), None,
+                                   command.audit_args(kwargs), "ok", elapsed, None,
                                    command.audit_result(result))
+            return result
+        self.stats.errors += 1
+        outcome, reason = _outcome(result)
+        if outcome == "internal-error":
+            log.failure("command {command} failed", result, command=command.name,
+                        user=ctx.user, peer=ctx.peer)
+        audit_publisher.record(ctx.user, ctx.peer, ctx.door, command.name,
+                               command.audit_args(kwargs), outcome, elapsed, reason)
         return result
 
     def _audit(self, ctx: Context, command: str, args: dict[str, Any], outcome: str,
-               duration: float, error: str | None, result: Any = None) -> None:
-        audit_publisher.record(ctx.user, ctx.peer, ctx.door, command, args, outcome,
-                               round(duration, 6), error, result)
+               error: str | None) -> None:
+        """Audit a command line refused before it ran."""
+        audit_publisher.record(ctx.user, ctx.peer, ctx.door, command, args, outcome, 0.0, error)
 
 
 def is_deferred(value: object) -> TypeGuard[Deferred[Any]]:
@@ -239,7 +248,7 @@ def is_deferred(value: object) -> TypeGuard[Deferred[Any]]:
     return kind is Deferred or (kind not in _PLAIN and isinstance(value, Deferred))
 
 
-_PLAIN = frozenset({str, bytes, int, float, bool, list, tuple, dict, type(None), Failure})
+_PLAIN = frozenset({str, bytes, int, float, bool, list, tuple, dict, type(None)})
 
 
 def _outcome(failure: Failure) -> tuple[str, str | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from cmdserver.audit import FLUSH_DELAY, NAMESPACE, AuditFile, AuditPublisher
+from cmdserver.audit import FLUSH_DELAY, NAMESPACE, AuditFile, AuditPublisher, round_duration
 
 texts = st.text(max_size=200)
 values = st.one_of(
@@ -37,15 +38,15 @@ def written(write) -> str:
 def test_record_writes_the_event_line(user, peer, door, command, args, outcome, duration,
                                       error, result, when) -> None:
     fields = {"user": user, "peer": peer, "door": door, "command": command, "args": args,
-              "outcome": outcome, "duration": duration, "error": error}
+              "outcome": outcome, "duration": round_duration(duration), "error": error}
     if result is not None:
         fields["result"] = result
     event = {"log_namespace": NAMESPACE, "log_time": when, **fields}
 
     def twice(audit: AuditFile) -> None:  # the second time from the string cache
+        audit.clock = lambda: when
         for _ in range(2):
-            audit.record(when, user, peer, door, command, args, outcome, duration, error,
-                         result)
+            audit.record(user, peer, door, command, args, outcome, duration, error, result)
 
     assert written(twice) == written(lambda audit: (audit(event), audit(event)))
 
@@ -89,13 +90,28 @@ class PublisherTests(unittest.TestCase):
         self.assertEqual([line["command"] for line in self.lines()], ["portscan", "ping"])
         self.assertEqual(len(events), 1)
 
-    def test_a_failing_file_does_not_fail_the_command(self) -> None:
-        def broken(*fields: object) -> None:
-            raise RuntimeError("disk on fire")
+    def test_a_full_disk_does_not_fail_the_command(self) -> None:
+        def full(fd: int, data: object) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
 
         self.publisher.addObserver(self.file)
-        self.patch(self.file, "record", broken)
-        self.publisher.record("u", "p", "line", "ping", {}, "ok", 0.0, None)  # no raise
+        self.patch(os, "write", full)
+        self.publisher.record("u", "p", "line", "ping", {}, "ok", 0.0, None)
+        self.clock.advance(FLUSH_DELAY)  # the batch is written, and fails: no raise
+        [error] = self.flushLoggedErrors(OSError)
+        self.assertEqual(error.value.errno, errno.ENOSPC)
+        self.assertEqual(self.file._pending, [])  # dropped, not kept to grow
+
+    def test_an_unencodable_value_costs_only_its_own_line(self) -> None:
+        class Unprintable:
+            def __str__(self) -> str:
+                raise RuntimeError("no text")
+
+        self.publisher.addObserver(self.file)
+        self.publisher.record("u", "p", "pb", "ls", {"path": "a"}, "ok", 0.0, None)
+        self.publisher.record("u", "p", "pb", "odd", {}, "ok", 0.0, None, Unprintable())
+        self.publisher.record("u", "p", "pb", "ping", {}, "ok", 0.0, None)
+        self.assertEqual([line["command"] for line in self.lines()], ["ls", "ping"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_long_strings_not_cached(self) -> None:

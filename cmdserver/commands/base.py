@@ -89,7 +89,9 @@ class Command:
             raise self.usage_error()
         return {}
 
-    def run(self, ctx: Context, *args: Any, **kwargs: Any) -> Deferred:
+    def run(self, ctx: Context, *args: Any, **kwargs: Any) -> Deferred | Any:
+        """Run the command: a Deferred that fires with the result, or the result
+        itself when it is there at once (no Deferred for a cheap command)."""
         raise NotImplementedError
 
     def text(self, result: Any) -> list[str]:
@@ -103,6 +105,7 @@ class Command:
     def audit_argv(self, argv: Sequence[str]) -> dict[str, Any]:
         """The words of a refused command line as the audit log records them."""
         return {"argv": list(argv)}
+
     def audit_result(self, result: Any) -> dict[str, Any] | None:
         """What the audit log records of a successful result (None: nothing)."""
         return None

@@ -57,8 +57,8 @@ class Ping(Command):
     usage = "ping"
     open_before_login = True
 
-    def run(self, ctx: Context) -> defer.Deferred:
-        return defer.succeed("pong")
+    def run(self, ctx: Context) -> str:
+        return "pong"
 
 
 class StatsCommand(Command):
