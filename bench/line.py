@@ -2,13 +2,15 @@
 """bench/line: ``ping`` throughput and latency through the line door, against bare Twisted.
 
 Side by side in one run, each server in its own process and the load generator
-(bench/_loadgen.py) in a third: a bare Twisted ``LineReceiver`` echo server,
-cmdserver with its JSON audit file (the default), and cmdserver with
-``--audit-log none`` (the audit events then go to twistd's text log).  Every
+(bench/_loadgen.py) in another: a bare Twisted ``LineReceiver`` echo server;
+the floor, a ``LineReceiver`` that does only what auditing a command needs
+(bench/_floor_server.py: check, split, look up, count, time, run, write the
+audit line); cmdserver with its JSON audit file (the default); and cmdserver
+with ``--audit-log none`` (the audit events then go to twistd's text log).  Every
 connection keeps ``--window`` lines in flight, sent ``--chunk`` at a time,
-with 1, 10, 100 and 1000 connections.  The three servers run at once and the
+with 1, 10, 100 and 1000 connections.  The servers run at once and the
 runs alternate between them, ``--repeat`` times per point, so a change in the
-machine's load hits all three alike; the median run counts, and the spread of
+machine's load hits all alike; the median run counts, and the spread of
 the ratio over the runs is printed beside it.
 The last line is the throughput ratio cmdserver/bare at 100 connections with
 the audit log on.
@@ -23,18 +25,23 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 
 from _common import HERE, PYTHON, Daemon, cpu_seconds, raise_nofile
 
 CONNECTIONS = (1, 10, 100, 1000)
 
 
-class EchoServer:
-    """The bare Twisted peer, in its own process."""
+class PeerServer:
+    """A reference server (a script in bench/ that prints ``listening PORT``), in its
+    own process."""
 
-    def __enter__(self) -> EchoServer:
-        self.proc = subprocess.Popen([PYTHON, str(HERE / "_echo_server.py")],
-                                     stdout=subprocess.PIPE, text=True, preexec_fn=raise_nofile)
+    def __init__(self, script: str, *args: str) -> None:
+        self.argv = [PYTHON, str(HERE / script), *args]
+
+    def __enter__(self) -> PeerServer:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True,
+                                     preexec_fn=raise_nofile)
         self.port = int(self.proc.stdout.readline().split()[1])
         return self
 
@@ -85,8 +92,10 @@ def main() -> None:
     daemons = {name: Daemon(args=["--max-clients", limit, "--max-per-ip", limit], audit=audit,
                             source=source)
                for name, audit, source in variants}
-    with EchoServer() as echo:
-        servers = {"bare": (echo.port, 0, echo.proc.pid)}
+    with (PeerServer("_echo_server.py") as echo, tempfile.TemporaryDirectory() as tmp,
+          PeerServer("_floor_server.py", f"{tmp}/audit.log") as floor):
+        servers = {"bare": (echo.port, 0, echo.proc.pid),
+                   "floor": (floor.port, 0, floor.proc.pid)}
         try:
             for name, daemon in daemons.items():
                 daemon.start()
@@ -121,6 +130,9 @@ def main() -> None:
             bare = statistics.median(r["cpu_us"] for r in runs["bare"][c])
             print(f"  {name:<20}{c:>6}{mine:>8.2f} us  (bare/this {bare / mine:.2f})")
     if 100 in args.connections:
+        floor = results["floor"][100]["lines_per_s"] / results["bare"][100]["lines_per_s"]
+        print(f"floor (bench/_floor_server.py: a minimal audited ping server, the least "
+              f"any Python server pays)/bare at 100 connections: {floor:.2f}")
         off = results["audit-log none"][100]["lines_per_s"] / results["bare"][100][
             "lines_per_s"]
         print(f"--audit-log none (events in the text log): cmdserver/bare at 100 "

@@ -8,7 +8,7 @@ with keyword arguments directly and gets the result value back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -120,6 +120,9 @@ class Registry:
 
     def __init__(self, commands: Sequence[Command] = ()) -> None:
         self._commands: dict[str, Command] = {}
+        # get(name): the command or None; the table's own lookup, no Python call
+        # on the path of every command line.
+        self.get: Callable[[str], Command | None] = self._commands.get
         for command in commands:
             self.add(command)
 
@@ -128,9 +131,6 @@ class Registry:
             if name in self._commands:
                 raise ValueError(f"command {name!r} declared twice")
             self._commands[name] = command
-
-    def get(self, name: str) -> Command | None:
-        return self._commands.get(name)
 
     def commands(self) -> list[Command]:
         """Each command once, sorted by name (aliases are left out)."""
