@@ -55,7 +55,7 @@ class RemoteCommandError(RemoteError):
 
 
 class LoginError(RemoteError):
-    """Wrong user name or password."""
+    """A failed login (wrong user name or password), or a command called before login."""
 
 
 class ConnectionClosed(RemoteError):
@@ -68,6 +68,7 @@ class ConnectionClosed(RemoteError):
 _KINDS: dict[str, type[RemoteError]] = {
     "CommandFailed": RemoteCommandError,
     "LoginFailed": LoginError,
+    "LoginRequired": LoginError,
 }
 
 

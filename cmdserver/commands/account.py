@@ -27,6 +27,7 @@ from cmdserver.errors import CommandError
 log = Logger()
 
 LOGIN_FAILED = "login failed"
+TOO_MANY_FAILURES = f"{LOGIN_FAILED}; too many failures, closing"
 MAX_FAILURES = 5  # per connection, then it is closed
 
 
@@ -129,7 +130,7 @@ class PasswordLogin:
             def answer() -> None:
                 if closing and ctx.session is not None:
                     ctx.session.end_session()
-                    raise CommandError(f"{LOGIN_FAILED}; too many failures, closing")
+                    raise CommandError(TOO_MANY_FAILURES)
                 raise CommandError(LOGIN_FAILED)
 
             return task.deferLater(self.clock, delay, answer)

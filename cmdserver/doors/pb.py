@@ -33,9 +33,10 @@ from twisted.spread import jelly, pb
 from zope.interface import implementer
 
 from cmdserver.auth import ANONYMOUS, Account, Realm
+from cmdserver.commands.account import LOGIN_FAILED, TOO_MANY_FAILURES
 from cmdserver.commands.base import Context, NullSink
 from cmdserver.commands.lastlog import DEFAULT_LINES
-from cmdserver.core import NOT_FOUND_TEXT, CommandCore, is_deferred
+from cmdserver.core import LOGIN_REQUIRED, NOT_FOUND_TEXT, CommandCore, is_deferred
 from cmdserver.doors.limits import format_peer
 from cmdserver.doors.pb_calls import (
     RemoteSink,
@@ -45,9 +46,15 @@ from cmdserver.doors.pb_calls import (
     dispatch,
     scan_result,
 )
-from cmdserver.doors.pb_errors import BadArguments, CommandFailed, LoginFailed, to_remote
+from cmdserver.doors.pb_errors import (
+    BadArguments,
+    CommandFailed,
+    LoginFailed,
+    LoginRequired,
+    to_remote,
+)
 from cmdserver.doors.pb_upload import PBUpload, UploadStarter
-from cmdserver.errors import CommandError
+from cmdserver.errors import CommandError, MissingArgument
 from cmdserver.policy import Policy
 
 log = Logger()
@@ -55,7 +62,6 @@ log = Logger()
 DOOR = "pb"
 DEFAULT_ENDPOINT = "tcp:9876:interface=127.0.0.1"
 MAX_LOGIN_FAILURES = 5  # per connection; then it is closed
-LOGIN_FAILED = "login failed: wrong user name or password"
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,21 @@ class PBAvatar(pb.Avatar):
 
     def perspectiveMessageReceived(self, broker: pb.Broker, message: str | bytes,
                                    args: Any, kw: Any) -> Any:
-        return dispatch(AVATAR_METHODS, AVATAR_SIGNATURES, self, broker, message, args, kw)
+        return dispatch(AVATAR_METHODS, AVATAR_SIGNATURES, self, broker, message, args, kw,
+                        self._missing_argument)
+
+    def _missing_argument(self, name: str) -> str | None:
+        """What a text door answers when the command is given no words, if that is a
+        missing-argument error (``Please provide a path.``): PB says the same."""
+        command = self.core.registry.get(name)
+        try:
+            if command is not None:
+                command.parse([])
+        except MissingArgument as e:
+            return e.message
+        except CommandError:
+            pass
+        return None
 
     def logout(self) -> None:
         """The client logged out or went away: cancel what it still runs."""
@@ -146,12 +166,13 @@ class PBAvatar(pb.Avatar):
                              observer: Any = None) -> Any:
         command = self.core.registry.get("portscan")
         if command is None:
-            raise CommandFailed("Command not found.")
-        argv = [_word(check(host, str, "host"), "host")]
+            raise CommandFailed(NOT_FOUND_TEXT)
+        # The words the text door would have split: its parser checks them the same way.
+        argv = [check(host, str, "host")]
         if isinstance(ports, list):
             ports = ",".join(str(check(p, int, "each port")) for p in ports)
         if ports is not None:
-            argv.append(_word(check(ports, str, "ports"), "ports"))
+            argv.append(check(ports, str, "ports"))
         try:
             kwargs = command.parse(argv)
         except CommandError as e:
@@ -160,11 +181,11 @@ class PBAvatar(pb.Avatar):
 
     def perspective_upload(self, name: str, size: int, hmac: str) -> Deferred:
         check(name, str, "name")
-        if check(size, int, "size") < 0:
-            raise BadArguments("size must be 0 or more")
+        if check(size, int, "size") < 0:  # worded as the text doors' refusal
+            raise CommandFailed(f"SIZE must be a whole number of bytes: {size}")
         check(hmac, str, "hmac")
-        if self.upload_starter is None:
-            raise CommandFailed("upload is not available on this server")
+        if self.upload_starter is None:  # the text doors have no upload command then
+            raise CommandFailed(NOT_FOUND_TEXT)
         ready: Deferred = Deferred()
         d = self.calls.track(self.core.run_command(
             self._ctx, PBUpload(self.upload_starter, ready), name=name, size=size,
@@ -187,12 +208,6 @@ def _served_here(commands: dict[str, str]) -> dict[str, str]:
 
 def _help_dict(h: Any) -> dict[str, str]:
     return {"name": h.name, "usage": h.usage, "summary": h.summary}
-
-
-def _word(value: str, what: str) -> str:
-    if not value or value.startswith("-") or any(c.isspace() for c in value):
-        raise BadArguments(f"{what} must be one word, not starting with '-'")
-    return value
 
 
 AVATAR_METHODS: dict[str, Callable[..., Any]] = {
@@ -235,6 +250,9 @@ class LoginRoot(pb.Referenceable):
 
     def remoteMessageReceived(self, broker: pb.Broker, message: str | bytes, args: Any,
                               kw: Any) -> Any:
+        name = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+        if name not in self.methods and name in AVATAR_METHODS:
+            raise LoginRequired(LOGIN_REQUIRED)  # a command before authenticate
         return dispatch(self.methods, self.signatures, self, broker, message, args, kw)
 
     def remote_login(self, username: Any = None) -> None:
@@ -244,7 +262,7 @@ class LoginRoot(pb.Referenceable):
 
     def remote_authenticate(self, username: str, password: str, mind: Any = None) -> Deferred:
         if self.failures >= MAX_LOGIN_FAILURES:
-            raise LoginFailed("too many failed logins on this connection")
+            raise LoginFailed(TOO_MANY_FAILURES)
         user = _credential(username, "user name")
         secret = _credential(password, "password")
         d = self.door.portal.login(UsernamePassword(user, secret),
@@ -273,9 +291,15 @@ class LoginRoot(pb.Referenceable):
         elif not failure.check(cred_error.LoginFailed):
             log.failure("pb: login of {user} failed", failure, user=user)
         log.info("pb: failed login for {user} from {peer}", user=user, peer=self.peer)
-        if self.failures >= MAX_LOGIN_FAILURES and self.broker.transport is not None:
-            self.broker.transport.loseConnection()
+        if self.failures >= MAX_LOGIN_FAILURES:
+            # Closed once this answer is written, so the client reads why.
+            self.door.core.reactor.callLater(0, self._hang_up)
+            return Failure(LoginFailed(TOO_MANY_FAILURES))
         return Failure(LoginFailed(LOGIN_FAILED))
+
+    def _hang_up(self) -> None:
+        if self.broker.transport is not None and not self.broker.disconnected:
+            self.broker.transport.loseConnection()
 
 
 def _credential(value: Any, what: str) -> bytes:

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
-from cmdserver.core import INTERNAL_ERROR, is_deferred
+from cmdserver.core import INTERNAL_ERROR, NOT_FOUND_TEXT, is_deferred
 from cmdserver.doors.pb_errors import BadArguments, InternalError, UnknownMethod
 
 log = Logger()
@@ -131,26 +131,63 @@ def scan_result(result: Any) -> dict[str, Any]:
     return extra
 
 
+def usage(name: str, signature: inspect.Signature) -> str:
+    """A remote method's usage in the text doors' style:
+    ``usage: lastlog(n=10, observer=None)``."""
+    params = list(signature.parameters.values())[1:]  # without self
+    words = [p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in params]
+    return f"usage: {name}({', '.join(words)})"
+
+
+def bad_call(name: str, signature: inspect.Signature, obj: Any, args: Any, kw: Any,
+             missing: Callable[[str], str | None] | None = None) -> BadArguments:
+    """The error for a call that does not fit ``signature``, worded as a text door's
+    usage error: ``unknown argument X; usage: …`` (a text door's ``unknown option``),
+    a missing argument as the command's text parser says it (``missing(name)``:
+    ``Please provide a path.``), else the usage alone (too many arguments, or a
+    missing one the parser has no words for)."""
+    unknown = [k for k in kw if k not in signature.parameters or k == "self"]
+    if unknown:
+        return BadArguments(f"unknown argument {str(unknown[0])[:64]}; {usage(name, signature)}")
+    message = None
+    if missing is not None:
+        try:
+            signature.bind_partial(obj, *args, **kw)  # fits but for a missing argument
+        except TypeError:
+            pass
+        else:
+            message = missing(name)
+    return BadArguments(message or usage(name, signature))
+
+
 def dispatch(table: dict[str, Callable[..., Any]], signatures: dict[str, inspect.Signature],
-             obj: Any, broker: pb.Broker, message: str | bytes, args: Any, kw: Any) -> Any:
+             obj: Any, broker: pb.Broker, message: str | bytes, args: Any, kw: Any,
+             missing: Callable[[str], str | None] | None = None) -> Any:
     """Call ``table[message]`` with the unserialized arguments; a call that does not
-    fit the method's signature is a clean ``BadArguments``."""
+    fit the method's signature is a clean ``BadArguments``.
+
+    Errors are worded as the text doors word the same refusal: an unknown name
+    is ``Command not found.``, a bad argument ends with the method's usage, and
+    ``missing(name)`` may give the text for a missing required argument.
+    """
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
     method = table.get(message)
     if method is None:
-        raise UnknownMethod(f"no such method: {message[:64]}")
+        raise UnknownMethod(NOT_FOUND_TEXT)
     args = broker.unserialize(args, obj)
     kw = broker.unserialize(kw, obj)
     try:
         result = method(obj, *args, **kw)
+    except BadArguments as e:  # an argument of the wrong type or value
+        raise BadArguments(f"{e}; {usage(message, signatures[message])}") from None
     except TypeError as e:
         # The methods turn their own failures into pb.Errors, so a TypeError here is
         # the call not fitting; the signature check (only now: it costs) says how.
         try:
             signatures[message].bind(obj, *args, **kw)
-        except TypeError as mismatch:
-            raise BadArguments(f"{message}: {mismatch}") from None
+        except TypeError:
+            raise bad_call(message, signatures[message], obj, args, kw, missing) from None
         log.failure("pb: {method} failed", Failure(e), method=message)
         raise InternalError(INTERNAL_ERROR) from e
     if is_deferred(result) and result.called:

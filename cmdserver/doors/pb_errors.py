@@ -27,11 +27,17 @@ class CommandFailed(pb.Error):
 
 
 class BadArguments(pb.Error):
-    """The call's arguments do not fit the method (wrong count, name or type)."""
+    """The call's arguments do not fit the method (wrong count, name or type); the
+    message ends with the method's ``usage: NAME(ARGS)``, as a text door's usage
+    error ends with the command's usage."""
 
 
 class UnknownMethod(pb.Error):
-    """No remote method has that name."""
+    """No remote method has that name (``Command not found.``, as on a text door)."""
+
+
+class LoginRequired(pb.Error):
+    """A command was called on the root object, before ``authenticate``."""
 
 
 class LoginFailed(pb.Error):

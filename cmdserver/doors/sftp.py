@@ -40,9 +40,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cmdserver.doors.sftp_files import (
+    MAX_DIR_MODE,
     DirectoryListing,
     ReadFile,
     UploadFile,
+    chmod_capped,
     os_error,
     stat_attrs,
     unsupported,
@@ -57,8 +59,6 @@ log = Logger()
 audit = Logger(namespace="cmdserver.audit")
 
 DOOR = "sftp"
-DEFAULT_FILE_MODE = 0o644
-DEFAULT_DIR_MODE = 0o755
 
 
 @implementer(ISFTPServer)
@@ -224,8 +224,9 @@ class JailedSFTPServer:
         except OSError as e:
             raise os_error(e, shown) from None
         temp = os.path.join(directory, name)
-        mode = attrs.get("permissions", DEFAULT_FILE_MODE) & 0o777
-        return UploadFile(self, fd, temp, target, mode, exclusive=bool(flags & FXF_EXCL),
+        # The mode the client asks for (OpenSSH's sftp sends the local file's) is
+        # ignored: an uploaded file is 0600, as with the upload command.
+        return UploadFile(self, fd, temp, target, exclusive=bool(flags & FXF_EXCL),
                           name=filename)
 
     def removeFile(self, filename: bytes) -> Deferred:
@@ -260,7 +261,7 @@ class JailedSFTPServer:
         def mkdir() -> None:
             entry = self._entry(path)
             try:
-                os.mkdir(entry, attrs.get("permissions", DEFAULT_DIR_MODE) & 0o777)
+                os.mkdir(entry, attrs.get("permissions", MAX_DIR_MODE) & MAX_DIR_MODE)
             except OSError as e:
                 raise os_error(e, os.fsdecode(path)) from None
 
@@ -317,8 +318,8 @@ class JailedFileTransferServer(filetransfer.FileTransferServer):
 def _apply_attrs(path: str, attrs: dict) -> None:
     if "uid" in attrs or "size" in attrs:
         raise unsupported("changing owner or size")
-    if "permissions" in attrs:
-        os.chmod(path, attrs["permissions"] & 0o777)
+    if "permissions" in attrs:  # narrowed, never widened: see capped_mode
+        chmod_capped(path, attrs["permissions"])
     if "atime" in attrs:
         os.utime(path, (attrs["atime"], attrs["mtime"]))
 

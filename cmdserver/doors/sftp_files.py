@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 log = Logger()
 
 MAX_READ = 256 * 1024  # bytes per read request; clients ask for 32 KiB anyway
+FILE_MODE = 0o600  # every file SFTP creates, whatever mode the client asks for
+MAX_DIR_MODE = 0o755  # the most a directory may be given (mkdir's default)
 
 
 def stat_attrs(st: os.stat_result) -> dict[str, int]:
@@ -49,6 +52,31 @@ def os_error(e: OSError, path: str) -> SFTPError:
         errno.EPERM: FX_PERMISSION_DENIED, errno.EEXIST: FX_FILE_ALREADY_EXISTS}
     reason = e.strerror or str(e)
     return SFTPError(codes.get(e.errno, FX_FAILURE), f"{reason.lower()}: {path}")
+
+
+def capped_mode(st_mode: int, requested: int) -> int:
+    """The permission bits a request may set: a client can narrow a mode, never widen it.
+
+    Files keep at most :data:`FILE_MODE` (0600, like the ``upload`` command's),
+    directories at most :data:`MAX_DIR_MODE`; set-id and sticky bits are dropped.
+    """
+    return requested & (MAX_DIR_MODE if stat.S_ISDIR(st_mode) else FILE_MODE)
+
+
+def chmod_capped(path: str, requested: int) -> None:
+    """Set ``path``'s mode to ``requested`` as :func:`capped_mode` allows.
+
+    The type is read from, and the mode set through, one descriptor (``O_PATH``,
+    without following a last-moment symlink), so an entry swapped for another
+    between the two steps cannot get a directory's mode on a file.
+    """
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        mode = capped_mode(os.fstat(fd).st_mode, requested)
+        # fchmod refuses O_PATH descriptors; the /proc link reaches the same inode.
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
 
 
 def unsupported(what: str) -> SFTPError:
@@ -127,12 +155,12 @@ class ReadFile(_OpenFile):
 class UploadFile(_OpenFile):
     """An upload: written to a temporary file, renamed into place on close."""
 
-    def __init__(self, server: JailedSFTPServer, fd: int, temp: str, target: str, mode: int,
+    def __init__(self, server: JailedSFTPServer, fd: int, temp: str, target: str,
                  exclusive: bool, name: bytes) -> None:
         super().__init__(server, fd)
         self.temp = temp
         self.target = target
-        self.mode = mode
+        self.mode = FILE_MODE  # an FSETSTAT may narrow it before close
         self.exclusive = exclusive
         self.name = name
         self.times: tuple[int, int] | None = None
@@ -147,7 +175,7 @@ class UploadFile(_OpenFile):
         if "uid" in attrs or "size" in attrs:
             return defer.fail(unsupported("changing owner or size"))
         if "permissions" in attrs:
-            self.mode = attrs["permissions"] & 0o777
+            self.mode = capped_mode(stat.S_IFREG, attrs["permissions"])
         if "atime" in attrs:
             self.times = (attrs["atime"], attrs["mtime"])
         return defer.succeed(None)

@@ -41,7 +41,9 @@ class FakeAvatar:
     settings: SSHSettings = SSHSettings(temp_run_id="0123abcd")
 
 
-class SFTPJailTest(OutsideTreeTempMixin, unittest.TestCase):
+class SFTPServerTestBase(OutsideTreeTempMixin, unittest.TestCase):
+    """A jailed SFTP server on a root with ``a.txt`` and a directory outside it."""
+
     def setUp(self) -> None:
         base = os.path.realpath(self.mktemp())
         self.root = os.path.join(base, "root")
@@ -71,6 +73,8 @@ class SFTPJailTest(OutsideTreeTempMixin, unittest.TestCase):
     def temps(self) -> list[str]:
         return [n for n in os.listdir(self.root) if TEMP_RE.match(n)]
 
+
+class SFTPJailTest(SFTPServerTestBase):
     def test_upload_temp_file_is_named_like_the_upload_engines(self) -> None:
         self.put(b"new.bin", b"data")
         [temp] = self.temps()
@@ -196,3 +200,68 @@ class SFTPJailTest(OutsideTreeTempMixin, unittest.TestCase):
     def test_nul_in_a_path_is_an_error(self) -> None:
         self.error(self.server.removeFile(b"a\0b"))
         self.error(self.server.getAttrs(b"a\0b", True))
+
+
+class SFTPModeTest(SFTPServerTestBase):
+    """Files SFTP writes are 0600 like the upload command's; chmod only narrows."""
+
+    def mode(self, *parts: str) -> int:
+        return os.stat(self.path(*parts)).st_mode & 0o7777
+
+    def test_created_file_is_0600_whatever_mode_is_asked(self) -> None:
+        for name, asked in ((b"plain.bin", {}), (b"asked.bin", {"permissions": 0o644}),
+                            (b"wide.bin", {"permissions": 0o4777})):
+            upload = self.successResultOf(self.server.openFile(name, PUT, asked))
+            self.successResultOf(upload.writeChunk(0, b"data"))
+            self.successResultOf(upload.close())
+            self.assertEqual(self.mode(name.decode()), 0o600, name)
+
+    def test_replaced_file_is_0600_and_replaced_whole(self) -> None:
+        os.chmod(self.path("a.txt"), 0o644)
+        before = os.stat(self.path("a.txt")).st_ino
+        upload = self.successResultOf(self.server.openFile(b"a.txt", PUT,
+                                                           {"permissions": 0o644}))
+        self.successResultOf(upload.writeChunk(0, b"beta"))
+        self.successResultOf(upload.close())
+        self.assertEqual(self.mode("a.txt"), 0o600)
+        self.assertNotEqual(os.stat(self.path("a.txt")).st_ino, before)  # renamed over
+        with open(self.path("a.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"beta")
+
+    def test_fsetstat_on_an_upload_narrows_only(self) -> None:
+        for asked, expected in ((0o755, 0o600), (0o6777, 0o600), (0o400, 0o400)):
+            upload = self.successResultOf(self.server.openFile(b"f.bin", PUT, {}))
+            self.successResultOf(upload.setAttrs({"permissions": asked}))
+            self.successResultOf(upload.close())
+            self.assertEqual(self.mode("f.bin"), expected, oct(asked))
+
+    def test_setstat_on_a_file_narrows_only(self) -> None:
+        for asked, expected in ((0o644, 0o600), (0o777, 0o600), (0o4700, 0o600),
+                                (0o400, 0o400), (0o000, 0o000), (0o600, 0o600)):
+            self.successResultOf(self.server.setAttrs(b"a.txt", {"permissions": asked}))
+            self.assertEqual(self.mode("a.txt"), expected, oct(asked))
+
+    def test_setstat_through_a_symlink_caps_its_target(self) -> None:
+        os.symlink("a.txt", self.path("link"))
+        self.successResultOf(self.server.setAttrs(b"link", {"permissions": 0o755}))
+        self.assertEqual(self.mode("a.txt"), 0o600)
+
+    def test_directories_are_capped_at_0755(self) -> None:
+        old = os.umask(0)  # so that only the cap can take the bits away
+        self.addCleanup(os.umask, old)
+        self.successResultOf(self.server.makeDirectory(b"d", {"permissions": 0o3777}))
+        self.assertEqual(self.mode("d"), 0o755)
+        for asked, expected in ((0o777, 0o755), (0o1777, 0o755), (0o700, 0o700)):
+            self.successResultOf(self.server.setAttrs(b"d", {"permissions": asked}))
+            self.assertEqual(self.mode("d"), expected, oct(asked))
+
+    def test_setstat_outside_the_jail_is_refused(self) -> None:
+        secret = os.path.join(self.outside, "secret")
+        os.chmod(secret, 0o600)
+        d = self.server.setAttrs(b"../outside/secret", {"permissions": 0o400})
+        self.assertEqual(self.error(d).code, FX_PERMISSION_DENIED)
+        self.assertEqual(os.stat(secret).st_mode & 0o777, 0o600)
+
+    def test_times_are_still_set(self) -> None:
+        self.successResultOf(self.server.setAttrs(b"a.txt", {"atime": 1000, "mtime": 2000}))
+        self.assertEqual(os.stat(self.path("a.txt")).st_mtime, 2000)

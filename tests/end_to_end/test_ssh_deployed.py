@@ -283,3 +283,32 @@ class DeployedSSHTest(unittest.TestCase):
         self.assertEqual(status, 1)
         self.assertIn(b"Permission denied", err)
         self.assertFalse(os.path.exists(os.path.join(os.path.dirname(self.root), "outside")))
+
+    @defer.inlineCallbacks
+    def test_openssh_sftp_put_and_chmod_never_widen_a_file(self) -> Any:
+        if SFTP is None:
+            raise unittest.SkipTest("OpenSSH sftp not installed")
+        yield self.serve()
+        local = os.path.join(self.tmp, "script.sh")
+        with open(local, "wb") as f:
+            f.write(b"#!/bin/sh\n")
+        os.chmod(local, 0o755)
+        batch = os.path.join(self.tmp, "batch")
+
+        def mode(name: str) -> int:
+            return stat.S_IMODE(os.stat(os.path.join(self.root, name)).st_mode)
+
+        # sftp asks for the local file's mode on open; -p also sets it (FSETSTAT).
+        for command in ("put", "put -p"):
+            with open(batch, "w") as f:
+                f.write(f"{command} {local} script.sh\n")
+            out, err, status = yield self.openssh(SFTP, "-b", batch, "ops@127.0.0.1")
+            self.assertEqual((err, status), (b"", 0))
+            self.assertEqual(mode("script.sh"), 0o600, command)
+        # chmod succeeds and narrows; it never widens a file beyond 0600.
+        for asked, expected in (("755", 0o600), ("666", 0o600), ("400", 0o400)):
+            with open(batch, "w") as f:
+                f.write(f"chmod {asked} script.sh\n")
+            out, err, status = yield self.openssh(SFTP, "-b", batch, "ops@127.0.0.1")
+            self.assertEqual((err, status), (b"", 0))
+            self.assertEqual(mode("script.sh"), expected, asked)

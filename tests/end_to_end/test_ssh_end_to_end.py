@@ -695,6 +695,34 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
                                                      "escape.py")))
 
     @defer.inlineCallbacks
+    def test_sftp_files_are_0600_and_chmod_only_narrows(self) -> Any:
+        local = self.mktemp() + "-src"
+        with open(local, "wb") as f:
+            f.write(b"payload")
+        os.chmod(local, 0o755)
+
+        def session(sftp: paramiko.SFTPClient) -> list[int]:
+            modes = []
+            sftp.put(local, "put.bin")
+            modes.append(sftp.stat("put.bin").st_mode)
+            with sftp.open("open.bin", "wb") as remote:
+                remote.write(b"data")
+                remote.chmod(0o755)  # FSETSTAT on the open upload
+            modes.append(sftp.stat("open.bin").st_mode)
+            for asked in (0o644, 0o4777, 0o400):  # SETSTAT
+                sftp.chmod("put.bin", asked)
+                modes.append(sftp.stat("put.bin").st_mode)
+            sftp.mkdir("dir", 0o777)
+            sftp.chmod("dir", 0o1777)
+            modes.append(sftp.stat("dir").st_mode)
+            return [stat.S_IMODE(m) for m in modes]
+
+        modes = yield self.sftp(session)
+        self.assertEqual(modes, [0o600, 0o600, 0o600, 0o600, 0o400, 0o755])
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.root, "open.bin")).st_mode),
+                         0o600)
+
+    @defer.inlineCallbacks
     def test_sftp_jailed_user_lands_in_own_root(self) -> Any:
         cwd = yield self.sftp(lambda sftp: sftp.normalize("."), user="jailed")
         self.assertEqual(cwd, os.path.realpath(self.other_root))
