@@ -9,7 +9,9 @@ login, no queue or back-pressure, no per-turn budget, no idle timer, no command
 core.  Its throughput is what any Python server pays to audit a command; the gap
 between it and cmdserver is what cmdserver's own layers cost.
 
-Run as its own process: ``python _floor_server.py AUDIT-FILE`` prints ``listening PORT``.
+Run as its own process: ``python _floor_server.py AUDIT-FILE`` prints ``listening PORT``;
+with ``none`` for the file, every step but the audit line is taken (what the
+audit line costs is the difference).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from twisted.protocols.basic import LineReceiver  # noqa: E402
 from cmdserver.audit import AuditFile  # noqa: E402
 
 
+def _nothing(*fields: Any) -> None:
+    pass
+
+
 def ping() -> str:
     return "pong"
 
@@ -40,8 +46,8 @@ COMMANDS = {"ping": ping}
 class Floor(LineReceiver):
     delimiter = b"\n"
 
-    def __init__(self, audit: AuditFile, counts: Counter[str]) -> None:
-        self.record = audit.record
+    def __init__(self, audit: AuditFile | None, counts: Counter[str]) -> None:
+        self.record = audit.record if audit is not None else _nothing
         self.counts = counts
         self.batch: list[bytes] = []
 
@@ -81,7 +87,7 @@ class Floor(LineReceiver):
 class FloorFactory(Factory):
     noisy = False
 
-    def __init__(self, audit: AuditFile) -> None:
+    def __init__(self, audit: AuditFile | None) -> None:
         self.audit = audit
         self.counts: Counter[str] = Counter()
 
@@ -90,9 +96,11 @@ class FloorFactory(Factory):
 
 
 def main() -> None:
-    audit = AuditFile(sys.argv[1], reactor)
-    audit.open()
-    reactor.addSystemEventTrigger("before", "shutdown", audit.close)
+    audit = None
+    if sys.argv[1] != "none":
+        audit = AuditFile(sys.argv[1], reactor)
+        audit.open()
+        reactor.addSystemEventTrigger("before", "shutdown", audit.close)
     port = reactor.listenTCP(0, FloorFactory(audit), backlog=4096, interface="127.0.0.1")
     print(f"listening {port.getHost().port}", flush=True)
     reactor.run()

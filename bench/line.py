@@ -5,13 +5,14 @@ Side by side in one run, each server in its own process and the load generator
 (bench/_loadgen.py) in another: a bare Twisted ``LineReceiver`` echo server;
 the floor, a ``LineReceiver`` that does only what auditing a command needs
 (bench/_floor_server.py: check, split, look up, count, time, run, write the
-audit line); cmdserver with its JSON audit file (the default); and cmdserver
-with ``--audit-log none`` (the audit events then go to twistd's text log).  Every
-connection keeps ``--window`` lines in flight, sent ``--chunk`` at a time,
-with 1, 10, 100 and 1000 connections.  The servers run at once and the
-runs alternate between them, ``--repeat`` times per point, so a change in the
-machine's load hits all alike; the median run counts, and the spread of
-the ratio over the runs is printed beside it.
+audit line), and the same without the audit line; cmdserver with its JSON
+audit file (the default); and cmdserver with ``--audit-log none`` (the audit
+events then go to twistd's text log).  Every connection keeps ``--window``
+lines in flight, sent ``--chunk`` at a time, with 1, 10, 100 and 1000
+connections.  The servers run at once and the runs alternate between them,
+``--repeat`` times per point, so a change in the machine's load hits all
+alike; the median run counts, and the spread of the ratio over the runs is
+printed beside it.
 The last line is the throughput ratio cmdserver/bare at 100 connections with
 the audit log on.
 
@@ -93,9 +94,11 @@ def main() -> None:
                             source=source)
                for name, audit, source in variants}
     with (PeerServer("_echo_server.py") as echo, tempfile.TemporaryDirectory() as tmp,
-          PeerServer("_floor_server.py", f"{tmp}/audit.log") as floor):
+          PeerServer("_floor_server.py", f"{tmp}/audit.log") as floor,
+          PeerServer("_floor_server.py", "none") as unaudited):
         servers = {"bare": (echo.port, 0, echo.proc.pid),
-                   "floor": (floor.port, 0, floor.proc.pid)}
+                   "floor": (floor.port, 0, floor.proc.pid),
+                   "floor, no audit line": (unaudited.port, 0, unaudited.proc.pid)}
         try:
             for name, daemon in daemons.items():
                 daemon.start()
@@ -130,9 +133,12 @@ def main() -> None:
             bare = statistics.median(r["cpu_us"] for r in runs["bare"][c])
             print(f"  {name:<20}{c:>6}{mine:>8.2f} us  (bare/this {bare / mine:.2f})")
     if 100 in args.connections:
-        floor = results["floor"][100]["lines_per_s"] / results["bare"][100]["lines_per_s"]
+        bare = results["bare"][100]["lines_per_s"]
+        floor = results["floor"][100]["lines_per_s"] / bare
+        unaudited = results["floor, no audit line"][100]["lines_per_s"] / bare
         print(f"floor (bench/_floor_server.py: a minimal audited ping server, the least "
-              f"any Python server pays)/bare at 100 connections: {floor:.2f}")
+              f"any Python server pays)/bare at 100 connections: {floor:.2f}; without "
+              f"the audit line {unaudited:.2f}")
         off = results["audit-log none"][100]["lines_per_s"] / results["bare"][100][
             "lines_per_s"]
         print(f"--audit-log none (events in the text log): cmdserver/bare at 100 "

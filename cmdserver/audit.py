@@ -64,7 +64,8 @@ def encode_duration(value: Any) -> str:
     rest of the line: a duration under a second is taken as whole microseconds,
     and the text of each count is kept (``us / 1e6`` is the same float as
     ``round(value, 6)``)."""
-    if type(value) is float and 0.0 < value < 1.0:  # zero keeps its sign: the slow way
+    if (type(value) is float and 0.0 <= value < 1.0
+            and (value or math.copysign(1.0, value) > 0)):  # not -0.0: JSON keeps its sign
         us = int(value * 1e6 + 0.5)
         text = _durations.get(us)
         if text is None:
