@@ -13,11 +13,12 @@ disk a moment after its command ran.  (Writing once per reactor turn instead
 cost a clock event and a ``write`` on every call of a client that calls one
 at a time: about 8 us of a 70 us PB ``ping``.)
 
-The core reports a command through :meth:`AuditPublisher.record`.  When the
-audit file is the only observer, the fields go straight to
-:meth:`AuditFile.record`, which writes the same line as for the event without
-building the event: on a cheap command such as ``ping`` the event dict and its
-publication cost more than the command.
+The core reports a command through ``AuditPublisher.record``.  When the audit
+file is the only observer, that is :meth:`AuditFile.record` itself, which
+queues the fields and writes the same line as for the event without building
+the event: on a cheap command such as ``ping`` the event dict and its
+publication cost more than the command.  The fields become JSON when their
+batch is written.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ class AuditFile:
         :meth:`AuditPublisher.publish` would send, taken now.
 
         The fields are kept as they are and turned into JSON when the batch is
-        written (:meth:`_line`): a stream of commands then costs a tuple each
+        written (:meth:`_parts`): a stream of commands then costs a tuple each
         here, and the formatting runs in one loop.  The values are the core's
         own (strings, and dicts it built for the record), not changed after."""
         if self._fd is None:
