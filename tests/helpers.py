@@ -117,3 +117,13 @@ class Later(Command):
         d: defer.Deferred = defer.Deferred()
         self.pending.append(d)
         return d
+
+
+def capture_log(test: Any) -> list[dict]:
+    """Collect every twisted.logger event until the test ends."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    test.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events

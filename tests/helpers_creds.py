@@ -15,16 +15,6 @@ def run_now(f: Any, *args: Any, **kwargs: Any) -> Deferred:
     return defer.maybeDeferred(f, *args, **kwargs)
 
 
-def capture_log(test: Any) -> list[dict]:
-    """Collect every twisted.logger event until the test ends."""
-    from twisted.logger import globalLogPublisher
-
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    test.addCleanup(globalLogPublisher.removeObserver, events.append)
-    return events
-
-
 def flatten_events(events: list[dict]) -> str:
     """Everything a log observer could write: the formatted text and every field."""
     from twisted.logger import formatEvent

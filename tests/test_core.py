@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
-from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from cmdserver.commands.base import Command, Context
 from cmdserver.core import INTERNAL_ERROR, TextReply, split_line
 from cmdserver.errors import CommandError, NotFound, UsageError
-from tests.helpers import make_context, make_core
+from tests.helpers import capture_log, make_context, make_core
 
 
 class Boom(Command):
@@ -57,9 +56,7 @@ class SplitTests(unittest.SynchronousTestCase):
 class CoreTests(unittest.SynchronousTestCase):
     def setUp(self) -> None:
         self.core = make_core(self.mktemp())
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = capture_log(self)
         self.ctx = make_context(self.core)
 
     def audit(self) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.trial import unittest
 
 from cmdserver.audit import NAMESPACE, audit_publisher
@@ -18,7 +18,7 @@ from cmdserver.commands.lastlog import LogSource
 from cmdserver.core import CommandCore, TextReply
 from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
-from tests.helpers import Later
+from tests.helpers import Later, capture_log
 
 
 class Refuse(Command):
@@ -158,18 +158,14 @@ class FastPathTests(unittest.TestCase):
     def test_without_audit_observer_events_go_to_the_global_log(self) -> None:
         audit_publisher.removeObserver(self.events.append)
         self.addCleanup(audit_publisher.addObserver, self.events.append)
-        logged: list[dict] = []
-        globalLogPublisher.addObserver(logged.append)
-        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        logged = capture_log(self)
         self.assertEqual(self.core.run_text(self.ctx, "ping"), TextReply(["pong"], True))
         self.assertEqual(self.events, [])
         [event] = [e for e in logged if e.get("log_namespace") == NAMESPACE]
         self.assertEqual((event["command"], event["outcome"]), ("ping", "ok"))
 
     def test_with_audit_observer_events_stay_out_of_the_global_log(self) -> None:
-        logged: list[dict] = []
-        globalLogPublisher.addObserver(logged.append)
-        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        logged = capture_log(self)
         self.core.run_text(self.ctx, "ping")
         self.assertEqual(len(self.events), 1)
         self.assertEqual([e for e in logged if e.get("log_namespace") == NAMESPACE], [])

@@ -16,7 +16,8 @@ from zope.interface import Interface
 from cmdserver.auth import Account, IAccount, Realm, build_portal
 from cmdserver.credentials import Credentials, ReloadService, build_checkers
 from cmdserver.users import UserRecord, UserStore, hash_password
-from tests.helpers_creds import TEST_COST, capture_log, flatten_events, run_now, temp_dir
+from tests.helpers import capture_log
+from tests.helpers_creds import TEST_COST, flatten_events, run_now, temp_dir
 
 
 def new_key() -> keys.Key:

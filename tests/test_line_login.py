@@ -18,7 +18,8 @@ from cmdserver.credentials import Credentials, build_checkers
 from cmdserver.doors.line import LineProtocol, LineSettings
 from cmdserver.policy import Policy
 from cmdserver.users import UserRecord, UserStore, hash_password
-from tests.helpers_creds import TEST_COST, capture_log, flatten_events, run_now, temp_dir
+from tests.helpers import capture_log
+from tests.helpers_creds import TEST_COST, flatten_events, run_now, temp_dir
 
 PASSWORD = "c0rrect horse"
 

@@ -15,7 +15,8 @@ from cmdserver.credentials import ReloadService
 from cmdserver.doors.line_login import default_login_mode
 from cmdserver.tap import Options, makeService
 from cmdserver.users import INITIAL_PASSWORD_FILE, UserStore
-from tests.helpers_creds import capture_log, temp_dir
+from tests.helpers import capture_log
+from tests.helpers_creds import temp_dir
 
 
 class MakeServiceTests(unittest.TestCase):

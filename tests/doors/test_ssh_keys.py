@@ -10,7 +10,7 @@ import subprocess
 from twisted.trial import unittest
 
 from cmdserver.doors.ssh_keys import HOST_KEY_FILES, fingerprint, load_host_keys
-from tests.helpers import OutsideTreeTempMixin
+from tests.helpers import OutsideTreeTempMixin, capture_log
 
 
 class HostKeyTest(OutsideTreeTempMixin, unittest.TestCase):
@@ -43,13 +43,10 @@ class HostKeyTest(OutsideTreeTempMixin, unittest.TestCase):
 
     def test_make_service_logs_both_fingerprints(self) -> None:
         from twisted.internet.testing import MemoryReactorClock
-        from twisted.logger import globalLogPublisher
 
         from cmdserver.tap import Options, makeService
 
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capture_log(self)
         options = Options()
         options.parseOptions(["--data-dir", self.data_dir, "--line", "none", "--pb", "none",
                               "--bcrypt-cost", "4"])

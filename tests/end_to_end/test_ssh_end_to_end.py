@@ -33,7 +33,7 @@ from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
 from cmdserver.service import CmdServerService, Limits
 from cmdserver.upload_spool import TEMP_RE
-from tests.helpers import OutsideTreeTempMixin
+from tests.helpers import OutsideTreeTempMixin, capture_log
 
 PASSWORD = "s3cret"
 # Host keys take a moment to generate (RSA 3072): make them once for the module.
@@ -381,11 +381,8 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_exec_audited_with_user(self) -> Any:
-        from twisted.logger import globalLogPublisher
 
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capture_log(self)
         yield self.exec_("ping")
         audited = [e for e in events if e.get("log_namespace") == "cmdserver.audit"]
         self.assertEqual([(e["user"], e["door"], e["command"]) for e in audited],
@@ -532,11 +529,8 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
     # -- refusals ------------------------------------------------------------
 
     def test_forwarding_refused_and_logged(self) -> defer.Deferred:
-        from twisted.logger import globalLogPublisher
 
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capture_log(self)
 
         def run() -> None:
             t = self.transport()
@@ -567,11 +561,8 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
         return self.in_thread(run).addCallback(check)
 
     def test_at_most_ten_session_channels(self) -> defer.Deferred:
-        from twisted.logger import globalLogPublisher
 
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capture_log(self)
 
         def run() -> None:
             t = self.transport()
@@ -594,11 +585,8 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
         return self.in_thread(run).addCallback(check)
 
     def test_env_refused_beyond_a_few(self) -> defer.Deferred:
-        from twisted.logger import globalLogPublisher
 
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capture_log(self)
 
         def run() -> tuple[bool, bool]:
             t = self.transport()
