@@ -123,13 +123,10 @@ class CommandCore:
         every refusal then cost no Deferred chain.  A command still running gives
         a Deferred that fires with the :class:`TextReply`.
         """
-        if '"' in line or "'" in line or "\\" in line:  # split_line, without a call
-            try:
-                argv = split_line(line)
-            except UsageError as e:
-                return TextReply([e.text], False)
-        else:
-            argv = line.split()
+        try:
+            argv = split_line(line)
+        except UsageError as e:
+            return TextReply([e.text], False)
         if not argv:
             return TextReply([], True)
         name, args = argv[0], argv[1:]
@@ -201,6 +198,7 @@ class CommandCore:
             return self._done(Failure(), ctx, command, kwargs, started)
         kind = type(result)
         if kind in _PLAIN:  # it finished at once, well: the common case, done here
+            # What _done does for a success, without the call (5% of a ping).
             stats.in_flight -= 1
             audit_publisher.record(ctx.user, ctx.peer, ctx.door, command.name,
                                    command.audit_args(kwargs), "ok", self._seconds() - started,
