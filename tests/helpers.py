@@ -10,9 +10,11 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
+from cmdserver.audit import AuditFile
 from cmdserver.commands import default_registry
 from cmdserver.commands.base import Command, Context, ListSink
 from cmdserver.commands.lastlog import LogSource
@@ -127,3 +129,14 @@ def capture_log(test: Any) -> list[dict]:
     globalLogPublisher.addObserver(events.append)
     test.addCleanup(globalLogPublisher.removeObserver, events.append)
     return events
+
+
+def temp_audit_file(test: Any) -> AuditFile:
+    """An open audit file in a temporary directory, its batches timed by a ``Clock``
+    (``audit.reactor``); closed and removed when the test ends."""
+    tmp = tempfile.TemporaryDirectory()
+    test.addCleanup(tmp.cleanup)
+    audit = AuditFile(os.path.join(tmp.name, "audit.log"), Clock())
+    audit.open()
+    test.addCleanup(audit.close)
+    return audit

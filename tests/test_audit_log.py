@@ -8,10 +8,10 @@ import tempfile
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from cmdserver.audit import FIELDS, FLUSH_DELAY, FLUSH_LINES, NAMESPACE, AuditFile
+from tests.helpers import temp_audit_file
 
 
 def event(**fields: object) -> dict:
@@ -38,13 +38,8 @@ values = st.one_of(
 
 class AuditFileTests(unittest.TestCase):
     def setUp(self) -> None:
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.path = os.path.join(tmp.name, "audit.log")
-        self.clock = Clock()
-        self.audit = AuditFile(self.path, self.clock)
-        self.audit.open()
-        self.addCleanup(self.audit.close)
+        self.audit = temp_audit_file(self)
+        self.path, self.clock = self.audit.path, self.audit.reactor
 
     def read(self) -> str:
         with open(self.path, encoding="utf-8") as f:

@@ -9,10 +9,10 @@ import tempfile
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from cmdserver.audit import FLUSH_DELAY, NAMESPACE, AuditFile, AuditPublisher, round_duration
+from tests.helpers import temp_audit_file
 
 texts = st.text(max_size=200)
 values = st.one_of(
@@ -53,13 +53,8 @@ def test_record_writes_the_event_line(user, peer, door, command, args, outcome, 
 
 class PublisherTests(unittest.TestCase):
     def setUp(self) -> None:
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.path = os.path.join(tmp.name, "audit.log")
-        self.clock = Clock()
-        self.file = AuditFile(self.path, self.clock)
-        self.file.open()
-        self.addCleanup(self.file.close)
+        self.file = temp_audit_file(self)
+        self.path, self.clock = self.file.path, self.file.reactor
         self.publisher = AuditPublisher()
 
     def lines(self) -> list[dict]:
