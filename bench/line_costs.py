@@ -33,7 +33,7 @@ from cmdserver.commands import default_registry
 from cmdserver.commands.base import Context
 from cmdserver.commands.lastlog import LogSource
 from cmdserver.core import CommandCore, TextReply, split_line
-from cmdserver.doors.line import LineFactory, LineProtocol, LineSettings
+from cmdserver.doors.line.protocol import LineFactory, LineProtocol, LineSettings
 from cmdserver.policy import Policy
 
 

@@ -30,7 +30,7 @@ from twisted.internet.endpoints import HostnameEndpoint, clientFromString
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
-from cmdserver.upload_key import parse_key
+from cmdserver.commands.upload.key import parse_key
 
 __all__ = [
     "BlockingSession", "LoginError", "RemoteCommandError", "RemoteError", "Session",
@@ -78,7 +78,7 @@ def _translate(failure: Failure) -> Failure:
         return Failure(ConnectionClosed())
     if isinstance(failure, pb.CopiedFailure):
         kind = failure.type.decode() if isinstance(failure.type, bytes) else str(failure.type)
-        if kind.startswith("cmdserver.doors.pb_errors."):
+        if kind.startswith("cmdserver.doors.pb.errors."):
             name = kind.rsplit(".", 1)[1]
             value = failure.value
             message = value.decode() if isinstance(value, bytes) else str(value)

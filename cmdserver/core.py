@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cmdserver.audit import audit_publisher
-from cmdserver.auth import ANONYMOUS
+from cmdserver.auth.portal import ANONYMOUS
 from cmdserver.commands.base import Command, Context, Registry
 from cmdserver.errors import CommandError, NotFound, UsageError
 from cmdserver.policy import Policy

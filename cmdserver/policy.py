@@ -6,9 +6,12 @@ import ipaddress
 import os
 import resource
 from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
 
 from cmdserver.errors import CommandError, PathOutsideRoots
-from cmdserver.scanner import ConnectBudget
+
+if TYPE_CHECKING:
+    from cmdserver.commands.portscan.scanner import Scan
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_SCAN_ALLOW = ("127.0.0.0/8", "::1/128")
@@ -94,3 +97,35 @@ def default_max_in_flight(ceiling: int = 4096) -> int:
     if soft == resource.RLIM_INFINITY:
         return ceiling
     return max(1, min(ceiling, soft // 2))
+
+
+class ConnectBudget:
+    """A cap on connects in flight across every scan, so scans cannot run out of fds.
+
+    Only connects that outlive the call that started them count (loopback
+    connects settle at once).  Scans blocked by the cap wait here and are woken
+    when a slot frees.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("the connect budget needs at least one slot")
+        self.limit = limit
+        self.in_flight = 0
+        self._waiting: dict[Scan, None] = {}
+
+    def acquire(self) -> None:
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        if self._waiting:
+            waiting, self._waiting = self._waiting, {}
+            for scan in waiting:
+                scan.wake()
+
+    def wait(self, scan: Scan) -> None:
+        self._waiting[scan] = None
+
+    def forget(self, scan: Scan) -> None:
+        self._waiting.pop(scan, None)

@@ -14,7 +14,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from cmdserver.audit import AuditFile, audit_publisher
-from cmdserver.auth import Realm, build_portal
+from cmdserver.auth.portal import Realm, build_portal
 from cmdserver.core import CommandCore
 from cmdserver.doors.limits import ConnectionLimits, LimitedFactory
 

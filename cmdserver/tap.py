@@ -11,23 +11,29 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from cmdserver.auth.credentials import ReloadService, open_credentials
+from cmdserver.auth.tls import is_tls, load_ca
+from cmdserver.auth.users import DEFAULT_COST, CredentialError
 from cmdserver.commands import default_registry
 from cmdserver.commands.account import Login, PasswordLogin
 from cmdserver.commands.lastlog import choose_source
-from cmdserver.commands.upload import UploadCommand
+from cmdserver.commands.upload.command import UploadCommand
+from cmdserver.commands.upload.engine import (
+    Uploads,
+    UploadService,
+    UploadSettings,
+    byte_size,
+    flag,
+)
+from cmdserver.commands.upload.key import server_key
 from cmdserver.core import CommandCore
-from cmdserver.credentials import ReloadService, open_credentials
-from cmdserver.doors.line import TOO_MANY, LineFactory, LineSettings
-from cmdserver.doors.line_login import line_door_login
-from cmdserver.doors.pb import DEFAULT_ENDPOINT as PB_ENDPOINT
-from cmdserver.doors.pb import pb_factory
-from cmdserver.doors.pb_upload import consumer_starter
+from cmdserver.doors.line.login import line_door_login
+from cmdserver.doors.line.protocol import TOO_MANY, LineFactory, LineSettings
+from cmdserver.doors.pb.door import DEFAULT_ENDPOINT as PB_ENDPOINT
+from cmdserver.doors.pb.door import pb_factory
+from cmdserver.doors.pb.upload import consumer_starter
 from cmdserver.policy import DEFAULT_SCAN_ALLOW, Policy, ScanPolicy, default_max_in_flight
 from cmdserver.service import CmdServerService, Limits
-from cmdserver.tls import is_tls, load_ca
-from cmdserver.upload import Uploads, UploadService, UploadSettings, byte_size, flag
-from cmdserver.upload_key import server_key
-from cmdserver.users import DEFAULT_COST, CredentialError
 
 log = Logger()
 
@@ -317,7 +323,7 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
         service.add_door("line", endpoint, LineFactory(core, door_settings), refusal=TOO_MANY,
                          endpoint=door_endpoint)
     if options["ssh"]:
-        from cmdserver.doors.ssh import SSHSettings, add_ssh_door
+        from cmdserver.doors.ssh.door import SSHSettings, add_ssh_door
 
         add_ssh_door(service, options["ssh"], data_dir,
                      SSHSettings(idle_timeout=options["idle-timeout"],

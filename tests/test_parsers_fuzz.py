@@ -12,11 +12,11 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from cmdserver.commands.upload import UploadCommand, parse_size
-from cmdserver.doors.ssh_shell import command_text
+from cmdserver.commands.portscan.portspec import MAX_PORT, PortSpecError, parse_ports
+from cmdserver.commands.upload.command import UploadCommand, parse_size
+from cmdserver.commands.upload.engine import Uploads, UploadSettings, check_request
+from cmdserver.doors.ssh.shell import command_text
 from cmdserver.errors import CommandError
-from cmdserver.portspec import MAX_PORT, PortSpecError, parse_ports
-from cmdserver.upload import Uploads, UploadSettings, check_request
 
 # -- ports ------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from cmdserver.commands.base import Command, Context, ListSink, NullSink, Regist
 from cmdserver.commands.basic import Exit, Help, Ping, StatsCommand
 from cmdserver.commands.files import ComputeHash, ListDir
 from cmdserver.commands.lastlog import LastLog, LogSource
-from cmdserver.commands.portscan import PortScan
+from cmdserver.commands.portscan.command import PortScan
 
 __all__ = ["Command", "Context", "ListSink", "NullSink", "Registry", "default_registry"]
 

@@ -20,15 +20,16 @@ from twisted.spread import pb
 from twisted.test import iosim
 from twisted.trial import unittest
 
-from cmdserver.auth import Realm, build_portal
-from cmdserver.commands.account import Login, LoginThrottle, PasswordLogin
-from cmdserver.commands.upload import UploadCommand
+from cmdserver.auth.portal import Realm, build_portal
+from cmdserver.auth.throttle import LoginThrottle
+from cmdserver.commands.account import Login, PasswordLogin
+from cmdserver.commands.upload.command import UploadCommand
+from cmdserver.commands.upload.engine import Uploads, UploadSettings
 from cmdserver.core import NOT_FOUND_TEXT
-from cmdserver.doors.line import LineProtocol, LineSettings
-from cmdserver.doors.pb import pb_factory
-from cmdserver.doors.pb_upload import consumer_starter
+from cmdserver.doors.line.protocol import LineProtocol, LineSettings
+from cmdserver.doors.pb.door import pb_factory
+from cmdserver.doors.pb.upload import consumer_starter
 from cmdserver.policy import Policy, ScanPolicy
-from cmdserver.upload import Uploads, UploadSettings
 from tests.helpers import OutsideTreeTempMixin, make_core
 
 # The text doors print these as they are (no "Error: "), as their issue fixed them.

@@ -17,12 +17,12 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
-from cmdserver.auth import Account
+from cmdserver.auth.portal import Account
 from cmdserver.commands import default_registry
 from cmdserver.commands.base import Context
 from cmdserver.commands.lastlog import LogSource
 from cmdserver.core import CommandCore
-from cmdserver.doors.pb import pb_factory
+from cmdserver.doors.pb.door import pb_factory
 from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
 from cmdserver.service import CmdServerService, Limits

@@ -17,7 +17,7 @@ from twisted.spread import pb
 from twisted.trial import unittest
 
 from cmdserver import client, tap
-from cmdserver.call_cli import render
+from cmdserver.cli.call import render
 from tests.end_to_end.pb_server import PBServer
 
 # Doors other builds may open by default, kept off so these tests bind nothing fixed.

@@ -21,8 +21,8 @@ from twisted.trial import unittest
 
 from cmdserver import client
 from cmdserver.client import LoginError, RemoteCommandError, RemoteError
-from cmdserver.doors.pb import AVATAR_METHODS
-from cmdserver.upload_key import BadKeyError
+from cmdserver.commands.upload.key import BadKeyError
+from cmdserver.doors.pb.door import AVATAR_METHODS
 from tests.end_to_end.pb_server import KEY, PBServer
 
 
@@ -204,7 +204,7 @@ class PBErrorTests(PBDoorTestBase):
         root = yield self.raw_root()
         avatar = yield root.callRemote("authenticate", "ops", "s3cret")
         failure = yield caught(avatar.callRemote("ls", "../.."))
-        self.assertEqual(failure.type, "cmdserver.doors.pb_errors.CommandFailed")
+        self.assertEqual(failure.type, "cmdserver.doors.pb.errors.CommandFailed")
         self.assertEqual(failure.value, "path outside allowed roots")
         self.assertNotIn("File ", failure.traceback)
         self.assertNotIn(".py", failure.traceback)
@@ -229,16 +229,16 @@ class PBErrorTests(PBDoorTestBase):
         e = yield self.assertFailure(s.avatar.callRemote("lastlog", "ten"), pb.Error)
         self.assertEqual(str(e), "n must be an integer; usage: lastlog(n=10, observer=None)")
         f = yield caught(s.avatar.callRemote("lastlog", 1, 2, 3))
-        self.assertEqual(f.type, "cmdserver.doors.pb_errors.BadArguments")
+        self.assertEqual(f.type, "cmdserver.doors.pb.errors.BadArguments")
         self.assertEqual(f.value, "usage: lastlog(n=10, observer=None)")
         f = yield caught(s.avatar.callRemote("comphash"))
         self.assertEqual((f.type, f.value),
-                         ("cmdserver.doors.pb_errors.BadArguments", "Please provide a path."))
+                         ("cmdserver.doors.pb.errors.BadArguments", "Please provide a path."))
         f = yield caught(s.avatar.callRemote("__init__"))
-        self.assertEqual(f.type, "cmdserver.doors.pb_errors.UnknownMethod")
+        self.assertEqual(f.type, "cmdserver.doors.pb.errors.UnknownMethod")
         self.assertEqual(f.value, "Command not found.")
         f = yield caught(s.avatar.callRemote("comphash", "a.txt", observer="not a ref"))
-        self.assertEqual(f.type, "cmdserver.doors.pb_errors.BadArguments")
+        self.assertEqual(f.type, "cmdserver.doors.pb.errors.BadArguments")
         # The connection is still good.
         self.assertEqual((yield s.ping()), "pong")
 
@@ -248,7 +248,7 @@ class PBErrorTests(PBDoorTestBase):
         command = self.server.core.registry.get("ls")
         self.patch(command, "run", lambda ctx, path=None: 1 / 0)
         f = yield caught(s.avatar.callRemote("ls"))
-        self.assertEqual(f.type, "cmdserver.doors.pb_errors.InternalError")
+        self.assertEqual(f.type, "cmdserver.doors.pb.errors.InternalError")
         self.assertEqual(f.value, "internal error (see the server log)")
         self.assertNotIn("ZeroDivision", f.traceback)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
@@ -289,7 +289,7 @@ class PBLoginTests(PBDoorTestBase):
     def test_anonymous_root_is_off_by_default(self) -> Any:
         root = yield self.raw_root()
         f = yield caught(root.callRemote("ls", self.root))
-        self.assertEqual(f.type, "cmdserver.doors.pb_errors.LoginRequired")
+        self.assertEqual(f.type, "cmdserver.doors.pb.errors.LoginRequired")
         self.assertEqual(f.value, "login required")
         self.assertEqual(self.audited("ls"), [])
 
@@ -313,7 +313,7 @@ class PBAnonymousRootTests(PBDoorTestBase):
         root = yield self.raw_root()
         self.assertEqual((yield root.callRemote("ls_boom", self.root)), ["a.txt", "sub"])
         f = yield caught(root.callRemote("ls_boom", "/etc"))
-        self.assertEqual(f.type, "cmdserver.doors.pb_errors.CommandFailed")
+        self.assertEqual(f.type, "cmdserver.doors.pb.errors.CommandFailed")
         self.assertEqual(f.value, "path outside allowed roots")
         f = yield caught(root.callRemote("ls_boom", "missing"))
         self.assertEqual(f.value, "no such file or directory: missing")

@@ -1,6 +1,6 @@
 """PB uploads through the daemon's real upload engine, as makeService wires it.
 
-Skipped where the build has no upload engine (``cmdserver.upload``).
+Skipped where the build has no upload engine (``cmdserver.commands.upload.engine``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from twisted.trial import unittest
 
 from cmdserver import client, tap
 
-pytest.importorskip("cmdserver.upload")
-server_key = pytest.importorskip("cmdserver.upload_key").server_key
+pytest.importorskip("cmdserver.commands.upload.engine")
+server_key = pytest.importorskip("cmdserver.commands.upload.key").server_key
 
 
 class RealUploadTests(unittest.TestCase):

@@ -14,9 +14,9 @@ from twisted.protocols.basic import LineReceiver
 from twisted.trial.unittest import SkipTest, TestCase
 
 from cmdserver.commands.base import Context, ListSink, Registry
-from cmdserver.commands.portscan import PortScan
+from cmdserver.commands.portscan.command import PortScan
 from cmdserver.core import CommandCore
-from cmdserver.doors.line import LineFactory, LineSettings
+from cmdserver.doors.line.protocol import LineFactory, LineSettings
 from cmdserver.policy import Policy, ScanPolicy
 
 

@@ -95,7 +95,7 @@ class SharedCredentialsTests(unittest.TestCase):
 
     def upload_over_ssh(self, data: bytes, send: bytes, name: str = "up.bin",
                         key: bytes | None = None):
-        from cmdserver.upload_key import read_key_file
+        from cmdserver.commands.upload.key import read_key_file
 
         key = key or read_key_file(os.path.join(self.tmp, "data", "hmac.key"))
         mac = hmac.new(key, data, hashlib.sha256).hexdigest()
@@ -141,8 +141,8 @@ class SharedCredentialsTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_users_own_upload_key_replaces_the_servers(self):
-        from cmdserver.credentials import ReloadService
-        from cmdserver.users import UserStore
+        from cmdserver.auth.credentials import ReloadService
+        from cmdserver.auth.users import UserStore
 
         own = UserStore(os.path.join(self.tmp, "data")).ensure_hmac_key("ops")
         [reloader] = [s for s in self.server.service if isinstance(s, ReloadService)]
@@ -157,8 +157,8 @@ class SharedCredentialsTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_upload_client_logs_in_when_the_door_requires_it(self):
-        from cmdserver.upload_client import UploadFailed, upload
-        from cmdserver.upload_key import read_key_file
+        from cmdserver.cli.upload import UploadFailed, upload
+        from cmdserver.commands.upload.key import read_key_file
 
         key = read_key_file(os.path.join(self.tmp, "data", "hmac.key"))
         path = os.path.join(self.tmp, "report.txt")

@@ -16,7 +16,7 @@ from cmdserver.commands import default_registry
 from cmdserver.commands.lastlog import LogSource
 from cmdserver.core import CommandCore
 from cmdserver.doors.limits import ConnectionLimits, LimitedFactory
-from cmdserver.doors.line import BATCH_LIMIT, TOO_MANY, LineFactory, LineSettings
+from cmdserver.doors.line.protocol import BATCH_LIMIT, TOO_MANY, LineFactory, LineSettings
 from cmdserver.policy import Policy
 
 BURST = b"help\n" * 1_000_000  # a million lines

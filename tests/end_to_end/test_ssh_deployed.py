@@ -22,7 +22,7 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from cmdserver.cli import main as cli
-from cmdserver.upload_spool import TEMP_RE, temp_name
+from cmdserver.commands.upload.spool import TEMP_RE, temp_name
 from tests.end_to_end.support import RunningService, in_thread
 
 SSH = shutil.which("ssh")

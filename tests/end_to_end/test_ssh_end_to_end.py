@@ -23,16 +23,16 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer, reactor, task, threads, utils
 from twisted.trial import unittest
 
-from cmdserver.auth import Account, Realm, build_portal
+from cmdserver.auth.portal import Account, Realm, build_portal
 from cmdserver.commands import default_registry
 from cmdserver.commands.base import Command, Context
 from cmdserver.commands.lastlog import LastLog, LogSource
+from cmdserver.commands.upload.spool import TEMP_RE
 from cmdserver.core import CommandCore
-from cmdserver.doors.ssh import SSHSettings, add_ssh_door
+from cmdserver.doors.ssh.door import SSHSettings, add_ssh_door
 from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
 from cmdserver.service import CmdServerService, Limits
-from cmdserver.upload_spool import TEMP_RE
 from tests.helpers import OutsideTreeTempMixin, capture_log
 
 PASSWORD = "s3cret"

@@ -9,10 +9,10 @@ import ssl
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
+from cmdserver.auth.tls import gencert, quote
+from cmdserver.auth.users import UserRecord, UserStore, hash_password
 from cmdserver.tap import Options, makeService
-from cmdserver.tls import gencert, quote
-from cmdserver.users import UserRecord, UserStore, hash_password
-from tests.helpers_creds import TEST_COST, make_ca, make_client_cert, temp_dir
+from tests.helpers.creds import TEST_COST, make_ca, make_client_cert, temp_dir
 
 PASSWORD = "tls pass word"
 

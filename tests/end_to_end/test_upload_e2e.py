@@ -13,11 +13,11 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
+from cmdserver.commands.upload.engine import BATCH, HIGH_WATER
+from cmdserver.commands.upload.key import read_key_file
+from cmdserver.commands.upload.spool import DIRECT_MIN, temp_name
 from cmdserver.tap import Options, makeService
-from cmdserver.upload import BATCH, HIGH_WATER
-from cmdserver.upload_key import read_key_file
-from cmdserver.upload_spool import DIRECT_MIN, temp_name
-from tests.upload_helpers import leftovers, listing, mac_of, temp_dir, wait_until
+from tests.helpers.upload import leftovers, listing, mac_of, temp_dir, wait_until
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
@@ -184,7 +184,7 @@ class ServiceTests(unittest.TestCase):
     def test_large_socket_upload_reads_into_blocks_then_lines_again(self):
         """Past the first reads, the socket is read straight into the upload's blocks,
         never past SIZE: the next command in the same send is still a command."""
-        from cmdserver.upload import Upload
+        from cmdserver.commands.upload.engine import Upload
 
         data = os.urandom(DIRECT_MIN + 3 * BATCH + 12345)
         copied = []
@@ -345,7 +345,7 @@ class TlsTests(unittest.TestCase):
         content = os.urandom(DIRECT_MIN + (1 << 20) + 7)
         with open(src, "wb") as f:
             f.write(content)
-        from cmdserver.upload import Upload
+        from cmdserver.commands.upload.engine import Upload
 
         copied = []  # under TLS the decrypted bytes are copied into the blocks
         write = Upload.write

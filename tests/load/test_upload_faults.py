@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, Session, add_user, ssh_connect, wait_for
 
-from cmdserver.upload_key import server_key
-from cmdserver.upload_spool import TEMP_MARK
+from cmdserver.commands.upload.key import server_key
+from cmdserver.commands.upload.spool import TEMP_MARK
 
 MIB = 1 << 20
 
@@ -58,7 +58,7 @@ def small_tmpfs(path: Path, size: str = "8m") -> Iterator[Path]:
     """A tiny filesystem of its own at ``path``, so the disk can really fill up."""
     path.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root; tests/test_upload_engine.py "
+        pytest.skip("mounting a small tmpfs needs root; tests/commands/upload/test_engine.py "
                     "covers disk full with a fake writer")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
                            str(path)], capture_output=True, text=True)

@@ -1,0 +1,298 @@
+"""The daemon's view of the credential store: checkers, realm lookup and reloading.
+
+:class:`Credentials` keeps the users and keys in memory (so a login never
+touches the disk on the reactor thread) and swaps in a fresh copy when the
+files change: a cheap stat poll on a ``LoopingCall`` and SIGHUP both trigger
+a reload, which runs in a thread.  Open sessions are never touched by a reload.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import bcrypt
+from twisted.application.service import Service
+from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
+from twisted.conch.ssh import keys
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet import defer, task, threads
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from cmdserver.auth.portal import Account, Realm, build_portal
+from cmdserver.auth.users import (
+    DEFAULT_COST,
+    HMAC_SUFFIX,
+    INITIAL_PASSWORD_FILE,
+    CredentialError,
+    UserRecord,
+    UserStore,
+    verify_password,
+)
+
+log = Logger()
+
+Runner = Callable[..., Deferred]
+Signature = tuple[Any, ...]
+
+
+def _stat(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def store_signature(store: UserStore) -> Signature:
+    """What changes when the users file or any key file changes (stat calls only)."""
+    try:
+        entries = sorted(e for e in os.listdir(store.keys_dir)
+                         if e.endswith((".pub", HMAC_SUFFIX)))
+    except FileNotFoundError:
+        entries = []
+    key_stats = tuple((e, _stat(os.path.join(store.keys_dir, e))) for e in entries)
+    return (_stat(store.users_path), key_stats)
+
+
+def read_store(store: UserStore, previous: Signature | None) -> tuple[Any, ...] | None:
+    """Blocking: (signature, users, SSH keys, upload HMAC keys), or None if nothing
+    changed since ``previous``."""
+    signature = store_signature(store)
+    if signature == previous:
+        return None
+    users = store.load()
+    return signature, users, store.load_keys(set(users)), store.load_hmac_keys(set(users))
+
+
+@functools.lru_cache(maxsize=4)
+def _decoy_hash(cost: int) -> bytes:
+    # Checked against for unknown users, so they cost the same time as known ones.
+    return bcrypt.hashpw(b"decoy password", bcrypt.gensalt(cost))
+
+
+class Credentials:
+    """Users and keys in memory, reloaded from the store without a restart."""
+
+    def __init__(self, store: UserStore, run_in_thread: Runner | None = None,
+                 cost: int = DEFAULT_COST) -> None:
+        self.store = store
+        self.cost = cost
+        self.users: dict[str, UserRecord] = {}
+        self.keys: dict[str, list[keys.Key]] = {}
+        self.hmac_keys: dict[str, bytes] = {}
+        self._signature: Signature | None = None
+        self._run = run_in_thread or threads.deferToThread
+        self._reloading: Deferred | None = None
+        self._again = False
+
+    def load_now(self) -> None:
+        """Blocking first load (before the reactor serves anyone); raises CredentialError."""
+        self._apply(read_store(self.store, None))
+
+    def _apply(self, result: Any) -> None:
+        if result is None:
+            return
+        signature, users, found_keys, hmac_keys = result
+        changed = self._signature is not None
+        self._signature, self.users, self.keys = signature, users, found_keys
+        self.hmac_keys = hmac_keys
+        log.info("{action} credentials: {users} user(s), {keys} SSH key(s)",
+                 action="reloaded" if changed else "loaded", users=len(users),
+                 keys=sum(map(len, found_keys.values())))
+
+    def reload(self) -> Deferred:
+        """Reread the files in a thread if they changed; a bad file keeps the old view."""
+        if self._reloading is not None:
+            self._again = True
+            return self._reloading
+        d = self._run(read_store, self.store, self._signature)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(CredentialError):
+                log.error("credentials not reloaded, keeping the previous ones: {error}",
+                          error=str(failure.value))
+            else:
+                log.failure("credentials not reloaded", failure)
+
+        def done(_: Any) -> Deferred | None:
+            self._reloading = None
+            if self._again:
+                self._again = False
+                return self.reload()
+            return None
+
+        d.addCallbacks(self._apply, failed).addBoth(done)
+        self._reloading = d if not d.called else None
+        return d
+
+    # -- what the portal asks -------------------------------------------
+
+    def account(self, name: str) -> Account:
+        """The realm's lookup: the account of a user on file."""
+        record = self.users.get(name)
+        if record is None:
+            raise UnauthorizedLogin("no such user")
+        return Account(record.name, record.roots)
+
+    def hmac_key(self, name: str) -> bytes | None:
+        """The user's own upload key, if they have one (else uploads use the server's)."""
+        return self.hmac_keys.get(name)
+
+    def check_password(self, name: str, password: bytes, run: Runner) -> Deferred:
+        """Fires with True if ``name`` exists and ``password`` matches (bcrypt in a thread)."""
+        record = self.users.get(name)
+        cost = self.cost
+
+        def check() -> bool:
+            if record is None:
+                verify_password(password, _decoy_hash(cost).decode("ascii"))
+                return False
+            return verify_password(password, record.hash)
+
+        return run(check)
+
+
+@implementer(ICredentialsChecker)
+class BcryptChecker:
+    """Username and password against the bcrypt hashes; at most ``concurrency`` at once.
+
+    The bound keeps a flood of logins from taking every worker thread and CPU.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, credentials: Credentials, run_in_thread: Runner | None = None,
+                 concurrency: int = 2) -> None:
+        self.credentials = credentials
+        self._run = run_in_thread or threads.deferToThread
+        self._semaphore = defer.DeferredSemaphore(concurrency)
+
+    def requestAvatarId(self, credentials: Any) -> Deferred:
+        try:
+            name = credentials.username.decode("utf-8")
+        except (AttributeError, UnicodeDecodeError):
+            return defer.fail(UnauthorizedLogin())
+        password = credentials.password
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        # Cancelling the answer (the client left) must not free the slot while bcrypt
+        # still runs in its thread, or connect-login-disconnect loops would pass the bound.
+        answer: Deferred = Deferred()
+
+        def check() -> Deferred | None:
+            if answer.called:  # cancelled while waiting for a slot: skip the work
+                return None
+            d = self.credentials.check_password(name, password, self._run)
+            return d.addBoth(deliver)
+
+        def deliver(result: Any) -> None:
+            if not answer.called:
+                answer.callback(result)  # a Failure goes down the errback chain
+
+        self._semaphore.run(check).addErrback(
+            lambda f: log.failure("password check failed", f))
+
+        def result(ok: bool) -> str:
+            if not ok:
+                raise UnauthorizedLogin()
+            return name
+
+        return answer.addCallback(result)
+
+
+@implementer(IAuthorizedKeysDB)
+class KeyDB:
+    """Keys from ``<data-dir>/keys/<user>.pub``, as last loaded, for users on file."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self.credentials = credentials
+
+    def getAuthorizedKeys(self, avatarId: bytes | str) -> list[keys.Key]:
+        name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else avatarId
+        if name not in self.credentials.users:
+            return []
+        return list(self.credentials.keys.get(name, ()))
+
+
+def build_checkers(credentials: Credentials, run_in_thread: Runner | None = None
+                   ) -> list[ICredentialsChecker]:
+    """The portal's two checkers: bcrypt passwords and SSH public keys."""
+    return [BcryptChecker(credentials, run_in_thread), SSHPublicKeyChecker(KeyDB(credentials))]
+
+
+class ReloadService(Service):
+    """Polls the store's stat signature every ``interval`` seconds and reloads on SIGHUP."""
+
+    name = "credentials-reload"
+
+    def __init__(self, credentials: Credentials, interval: float, clock: Any = None,
+                 reactor: Any = None, install_signal: bool = True) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.credentials = credentials
+        self.interval = interval
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.install_signal = install_signal
+        self._loop: task.LoopingCall | None = None
+        self._previous_handler: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self.interval > 0:
+            self._loop = task.LoopingCall(self.credentials.reload)
+            self._loop.clock = self.clock
+            self._loop.start(self.interval, now=False).addErrback(
+                lambda f: log.failure("credentials polling stopped", f))
+        if self.install_signal and hasattr(signal, "SIGHUP"):
+            try:
+                self._previous_handler = signal.signal(signal.SIGHUP, self._sighup)
+            except ValueError:  # not the main thread: no signals to install
+                self._previous_handler = None
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.on_sighup)
+
+    def on_sighup(self) -> Deferred:
+        log.info("SIGHUP: rereading the users file and keys")
+        return self.credentials.reload()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGHUP, self._previous_handler)
+            self._previous_handler = None
+
+
+def open_credentials(data_dir: str, cost: int, core: Any) -> tuple[Credentials, Portal]:
+    """Start-up: first-run admin, first load, and the shared portal (blocking, once).
+
+    A broken users or key file stops the daemon with a one-line message.
+    """
+    store = UserStore(data_dir)
+    try:
+        password = store.ensure_admin(cost)
+        credentials = Credentials(store, core.in_thread, cost)
+        credentials.load_now()
+    except (CredentialError, OSError) as e:
+        raise SystemExit(f"cmdserver: {e}") from None
+    if password is not None:
+        log.warn(
+            "First run: created user admin with password {password} (also written to "
+            "{path}, mode 0600). Change it with: cmdserver passwd admin",
+            password=password, path=os.path.join(data_dir, INITIAL_PASSWORD_FILE))
+    realm = Realm(credentials.account)
+    return credentials, build_portal(realm, build_checkers(credentials, core.in_thread))

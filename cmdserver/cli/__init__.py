@@ -1,0 +1,33 @@
+"""The ``cmdserver`` console script (administration and client subcommands)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cmdserver import __version__
+from cmdserver.cli import upload as upload_client
+from cmdserver.cli.call import add_call_parser
+from cmdserver.cli.users import add_user_commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmdserver",
+        description="cmdserver administration. Start the daemon with: twistd -n cmdserver",
+    )
+    parser.add_argument("--version", action="version", version=f"cmdserver {__version__}")
+    subparsers = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    add_user_commands(subparsers)
+    add_call_parser(subparsers)
+    upload_client.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.subcommand is None:
+        parser.print_help()
+        return 0
+    return args.func(args)
+

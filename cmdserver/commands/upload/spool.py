@@ -1,0 +1,386 @@
+"""The file side of an upload: checks, the hidden temporary file, verification, publishing.
+
+Everything here touches the disk and runs in worker threads, never on the reactor.
+The target directory is opened once and every later step (temporary file, free
+space, link or rename) goes through that directory descriptor, so the file lands
+in the directory that was checked even if a path component is swapped meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from twisted.logger import Logger
+
+from cmdserver.commands.upload.stream import Countdown, HashThread
+from cmdserver.errors import CommandError
+from cmdserver.policy import Policy
+
+log = Logger()
+
+TEMP_MARK = ".cmdserver-upload-"
+# .NAME.cmdserver-upload-RUNID-RANDOM: RUNID tells this run's files from a dead run's.
+TEMP_RE = re.compile(r"\A\..*\.cmdserver-upload-([0-9a-f]{8})-[0-9a-f]{8}\Z", re.DOTALL)
+NAME_IN_TEMP = 100  # characters of the target name kept in the temporary name
+IOV_MAX = 512  # buffers per writev call (the kernel's limit is 1024)
+FLUSH_STEP = 32 << 20  # bytes written between two writeback kicks
+PARALLEL_MIN = 8 << 20  # uploads this large hash in helper threads, beside the writes
+DIRECT_MIN = 8 << 20  # uploads this large bypass the page cache (O_DIRECT) where they can
+DIRECT_ALIGN = 4096  # offsets, lengths and addresses of direct writes are multiples of it
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+Chunk = bytes | memoryview
+Writer = Callable[[int, Sequence[Chunk]], int]
+
+
+class HmacMismatchError(CommandError):
+    def __init__(self) -> None:
+        super().__init__("HMAC mismatch, upload discarded")
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """What a finished upload reports: the name as given, its size, its SHA-256."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+def new_run_id() -> str:
+    """A token for this daemon run; temporary files carrying another one are stale."""
+    return secrets.token_hex(4)
+
+
+def temp_name(name: str, run_id: str) -> str:
+    """``.NAME.cmdserver-upload-RUNID-RANDOM``, with NAME cut to keep it a legal name."""
+    short = os.fsencode(name)[:NAME_IN_TEMP].decode("utf-8", "ignore")
+    return f".{short}{TEMP_MARK}{run_id}-{secrets.token_hex(4)}"
+
+
+def open_temp(base: str, run_id: str, dir_fd: int) -> tuple[str, int]:
+    """Create a hidden temporary file for ``base`` in the directory ``dir_fd``.
+
+    Every door that spools a file before publishing it (upload, SFTP put) names
+    it with :func:`temp_name` through here, so the one start-up sweep
+    (:func:`remove_stale`) removes what a dead run left of either.  Returns the
+    name and a descriptor open for writing (mode 0600, never an existing file
+    or a symlink); raises ``OSError``.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    for _ in range(5):
+        tmp = temp_name(base, run_id)
+        try:
+            return tmp, os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "too many name clashes")
+
+
+def write_all(fd: int, chunks: Sequence[Chunk], writer: Writer = os.writev) -> None:
+    """Write every byte of ``chunks``, in as few system calls as the kernel allows."""
+    pending = list(chunks)
+    while pending:
+        group = pending[:IOV_MAX]
+        n = writer(fd, group)
+        wanted = sum(map(len, group))
+        if n == wanted:
+            del pending[:IOV_MAX]
+            continue
+        # A short write: drop what was written, keep the rest of the first buffer.
+        while n >= len(pending[0]):
+            n -= len(pending.pop(0))
+        pending[0] = memoryview(pending[0])[n:]
+
+
+class Spool:
+    """A hidden temporary file in the target directory, hashed as it is written.
+
+    Owned by one worker thread from :func:`open_spool` to :meth:`publish` or
+    :meth:`discard`; it is never visible under the target name until the HMAC
+    matched and the bytes are on disk.
+    """
+
+    def __init__(self, name: str, size: int, dir_fd: int, base: str, tmp: str, fd: int,
+                 key: bytes, overwrite: bool, writer: Writer) -> None:
+        self.name = name
+        self.size = size
+        self.base = base
+        self.overwrite = overwrite
+        self._dir_fd: int | None = dir_fd
+        self._tmp: str | None = tmp
+        self._fd: int | None = fd
+        self._writer = writer
+        self._sha = hashlib.sha256()
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        self._helpers: list[HashThread] = []
+        self._written = self._flushed = self._dropped = 0
+        self._direct = False
+        if size >= PARALLEL_MIN:
+            self._helpers = [HashThread(self._mac, "upload-hmac"),
+                             HashThread(self._sha, "upload-sha256")]
+        if size >= DIRECT_MIN and O_DIRECT:
+            self._set_direct(True)
+
+    @property
+    def temp_path(self) -> str | None:
+        """Where the bytes are spooled (for logs and tests); None once gone."""
+        return self._tmp
+
+    def write(self, data: memoryview, then: Callable[[], None]) -> None:
+        """Hash and write the next bytes; ``then()`` once both hashes and the disk have them.
+
+        ``data`` starts on a page boundary (a :class:`Block`), so every whole block
+        of a large upload goes to the disk directly: no copy into the page cache,
+        no dirty-page bookkeeping or writeback by the kernel, little left for fsync.
+        The hash threads may still be busy with it when this returns: ``data``
+        must stay as it is until ``then`` is called.  An ``OSError`` such as
+        ENOSPC propagates.
+        """
+        assert self._fd is not None
+        helpers = self._helpers
+        if helpers:
+            then = Countdown(len(helpers) + 1, then)
+            for helper in helpers:
+                helper.start(data, then)
+        else:
+            self._mac.update(data)
+            self._sha.update(data)
+        try:
+            self._write_block(data)
+        finally:
+            then()
+        self._written += len(data)
+        if not self._direct and self._written - self._flushed >= FLUSH_STEP:
+            self._start_writeback()
+
+    def _write_block(self, data: memoryview) -> None:
+        fd = self._fd
+        assert fd is not None  # called from write(), which checked it
+        if self._direct and len(data) % DIRECT_ALIGN:
+            self._set_direct(False)  # the last, short block goes through the page cache
+        done, size = 0, len(data)
+        while done < size:
+            if not self._direct:
+                write_all(fd, (data[done:],), self._writer)
+                return
+            try:
+                n = self._writer(fd, (data[done:],))
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._set_direct(False)  # not for this file after all: write it buffered
+                continue
+            done += n
+            if n % DIRECT_ALIGN:  # a short write left the offset unaligned
+                self._set_direct(False)
+
+    def _set_direct(self, on: bool) -> None:
+        """Turn ``O_DIRECT`` on or off for the file (stays off if the filesystem refuses)."""
+        assert self._fd is not None
+        self._direct = False
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_SETFL,
+                        flags | O_DIRECT if on else flags & ~O_DIRECT)
+        except OSError:
+            return
+        self._direct = on
+
+    def _start_writeback(self) -> None:
+        """Start writing the last window to disk now, and drop the window before it.
+
+        ``POSIX_FADV_DONTNEED`` starts asynchronous writeback of dirty pages and
+        evicts clean ones: the final fsync has little left to do, and a large
+        upload does not fill the page cache.
+        """
+        assert self._fd is not None  # called from write(), which checked it
+        start = self._dropped
+        try:
+            os.posix_fadvise(self._fd, start, self._written - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            return
+        self._dropped, self._flushed = self._flushed, self._written
+
+    def publish(self, expected_mac: bytes) -> UploadResult:
+        """Check the HMAC in constant time, fsync, and move the file into place.
+
+        Raises :class:`HmacMismatchError` or another ``CommandError``; the caller then
+        calls :meth:`discard`.
+        """
+        assert self._fd is not None and self._dir_fd is not None and self._tmp is not None
+        for helper in self._helpers:
+            helper.drain()
+        if not hmac.compare_digest(self._mac.digest(), expected_mac):
+            raise HmacMismatchError()
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise write_error(e) from None
+        os.close(self._fd)
+        self._fd = None
+        self._move_into_place()
+        self._tmp = None
+        try:
+            os.fsync(self._dir_fd)  # make the new name durable too
+        except OSError:
+            pass  # some filesystems cannot fsync a directory; the data is safe anyway
+        return UploadResult(self.name, self.size, self._sha.hexdigest())
+
+    def _move_into_place(self) -> None:
+        dfd, tmp, base = self._dir_fd, self._tmp, self.base
+        assert dfd is not None and tmp is not None  # called from publish(), which checked
+        try:
+            if self.overwrite:
+                os.rename(tmp, base, src_dir_fd=dfd, dst_dir_fd=dfd)
+                return
+            try:
+                # link() never replaces: of two uploads to one name, exactly one wins.
+                os.link(tmp, base, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                # No hard links here (vfat, some FUSE): check, then rename.
+                if _exists(base, dfd):
+                    raise FileExistsError(errno.EEXIST, "File exists") from None
+                os.rename(tmp, base, src_dir_fd=dfd, dst_dir_fd=dfd)
+                return
+            os.unlink(tmp, dir_fd=dfd)
+        except FileExistsError:
+            raise CommandError(f"target exists: {self.name}, upload discarded") from None
+        except IsADirectoryError:
+            raise CommandError(f"is a directory: {self.name}, upload discarded") from None
+        except OSError as e:
+            raise CommandError(
+                f"cannot save {self.name} ({(e.strerror or str(e)).lower()}), "
+                "upload discarded") from None
+
+    def discard(self) -> None:
+        """Remove the temporary file (if it is still there) and release everything."""
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None and self._dir_fd is not None:
+            try:
+                os.unlink(tmp, dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.error("cannot remove upload temporary file {tmp}: {error}",
+                          tmp=tmp, error=e)
+        self.close()
+
+    def close(self) -> None:
+        """Release the descriptors and the helper thread (idempotent)."""
+        helpers, self._helpers = self._helpers, []
+        for helper in helpers:
+            helper.stop()
+        for attr in ("_fd", "_dir_fd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                os.close(fd)
+
+
+def write_error(e: OSError) -> CommandError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CommandError("disk full, upload discarded")
+    return CommandError(f"write failed ({(e.strerror or str(e)).lower()}), upload discarded")
+
+
+def _exists(base: str, dir_fd: int) -> bool:
+    try:
+        os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def open_spool(policy: Policy, name: str, size: int, key: bytes, overwrite: bool,
+               run_id: str, writer: Writer = os.writev) -> Spool:
+    """Check that ``name`` may receive ``size`` bytes, then create its temporary file.
+
+    Runs in a thread.  Every refusal raises ``CommandError`` before anything is
+    created: outside the jail, no such directory, target exists (without
+    ``overwrite``) or is a directory, not enough free space.
+    """
+    if name.endswith("/") or name.endswith("/.") or name.endswith("/.."):
+        raise CommandError(f"not a file name: {name}")
+    real = policy.resolve(name)
+    if real in policy.roots:
+        raise CommandError(f"is a directory: {name}")
+    parent, base = os.path.split(real)
+    try:
+        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CommandError(f"no such directory: {os.path.dirname(name) or '.'}") from None
+    except OSError as e:
+        raise CommandError(f"cannot open the directory of {name}: "
+                           f"{(e.strerror or str(e)).lower()}") from None
+    try:
+        return _create(name, size, dir_fd, base, key, overwrite, run_id, writer)
+    except BaseException:
+        os.close(dir_fd)
+        raise
+
+
+def _create(name: str, size: int, dir_fd: int, base: str, key: bytes, overwrite: bool,
+            run_id: str, writer: Writer) -> Spool:
+    if TEMP_RE.match(base):
+        raise CommandError(f"reserved name (upload temporary files look like it): {name}")
+    try:
+        name_max = os.fpathconf(dir_fd, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(base)) > name_max:
+        raise CommandError(f"file name too long: {name}")
+    try:
+        st = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISDIR(st.st_mode):
+            raise CommandError(f"is a directory: {name}")
+        if not overwrite:
+            raise CommandError(f"target exists: {name}")
+    fs = os.fstatvfs(dir_fd)
+    free = fs.f_bavail * fs.f_frsize
+    if size > free:
+        raise CommandError(f"not enough disk space: {size} bytes needed, {free} available")
+    try:
+        tmp, fd = open_temp(base, run_id, dir_fd)
+    except OSError as e:
+        raise CommandError(f"cannot create a file next to {name}: "
+                           f"{(e.strerror or str(e)).lower()}") from None
+    return Spool(name, size, dir_fd, base, tmp, fd, key, overwrite, writer)
+
+
+def remove_stale(roots: Sequence[str], run_id: str) -> list[str]:
+    """Delete temporary upload files left by an earlier run (a crash, kill -9).
+
+    Walks the roots without following symlinks; only regular files whose name
+    has the upload temporary form and another run's token are removed.
+    """
+    removed = []
+    for root in roots:
+        for dirpath, _dirs, files in os.walk(root):
+            for filename in files:
+                m = TEMP_RE.match(filename)
+                if m is None or m.group(1) == run_id:
+                    continue
+                path = os.path.join(dirpath, filename)
+                try:
+                    if stat.S_ISREG(os.lstat(path).st_mode):
+                        os.unlink(path)
+                        removed.append(path)
+                except OSError as e:
+                    log.error("cannot remove stale upload file {path}: {error}",
+                              path=path, error=e)
+    return removed

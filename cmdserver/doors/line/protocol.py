@@ -1,0 +1,402 @@
+"""The line door: a ``LineReceiver`` a person drives with netcat or telnet.
+
+Commands from one connection run one after another and their output never
+interleaves; lines that arrive meanwhile wait in a short queue, commands wait
+while the client is not reading our output (the protocol is the transport's
+push producer), and reading stops while the queue is full.  One connection runs
+at most ``LINES_PER_TURN`` lines per reactor turn, so a flood of short lines
+cannot starve the others.  A client that goes away cancels its running command.
+A command may take over the byte stream for a while (``receive_raw``: the bytes
+of an upload), then lines resume.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
+
+from cmdserver import __version__
+from cmdserver.commands.base import Context
+from cmdserver.commands.upload.stream import direct_reads, widen_reads
+from cmdserver.core import CommandCore, TextReply
+from cmdserver.doors.limits import format_peer
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IConsumer, ITransport
+
+    class IStreamTransport(ITransport, IConsumer, IPushProducer):
+        """What the line door uses of its transport (TCP, TLS, UNIX all provide it)."""
+
+log = Logger()
+
+TOO_MANY = b"Too many connections. bye !\r\n"
+QUEUE_HIGH = 64  # queued lines at which reading stops
+QUEUE_LOW = 16  # queued lines at which it starts again
+BATCH_LIMIT = 16384  # output bytes gathered before they are handed to the transport
+LINES_PER_TURN = 256  # lines one connection may run before the others get a turn
+# C0 controls (but tab) and DEL: kept out of what a terminal shows.
+_SANITIZE = {c: "\N{REPLACEMENT CHARACTER}" for c in [*range(0, 9), *range(10, 32), 127]}
+
+
+@dataclass(frozen=True)
+class LineSettings:
+    max_line: int = 4096
+    idle_timeout: float = 300
+    greeting: str = f"cmdserver {__version__} ready; type 'help' for the commands."
+    login: str = "off"  # "required", "optional" or "off" (see docs/security.md)
+    # Called once, before the first command, with (ctx, transport): TLS client-cert login.
+    peer_login: Callable[[Context, Any], None] | None = None
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class LineProtocol(LineReceiver, TimeoutMixin):
+    delimiter = b"\n"
+    door = "line"
+    transport: IStreamTransport  # set in makeConnection, before any other callback
+
+    def __init__(self, core: CommandCore, settings: LineSettings) -> None:
+        self.core = core
+        self.settings = settings
+        self.MAX_LENGTH = settings.max_line
+        self.ctx: Context | None = None
+        self._queue: deque[bytes] = deque()
+        self._running: Deferred | None = None
+        self._draining = False
+        self._write_paused = False
+        self._reading = True
+        self._closing = False
+        self._connected = False
+        self._eof = False  # the client closed its sending side (nc -N, shutdown(SHUT_WR))
+        self._shutting_down = False  # the daemon is stopping: replies are no longer written
+        self._peer_login: Callable[[Context, Any], None] | None = None
+        self._raw: Any = None  # the consumer of raw bytes (an upload), if any
+        self._raw_paused = False
+        self._batch: list[bytes] | None = None  # output gathered during one dataReceived
+        self._batch_size = 0
+        self._turn_lines = 0  # lines taken since this reactor turn began
+        self._yielding = False  # reading stopped until the next turn
+
+    # -- connection life --------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        self.ctx = Context(self.core, user="anonymous",
+                           peer=format_peer(self.transport.getPeer()),
+                           door=self.door, out=self, session=self,
+                           login=self.settings.login)
+        self._peer_login = self.settings.peer_login
+        self.transport.registerProducer(self, True)
+        self.setTimeout(self.settings.idle_timeout or None)
+        if self.settings.greeting:
+            self.line(self.settings.greeting)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._connected = False
+        self.setTimeout(None)
+        self._queue.clear()
+        self._raw = None
+        if self._running is not None:
+            running, self._running = self._running, None
+            running.cancel()
+
+    def readConnectionLost(self) -> None:
+        """The client sent all it will send: answer it all, then close."""
+        self._eof = True
+        if self._raw is not None:  # the raw bytes can never be complete now
+            self._closing = True
+            self.line("Error: upload incomplete: the client closed the stream early")
+            self._close()  # connectionLost cancels the upload
+            return
+        rest = self.clearLineBuffer()  # lines not delivered yet, while reading was stopped
+        if rest and not rest.endswith(self.delimiter):
+            rest += self.delimiter  # a last line without its newline still counts
+        self._receive(rest)  # delivered now, or when reading starts again
+        self._close_if_done()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def _close_if_done(self) -> None:
+        if (self._eof and self._running is None and not self._queue and not self._closing
+                and not self._buffer):  # LineReceiver's: lines not delivered yet
+            self._closing = True
+            self._close()
+
+    def timeoutConnection(self) -> None:
+        # A long command is not idleness, unless it waits for the client's bytes.
+        if self._running is not None and (self._raw is None or self._raw_paused):
+            self.setTimeout(self.settings.idle_timeout)  # the mixin dropped its call
+            return
+        self.line(f"Timeout: idle for {self.settings.idle_timeout:g} s, closing the connection.")
+        self._close()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._queue.clear()
+        self._closing = True
+        self.line(f"Error: line too long (the limit is {self.MAX_LENGTH} bytes)")
+        self._close()
+
+    # -- input --------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self._turn_lines = 0
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
+        """Run the lines in ``data``; their replies leave in one write.
+
+        While reading is stopped (``self.paused``), ``LineReceiver`` keeps the
+        lines not yet delivered in its buffer, as bytes: at most one read.
+        """
+        if self._batch is not None:  # already receiving: LineReceiver buffers it
+            super().dataReceived(data)
+            return
+        self._batch = []
+        try:
+            super().dataReceived(data)
+        finally:
+            self._flush()
+            self._batch = None
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._closing:
+            return
+        self._turn_lines += 1
+        if self._turn_lines >= LINES_PER_TURN and not self._yielding:
+            # A flood of lines in one read: let the other connections have a turn.
+            self._yielding = True
+            self.core.reactor.callLater(0, self._next_turn)
+            self._update_reading()
+        if self._running is not None or self._queue or self._write_paused:
+            self._queue.append(line)
+            self._update_reading()
+            return
+        self._handle(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        consumer = self._raw
+        if consumer is None:
+            return
+        n = consumer.remaining
+        if len(data) < n:
+            consumer.write(data)
+            return
+        consumer.write(data if len(data) == n else data[:n])
+        self._end_raw(data[n:])
+
+    def _raw_read(self) -> None:
+        """Bytes went from the socket straight into the raw consumer (``direct_reads``)."""
+        self.resetTimeout()
+        if self._raw is not None and not self._raw.remaining:
+            self._end_raw(b"")
+
+    def _end_raw(self, rest: bytes) -> None:
+        consumer, self._raw, self._raw_paused = self._raw, None, False
+        self._narrow_reads()
+        consumer.unregisterProducer()
+        self.setLineMode(rest)  # bytes after the content are command lines again
+        self._drain()
+
+    def receive_raw(self, size: int, consumer: Any) -> None:
+        """Hand the next ``size`` bytes to ``consumer.write``, then read lines again.
+
+        The consumer gets a producer through ``registerProducer`` and may pause
+        reading with it while it is behind.
+        """
+        if size == 0 or not self._connected:
+            return
+        self._raw = consumer
+        self._narrow_reads: Callable[[], None] = lambda: None
+        consumer.registerProducer(_RawReading(self), True)
+        self.setRawMode()
+        self.dataReceived(b"")  # bytes that arrived with the command line
+        if self._raw is consumer:  # the socket's bytes go to the consumer from now on
+            direct = None
+            if hasattr(consumer, "read_into") and not self._buffer:
+                direct = direct_reads(self.transport, self, consumer, self._raw_read)
+            self._narrow_reads = direct or widen_reads(self.transport)
+
+    def _pause_raw(self, paused: bool) -> None:
+        self._raw_paused = paused
+        self._update_reading()
+
+    def _handle(self, raw: bytes) -> None:
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.line("Error: the command is not valid UTF-8")
+            return
+        if not text.isprintable():
+            text = text.replace("\t", " ")
+            if not text.isprintable():
+                self.line("Error: control characters are not allowed in a command")
+                return
+        assert self.ctx is not None  # set in connectionMade
+        if self._peer_login is not None:  # the TLS handshake is done once a line arrives
+            peer_login, self._peer_login = self._peer_login, None
+            peer_login(self.ctx, self.transport)
+        reply = self.core.run_text(self.ctx, text)
+        if type(reply) is TextReply:
+            # Answered at once (ping, help, refusals): no time has passed since the
+            # read reset the idle timer, and the caller goes on with the next line.
+            for reply_line in reply.lines:
+                self.line(reply_line)
+            if self._closing:
+                self._close()
+            elif self._eof:
+                self._close_if_done()
+        else:
+            self._running = reply
+            reply.addCallback(self._reply)
+
+    def _reply(self, reply: TextReply) -> None:
+        self._running = None
+        if not self._connected or self._shutting_down:
+            return
+        self.resetTimeout()  # idleness counts from the end of the last command
+        self.lines(reply.lines)
+        if self._closing:
+            self._close()
+            return
+        self._drain()
+
+    def _close(self) -> None:
+        self._flush()
+        self.transport.loseConnection()
+
+    def _drain(self) -> None:
+        """Run queued lines one by one (a loop, not recursion: replies may be synchronous)."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while (self._queue and self._running is None and not self._write_paused
+                   and not self._closing and self._raw is None):
+                self._handle(self._queue.popleft())
+        finally:
+            self._draining = False
+        self._update_reading()
+        self._close_if_done()
+
+    def _next_turn(self) -> None:
+        self._yielding = False
+        self._turn_lines = 0
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Stop or restart reading: lines are taken only while they can be run soon.
+
+        A paused writer stops commands, not reading: lines queue, and reading stops
+        when the queue is full (a TLS transport pauses its producer until its
+        handshake is done, which needs reading).  An upload that is behind stops it too.
+        """
+        if self._closing or not self._connected:
+            return  # the transport is going away; leave it be
+        want = (not self._yielding and not self._raw_paused
+                and len(self._queue) < (QUEUE_LOW if not self._reading else QUEUE_HIGH))
+        if want != self._reading:
+            self._reading = want
+            self.paused = not want  # LineReceiver stops delivering lines too
+            if want:
+                self.transport.resumeProducing()
+                self._receive(b"")  # the lines that arrived before reading stopped
+            else:
+                self.transport.pauseProducing()
+
+    # -- output (the command core's sink) ----------------------------------
+
+    def line(self, text: str) -> None:
+        if not text.isprintable():
+            text = text.translate(_SANITIZE)
+        data = text.encode("utf-8", "backslashreplace") + b"\r\n"
+        if self._batch is None:
+            self.transport.write(data)
+            return
+        self._batch.append(data)
+        self._batch_size += len(data)
+        if self._batch_size >= BATCH_LIMIT:  # let the transport's back-pressure see it
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._batch:
+            self.transport.writeSequence(self._batch)
+            self._batch.clear()
+            self._batch_size = 0
+
+    def lines(self, texts: list[str]) -> None:
+        for text in texts:
+            self.line(text)
+
+    def server_shutdown(self) -> None:
+        """The daemon is stopping: cancel the running command, say why, close."""
+        if not self._connected or self._shutting_down:
+            return
+        self._closing = self._shutting_down = True  # the cancelled command stays silent
+        self._queue.clear()
+        if self._running is not None:
+            self._running.cancel()
+        self.line("Error: the server is shutting down")
+        self._close()
+
+    def end_session(self) -> None:
+        """``exit``: close once the reply is written; later input is ignored."""
+        self._closing = True
+        self._queue.clear()
+
+    # -- IPushProducer: the transport tells us when the client stops reading --
+
+    def pauseProducing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._write_paused = False
+        if self._connected:
+            self._drain()
+
+    def stopProducing(self) -> None:
+        self._write_paused = True
+
+
+class _RawReading:
+    """The producer a raw-byte consumer uses to pause and resume reading."""
+
+    def __init__(self, protocol: LineProtocol) -> None:
+        self.protocol = protocol
+
+    def pauseProducing(self) -> None:
+        self.protocol._pause_raw(True)
+
+    def resumeProducing(self) -> None:
+        self.protocol._pause_raw(False)
+
+    def stopProducing(self) -> None:
+        self.protocol.transport.loseConnection()
+
+
+class LineFactory(Factory):
+    """Builds a :class:`LineProtocol` per connection, all sharing one core."""
+
+    noisy = False
+
+    def __init__(self, core: CommandCore, settings: LineSettings) -> None:
+        self.core = core
+        self.settings = settings
+
+    def buildProtocol(self, addr: Any) -> LineProtocol:
+        p = LineProtocol(self.core, self.settings)
+        p.factory = self
+        return p

@@ -1,0 +1,267 @@
+"""The SSH door (twisted.conch): shell, exec and SFTP on the shared command core.
+
+Logins go through the shared portal (password and public key checkers); the
+realm builds an :class:`SSHAvatar` per login.  Everything a diagnostic server
+does not need is refused and logged: port forwarding (global ``tcpip-forward``
+and ``direct-tcpip`` channels), agent and X11 forwarding, most environment
+variables and every subsystem but ``sftp``.  Limits: the shared connection
+limits (through :meth:`CmdServerService.add_door`), three authentication
+attempts, a login grace time and the idle timeout.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any, cast
+
+from twisted.conch.error import IgnoreAuthentication
+from twisted.conch.interfaces import IConchUser
+from twisted.conch.ssh import _kex, common, connection, factory, transport, userauth
+from twisted.conch.ssh.keys import Key
+from twisted.internet import protocol
+from twisted.internet.interfaces import ISystemHandle, ITransport
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from cmdserver.auth.portal import Account
+from cmdserver.doors.limits import format_peer
+from cmdserver.doors.ssh.avatar import (
+    DOOR,
+    SSHAvatar,
+    SSHSettings,
+)
+from cmdserver.doors.ssh.keys import load_host_keys, log_fingerprints
+
+log = Logger()
+
+MAX_CHANNELS = 10  # open session channels per connection, like OpenSSH's MaxSessions
+
+
+class CmdServerConnection(connection.SSHConnection):
+    """``ssh-connection`` that opens only session channels, and only a few."""
+
+    transport: CmdServerTransport  # set by the transport before the service starts
+
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
+        channel_type, rest = common.getNS(packet)
+        sender = struct.unpack(">L", rest[:4])[0]
+        avatar = self.transport.avatar
+        reason = None
+        if channel_type != b"session":
+            avatar.refused("channel", channel_type)
+            reason = "only session channels are allowed"
+        elif len(self.channels) >= MAX_CHANNELS:
+            avatar.refused("channel", f"session: {MAX_CHANNELS} are open already")
+            reason = "too many channels"
+        if reason is None:
+            super().ssh_CHANNEL_OPEN(packet)
+            return
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_FAILURE,
+            struct.pack(">2L", sender, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
+            + common.NS(reason.encode()) + common.NS(b""))
+
+
+    def adjustWindow(self, channel: Any, bytesToAdd: int) -> None:
+        # A paused channel keeps its window closed: the client stops sending until
+        # the command that reads stdin catches up (RefusingSSHSession.resume_input).
+        if getattr(channel, "input_paused", False):
+            return
+        super().adjustWindow(channel, bytesToAdd)
+
+
+class CmdServerUserAuth(userauth.SSHUserAuthServer):
+    """``ssh-userauth`` with few attempts, a short grace time and the door's clock.
+
+    A client may request ``ssh-userauth`` again, which makes conch start a new
+    service; the failure count and the grace deadline live on the transport so
+    that this does not reset them.  The deadline is set when the connection is
+    made, so a client that stalls the key exchange is cut off as well.
+    """
+
+    transport: CmdServerTransport  # set by the transport before the service starts
+
+    def serviceStarted(self) -> None:
+        settings: SSHSettings = self.transport.factory.settings
+        self.clock = self.transport.factory.reactor
+        # conch infers int from its whole-second defaults; callLater takes a float.
+        self.loginTimeout = settings.login_grace  # type: ignore[assignment]
+        self.passwordDelay = settings.password_delay  # type: ignore[assignment]
+        # Conch disconnects when failures exceed this number.
+        self.attemptsBeforeDisconnect = settings.max_auth_attempts - 1
+        super().serviceStarted()
+        # The grace time runs from the connection's start (see CmdServerTransport):
+        # take over the deadline instead of starting a fresh one.
+        t = self.transport
+        t.stop_grace_timer()
+        self._cancelLoginTimeout.cancel()
+        self._cancelLoginTimeout = self.clock.callLater(
+            max(0.0, t.auth_deadline - self.clock.seconds()), self.timeoutAuthentication)
+        self.loginAttempts = t.auth_failures
+
+    def timeoutAuthentication(self) -> None:
+        log.info("ssh: {peer} did not authenticate within {grace:g} s",
+                 peer=self.transport.peer, grace=self.loginTimeout)
+        super().timeoutAuthentication()
+
+    def _cbFinishedAuth(self, result: Any) -> None:
+        log.info("ssh: {user} logged in from {peer} by {method}", user=_text(self.user),
+                 peer=self.transport.peer, method=_text(self.method))
+        super()._cbFinishedAuth(result)
+
+    def _ebBadAuth(self, reason: Any) -> None:
+        if self.method != b"none" and not reason.check(IgnoreAuthentication):
+            log.info("ssh: failed {method} login for {user} from {peer} (attempt {n})",
+                     method=_text(self.method), user=_text(self.user),
+                     peer=self.transport.peer, n=self.loginAttempts + 1)
+        super()._ebBadAuth(reason)
+        self.transport.auth_failures = self.loginAttempts
+
+
+class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
+    """The server transport with TCP_NODELAY and the door's idle timeout."""
+
+    factory: CmdServerSSHFactory
+    transport: ITransport  # set in makeConnection, before any other callback
+    avatar: SSHAvatar  # set by userauth on a successful login
+    auth_deadline = 0.0  # when the login grace time runs out
+    auth_failures = 0  # failed authentication attempts on this connection
+    _grace_timer: Any = None
+
+    @property
+    def peer(self) -> str:
+        return format_peer(self.transport.getPeer())
+
+    def callLater(self, period: float, func: Any) -> Any:  # TimeoutMixin's clock
+        return self.factory.reactor.callLater(period, func)
+
+    _quickack: Any = None
+
+    def connectionMade(self) -> None:
+        _set_nodelay(self.transport)
+        try:
+            self._quickack = cast(ISystemHandle, self.transport).getHandle()
+        except AttributeError:
+            pass
+        super().connectionMade()
+        self.setTimeout(self.factory.settings.idle_timeout or None)
+        grace = self.factory.settings.login_grace
+        self.auth_deadline = self.factory.reactor.seconds() + grace
+        self._grace_timer = self.factory.reactor.callLater(grace, self._grace_expired)
+
+    def _grace_expired(self) -> None:
+        """No ``ssh-userauth`` service within the grace time (a stalled key exchange)."""
+        self._grace_timer = None
+        log.info("ssh: {peer} did not authenticate within {grace:g} s", peer=self.peer,
+                 grace=self.factory.settings.login_grace)
+        self.sendDisconnect(transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+                            b"you took too long")
+
+    def stop_grace_timer(self) -> None:
+        """The userauth service keeps the deadline from now on."""
+        if self._grace_timer is not None and self._grace_timer.active():
+            self._grace_timer.cancel()
+        self._grace_timer = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        if self._quickack is not None:
+            try:
+                self._quickack.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                self._quickack = None
+        super().dataReceived(data)
+
+    def timeoutConnection(self) -> None:
+        avatar = getattr(self, "avatar", None)
+        if avatar is not None and avatar.busy:  # a long command is not idleness
+            self.setTimeout(self.timeOut)  # (resetTimeout does nothing once it fired)
+            return
+        seconds = self.factory.settings.idle_timeout
+        log.info("ssh: {peer} idle for {seconds:g} s, disconnecting", peer=self.peer,
+                 seconds=seconds)
+        self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION,
+                            f"Timeout: idle for {seconds:g} s".encode())
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.setTimeout(None)
+        self.stop_grace_timer()
+        super().connectionLost(reason)
+
+
+def _set_nodelay(tcp: Any) -> None:
+    """Send small packets at once: each SSH round trip otherwise waits on Nagle."""
+    try:
+        tcp.setTcpNoDelay(True)
+        return
+    except (AttributeError, OSError):
+        pass
+    try:  # a wrapping transport without the method still has the socket
+        tcp.getHandle().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass  # a UNIX socket: nothing to do
+
+
+class CmdServerSSHFactory(factory.SSHFactory):
+    """Builds SSH server transports sharing host keys, portal and settings."""
+
+    protocol = CmdServerTransport
+    noisy = False
+    services = {
+        b"ssh-userauth": CmdServerUserAuth,
+        b"ssh-connection": CmdServerConnection,
+    }
+
+    def __init__(self, portal: Any, host_keys: dict[bytes, Key], settings: SSHSettings,
+                 reactor: Any) -> None:
+        self.portal = portal
+        self.settings = settings
+        self.reactor = reactor
+        self.privateKeys = host_keys
+        self.publicKeys = {kind: key.public() for kind, key in host_keys.items()}
+        self.primes = None  # fixed groups and curve25519 only
+        self._host_key_algorithms = [
+            algorithm for key in host_keys.values()
+            for algorithm in key.supportedSignatureAlgorithms()]
+        self._key_exchanges = [
+            kex for kex in transport.SSHServerTransport.supportedKeyExchanges
+            if not _kex.isDynamicPrimesGroup(kex)]
+
+    def getPrimes(self) -> None:
+        return None
+
+    def buildProtocol(self, addr: Any) -> CmdServerTransport:
+        # SSHFactory.buildProtocol logs on every connection that it drops the
+        # group-exchange methods (no moduli file); do the same, once, quietly.
+        t = protocol.Factory.buildProtocol(self, addr)
+        t = cast(CmdServerTransport, t)  # built from self.protocol
+        t.supportedPublicKeys = self._host_key_algorithms
+        t.supportedKeyExchanges = self._key_exchanges
+        return t
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+def ssh_factory(service: Any, data_dir: str, settings: SSHSettings) -> CmdServerSSHFactory:
+    """Register the SSH avatar with the service's realm and build the door's factory."""
+    core = service.core
+
+    def avatar_factory(account: Account, mind: Any) -> tuple[SSHAvatar, Any]:
+        avatar = SSHAvatar(core, account, settings)
+        return avatar, avatar.logout
+
+    service.realm.register(IConchUser, avatar_factory)
+    keys = load_host_keys(data_dir)
+    log_fingerprints(keys)
+    return CmdServerSSHFactory(service.portal, keys, settings, core.reactor)
+
+
+def add_ssh_door(service: Any, endpoint: str, data_dir: str, settings: SSHSettings) -> Any:
+    """Serve SSH on ``endpoint`` under the service's shared connection limits."""
+    return service.add_door(DOOR, endpoint, ssh_factory(service, data_dir, settings))

@@ -1,0 +1,222 @@
+"""``upload`` on the line door, driven through StringTransport (real worker threads)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from twisted.internet import task
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from cmdserver.commands.upload.engine import BATCH, HIGH_WATER
+from cmdserver.doors.line.protocol import LineProtocol, LineSettings
+from tests.helpers.upload import (
+    leftovers,
+    listing,
+    mac_of,
+    make_core,
+    settle,
+    temp_dir,
+    wait_until,
+)
+
+
+class LineUploadTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.root = temp_dir(self)
+        self.connect()
+
+    def connect(self, writer=None, idle_timeout: float = 300, max_upload: int = 1 << 30):
+        self.core, self.uploads = make_core(self.root, writer=writer, max_upload=max_upload)
+        self.clock = task.Clock()
+        self.proto = LineProtocol(self.core, LineSettings(idle_timeout=idle_timeout,
+                                                          greeting=""))
+        self.proto.callLater = self.clock.callLater  # the idle timer runs on a fake clock
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+
+    def lines(self) -> list[str]:
+        return self.transport.value().decode().split("\r\n")[:-1]
+
+    def send(self, data: bytes) -> None:
+        self.proto.dataReceived(data)
+
+    def wait_for(self, line: str):
+        return wait_until(lambda: any(x.startswith(line) for x in self.lines()))
+
+    def tearDown(self):
+        if self.proto._connected:
+            self.proto.connectionLost(Failure(Exception("test over")))
+        return settle(self.uploads)
+
+    @inlineCallbacks
+    def test_good_upload_then_next_command(self):
+        data = os.urandom(200_000)
+        self.send(f"upload good.bin {len(data)} {mac_of(data)}\n".encode())
+        yield self.wait_for("Ready for ")
+        self.assertEqual(self.lines(), [f"Ready for {len(data)} bytes"])
+        for i in range(0, len(data), 4096):
+            self.send(data[i:i + 4096])
+        self.send(b"ping\n")
+        yield self.wait_for("pong")
+        import hashlib
+        self.assertEqual(self.lines(), [
+            f"Ready for {len(data)} bytes",
+            f"Upload OK good.bin {len(data)} sha256={hashlib.sha256(data).hexdigest()}",
+            "pong",
+        ])
+        with open(os.path.join(self.root, "good.bin"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    @inlineCallbacks
+    def test_bytes_after_size_are_the_next_command_lines(self):
+        data = b"hello\nworld\n"  # newlines inside the content are content
+        self.send(f"upload x {len(data)} {mac_of(data)}\n".encode())
+        yield self.wait_for("Ready for ")
+        self.send(data + b"ping\nnosuch\n")
+        yield self.wait_for("Command not found.")
+        self.assertEqual(self.lines()[1:], [
+            f"Upload OK x {len(data)} sha256=" + __import__("hashlib").sha256(data).hexdigest(),
+            "pong", "Command not found."])
+        with open(os.path.join(self.root, "x"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    @inlineCallbacks
+    def test_bytes_that_came_with_the_command_line(self):
+        # A hasty client that does not wait for Ready: bytes without a newline
+        # after the command line still reach the upload.
+        data = b"12345"
+        self.send(f"upload early {len(data)} {mac_of(data)}\n".encode() + data)
+        yield self.wait_for("Upload OK")
+        with open(os.path.join(self.root, "early"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    @inlineCallbacks
+    def test_size_zero(self):
+        self.send(f"upload empty 0 {mac_of(b'')}\nping\n".encode())
+        yield self.wait_for("pong")
+        self.assertEqual(self.lines()[:2], ["Ready for 0 bytes", "Upload OK empty 0 sha256="
+                         "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"])
+        self.assertEqual(os.path.getsize(os.path.join(self.root, "empty")), 0)
+
+    @inlineCallbacks
+    def test_wrong_hmac(self):
+        self.send(f"upload w 5 {mac_of(b'other')}\n".encode())
+        yield self.wait_for("Ready for ")
+        self.send(b"12345ping\n")
+        yield self.wait_for("pong")
+        self.assertEqual(self.lines(), ["Ready for 5 bytes",
+                                        "Error: HMAC mismatch, upload discarded", "pong"])
+        yield settle(self.uploads)
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
+    def test_wrong_key(self):
+        self.send(f"upload w 5 {mac_of(b'12345', key=b'k' * 32)}\n".encode())
+        yield self.wait_for("Ready for ")
+        self.send(b"12345")
+        yield self.wait_for("Error: HMAC mismatch, upload discarded")
+        yield settle(self.uploads)
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
+    def test_truncated_stream_then_disconnect(self):
+        data = os.urandom(100_000)
+        self.send(f"upload t {len(data)} {mac_of(data)}\n".encode())
+        yield self.wait_for("Ready for ")
+        self.send(data[:60_000])
+        self.assertEqual(len(leftovers(self.root)), 1)
+        self.proto.connectionLost(Failure(Exception("gone")))
+        yield settle(self.uploads)
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
+    def test_idle_timeout_in_the_middle(self):
+        self.proto.connectionLost(Failure(Exception("replaced")))
+        self.connect(idle_timeout=30)
+        self.send(f"upload slow 10 {mac_of(b'0123456789')}\n".encode())
+        yield self.wait_for("Ready for ")
+        self.send(b"01234")
+        self.clock.advance(29)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.lines()[-1], "Timeout: idle for 30 s, closing the connection.")
+        self.proto.connectionLost(Failure(Exception("closed")))
+        yield settle(self.uploads)
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
+    def test_refusals_say_error_and_nothing_else(self):
+        with open(os.path.join(self.root, "exists"), "wb") as f:
+            f.write(b"keep")
+        self.proto.connectionLost(Failure(Exception("replaced")))
+        self.connect(max_upload=100)
+        mac = mac_of(b"12345")
+        cases = [
+            (f"upload ../out 5 {mac}", "Error: path outside allowed roots"),
+            (f"upload /etc/cmdserver-out 5 {mac}", "Error: path outside allowed roots"),
+            (f"upload exists 5 {mac}", "Error: target exists: exists"),
+            (f"upload big 101 {mac}", "Error: upload too large: 101 bytes (the limit is "
+                                      "100 bytes)"),
+            (f"upload x -5 {mac}", "Error: SIZE must be a whole number of bytes: -5"),
+            (f"upload x 5e3 {mac}", "Error: SIZE must be a whole number of bytes: 5e3"),
+            ("upload x 5 nothex", "Error: HMAC must be 64 hex digits (HMAC-SHA256 of the "
+                                  "content)"),
+            ("upload x 5", "Error: usage: upload NAME SIZE HMAC"),
+            (f"upload nodir/x 5 {mac}", "Error: no such directory: nodir"),
+        ]
+        for command, error in cases:
+            self.transport.clear()
+            # The would-be content follows at once: it must be read as command lines.
+            self.send(command.encode() + b"\n12345\n")
+            yield self.wait_for("Command not found.")
+            self.assertEqual(self.lines(), [error, "Command not found."], command)
+        self.assertEqual(listing(self.root), ["exists"])
+        self.assertFalse(os.path.exists("/etc/cmdserver-out"))
+
+    @inlineCallbacks
+    def test_disk_full_drains_the_rest_and_stays_in_step(self):
+        def full(fd, buffers):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.proto.connectionLost(Failure(Exception("replaced")))
+        self.connect(writer=full)
+        data = os.urandom(2 * BATCH)
+        self.send(f"upload full {len(data)} {mac_of(data)}\n".encode())
+        yield self.wait_for("Ready for ")
+        self.send(data[:BATCH])  # one whole batch goes to the disk, and fails
+        yield self.wait_for("Error: disk full")
+        self.send(data[BATCH:] + b"ping\n")
+        yield self.wait_for("pong")
+        self.assertEqual(self.lines()[1:], ["Error: disk full, upload discarded", "pong"])
+        yield settle(self.uploads)
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
+    def test_slow_disk_stops_reading_from_the_client(self):
+        import threading
+        gate = threading.Event()
+
+        def slow(fd, buffers):
+            gate.wait()
+            return os.writev(fd, buffers)
+
+        self.proto.connectionLost(Failure(Exception("replaced")))
+        self.connect(writer=slow, idle_timeout=30)
+        data = os.urandom(HIGH_WATER + (1 << 20))
+        self.send(f"upload bp {len(data)} {mac_of(data)}\n".encode())
+        yield self.wait_for("Ready for ")
+        self.send(data[:HIGH_WATER])
+        self.assertEqual(self.transport.producerState, "paused")
+        self.clock.advance(60)  # waiting for our own disk is not the client's idleness
+        self.assertFalse(self.transport.disconnecting)
+        gate.set()
+        yield wait_until(lambda: self.transport.producerState == "producing")
+        self.send(data[HIGH_WATER:])
+        yield self.wait_for("Upload OK")
+        with open(os.path.join(self.root, "bp"), "rb") as f:
+            self.assertEqual(f.read(), data)

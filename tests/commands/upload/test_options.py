@@ -1,0 +1,121 @@
+"""Upload options (--max-upload, --overwrite, TOML), the server key and the client helpers."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+from twisted.python import usage
+
+from cmdserver.cli import build_parser
+from cmdserver.cli.upload import Progress, file_hmac
+from cmdserver.commands.upload.engine import byte_size
+from cmdserver.commands.upload.key import BadKeyError, parse_key, read_key_file, server_key
+from cmdserver.tap import Options
+from tests.helpers.upload import KEY, mac_of
+
+
+def parse(args: list[str], tmp_path) -> Options:
+    options = Options()
+    options.parseOptions(["--data-dir", str(tmp_path / "data"), *args])
+    return options
+
+
+def test_defaults(tmp_path):
+    options = parse([], tmp_path)
+    assert options["max-upload"] == 1 << 30
+    assert options["overwrite"] is False
+
+
+def test_command_line(tmp_path):
+    options = parse(["--max-upload", "512M", "--overwrite"], tmp_path)
+    assert options["max-upload"] == 512 << 20
+    assert options["overwrite"] is True
+
+
+def test_toml(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('max-upload = "2GiB"\noverwrite = true\n')
+    options = parse(["--config", str(config)], tmp_path)
+    assert options["max-upload"] == 2 << 30
+    assert options["overwrite"] is True
+    options = parse(["--config", str(config), "--max-upload", "1000"], tmp_path)
+    assert options["max-upload"] == 1000
+
+
+@pytest.mark.parametrize("toml", ['max-upload = "lots"', "max-upload = -1",
+                                  'overwrite = "yes"', "max-upload = true"])
+def test_bad_toml(tmp_path, toml):
+    config = tmp_path / "c.toml"
+    config.write_text(toml + "\n")
+    with pytest.raises(usage.UsageError):
+        parse(["--config", str(config)], tmp_path)
+
+
+def test_bad_command_line(tmp_path):
+    with pytest.raises(usage.UsageError):
+        parse(["--max-upload", "1X"], tmp_path)
+
+
+@pytest.mark.parametrize("text,value", [("0", 0), ("1048576", 1 << 20), ("1k", 1024),
+                                        ("512M", 512 << 20), ("1GiB", 1 << 30),
+                                        (" 2 G ", 2 << 30), (7, 7)])
+def test_byte_size(text, value):
+    assert byte_size(text) == value
+
+
+def test_server_key_created_once_0600(tmp_path):
+    key = server_key(str(tmp_path))
+    path = tmp_path / "hmac.key"
+    assert len(key) == 32
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert server_key(str(tmp_path)) == key
+    assert read_key_file(str(path)) == key
+    assert sorted(os.listdir(tmp_path)) == ["hmac.key"]
+
+
+def test_parse_key():
+    assert parse_key("00" * 32) == bytes(32)
+    assert parse_key(b"ab" * 16 + b"\n") == b"\xab" * 16
+    raw = bytes(range(200, 232))
+    assert parse_key(raw) == raw
+    with pytest.raises(BadKeyError):
+        parse_key("abcd")
+    with pytest.raises(BadKeyError):
+        parse_key("not hex at all, not bytes")
+
+
+def test_file_hmac_matches_and_reports_progress():
+    data = os.urandom(3 * (1 << 20) + 5)
+    seen = []
+    assert file_hmac(io.BytesIO(data), KEY, len(data), seen.append) == mac_of(data)
+    assert seen[-1] == len(data)
+
+
+def test_progress_is_silent_off_a_terminal():
+    stream = io.StringIO()
+    bar = Progress("sending", 100, stream)
+    bar.update(50)
+    bar.update(100, final=True)
+    assert stream.getvalue() == ""
+
+
+def test_progress_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    bar = Progress("sending", 4 << 20, stream)
+    bar.update(4 << 20, final=True)
+    assert "100%" in stream.getvalue() and "ETA" in stream.getvalue()
+    assert bar.render(1 << 20, 1.0).endswith("4.0 MiB 1.0 MiB/s ETA 0:03")
+
+
+def test_cli_arguments():
+    args = build_parser().parse_args(["upload", "f", "--as", "n", "--port", "1"])
+    assert (args.file, args.name, args.port, args.host) == ("f", "n", 1, "127.0.0.1")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["upload", "f", "--key-file", "k", "--key-env",
+                                            "V"])

@@ -1,0 +1,267 @@
+"""Unit tests of the jailed SFTP server, with file work run inline instead of in threads."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.conch.ssh.filetransfer import (
+    FX_FILE_ALREADY_EXISTS,
+    FX_OP_UNSUPPORTED,
+    FX_PERMISSION_DENIED,
+    FXF_CREAT,
+    FXF_EXCL,
+    FXF_READ,
+    FXF_TRUNC,
+    FXF_WRITE,
+    SFTPError,
+)
+from twisted.internet import defer, task
+from twisted.trial import unittest
+
+from cmdserver.auth.portal import Account
+from cmdserver.commands.base import Registry
+from cmdserver.commands.upload.spool import TEMP_RE, remove_stale, temp_name
+from cmdserver.core import CommandCore
+from cmdserver.doors.ssh.door import SSHSettings
+from cmdserver.doors.ssh.sftp import JailedFileTransferServer, JailedSFTPServer
+from cmdserver.policy import Policy
+from tests.helpers import OutsideTreeTempMixin
+
+PUT = FXF_WRITE | FXF_CREAT | FXF_TRUNC
+
+
+@dataclass
+class FakeAvatar:
+    core: CommandCore
+    policy: Policy
+    account: Account = Account("ops")
+    peer: str = "127.0.0.1:1"
+    settings: SSHSettings = SSHSettings(temp_run_id="0123abcd")
+
+
+class SFTPServerTestBase(OutsideTreeTempMixin, unittest.TestCase):
+    """A jailed SFTP server on a root with ``a.txt`` and a directory outside it."""
+
+    def setUp(self) -> None:
+        base = os.path.realpath(self.mktemp())
+        self.root = os.path.join(base, "root")
+        self.outside = os.path.join(base, "outside")
+        os.makedirs(self.root)
+        os.makedirs(self.outside)
+        with open(os.path.join(self.outside, "secret"), "w") as f:
+            f.write("secret")
+        with open(os.path.join(self.root, "a.txt"), "w") as f:
+            f.write("alpha")
+        policy = Policy([self.root])
+        core = CommandCore(Registry(), policy, task.Clock(),
+                           run_in_thread=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
+        self.server = JailedSFTPServer(FakeAvatar(core, policy))
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    def error(self, d: defer.Deferred) -> SFTPError:
+        return self.failureResultOf(d, SFTPError).value
+
+    def put(self, name: bytes, data: bytes, flags: int = PUT) -> Any:
+        upload = self.successResultOf(self.server.openFile(name, flags, {}))
+        self.successResultOf(upload.writeChunk(0, data))
+        return upload
+
+    def temps(self) -> list[str]:
+        return [n for n in os.listdir(self.root) if TEMP_RE.match(n)]
+
+
+class SFTPJailTest(SFTPServerTestBase):
+    def test_upload_temp_file_is_named_like_the_upload_engines(self) -> None:
+        self.put(b"new.bin", b"data")
+        [temp] = self.temps()
+        self.assertTrue(temp.startswith(".new.bin.cmdserver-upload-0123abcd-"), temp)
+        self.assertEqual(os.stat(self.path(temp)).st_mode & 0o777, 0o600)
+        # The start-up sweep of another run removes it; this run's sweep spares it.
+        self.assertEqual(remove_stale([self.root], "0123abcd"), [])
+        self.assertEqual(remove_stale([self.root], "ffffffff"), [self.path(temp)])
+
+    def test_temporary_file_names_are_reserved(self) -> None:
+        reserved = temp_name("x", "deadbeef").encode()
+        self.assertIn("reserved name",
+                      self.error(self.server.openFile(reserved, PUT, {})).message)
+        self.assertIn("reserved name", self.error(self.server.renameFile(b"a.txt", reserved)
+                                                  ).message)
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt"])
+        # Another session's upload in progress cannot be read, moved or removed.
+        self.put(b"b.txt", b"data")
+        [temp] = [name.encode() for name in self.temps()]
+        for attempt in (self.server.openFile(temp, FXF_READ, {}),
+                        self.server.renameFile(temp, b"c.txt"),
+                        self.server.removeFile(temp)):
+            self.assertIn("reserved name", self.error(attempt).message)
+        self.assertEqual(len(self.temps()), 1)
+
+    def test_realpath_starts_at_the_first_root(self) -> None:
+        self.assertEqual(self.successResultOf(self.server.realPath(b".")),
+                         os.fsencode(self.root))
+
+    def test_outside_paths_refused(self) -> None:
+        for attempt in (
+            self.server.getAttrs(b"../outside/secret", True),
+            self.server.openFile(os.fsencode(self.outside) + b"/secret", FXF_READ, {}),
+            self.server.openDirectory(b".."),
+            self.server.openFile(b"../outside/new", PUT, {}),
+            self.server.removeFile(b"../outside/secret"),
+            self.server.renameFile(b"a.txt", b"../outside/a.txt"),
+            self.server.makeDirectory(b"/tmp/x", {}),
+            self.server.removeDirectory(b"/"),
+        ):
+            self.assertEqual(self.error(attempt).code, FX_PERMISSION_DENIED)
+        self.assertTrue(os.path.exists(os.path.join(self.outside, "secret")))
+        self.assertTrue(os.path.exists(self.path("a.txt")))
+
+    def test_symlink_out_is_not_followed(self) -> None:
+        os.symlink(os.path.join(self.outside, "secret"), self.path("link"))
+        self.assertEqual(self.error(self.server.openFile(b"link", FXF_READ, {})).code,
+                         FX_PERMISSION_DENIED)
+        # The link itself may be looked at and removed; its target is untouched.
+        self.successResultOf(self.server.getAttrs(b"link", False))
+        self.successResultOf(self.server.removeFile(b"link"))
+        self.assertFalse(os.path.lexists(self.path("link")))
+        self.assertTrue(os.path.exists(os.path.join(self.outside, "secret")))
+
+    def test_upload_is_invisible_until_close(self) -> None:
+        upload = self.put(b"new.bin", b"data")
+        self.assertFalse(os.path.exists(self.path("new.bin")))
+        self.assertEqual(len(self.temps()), 1)
+        listing = self.successResultOf(self.server.openDirectory(b"."))
+        self.assertEqual([name for name, _, _ in listing], [b"a.txt"])
+        self.successResultOf(upload.close())
+        with open(self.path("new.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"data")
+        self.assertEqual(self.temps(), [])
+
+    def test_upload_replaces_an_existing_file_whole(self) -> None:
+        self.successResultOf(self.put(b"a.txt", b"beta").close())
+        with open(self.path("a.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"beta")
+
+    def test_lost_session_drops_the_upload(self) -> None:
+        protocol = JailedFileTransferServer(self.server)
+        upload = self.put(b"new.bin", b"partial")
+        protocol.openFiles[b"1"] = upload
+        protocol.connectionLost(None)
+        self.assertFalse(os.path.exists(self.path("new.bin")))
+        self.assertEqual(self.temps(), [])
+
+    def test_exclusive_create_refuses_an_existing_name(self) -> None:
+        d = self.server.openFile(b"a.txt", FXF_WRITE | FXF_CREAT | FXF_EXCL, {})
+        self.assertEqual(self.error(d).code, FX_FILE_ALREADY_EXISTS)
+
+    def test_in_place_writes_and_read_write_refused(self) -> None:
+        self.assertEqual(self.error(self.server.openFile(b"a.txt", FXF_WRITE, {})).code,
+                         FX_OP_UNSUPPORTED)
+        self.assertEqual(self.error(self.server.openFile(b"a.txt", FXF_READ | PUT, {})).code,
+                         FX_OP_UNSUPPORTED)
+        self.assertEqual(self.temps(), [])
+
+    def test_rename_onto_an_existing_name_fails(self) -> None:
+        with open(self.path("b.txt"), "w") as f:
+            f.write("b")
+        d = self.server.renameFile(b"a.txt", b"b.txt")
+        self.assertEqual(self.error(d).code, FX_FILE_ALREADY_EXISTS)
+        with open(self.path("b.txt")) as f:
+            self.assertEqual(f.read(), "b")
+
+    def test_mkdir_rmdir_and_the_root_stays(self) -> None:
+        self.successResultOf(self.server.makeDirectory(b"d", {}))
+        self.assertTrue(os.path.isdir(self.path("d")))
+        self.successResultOf(self.server.removeDirectory(b"d"))
+        self.assertFalse(os.path.exists(self.path("d")))
+        self.assertEqual(self.error(self.server.removeDirectory(b".")).code,
+                         FX_PERMISSION_DENIED)
+        self.assertTrue(os.path.isdir(self.root))
+
+    def test_fifo_is_not_opened(self) -> None:
+        os.mkfifo(self.path("pipe"))
+        self.assertIn("not a regular file",
+                      self.error(self.server.openFile(b"pipe", FXF_READ, {})).message)
+
+    def test_read(self) -> None:
+        handle = self.successResultOf(self.server.openFile(b"a.txt", FXF_READ, {}))
+        self.assertEqual(self.successResultOf(handle.readChunk(1, 100)), b"lpha")
+        self.successResultOf(handle.close())
+
+    def test_links_and_extensions_unsupported(self) -> None:
+        for d in (self.server.makeLink(b"l", b"/etc/passwd"), self.server.readLink(b"a.txt"),
+                  self.server.extendedRequest(b"statvfs@openssh.com", b"")):
+            self.assertEqual(self.error(d).code, FX_OP_UNSUPPORTED)
+        self.assertFalse(os.path.lexists(self.path("l")))
+
+    def test_nul_in_a_path_is_an_error(self) -> None:
+        self.error(self.server.removeFile(b"a\0b"))
+        self.error(self.server.getAttrs(b"a\0b", True))
+
+
+class SFTPModeTest(SFTPServerTestBase):
+    """Files SFTP writes are 0600 like the upload command's; chmod only narrows."""
+
+    def mode(self, *parts: str) -> int:
+        return os.stat(self.path(*parts)).st_mode & 0o7777
+
+    def test_created_file_is_0600_whatever_mode_is_asked(self) -> None:
+        for name, asked in ((b"plain.bin", {}), (b"asked.bin", {"permissions": 0o644}),
+                            (b"wide.bin", {"permissions": 0o4777})):
+            upload = self.successResultOf(self.server.openFile(name, PUT, asked))
+            self.successResultOf(upload.writeChunk(0, b"data"))
+            self.successResultOf(upload.close())
+            self.assertEqual(self.mode(name.decode()), 0o600, name)
+
+    def test_replaced_file_is_0600_and_replaced_whole(self) -> None:
+        os.chmod(self.path("a.txt"), 0o644)
+        before = os.stat(self.path("a.txt")).st_ino
+        upload = self.successResultOf(self.server.openFile(b"a.txt", PUT,
+                                                           {"permissions": 0o644}))
+        self.successResultOf(upload.writeChunk(0, b"beta"))
+        self.successResultOf(upload.close())
+        self.assertEqual(self.mode("a.txt"), 0o600)
+        self.assertNotEqual(os.stat(self.path("a.txt")).st_ino, before)  # renamed over
+        with open(self.path("a.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"beta")
+
+    def test_fsetstat_on_an_upload_narrows_only(self) -> None:
+        for asked, expected in ((0o755, 0o600), (0o6777, 0o600), (0o400, 0o400)):
+            upload = self.successResultOf(self.server.openFile(b"f.bin", PUT, {}))
+            self.successResultOf(upload.setAttrs({"permissions": asked}))
+            self.successResultOf(upload.close())
+            self.assertEqual(self.mode("f.bin"), expected, oct(asked))
+
+    def test_setstat_on_a_file_narrows_only(self) -> None:
+        for asked, expected in ((0o644, 0o600), (0o777, 0o600), (0o4700, 0o600),
+                                (0o400, 0o400), (0o000, 0o000), (0o600, 0o600)):
+            self.successResultOf(self.server.setAttrs(b"a.txt", {"permissions": asked}))
+            self.assertEqual(self.mode("a.txt"), expected, oct(asked))
+
+    def test_setstat_through_a_symlink_caps_its_target(self) -> None:
+        os.symlink("a.txt", self.path("link"))
+        self.successResultOf(self.server.setAttrs(b"link", {"permissions": 0o755}))
+        self.assertEqual(self.mode("a.txt"), 0o600)
+
+    def test_directories_are_capped_at_0755(self) -> None:
+        old = os.umask(0)  # so that only the cap can take the bits away
+        self.addCleanup(os.umask, old)
+        self.successResultOf(self.server.makeDirectory(b"d", {"permissions": 0o3777}))
+        self.assertEqual(self.mode("d"), 0o755)
+        for asked, expected in ((0o777, 0o755), (0o1777, 0o755), (0o700, 0o700)):
+            self.successResultOf(self.server.setAttrs(b"d", {"permissions": asked}))
+            self.assertEqual(self.mode("d"), expected, oct(asked))
+
+    def test_setstat_outside_the_jail_is_refused(self) -> None:
+        secret = os.path.join(self.outside, "secret")
+        os.chmod(secret, 0o600)
+        d = self.server.setAttrs(b"../outside/secret", {"permissions": 0o400})
+        self.assertEqual(self.error(d).code, FX_PERMISSION_DENIED)
+        self.assertEqual(os.stat(secret).st_mode & 0o777, 0o600)
+
+    def test_times_are_still_set(self) -> None:
+        self.successResultOf(self.server.setAttrs(b"a.txt", {"atime": 1000, "mtime": 2000}))
+        self.assertEqual(os.stat(self.path("a.txt")).st_mtime, 2000)
