@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeGuard, cast, final
 
 from twisted.internet import defer, threads
@@ -21,13 +21,21 @@ from twisted.python.failure import Failure
 from cmdserver.audit import audit_publisher
 from cmdserver.auth.portal import ANONYMOUS
 from cmdserver.commands.base import Command, Context, Registry
-from cmdserver.errors import CommandError, NotFound, UsageError
+from cmdserver.errors import (
+    CommandError,
+    DeadlineExceeded,
+    NotFound,
+    OutputLimitExceeded,
+    UsageError,
+)
 from cmdserver.policy import Policy
 from cmdserver.stats import Stats
 
 log = Logger()
 
 NOT_FOUND_TEXT = "Command not found."
+DEFAULT_TIMEOUT = 3600.0  # seconds a command may run, unless configured otherwise
+DEFAULT_MAX_OUTPUT = 16 << 20  # bytes of output one command may write
 LOGIN_REQUIRED = "login required"
 INTERNAL_ERROR = "internal error (see the server log)"
 
@@ -43,6 +51,7 @@ class TextReply:
 
     lines: list[str]
     ok: bool
+    status: int | None = None  # a special exit status for ``ssh HOST CMD`` (124: deadline)
 
 
 def split_line(line: str) -> list[str]:
@@ -73,6 +82,8 @@ class CommandCore:
         policy: Policy,
         reactor: Any = None,
         run_in_thread: Callable[..., Deferred] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -82,6 +93,8 @@ class CommandCore:
         self.stats = Stats(reactor.seconds())
         self._seconds = reactor.seconds
         self._run_in_thread = run_in_thread
+        self.timeout = timeout  # 0: no deadline
+        self.max_output = max_output  # 0: no cap
 
     def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
         """Run blocking work (file I/O, hashing) off the reactor thread."""
@@ -131,6 +144,8 @@ class CommandCore:
             return TextReply([], True)
         name, args = argv[0], argv[1:]
         command = self.registry.get(name)
+        if command is not None and command.doors is not None and ctx.door not in command.doors:
+            command = None  # not served on this door: as unknown as a typo
         if (ctx.login == "required" and ctx.user == ANONYMOUS
                 and (command is None or not command.open_before_login)):
             # Input before login may be a password typed at the wrong prompt: only the
@@ -148,20 +163,59 @@ class CommandCore:
             return TextReply([e.text], False)
         result = self.invoke(ctx, command, kwargs)
         if is_deferred(result):
-            return result.addCallbacks(
-                lambda value: TextReply(command.text(value), True),
-                self._text_failure,
-            )
+            return result.addCallbacks(self._text_success, self._text_failure,
+                                       callbackArgs=(command,))
         if isinstance(result, Failure):
             return self._text_failure(result)
-        return TextReply(command.text(result), True)
+        return self._text_success(result, command)
+
+    def _text_success(self, value: Any, command: Command) -> TextReply:
+        lines = command.text(value)
+        cap = command.max_output if command.max_output is not None else self.max_output
+        if cap and len(lines) > 8 and sum(map(len, lines)) + len(lines) > cap:
+            # A value too large to print (a huge listing): one error line instead.
+            return TextReply([OutputLimitExceeded(cap).text], False)
+        return TextReply(lines, True)
+
+    def lookup(self, ctx: Context, name: str) -> Command:
+        """The command ``name`` as served on ``ctx``'s door, or :class:`NotFound`."""
+        command = self.registry.get(name)
+        if command is None or not command.serves(ctx.door):
+            self._audit(ctx, str(name)[:64], {}, "not-found", None)
+            raise NotFound(NOT_FOUND_TEXT)
+        return command
+
+    def bind(self, ctx: Context, command: Command, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Check named arguments against the command's parameters; a refusal is
+        audited and counted as on the text doors, then raised."""
+        try:
+            return command.bind(kwargs)
+        except CommandError as e:
+            self._audit(ctx, command.name, {"args": sorted(map(str, kwargs))}, "refused",
+                        str(e))
+            self.stats.errors += 1
+            raise
 
     def call(self, ctx: Context, name: str, /, **kwargs: Any) -> Deferred:
-        """Run a command with keyword arguments; fires with its result value."""
-        command = self.registry.get(name)
-        if command is None:
-            return defer.fail(NotFound(NOT_FOUND_TEXT))
+        """Run a command with named arguments, checked as :meth:`bind` does; fires
+        with its result value."""
+        try:
+            command = self.lookup(ctx, name)
+            kwargs = self.bind(ctx, command, kwargs)
+        except CommandError as e:
+            return defer.fail(e)
         return self.run_command(ctx, command, **kwargs)
+
+    def parse_words(self, ctx: Context, name: str, words: list[str]) -> tuple[Command, dict]:
+        """The command and its arguments from words typed as on a text door
+        (``cmdserver call NAME WORDS…``); a refusal is audited, then raised."""
+        command = self.lookup(ctx, name)
+        try:
+            return command, command.parse(words)
+        except CommandError as e:
+            self._audit(ctx, command.name, command.audit_argv(words), "refused", str(e))
+            self.stats.errors += 1
+            raise
 
     def run_command(self, ctx: Context, command: Command, /, **kwargs: Any) -> Deferred:
         """Run a command object with audit and stats; fires with its result value.
@@ -176,7 +230,8 @@ class CommandCore:
         return defer.succeed(result)
 
     def _text_failure(self, failure: Failure) -> TextReply:
-        return TextReply([error_text(failure)], False)
+        return TextReply([error_text(failure)], False,
+                         124 if failure.check(DeadlineExceeded) else None)
 
     def invoke(self, ctx: Context, command: Command,
                kwargs: dict[str, Any]) -> Deferred | Failure | Any:
@@ -192,6 +247,12 @@ class CommandCore:
         stats.commands[command.name] += 1
         stats.in_flight += 1
         started = self._seconds()
+        sink = None
+        if command.streams:
+            cap = command.max_output if command.max_output is not None else self.max_output
+            if cap:
+                sink = CappedSink(ctx.out, cap, self.reactor)
+                ctx = replace(ctx, out=sink)
         try:
             result: Any = command.run(ctx, **kwargs)  # a Deferred, or the result itself
         except Exception:  # KeyboardInterrupt, SystemExit: not a command failure
@@ -206,6 +267,12 @@ class CommandCore:
             return result
         if kind is Deferred or isinstance(result, Deferred):
             if not result.called or result.paused or is_deferred(result.result):
+                timeout = command.timeout if command.timeout is not None else self.timeout
+                if timeout:
+                    result.addTimeout(timeout, self.reactor, _deadline)
+                if sink is not None:
+                    sink.running = result
+                    result.addErrback(sink.check_failure)
                 return result.addBoth(self._done, ctx, command, kwargs, started)
             # Already fired: nothing to wait for.  A Failure taken out is handled
             # here, so the spent Deferred must not report it as unhandled.
@@ -252,9 +319,54 @@ def is_deferred(value: object) -> TypeGuard[Deferred[Any]]:
 _PLAIN = frozenset({str, bytes, int, float, bool, list, tuple, dict, type(None)})
 
 
+class CappedSink:
+    """The output sink of a command that streams, up to ``cap`` bytes: past it the
+    lines are dropped and the command is cancelled, failing with
+    :class:`OutputLimitExceeded`."""
+
+    def __init__(self, out: Any, cap: int, reactor: Any) -> None:
+        self.out = out
+        self.cap = cap
+        self.left = cap
+        self.reactor = reactor
+        self.running: Deferred | None = None
+        self.exceeded = False
+
+    def line(self, text: str) -> None:
+        if self.exceeded:
+            return
+        self.left -= (len(text) if text.isascii() else len(text.encode("utf-8", "replace"))) + 1
+        if self.left < 0:
+            self.exceeded = True
+            # Not from inside the command's own call into its sink.
+            self.reactor.callLater(0, self._stop)
+            return
+        self.out.line(text)
+
+    def _stop(self) -> None:
+        if self.running is not None and not self.running.called:
+            self.running.cancel()
+
+    def check_failure(self, failure: Failure) -> Failure:
+        if self.exceeded and failure.check(CancelledError):
+            return Failure(OutputLimitExceeded(self.cap))
+        return failure
+
+
+def _deadline(result: Any, timeout: float) -> Any:
+    """``addTimeout``'s hook: the cancelled command failed with its deadline."""
+    if isinstance(result, Failure) and result.check(CancelledError):
+        return Failure(DeadlineExceeded(timeout))
+    return result
+
+
 def _outcome(failure: Failure) -> tuple[str, str | None]:
     if failure.check(CancelledError):
         return "cancelled", None
+    if failure.check(DeadlineExceeded):
+        return "deadline", str(failure.value)
+    if failure.check(OutputLimitExceeded):
+        return "output-limit", str(failure.value)
     if failure.check(CommandError):
         return "error", str(failure.value)
     return "internal-error", failure.getErrorMessage()

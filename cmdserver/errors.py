@@ -49,3 +49,20 @@ class PathOutsideRoots(CommandError):
 
     def __init__(self) -> None:
         super().__init__("path outside allowed roots")
+
+
+class DeadlineExceeded(CommandError):
+    """A command ran past its deadline and was stopped (exit status 124 on SSH exec,
+    as timeout(1) gives)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"deadline exceeded: stopped after {seconds:g} s")
+        self.seconds = seconds
+
+
+class OutputLimitExceeded(CommandError):
+    """A command wrote more output than its cap allows and was stopped."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"output limit exceeded: stopped after {limit} bytes")
+        self.limit = limit

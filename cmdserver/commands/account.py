@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from cmdserver.auth.portal import ANONYMOUS, Account, IAccount, policy_for
 from cmdserver.auth.throttle import LoginThrottle, peer_host
 from cmdserver.commands.base import Command, Context
+from cmdserver.commands.params import Param
 from cmdserver.errors import CommandError
 
 log = Logger()
@@ -84,16 +85,12 @@ class PasswordLogin:
 class Login(Command):
     name = "login"
     summary = "Log this connection in: login USER PASSWORD."
-    usage = "login USER PASSWORD"
+    params = (Param("user"), Param("password"))
     open_before_login = True
+    doors = frozenset({"line"})  # the other doors log in as their protocol does
 
     def __init__(self, authenticator: PasswordLogin) -> None:
         self.authenticator = authenticator
-
-    def parse(self, argv: Sequence[str]) -> dict[str, Any]:
-        if len(argv) != 2:
-            raise self.usage_error()
-        return {"user": argv[0], "password": argv[1]}
 
     def audit_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {"user": kwargs.get("user")}
@@ -112,7 +109,6 @@ class Login(Command):
 class Whoami(Command):
     name = "whoami"
     summary = "Show the user this connection runs as."
-    usage = "whoami"
     open_before_login = True
 
     def run(self, ctx: Context) -> Deferred:

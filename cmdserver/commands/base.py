@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
 
-from cmdserver.errors import UsageError
+from cmdserver.commands.params import Param
+from cmdserver.errors import MissingArgument, UsageError
 
 if TYPE_CHECKING:
     from cmdserver.core import CommandCore
@@ -75,19 +76,106 @@ class Context:
 
 
 class Command:
-    """Base class for commands.  Subclasses set the class attributes and ``run``."""
+    """Base class for commands: declare the class attributes, write ``run``.
+
+    ``params`` is the one declaration of the arguments: the text doors parse
+    words with it (:meth:`parse`), doors that pass named values check them with
+    it (:meth:`bind`), and ``help`` and API descriptions show it.  ``doors``
+    names the doors that serve the command (None: every door).
+    """
 
     name: str = ""
     summary: str = ""
-    usage: str = ""
+    usage: str = ""  # generated from params unless a subclass says more
+    params: tuple[Param, ...] = ()
+    doors: frozenset[str] | None = None
     open_before_login: bool = False  # may run before login on a door that requires it
     reads_input: bool = False  # takes raw bytes from the client (ctx.session.receive_raw)
+    streams: bool = False  # writes output lines to ctx.out as it runs (capped by the core)
+    timeout: float | None = None  # its deadline, if not the daemon's default (0: none)
+    max_output: int | None = None  # its output cap in bytes, if not the daemon's default
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "usage" not in cls.__dict__ and cls.name:
+            cls.usage = " ".join([cls.name, *(p.shown for p in cls.params)])
+
+    def serves(self, door: str) -> bool:
+        return self.doors is None or door in self.doors
 
     def parse(self, argv: Sequence[str]) -> dict[str, Any]:
-        """Turn the text door's argument vector into keyword arguments for ``run``."""
-        if argv:
+        """Turn a text door's words into keyword arguments for ``run``.
+
+        Positional parameters take the words in order; flag parameters take
+        ``--name VALUE`` or ``--name=VALUE`` anywhere before ``--``.
+        """
+        params = self.params
+        if not params:
+            if argv:
+                raise self.usage_error()
+            return {}
+        flags = {p.name: p for p in params if p.flag}
+        values: dict[str, Any] = {}
+        words: list[str] = []
+        rest = iter(argv)
+        for word in rest:
+            if flags and word.startswith("--"):
+                if word == "--":
+                    words.extend(rest)
+                    break
+                name, equals, value = word[2:].partition("=")
+                param = flags.get(name)
+                if param is None:
+                    raise self.usage_error(f"unknown option {word}")
+                if not equals:
+                    following = next(rest, None)
+                    if following is None:
+                        raise self.usage_error(f"{word} needs a value")
+                    value = following
+                values[name] = self._from_text(param, value)
+            else:
+                words.append(word)
+        positional = [p for p in params if not p.flag]
+        if len(words) > len(positional):
             raise self.usage_error()
-        return {}
+        for param, word in zip(positional, words, strict=False):
+            values[param.name] = self._from_text(param, word)
+        return self._complete(values)
+
+    def _from_text(self, param: Param, word: str) -> Any:
+        try:
+            return param.from_text(word)
+        except MissingArgument:
+            raise
+        except UsageError as e:  # a word of the wrong form: say how the command is used
+            raise self.usage_error(e.message) from None
+
+    def bind(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Check named values (PB, JSON) against the parameters, as :meth:`parse`
+        checks words; None for an optional parameter means its default."""
+        known = {p.name: p for p in self.params}
+        for key in kwargs:
+            if key not in known:
+                raise self.usage_error(f"unknown argument {str(key)[:64]}")
+        values = {}
+        for name, value in kwargs.items():
+            param = known[name]
+            if value is None and not param.required:
+                continue
+            values[name] = param.from_value(value)
+        return self._complete(values)
+
+    def _complete(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Fill in defaults; refuse a missing required value."""
+        for param in self.params:
+            if param.name not in values:
+                if param.required:
+                    if param.missing:
+                        raise MissingArgument(param.missing)
+                    raise self.usage_error()
+                if param.default is not None:
+                    values[param.name] = param.default
+        return values
 
     def run(self, ctx: Context, *args: Any, **kwargs: Any) -> Deferred | Any:
         """Run the command: a Deferred that fires with the result, or the result
@@ -109,6 +197,11 @@ class Command:
     def audit_result(self, result: Any) -> dict[str, Any] | None:
         """What the audit log records of a successful result (None: nothing)."""
         return None
+
+    def describe(self) -> dict[str, Any]:
+        """The command as data: name, summary, usage and parameters."""
+        return {"name": self.name, "summary": self.summary, "usage": self.usage,
+                "params": [p.describe() for p in self.params]}
 
     def usage_error(self, detail: str | None = None) -> UsageError:
         prefix = f"{detail}; " if detail else ""
@@ -132,9 +225,11 @@ class Registry:
                 raise ValueError(f"command {name!r} declared twice")
             self._commands[name] = command
 
-    def commands(self) -> list[Command]:
-        """Each command once, sorted by name (aliases are left out)."""
-        unique = {c.name: c for c in self._commands.values()}
+    def commands(self, door: str | None = None) -> list[Command]:
+        """Each command once, sorted by name (aliases are left out); with ``door``,
+        only those that door serves."""
+        unique = {c.name: c for c in self._commands.values()
+                  if door is None or c.serves(door)}
         return [unique[n] for n in sorted(unique)]
 
     def __contains__(self, name: str) -> bool:

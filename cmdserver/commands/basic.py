@@ -2,48 +2,44 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
 
 from cmdserver.commands.base import Command, Context
+from cmdserver.commands.params import Param
 from cmdserver.errors import CommandError
 
-
-@dataclass(frozen=True)
-class CommandHelp:
-    """``help NAME``: one command's usage and summary."""
-
-    name: str
-    usage: str
-    summary: str
+TEXT_DOORS = frozenset({"line", "ssh"})  # doors where a person types commands
 
 
 class Help(Command):
     name = "help"
     summary = "List the commands, or show how to use one."
-    usage = "help [COMMAND]"
+    params = (Param("command", default=None, help="the command to describe"),)
     open_before_login = True
 
-    def parse(self, argv: Sequence[str]) -> dict[str, Any]:
-        if len(argv) > 1:
-            raise self.usage_error()
-        return {"command": argv[0]} if argv else {}
-
-    def run(self, ctx: Context, command: str | None = None) -> defer.Deferred:
+    def run(self, ctx: Context, command: str | None = None) -> dict[str, Any]:
+        """``{name: summary}`` of every command this door serves, or one command's
+        description (:meth:`Command.describe`)."""
         registry = ctx.core.registry
         if command is None:
-            return defer.succeed({c.name: c.summary for c in registry.commands()})
+            return {c.name: c.summary for c in registry.commands(ctx.door)}
         found = registry.get(command)
-        if found is None:
+        if found is None or not found.serves(ctx.door):
             raise CommandError(f"no such command: {command}")
-        return defer.succeed(CommandHelp(found.name, found.usage, found.summary))
+        return found.describe()
 
     def text(self, result: Any) -> list[str]:
-        if isinstance(result, CommandHelp):
-            return [f"Usage: {result.usage}", f"  {result.summary}"]
+        if "usage" in result and isinstance(result.get("params"), list):
+            lines = [f"Usage: {result['usage']}", f"  {result['summary']}"]
+            for param in result["params"]:
+                if param["help"] or param.get("values"):
+                    detail = param["help"]
+                    if param.get("values"):
+                        detail = f"{detail} ({param['values']})" if detail else param["values"]
+                    lines.append(f"    {param['name']}: {detail}")
+            return lines
         width = max(map(len, result))
         lines = ["Commands:"]
         lines += [f"  {name:<{width}}  {summary}" for name, summary in result.items()]
@@ -54,7 +50,6 @@ class Help(Command):
 class Ping(Command):
     name = "ping"
     summary = "Answer pong: a cheap liveness probe."
-    usage = "ping"
     open_before_login = True
 
     def run(self, ctx: Context) -> str:
@@ -64,7 +59,6 @@ class Ping(Command):
 class StatsCommand(Command):
     name = "stats"
     summary = "Show uptime, connections and command counters."
-    usage = "stats"
 
     def run(self, ctx: Context) -> defer.Deferred:
         return defer.succeed(ctx.core.stats.snapshot(ctx.reactor.seconds()))
@@ -86,8 +80,8 @@ class StatsCommand(Command):
 class Exit(Command):
     name = "exit"
     summary = "Close this connection."
-    usage = "exit"
     open_before_login = True
+    doors = TEXT_DOORS  # a program closes its connection itself
 
     def run(self, ctx: Context) -> defer.Deferred:
         if ctx.session is not None:

@@ -10,12 +10,12 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 
 from cmdserver.commands.base import Command, Context
+from cmdserver.commands.params import PATH, Choice, Param
 from cmdserver.errors import CommandError, MissingArgument
 from cmdserver.policy import Policy
 
@@ -91,38 +91,15 @@ class ComputeHash(Command):
     name = "comphash"
     summary = "Hash a file inside the allowed roots (sha256 unless --algo says)."
     usage = f"comphash [--algo {'|'.join(ALGORITHMS)}] PATH"
-
-    def parse(self, argv: Sequence[str]) -> dict[str, Any]:
-        algo = "sha256"
-        args = list(argv)
-        rest: list[str] = []
-        while args:
-            word = args.pop(0)
-            if word == "--":
-                rest += args
-                break
-            if word == "--algo" or word.startswith("--algo="):
-                if "=" in word:
-                    algo = word.split("=", 1)[1]
-                elif args:
-                    algo = args.pop(0)
-                else:
-                    raise self.usage_error("--algo needs a name")
-            elif word.startswith("--"):
-                raise self.usage_error(f"unknown option {word}")
-            else:
-                rest.append(word)
-        if not rest:
-            raise MissingArgument("Please provide a path.")
-        if len(rest) > 1:
-            raise self.usage_error("one path only")
-        return {"path": rest[0], "algo": algo}
+    params = (
+        Param("path", PATH, missing="Please provide a path.", help="the file to hash"),
+        Param("algo", Choice(ALGORITHMS), default="sha256", flag=True, metavar="NAME",
+              help="the hash algorithm"),
+    )
 
     def run(self, ctx: Context, path: str, algo: str = "sha256") -> Deferred:
         if not path:  # `comphash ""` would name the first root: "is a directory: "
             raise MissingArgument("Please provide a path.")
-        if algo not in ALGORITHMS:
-            raise CommandError(f"unknown algorithm {algo!r} (use one of {', '.join(ALGORITHMS)})")
         return ctx.core.in_thread_cancellable(hash_file, ctx.policy, path, algo)
 
     def text(self, result: Any) -> list[str]:
@@ -132,12 +109,7 @@ class ComputeHash(Command):
 class ListDir(Command):
     name = "ls"
     summary = "List the names in a directory inside the allowed roots."
-    usage = "ls [PATH]"
-
-    def parse(self, argv: Sequence[str]) -> dict[str, Any]:
-        if len(argv) > 1:
-            raise self.usage_error()
-        return {"path": argv[0]} if argv else {}
+    params = (Param("path", PATH, default=None, help="the directory (default: the first root)"),)
 
     def run(self, ctx: Context, path: str | None = None) -> Deferred:
         return ctx.core.in_thread_cancellable(list_dir, ctx.policy, path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +15,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from cmdserver.commands.base import Command, Context, OutputSink
+from cmdserver.commands.params import Int, Param
 from cmdserver.errors import CommandError
 
 DEFAULT_LINES = 10
@@ -123,22 +123,15 @@ class LastLog(Command):
     name = "lastlog"
     summary = f"Show the last N lines of the system log (default {DEFAULT_LINES})."
     usage = f"lastlog [N]   (1..{MAX_LINES})"
+    streams = True
+    params = (Param("n", Int(1, MAX_LINES), default=DEFAULT_LINES, metavar="N",
+                    help="how many lines"),)
 
     def __init__(self, source: LogSource, tail: str | None = None,
                  journalctl: str | None = None) -> None:
         self.source = source
         self.tail = tail or shutil.which("tail")
         self.journalctl = journalctl or shutil.which("journalctl")
-
-    def parse(self, argv: Sequence[str]) -> dict[str, Any]:
-        if len(argv) > 1:
-            raise self.usage_error()
-        if not argv:
-            return {}
-        try:
-            return {"n": int(argv[0], 10)}
-        except ValueError:
-            raise self.usage_error(f"not a number: {argv[0]}") from None
 
     def argv(self, n: int) -> tuple[str, list[str]]:
         """The executable and the child's argument list (never a shell)."""
@@ -153,8 +146,6 @@ class LastLog(Command):
         return self.tail, ["tail", "-n", str(n), "--", self.source.path]
 
     def run(self, ctx: Context, n: int = DEFAULT_LINES) -> Deferred:
-        if not isinstance(n, int) or not 1 <= n <= MAX_LINES:
-            raise CommandError(f"lastlog takes 1 to {MAX_LINES} lines, not {n}")
         executable, argv = self.argv(n)
         protocol: _TailProtocol
 

@@ -40,6 +40,7 @@ class BasicCommandTests(unittest.SynchronousTestCase):
         self.assertEqual(self.lines("help ls"), [
             "Usage: ls [PATH]",
             "  List the names in a directory inside the allowed roots.",
+            "    path: the directory (default: the first root)",
         ])
 
     def test_help_for_an_alias(self) -> None:

@@ -102,9 +102,9 @@ class LastLogTests(unittest.SynchronousTestCase):
 
     def test_bad_counts(self) -> None:
         for line, message in [
-            ("lastlog 0", "Error: lastlog takes 1 to 1000 lines, not 0"),
-            ("lastlog 1001", "Error: lastlog takes 1 to 1000 lines, not 1001"),
-            ("lastlog -5", "Error: lastlog takes 1 to 1000 lines, not -5"),
+            ("lastlog 0", "Error: n must be 1..1000, not 0"),
+            ("lastlog 1001", "Error: n must be 1..1000, not 1001"),
+            ("lastlog -5", "Error: n must be 1..1000, not -5"),
             ("lastlog x", "Error: not a number: x; usage: lastlog [N]   (1..1000)"),
             ("lastlog 1 2", "Error: usage: lastlog [N]   (1..1000)"),
         ]:

@@ -81,19 +81,19 @@ USAGE_STYLE: list[tuple[str, str, tuple[Any, ...], dict[str, Any], str]] = [
     ("help a b", "Error: usage: help [COMMAND]", ("help", "a", "b"), {},
      "usage: help(command=None)"),
     ("lastlog 1 2", "Error: usage: lastlog [N]   (1..1000)", ("lastlog", 1, None, 2), {},
-     "usage: lastlog(n=10, observer=None)"),
+     "usage: lastlog(n=10)"),
     ("lastlog x", "Error: not a number: x; usage: lastlog [N]   (1..1000)",
-     ("lastlog", "x"), {}, "n must be an integer; usage: lastlog(n=10, observer=None)"),
+     ("lastlog", "x"), {}, "n must be an integer; usage: lastlog(n=10)"),
     ("comphash --bogus a.txt",
      "Error: unknown option --bogus; usage: comphash [--algo blake2b|md5|sha1|sha256|sha512] "
      "PATH", ("comphash", "a.txt"), {"bogus": 1},
-     "unknown argument bogus; usage: comphash(path, algo='sha256', observer=None)"),
+     "unknown argument bogus; usage: comphash(path, algo='sha256')"),
     ("ls a b", "Error: usage: ls [PATH]", ("ls", "a", None, "b"), {},
-     "usage: ls(path=None, observer=None)"),
+     "usage: ls(path=None)"),
     ("upload n 1", "Error: usage: upload NAME SIZE HMAC", ("upload", "n", 1), {},
      "usage: upload(name, size, hmac)"),
     ("upload n x " + MAC, "Error: SIZE must be a whole number of bytes: x",
-     ("upload", "n", "x", MAC), {}, "size must be an integer; usage: upload(name, size, hmac)"),
+     ("upload", "n", "x", MAC), {}, "SIZE must be a whole number of bytes: x"),
 ]
 
 

@@ -90,7 +90,7 @@ def make_core(root: str, reactor: Any = None, source: LogSource | None = None,
 def make_context(core: CommandCore, **kwargs: Any) -> Context:
     kwargs.setdefault("user", "tester")
     kwargs.setdefault("peer", "127.0.0.1:5555")
-    kwargs.setdefault("door", "test")
+    kwargs.setdefault("door", "line")
     kwargs.setdefault("out", ListSink())
     return Context(core, **kwargs)
 

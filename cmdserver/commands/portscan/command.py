@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -22,9 +22,10 @@ from twisted.internet.interfaces import IHostnameResolver, IHostResolution, IRes
 from zope.interface import implementer
 
 from cmdserver.commands.base import Command, Context
+from cmdserver.commands.params import Param, Text
 from cmdserver.commands.portscan.portspec import PortSpecError, parse_ports
 from cmdserver.commands.portscan.scanner import Scan, SocketFactory
-from cmdserver.errors import CommandError, MissingArgument
+from cmdserver.errors import CommandError, UsageError
 from cmdserver.policy import IPAddress, ScanPolicy
 
 # Letters, digits, hyphens and dots (and "_", seen in internal names); 253 at most.
@@ -105,22 +106,42 @@ def _scope_index(target: IPAddress) -> int:
         raise CommandError(f"no such network interface: {scope}") from None
 
 
+class Ports(Text):
+    """A port list as the text doors write it (``22,80,8000-8100``, ``all``); a
+    program may pass a list of port numbers instead."""
+
+    name = "ports"
+
+    def from_value(self, param: Param, value: Any) -> Any:
+        if isinstance(value, list):
+            if not all(isinstance(p, int) and not isinstance(p, bool) for p in value):
+                raise UsageError(f"{param.name} must be a string or a list of integers")
+            value = ",".join(map(str, value))
+        return super().from_value(param, value)
+
+    def describe(self) -> str:
+        return "22,80,8000-8100 | all"
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "string"},
+                          {"type": "array", "items": {"type": "integer"}}]}
+
+
 class PortScan(Command):
     name = "portscan"
     summary = "Find the open TCP ports of an allowed host (a connect scan)."
     usage = "portscan HOST [PORTS]   (PORTS: 22,80,8000-8100 | all; default 1-1024)"
+    streams = True
+    params = (
+        Param("host", missing="Please provide a host.",
+              help="an allowed IP address or host name"),
+        Param("ports", Ports(), default=None, help="the ports to try (default 1-1024)"),
+    )
 
     def __init__(self, resolver: IHostnameResolver | None = None,
                  socket_factory: SocketFactory = socket.socket) -> None:
         self.resolver = resolver
         self.socket_factory = socket_factory
-
-    def parse(self, argv: Sequence[str]) -> dict[str, Any]:
-        if not argv:
-            raise MissingArgument("Please provide a host.")
-        if len(argv) > 2:
-            raise self.usage_error()
-        return {"host": argv[0], "ports": argv[1]} if len(argv) == 2 else {"host": argv[0]}
 
     def run(self, ctx: Context, host: str, ports: str | None = None) -> Deferred:
         if not isinstance(host, str):

@@ -11,12 +11,12 @@ before anything is created (the SSH shell has no stdin to read).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
 
 from cmdserver.commands.base import Command, Context
+from cmdserver.commands.params import Param, ParamType
 from cmdserver.commands.upload.engine import Upload, UploadResult, Uploads
 from cmdserver.errors import CommandError
 
@@ -30,20 +30,35 @@ def parse_size(word: str) -> int:
     return int(word)
 
 
+class Size(ParamType):
+    """A byte count: decimal digits on the text doors, a whole number >= 0 otherwise."""
+
+    name = "int"
+
+    def from_text(self, param: Param, word: str) -> int:
+        return parse_size(word)
+
+    def from_value(self, param: Param, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CommandError(f"SIZE must be a whole number of bytes: {value}")
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "integer", "minimum": 0}
+
+
 class UploadCommand(Command):
     name = "upload"
     summary = "Receive a file: SIZE raw bytes follow 'Ready', checked against HMAC-SHA256."
-    usage = "upload NAME SIZE HMAC"
+    params = (
+        Param("name", help="where the file goes, inside the allowed roots"),
+        Param("size", Size(), help="the file's size in bytes"),
+        Param("hmac", help="the hex HMAC-SHA256 of the content"),
+    )
     reads_input = True
 
     def __init__(self, uploads: Uploads) -> None:
         self.uploads = uploads
-
-    def parse(self, argv: Sequence[str]) -> dict[str, Any]:
-        if len(argv) != 3:
-            raise self.usage_error()
-        name, size, mac = argv
-        return {"name": name, "size": parse_size(size), "hmac": mac}
 
     def run(self, ctx: Context, name: str, size: int, hmac: str) -> Deferred:
         receive = getattr(ctx.session, "receive_raw", None)

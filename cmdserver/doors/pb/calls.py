@@ -115,22 +115,6 @@ def check_observer(observer: Any) -> pb.RemoteReference | None:
     return observer
 
 
-def scan_result(result: Any) -> dict[str, Any]:
-    """The portscan result as PB returns it: ``open`` (sorted ports) and ``elapsed``
-    (seconds), plus whatever else the command reports (host, port count…)."""
-    if isinstance(result, dict):
-        extra = dict(result)
-        open_ports, elapsed = result["open"], result["elapsed"]
-    elif isinstance(result, tuple):
-        extra = {}
-        open_ports, elapsed = result
-    else:
-        extra = {}
-        open_ports, elapsed = result.open, result.elapsed
-    extra.update(open=sorted(int(p) for p in open_ports), elapsed=float(elapsed))
-    return extra
-
-
 def usage(name: str, signature: inspect.Signature) -> str:
     """A remote method's usage in the text doors' style:
     ``usage: lastlog(n=10, observer=None)``."""

@@ -34,8 +34,7 @@ from zope.interface import implementer
 
 from cmdserver.auth.portal import ANONYMOUS, Account, Realm
 from cmdserver.commands.account import LOGIN_FAILED, TOO_MANY_FAILURES
-from cmdserver.commands.base import Context, NullSink
-from cmdserver.commands.lastlog import DEFAULT_LINES
+from cmdserver.commands.base import Command, Context, NullSink
 from cmdserver.core import LOGIN_REQUIRED, NOT_FOUND_TEXT, CommandCore, is_deferred
 from cmdserver.doors.limits import format_peer
 from cmdserver.doors.pb.calls import (
@@ -44,17 +43,17 @@ from cmdserver.doors.pb.calls import (
     check,
     check_observer,
     dispatch,
-    scan_result,
 )
 from cmdserver.doors.pb.errors import (
     BadArguments,
     CommandFailed,
     LoginFailed,
     LoginRequired,
+    UnknownMethod,
     to_remote,
 )
 from cmdserver.doors.pb.upload import PBUpload, UploadStarter
-from cmdserver.errors import CommandError, MissingArgument
+from cmdserver.errors import CommandError, MissingArgument, NotFound, UsageError
 from cmdserver.policy import Policy
 
 log = Logger()
@@ -74,7 +73,16 @@ class PBMind:
 
 
 class PBAvatar(pb.Avatar):
-    """One logged-in user on one connection: a method per command, Python values back."""
+    """One logged-in user on one connection: every command of the registry, Python values back.
+
+    A remote call ``NAME(*args, **kwargs)`` runs the command ``NAME`` with its
+    declared parameters: positional arguments in the order declared, named ones
+    by name, checked by :meth:`Command.bind` as the text doors check words.
+    ``call(NAME, **kwargs)`` does the same for any name; ``run(NAME, words)``
+    takes the words as typed on a text door and answers ``{"value", "text"}``
+    (what ``cmdserver call`` prints).  An ``observer`` argument (a referenceable
+    with ``remote_line``) gets the streamed output lines.
+    """
 
     def __init__(self, core: CommandCore, account: Account, mind: PBMind,
                  upload: UploadStarter | None = None) -> None:
@@ -89,21 +97,28 @@ class PBAvatar(pb.Avatar):
 
     def perspectiveMessageReceived(self, broker: pb.Broker, message: str | bytes,
                                    args: Any, kw: Any) -> Any:
-        return dispatch(AVATAR_METHODS, AVATAR_SIGNATURES, self, broker, message, args, kw,
-                        self._missing_argument)
-
-    def _missing_argument(self, name: str) -> str | None:
-        """What a text door answers when the command is given no words, if that is a
-        missing-argument error (``Please provide a path.``): PB says the same."""
-        command = self.core.registry.get(name)
-        try:
-            if command is not None:
-                command.parse([])
-        except MissingArgument as e:
-            return e.message
-        except CommandError:
-            pass
-        return None
+        name = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+        args = broker.unserialize(args, self)
+        kw = broker.unserialize(kw, self)
+        if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
+            raise BadArguments("keyword arguments must have string names")
+        if name == "call":
+            if not args or not isinstance(args[0], str):
+                raise BadArguments("usage: call(NAME, **ARGUMENTS)")
+            name, args = args[0], args[1:]
+        elif name == "run":
+            result = self._run_words(*args, **kw)
+        if name == "upload":
+            result = self._upload(*args, **kw)
+        elif name != "run":
+            result = self._call(name, args, kw)
+        if is_deferred(result) and result.called:
+            # Already answered: hand PB the plain value, sparing it the callbacks it
+            # would chain onto a fired Deferred.
+            value = result.result
+            if not isinstance(value, Failure) and not is_deferred(value):
+                result = value
+        return broker.serialize(result, self, message, args, kw)
 
     def logout(self) -> None:
         """The client logged out or went away: cancel what it still runs."""
@@ -113,83 +128,81 @@ class PBAvatar(pb.Avatar):
         return Context(self.core, user=self.account.name, peer=self.peer, door=DOOR,
                        out=out, policy=self.policy)
 
-    def _call(self, name: str, observer: Any = None,
-              convert: Callable[[Any], Any] | None = None, **kwargs: Any) -> Any:
-        """Run a command for the client: its value (through ``convert``) when it
-        finished at once, which PB sends straight back, else a Deferred of it.
-        A failure reaches the client as one of the door's ``pb.Error``s."""
+    def _command(self, name: Any) -> Command:
+        try:
+            return self.core.lookup(self._ctx, name if isinstance(name, str) else repr(name))
+        except CommandError:
+            raise UnknownMethod(NOT_FOUND_TEXT) from None
+
+    def _call(self, name: str, args: Any, kw: dict[str, Any]) -> Any:
+        """Run a command for the client: its value when it finished at once, which
+        PB sends straight back, else a Deferred of it.  A failure reaches the
+        client as one of the door's ``pb.Error``s."""
+        command = self._command(name)
+        observer = check_observer(kw.pop("observer", None))
+        params = [p.name for p in command.params]
+        if len(args) > len(params):
+            raise BadArguments(pb_usage(command))
+        named = dict(zip(params, args, strict=False))
+        for key in kw:
+            if key in named:
+                raise BadArguments(f"{key} given twice; {pb_usage(command)}")
+        named.update(kw)
+        kwargs = self._bind(command, named)
+        ctx = self._ctx if observer is None else self._context(RemoteSink(observer))
+        return self._track(name, self.core.invoke(ctx, command, kwargs))
+
+    def _bind(self, command: Command, named: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.core.bind(self._ctx, command, named)
+        except MissingArgument as e:
+            raise BadArguments(e.message) from None
+        except UsageError as e:  # worded for the text doors: end with the call's usage
+            detail = "" if e.message.startswith("usage: ") else e.message.split("; usage: ")[0]
+            raise BadArguments(f"{detail}; {pb_usage(command)}" if detail
+                               else pb_usage(command)) from None
+        except CommandError as e:
+            raise CommandFailed(e.message) from None
+
+    def _track(self, name: str, result: Any) -> Any:
+        if is_deferred(result):
+            return self.calls.track(result).addErrback(to_remote, name, True)
+        if isinstance(result, Failure):
+            to_remote(result, name, True).raiseException()
+        return result
+
+    def _run_words(self, name: Any = None, words: Any = None, observer: Any = None) -> Any:
+        """``run(NAME, WORDS)``: the command line a text door would get, parsed the
+        same way; answers the value and the text a text door prints after the
+        streamed lines."""
+        if not isinstance(name, str) or not isinstance(words, list) or not all(
+                isinstance(w, str) for w in words):
+            raise BadArguments("usage: run(NAME, [WORD, ...], observer=None)")
         observer = check_observer(observer)
-        command = self.core.registry.get(name)
-        if command is None:
-            raise CommandFailed(NOT_FOUND_TEXT)
+        try:
+            command, kwargs = self.core.parse_words(self._ctx, name, words)
+        except NotFound:
+            raise UnknownMethod(NOT_FOUND_TEXT) from None
+        except CommandError as e:
+            raise CommandFailed(e.message) from None
         ctx = self._ctx if observer is None else self._context(RemoteSink(observer))
         result = self.core.invoke(ctx, command, kwargs)
         if is_deferred(result):
-            d = self.calls.track(result)
-            if convert is not None:
-                d.addCallback(convert)
-            return d.addErrback(to_remote, name, True)
-        if isinstance(result, Failure):
-            to_remote(result, name, True).raiseException()
-        return result if convert is None else convert(result)
+            result.addCallback(lambda value: {"value": value, "text": command.text(value)})
+        elif not isinstance(result, Failure):
+            result = {"value": result, "text": command.text(result)}
+        return self._track(name, result)
 
-    # -- the remote methods ---------------------------------------------------
-    # Each returns the command's value, or a Deferred of it for a command that
-    # takes time (PB accepts both).
-
-    def perspective_ping(self) -> Any:
-        return self._call("ping")
-
-    def perspective_help(self, command: str | None = None) -> Any:
-        if command is None:  # only what this door serves: no exit, login, quit
-            return self._call("help", None, _served_here)
-        return self._call("help", None, _help_dict, command=check(command, str, "command"))
-
-    def perspective_stats(self) -> Any:
-        return self._call("stats")
-
-    def perspective_whoami(self) -> Any:
-        return self._call("whoami")
-
-    def perspective_lastlog(self, n: int = DEFAULT_LINES, observer: Any = None) -> Any:
-        return self._call("lastlog", observer, n=check(n, int, "n"))
-
-    def perspective_comphash(self, path: str, algo: str = "sha256",
-                             observer: Any = None) -> Any:
-        return self._call("comphash", observer, path=check(path, str, "path"),
-                          algo=check(algo, str, "algo"))
-
-    def perspective_ls(self, path: str | None = None, observer: Any = None) -> Any:
-        return self._call("ls", observer, path=check(path, (str, type(None)), "path"))
-
-    def perspective_portscan(self, host: str, ports: str | list[int] | None = None,
-                             observer: Any = None) -> Any:
-        command = self.core.registry.get("portscan")
-        if command is None:
-            raise CommandFailed(NOT_FOUND_TEXT)
-        # The words the text door would have split: its parser checks them the same way.
-        argv = [check(host, str, "host")]
-        if isinstance(ports, list):
-            ports = ",".join(str(check(p, int, "each port")) for p in ports)
-        if ports is not None:
-            argv.append(check(ports, str, "ports"))
-        try:
-            kwargs = command.parse(argv)
-        except CommandError as e:
-            raise CommandFailed(e.message) from None
-        return self._call("portscan", observer, scan_result, **kwargs)
-
-    def perspective_upload(self, name: str, size: int, hmac: str) -> Deferred:
-        check(name, str, "name")
-        if check(size, int, "size") < 0:  # worded as the text doors' refusal
-            raise CommandFailed(f"SIZE must be a whole number of bytes: {size}")
-        check(hmac, str, "hmac")
+    def _upload(self, name: Any = None, size: Any = None, hmac: Any = None) -> Deferred:
+        """``upload(NAME, SIZE, HMAC)``: a writer (``write(bytes)``, ``close()``,
+        ``abort()``) for the file's bytes."""
         if self.upload_starter is None:  # the text doors have no upload command then
-            raise CommandFailed(NOT_FOUND_TEXT)
+            raise UnknownMethod(NOT_FOUND_TEXT)
         ready: Deferred = Deferred()
-        d = self.calls.track(self.core.run_command(
-            self._ctx, PBUpload(self.upload_starter, ready), name=name, size=size,
-            hmac=hmac))
+        command = PBUpload(self.upload_starter, ready)
+        given = {"name": name, "size": size, "hmac": hmac}
+        kwargs = self._bind(command, {k: v for k, v in given.items() if v is not None})
+        d = self.calls.track(self.core.run_command(self._ctx, command, **kwargs))
 
         def ended(result: Any) -> None:
             # The writer's close() reports the outcome once the upload started;
@@ -202,26 +215,13 @@ class PBAvatar(pb.Avatar):
         return ready.addErrback(to_remote, "upload", True)
 
 
-def _served_here(commands: dict[str, str]) -> dict[str, str]:
-    return {name: summary for name, summary in commands.items() if name in AVATAR_METHODS}
+def pb_usage(command: Command) -> str:
+    """A command's usage as a PB call: ``usage: lastlog(n=10)``."""
+    words = [p.name if p.required else f"{p.name}={p.default!r}" for p in command.params]
+    return f"usage: {command.name}({', '.join(words)})"
 
 
-def _help_dict(h: Any) -> dict[str, str]:
-    return {"name": h.name, "usage": h.usage, "summary": h.summary}
-
-
-AVATAR_METHODS: dict[str, Callable[..., Any]] = {
-    "ping": PBAvatar.perspective_ping,
-    "help": PBAvatar.perspective_help,
-    "stats": PBAvatar.perspective_stats,
-    "whoami": PBAvatar.perspective_whoami,
-    "lastlog": PBAvatar.perspective_lastlog,
-    "comphash": PBAvatar.perspective_comphash,
-    "ls": PBAvatar.perspective_ls,
-    "portscan": PBAvatar.perspective_portscan,
-    "upload": PBAvatar.perspective_upload,
-}
-AVATAR_SIGNATURES = {name: inspect.signature(f) for name, f in AVATAR_METHODS.items()}
+PB_ENTRIES = frozenset({"call", "run"})  # remote methods besides the commands' names
 
 
 class LoginRoot(pb.Referenceable):
@@ -251,7 +251,7 @@ class LoginRoot(pb.Referenceable):
     def remoteMessageReceived(self, broker: pb.Broker, message: str | bytes, args: Any,
                               kw: Any) -> Any:
         name = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
-        if name not in self.methods and name in AVATAR_METHODS:
+        if name not in self.methods and (name in PB_ENTRIES or name in self.door.core.registry):
             raise LoginRequired(LOGIN_REQUIRED)  # a command before authenticate
         return dispatch(self.methods, self.signatures, self, broker, message, args, kw)
 

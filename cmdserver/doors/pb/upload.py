@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 
 from cmdserver.commands.base import Command, Context
+from cmdserver.commands.upload.command import UploadCommand
 from cmdserver.doors.pb.errors import BadArguments, CommandFailed, UnknownMethod, to_remote
 from cmdserver.errors import CommandError
 
@@ -249,7 +250,7 @@ class PBUpload(Command):
 
     name = "upload"
     summary = "Upload a file whose HMAC the server checks before it becomes visible."
-    usage = "upload NAME SIZE HMAC"
+    params = UploadCommand.params  # the same arguments, checked the same way
 
     def __init__(self, starter: UploadStarter, ready: Deferred) -> None:
         self.starter = starter

@@ -116,10 +116,12 @@ class PortScanTests(TestCase):
                                   "open": [22, 80], "elapsed": 0.0})
 
     def test_pb_wrong_types_are_clean_errors(self) -> None:
-        d = self.core.call(self.context(), "portscan", host="127.0.0.1", ports=[22])
-        self.assertIn("port list must be a string", self.failureResultOf(d).value.text)
+        d = self.core.call(self.context(), "portscan", host="127.0.0.1", ports=[True])
+        self.assertEqual(self.failureResultOf(d).value.text,
+                         "Error: ports must be a string or a list of integers")
         d = self.core.call(self.context(), "portscan", host=None)
-        self.assertEqual(self.failureResultOf(d).value.text, "Error: the host must be a string")
+        self.assertEqual(self.failureResultOf(d).value.text, "Error: host must be a string")
+        self.assertEqual(self.net.connects, [])
 
     def test_ipv6_literal_and_brackets(self) -> None:
         self.net.host = "::1"

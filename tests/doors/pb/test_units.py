@@ -4,7 +4,6 @@ fake observers and a fake upload engine (no sockets, no threads)."""
 from __future__ import annotations
 
 import dataclasses
-from collections import namedtuple
 from typing import Any
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -19,7 +18,7 @@ from cmdserver.auth.portal import Realm, build_portal
 from cmdserver.commands import default_registry
 from cmdserver.commands.lastlog import LogSource
 from cmdserver.core import CommandCore
-from cmdserver.doors.pb.calls import RemoteSink, scan_result
+from cmdserver.doors.pb.calls import RemoteSink
 from cmdserver.doors.pb.door import pb_factory
 from cmdserver.doors.pb.upload import ConsumerEngine, consumer_starter
 from cmdserver.errors import CommandError
@@ -70,17 +69,6 @@ class RemoteSinkTests(unittest.TestCase):
         sink.line("b")
         self.assertTrue(sink.gone)
         self.assertEqual(sink.pending, 0)
-
-
-class ScanResultTests(unittest.TestCase):
-    def test_shapes(self) -> None:
-        want = {"open": [22, 80], "elapsed": 1.5}
-        self.assertEqual(scan_result({"open": [80, 22], "elapsed": 1.5}), want)
-        self.assertEqual(scan_result({"open": [80], "elapsed": 1, "host": "h"}),
-                         {"open": [80], "elapsed": 1.0, "host": "h"})
-        self.assertEqual(scan_result(([80, 22], 1.5)), want)
-        Result = namedtuple("Result", "open elapsed")  # noqa: PYI024
-        self.assertEqual(scan_result(Result(open=[22, 80], elapsed=1.5)), want)
 
 
 class SlowEngine:
