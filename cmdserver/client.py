@@ -33,8 +33,9 @@ from twisted.spread import pb
 from cmdserver.commands.upload.key import parse_key
 
 __all__ = [
-    "BlockingSession", "LoginError", "RemoteCommandError", "RemoteError", "Session",
-    "connect", "connect_blocking", "connect_endpoint",
+    "BlockingSession", "CommandTimedOut", "ConnectionClosed", "LoginError",
+    "RemoteCommandError", "RemoteError", "Session", "connect", "connect_blocking",
+    "connect_endpoint",
 ]
 
 CHUNK = 64 * 1024  # the server's largest write
@@ -54,6 +55,10 @@ class RemoteCommandError(RemoteError):
     """A command's own error (``path outside allowed roots``, ``HMAC mismatch`` …)."""
 
 
+class CommandTimedOut(RemoteCommandError):
+    """The command ran past its deadline on the server and was stopped."""
+
+
 class LoginError(RemoteError):
     """A failed login (wrong user name or password), or a command called before login."""
 
@@ -67,6 +72,7 @@ class ConnectionClosed(RemoteError):
 
 _KINDS: dict[str, type[RemoteError]] = {
     "CommandFailed": RemoteCommandError,
+    "CommandTimedOut": CommandTimedOut,
     "LoginFailed": LoginError,
     "LoginRequired": LoginError,
 }
@@ -112,6 +118,18 @@ class Session:
         except pb.DeadReferenceError:
             return defer.fail(ConnectionClosed())
         return d.addErrback(_translate)
+
+    def call(self, command: str, on_line: Callable[[str], Any] | None = None,
+             **arguments: Any) -> Deferred:
+        """Run any command the server serves, with named arguments:
+        ``call("diskfree", path=".")``; fires with its value."""
+        return self._call("call", command, on_line=on_line, **arguments)
+
+    def run(self, command: str, words: list[str],
+            on_line: Callable[[str], Any] | None = None) -> Deferred:
+        """Run a command from words typed as on the line door; fires with
+        ``{"value": …, "text": [lines a text door prints after the streamed ones]}``."""
+        return self._call("run", command, list(words), on_line=on_line)
 
     def ping(self) -> Deferred:
         return self._call("ping")
@@ -276,6 +294,12 @@ class BlockingSession:
     def _block(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return threads.blockingCallFromThread(
             self._reactor, getattr(self._session, method), *args, **kwargs)
+
+    def call(self, command: str, **arguments: Any) -> Any:
+        return self._block("call", command, **arguments)
+
+    def run(self, command: str, words: list[str]) -> Any:
+        return self._block("run", command, words)
 
     def ping(self) -> str:
         return self._block("ping")

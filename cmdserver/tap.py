@@ -26,7 +26,7 @@ from cmdserver.commands.upload.engine import (
     flag,
 )
 from cmdserver.commands.upload.key import server_key
-from cmdserver.core import CommandCore
+from cmdserver.core import DEFAULT_MAX_OUTPUT, DEFAULT_TIMEOUT, CommandCore
 from cmdserver.doors.line.login import line_door_login
 from cmdserver.doors.line.protocol import TOO_MANY, LineFactory, LineSettings
 from cmdserver.doors.pb.door import DEFAULT_ENDPOINT as PB_ENDPOINT
@@ -115,6 +115,9 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     # Perspective Broker door
     "pb": (PB_ENDPOINT, str),
     "pb-anonymous": (False, flag),
+    # every command: its deadline and output cap (per command: [command-limits.NAME])
+    "command-timeout": (DEFAULT_TIMEOUT, non_negative_number),
+    "max-output": (DEFAULT_MAX_OUTPUT, byte_size),
     # uploads
     "max-upload": (1 << 30, byte_size),
     "overwrite": (False, flag),
@@ -164,6 +167,11 @@ class Options(usage.Options):
         ["pb", None, None, "Endpoint for the Perspective Broker door, or 'none'. "
          f"[default: {PB_ENDPOINT}]"],
         ["max-upload", None, None, "Largest upload accepted. [default: 1G]"],
+        ["command-timeout", None, None, "Seconds a command may run before it is stopped "
+         "(0: no deadline); [command-limits.NAME] in the TOML file sets one command's. "
+         f"[default: {DEFAULT_TIMEOUT:g}]"],
+        ["max-output", None, None, "Bytes of output one command may write before it is "
+         "stopped (0: no cap). [default: 16M]"],
     ]
 
     def __init__(self) -> None:
@@ -202,6 +210,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         config = load_config(self["config"]) if self["config"] else {}
+        self["command-limits"] = config.pop("command-limits", {})
         for name, (default, coerce) in SETTINGS.items():
             value, where = self[name], f"--{name}"
             if value is None or value == []:
@@ -263,7 +272,9 @@ def load_config(path: str) -> dict[str, Any]:
         raise usage.UsageError(f"--config {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise usage.UsageError(f"--config {path}: {e}") from None
-    unknown = sorted(set(config) - set(SETTINGS))
+    limits = config.pop("command-limits", {})
+    config["command-limits"] = check_command_limits(path, limits)
+    unknown = sorted(set(config) - set(SETTINGS) - {"command-limits"})
     if unknown:
         raise usage.UsageError(f"{path}: unknown setting(s): {', '.join(unknown)}")
     for name in REPEATABLE:
@@ -275,6 +286,40 @@ def load_config(path: str) -> dict[str, Any]:
                 raise usage.UsageError(f"{path}: {name}: expected a string or a list of strings")
             config[name] = value
     return config
+
+
+def check_command_limits(path: str, table: Any) -> dict[str, dict[str, Any]]:
+    """``[command-limits.NAME]``: ``timeout`` (seconds) and ``max-output`` (bytes) of
+    one command; the names are checked against the registry in makeService."""
+    if not isinstance(table, dict):
+        raise usage.UsageError(f"{path}: command-limits: expected a table of commands")
+    checked: dict[str, dict[str, Any]] = {}
+    for name, limits in table.items():
+        where = f"{path}: command-limits.{name}"
+        if not isinstance(limits, dict):
+            raise usage.UsageError(f"{where}: expected a table")
+        unknown = sorted(set(limits) - {"timeout", "max-output"})
+        if unknown:
+            raise usage.UsageError(f"{where}: unknown setting(s): {', '.join(unknown)}")
+        try:
+            checked[name] = {
+                key: non_negative_number(value) if key == "timeout" else byte_size(value)
+                for key, value in limits.items()}
+        except (TypeError, ValueError) as e:
+            raise usage.UsageError(f"{where}: {e}") from None
+    return checked
+
+
+def apply_command_limits(registry: Any, limits: dict[str, dict[str, Any]]) -> None:
+    """Give the named commands their own deadline and output cap."""
+    for name, values in limits.items():
+        command = registry.get(name)
+        if command is None:
+            raise usage.UsageError(f"command-limits.{name}: no such command")
+        if "timeout" in values:
+            command.timeout = values["timeout"]
+        if "max-output" in values:
+            command.max_output = values["max-output"]
 
 
 def prepare_data_dir(path: str) -> None:
@@ -307,7 +352,8 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     uploads = Uploads(UploadSettings(options["max-upload"], options["overwrite"]),
                       server_key(data_dir))
     registry.add(UploadCommand(uploads))
-    core = CommandCore(registry, Policy(roots, options["scan-policy"]), reactor)
+    core = CommandCore(registry, Policy(roots, options["scan-policy"]), reactor,
+                       timeout=options["command-timeout"], max_output=options["max-output"])
     credentials, portal = open_credentials(data_dir, options["bcrypt-cost"], core)
     uploads.user_keys = credentials.hmac_key  # a user's own key beats the server's
     service = CmdServerService(core, Limits(options["max-clients"], options["max-per-ip"]),
@@ -315,6 +361,7 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     ReloadService(credentials, options["users-poll-interval"], reactor=reactor
                   ).setServiceParent(service)
     core.registry.add(Login(PasswordLogin(portal, reactor)))
+    apply_command_limits(core.registry, options.get("command-limits", {}))
     settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"])
     for endpoint in options["line"]:
         door_settings, door_endpoint = line_door_login(

@@ -113,7 +113,7 @@ def test_upload_parse_refuses_cleanly_or_gives_a_request(argv: list[str]) -> Non
         kwargs = UPLOAD.parse(argv)
     except CommandError as e:
         assert e.text.startswith("Error: ") and "\n" not in e.text
-        if len(argv) == 3 and "\0" not in argv[0]:  # the size was refused, and named
+        if len(argv) == 3 and "\0" not in argv[0] + argv[2]:  # the size was refused
             assert e.message == CommandError(
                 f"SIZE must be a whole number of bytes: {argv[1]}").message
         return

@@ -7,64 +7,11 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer, task
 
-from cmdserver.client import RemoteError, Session, connect, connect_endpoint
-
-
-class CallUsageError(Exception):
-    """The command's arguments are wrong (exit status 2)."""
-
-
-def _none(args: list[str]) -> tuple:
-    if args:
-        raise CallUsageError("takes no arguments")
-    return ()
-
-
-def _optional(convert: Callable[[str], Any]) -> Callable[[list[str]], tuple]:
-    def parse(args: list[str]) -> tuple:
-        if len(args) > 1:
-            raise CallUsageError("takes at most one argument")
-        try:
-            return tuple(convert(a) for a in args)
-        except ValueError:
-            raise CallUsageError(f"not a number: {args[0]}") from None
-    return parse
-
-
-def _comphash(args: list[str]) -> tuple:
-    parser = argparse.ArgumentParser(prog="cmdserver call comphash", add_help=False,
-                                     exit_on_error=False)
-    parser.add_argument("--algo", default="sha256")
-    parser.add_argument("path")
-    try:
-        parsed = parser.parse_args(args)
-    except (argparse.ArgumentError, SystemExit):
-        raise CallUsageError("usage: comphash [--algo NAME] PATH") from None
-    return parsed.path, parsed.algo
-
-
-def _portscan(args: list[str]) -> tuple:
-    if not 1 <= len(args) <= 2:
-        raise CallUsageError("usage: portscan HOST [PORTS]")
-    return tuple(args)
-
-
-# Command name -> how its words become the remote method's arguments.
-COMMANDS: dict[str, Callable[[list[str]], tuple]] = {
-    "ping": _none,
-    "stats": _none,
-    "whoami": _none,
-    "help": _optional(str),
-    "lastlog": _optional(int),
-    "ls": _optional(str),
-    "comphash": _comphash,
-    "portscan": _portscan,
-}
+from cmdserver.client import CommandTimedOut, RemoteError, connect, connect_endpoint
 
 
 def add_call_parser(subparsers: Any) -> None:
@@ -72,7 +19,9 @@ def add_call_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "call", help="run one command through the PB door and print the result",
         description="Log in to cmdserver's Perspective Broker door, run one command and "
-        "print its result (JSON with --json). Commands: " + ", ".join(sorted(COMMANDS)))
+        "print what the line door prints for it (its value as JSON with --json). The "
+        "server parses the words as the line door does, so every command it serves "
+        "works, declared ones included.")
     p.add_argument("--host", default="127.0.0.1", help="server address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=9876, help="PB door port (default: 9876)")
     p.add_argument("--connect", metavar="ENDPOINT",
@@ -83,29 +32,14 @@ def add_call_parser(subparsers: Any) -> None:
                    help="environment variable with the password (default: "
                    "CMDSERVER_PASSWORD; else a prompt on a terminal)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND",
-                   help="one of: " + ", ".join(sorted(COMMANDS)))
+    p.add_argument("command", metavar="COMMAND",
+                   help="a command the server serves ('help' lists them)")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="the command's arguments, as on the line door")
     p.set_defaults(func=run_call)
 
 
-def render(result: Any) -> list[str]:
-    """Plain text for a result: lists one item a line, dicts ``key: value``."""
-    if isinstance(result, list):
-        return [str(x) for x in result]
-    if isinstance(result, dict):
-        return [f"{k}: {json.dumps(v) if isinstance(v, dict | list) else v}"
-                for k, v in result.items()]
-    return [str(result)]
-
-
 def run_call(args: argparse.Namespace) -> int:
-    try:
-        call_args = COMMANDS[args.command](list(args.args))
-    except CallUsageError as e:
-        print(f"cmdserver call {args.command}: {e}", file=sys.stderr)
-        return 2
     password = os.environ.get(args.password_env)
     if password is None:
         if not sys.stdin.isatty():
@@ -127,21 +61,28 @@ def run_call(args: argparse.Namespace) -> int:
         except Exception as e:
             where = args.connect or f"{args.host}:{args.port}"
             return fail(f"Error: cannot connect to {where}: {e}")
+        words = list(args.args)
+        if words[:1] == ["--"]:
+            words = words[1:]
         try:
-            result = yield call(session, args.command, call_args)
+            result = yield session.run(args.command, words,
+                                       on_line=None if args.json else print_line)
+        except CommandTimedOut as e:
+            return fail(f"Error: {e}", 124)  # as ssh HOST CMD and timeout(1) exit
         except RemoteError as e:
             return fail(f"Error: {e}")
         finally:
             yield session.close()
         if args.json:
-            print(json.dumps(result))
+            print(json.dumps(result["value"], default=str))
         else:
-            print("\n".join(render(result)))
+            for line in result["text"]:
+                print_line(line)
         outcome.append(0)
 
-    def fail(message: str) -> None:
-        print(message, file=sys.stderr)
-        outcome.append(1)
+    def fail(message: str, status: int = 1) -> None:
+        print(safe(message), file=sys.stderr)
+        outcome.append(status)
 
     try:
         task.react(main)
@@ -150,12 +91,13 @@ def run_call(args: argparse.Namespace) -> int:
     return outcome[0] if outcome else 1
 
 
-def call(session: Session, command: str, args: Sequence[Any]) -> defer.Deferred:
-    """Run ``command`` through the session's method of the same name."""
-    methods: dict[str, Callable[..., defer.Deferred]] = {
-        "ping": session.ping, "stats": session.stats, "whoami": session.whoami,
-        "help": session.help,
-        "lastlog": session.lastlog, "ls": session.ls, "comphash": session.comphash,
-        "portscan": session.portscan,
-    }
-    return methods[command](*args)
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(32), *range(0x7f, 0xa0)]}
+
+
+def safe(text: str) -> str:
+    """A line from the server as a terminal may show it: control characters escaped."""
+    return text if text.isprintable() else text.translate(_CONTROLS)
+
+
+def print_line(text: str) -> None:
+    print(safe(text), flush=True)

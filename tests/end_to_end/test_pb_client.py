@@ -17,7 +17,7 @@ from twisted.spread import pb
 from twisted.trial import unittest
 
 from cmdserver import client, tap
-from cmdserver.cli.call import render
+from cmdserver.cli.call import safe
 from tests.end_to_end.pb_server import PBServer
 
 # Doors other builds may open by default, kept off so these tests bind nothing fixed.
@@ -56,8 +56,13 @@ class CallCLITests(unittest.TestCase):
         self.assertEqual((out, code), (b"pong\n", 0), err)
         out, err, code = yield self.call("ls")
         self.assertEqual((out, code), (b"d\n", 0), err)
-        out, err, code = yield self.call("lastlog", "1")
-        self.assertEqual((out, code), (b"two\n", 0), err)
+        out, err, code = yield self.call("lastlog", "1")  # as the line door prints it
+        self.assertEqual((out, code), (b"Begin lastlog\ntwo\nEnd lastlog\n", 0), err)
+        # No table of its own: the server parses the words, options included.
+        out, err, code = yield self.call("help", "ls")
+        self.assertEqual((out.splitlines()[0], code), (b"Usage: ls [PATH]", 0), err)
+        out, err, code = yield self.call("comphash", "--algo", "md5", "d")
+        self.assertEqual((err, code), (b"Error: is a directory: d\n", 1))
         out, err, code = yield self.call("whoami")
         self.assertEqual((out, code), (b"ops\n", 0), err)
 
@@ -74,7 +79,8 @@ class CallCLITests(unittest.TestCase):
         out, err, code = yield self.call("ping", password="bad")
         self.assertEqual((err, code), (b"Error: login failed\n", 1))
         out, err, code = yield self.call("lastlog", "x")
-        self.assertEqual((err, code), (b"cmdserver call lastlog: not a number: x\n", 2))
+        self.assertEqual((err, code),
+                         (b"Error: not a number: x; usage: lastlog [N]   (1..1000)\n", 1))
         self.assertNotIn(b"Traceback", err)
 
     @defer.inlineCallbacks
@@ -124,10 +130,9 @@ class CallCLITests(unittest.TestCase):
         self.assertEqual(str(failure), "the connection to the server is closed")
         self.assertIsInstance(failure, client.RemoteError)
 
-    def test_render(self) -> None:
-        self.assertEqual(render(["a", "b"]), ["a", "b"])
-        self.assertEqual(render({"x": 1, "y": {"z": 2}}), ["x: 1", 'y: {"z": 2}'])
-        self.assertEqual(render("pong"), ["pong"])
+    def test_cli_escapes_control_characters(self) -> None:
+        self.assertEqual(safe("a\x1b[2Jb\x9bc"), "a\\x1b[2Jb\\x9bc")
+        self.assertEqual(safe("plain"), "plain")
 
     @defer.inlineCallbacks
     def test_blocking_session(self) -> Any:

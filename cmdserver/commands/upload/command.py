@@ -56,6 +56,7 @@ class UploadCommand(Command):
         Param("hmac", help="the hex HMAC-SHA256 of the content"),
     )
     reads_input = True
+    timeout = 0  # no deadline: a big file takes long; a stalled one meets the idle timeout
 
     def __init__(self, uploads: Uploads) -> None:
         self.uploads = uploads

@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 
 from cmdserver.core import INTERNAL_ERROR
-from cmdserver.errors import CommandError
+from cmdserver.errors import CommandError, DeadlineExceeded
 
 log = Logger()
 
@@ -44,6 +44,11 @@ class LoginFailed(pb.Error):
     """Wrong user name or password (the same message for both)."""
 
 
+class CommandTimedOut(pb.Error):
+    """The command ran past its deadline and was stopped (a text door prints
+    ``Error: deadline exceeded: …``; SSH exec exits 124)."""
+
+
 class Cancelled(pb.Error):
     """The command was cancelled before it finished."""
 
@@ -59,6 +64,8 @@ def to_remote(failure: Failure, where: str, logged: bool = False) -> Failure:
     """
     if failure.check(pb.Error):
         return failure
+    if failure.check(DeadlineExceeded):
+        return Failure(CommandTimedOut(cast(CommandError, failure.value).message))
     if failure.check(CommandError):
         return Failure(CommandFailed(cast(CommandError, failure.value).message))
     if failure.check(CancelledError):

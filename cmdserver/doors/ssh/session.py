@@ -250,7 +250,8 @@ class CommandSession:
 
     def _exec_done(self, reply: TextReply) -> None:
         self.write_reply(reply)
-        self.finish(0 if reply.ok else 1)
+        # 124 for a command stopped at its deadline, as timeout(1) exits.
+        self.finish(reply.status if reply.status is not None else 0 if reply.ok else 1)
 
     def write_reply(self, reply: TextReply) -> None:
         """A reply without a terminal: stdout if it succeeded, else stderr."""
