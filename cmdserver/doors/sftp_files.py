@@ -1,7 +1,8 @@
 """Open files of the SFTP subsystem: reads, atomic uploads and directory listings.
 
-Every operation on a descriptor runs in a thread; closing waits for the reads
-or writes still in flight.  An upload is a temporary file in the target
+Every operation on a descriptor runs in a thread, one after the other in the
+order the requests came, and is answered in that order; closing waits for the
+reads or writes before it.  An upload is a temporary file in the target
 directory that :meth:`UploadFile.close` fsyncs and renames over the target,
 and :meth:`UploadFile.abort` removes when the session ends first.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -98,31 +100,54 @@ class DirectoryListing:
 
 
 class _OpenFile:
-    """An open descriptor whose operations run in threads; close waits for them."""
+    """An open descriptor whose operations run in threads, one at a time, in order.
+
+    The requests on one handle are carried out and answered in the order they
+    came.  SFTP allows a server to answer in any order, but OpenSSH 9.0 to 9.3's
+    ``scp`` writes a download in place and cuts it at the last byte before the
+    first reply that came out of order (an upload too, through FSETSTAT): reads
+    run side by side in threads finished in any order and lost data.  In turn,
+    overlapping writes also land in the order they were sent, as SFTP requires.
+    Closing is the last operation in that line, so it waits for the others.
+    """
 
     def __init__(self, server: JailedSFTPServer, fd: int) -> None:
         self.server = server
         self.fd: int | None = fd
-        self._pending: set[Deferred] = set()
+        self._queue: deque[tuple[Callable[[], Any], Deferred]] = deque()
+        self._busy = False
 
     def _op(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        """Run ``f(*args)`` in turn; a closed file fails in turn too."""
         if self.fd is None:
-            return defer.fail(SFTPError(FX_FAILURE, "file is closed"))
-        d = self.server.core.in_thread(f, *args)
-        self._pending.add(d)
+            return self._in_turn(_closed)
+        return self._in_turn(lambda: f(*args))
 
-        def settled(result: Any) -> Any:
-            self._pending.discard(d)
-            return result
-
-        return d.addBoth(settled)
-
-    def _after_pending(self, f: Callable[[], Any]) -> Deferred:
-        """Run ``f`` in a thread once every read or write in flight is done."""
-        pending = [_quiet(d) for d in self._pending]
-        d = defer.DeferredList(pending) if pending else defer.succeed(None)
-        d.addCallback(lambda _: self.server.core.in_thread(f))
+    def _in_turn(self, f: Callable[[], Any]) -> Deferred:
+        """Run ``f`` in a thread once every operation queued before it is answered."""
+        d: Deferred = Deferred()
+        self._queue.append((f, d))
+        if not self._busy:
+            self._next()
         return d
+
+    def _next(self) -> None:
+        if not self._queue:
+            self._busy = False
+            return
+        self._busy = True
+        f, d = self._queue.popleft()
+
+        def answer(result: Any) -> None:
+            # The caller's callbacks (conch's reply) run now, before the next
+            # operation starts: the replies leave in the order of the requests.
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+            self._next()
+
+        self.server.core.in_thread(f).addBoth(answer)
 
     def getAttrs(self) -> Deferred:
         fd = self.fd
@@ -148,7 +173,7 @@ class ReadFile(_OpenFile):
         if self.fd is None:
             return defer.succeed(None)
         fd, self.fd = self.fd, None
-        return self._after_pending(lambda: os.close(fd))
+        return self._in_turn(lambda: os.close(fd))
 
 
 @implementer(ISFTPFile)
@@ -185,7 +210,7 @@ class UploadFile(_OpenFile):
         if self.fd is None:
             return defer.fail(SFTPError(FX_FAILURE, "file is closed"))
         fd, self.fd = self.fd, None
-        d = self._after_pending(lambda: self._commit(fd))
+        d = self._in_turn(lambda: self._commit(fd))
         server = self.server
 
         def audit_ok(_: Any) -> None:
@@ -229,7 +254,7 @@ class UploadFile(_OpenFile):
 
         log.info("sftp: upload of {name} abandoned, temporary file removed",
                  name=_text(self.name))
-        return self._after_pending(drop)
+        return self._in_turn(drop)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -247,16 +272,8 @@ def _remove(path: str) -> None:
         pass
 
 
-def _quiet(d: Deferred) -> Deferred:
-    """A Deferred that fires when ``d`` does, without taking its result or error."""
-    waiter: Deferred = Deferred()
-
-    def fire(result: Any) -> Any:
-        waiter.callback(None)
-        return result
-
-    d.addBoth(fire)
-    return waiter
+def _closed() -> None:
+    raise SFTPError(FX_FAILURE, "file is closed")
 
 
 def _text(value: Any) -> str:
