@@ -14,16 +14,23 @@ from typing import Any
 
 from twisted.conch.ssh import common, connection
 from twisted.conch.ssh.filetransfer import (
+    FX_BAD_MESSAGE,
+    FX_OK,
     FXF_CREAT,
     FXF_READ,
     FXF_TRUNC,
     FXF_WRITE,
+    FXP_ATTRS,
+    FXP_CLOSE,
     FXP_DATA,
     FXP_HANDLE,
     FXP_INIT,
+    FXP_LSTAT,
     FXP_OPEN,
     FXP_READ,
+    FXP_STATUS,
     FXP_VERSION,
+    FXP_WRITE,
 )
 from twisted.internet import defer, task
 from twisted.trial import unittest
@@ -35,6 +42,7 @@ from cmdserver.doors.sftp import JailedFileTransferServer
 from cmdserver.doors.ssh import CmdServerConnection, SSHAvatar, SSHSettings
 from cmdserver.doors.ssh_session import RefusingSSHSession
 from cmdserver.policy import Policy
+from cmdserver.upload_spool import TEMP_RE
 from tests.helpers import OutsideTreeTempMixin
 
 PUT = FXF_WRITE | FXF_CREAT | FXF_TRUNC
@@ -142,6 +150,29 @@ class SFTPSessionTest(OutsideTreeTempMixin, unittest.TestCase):
                 replies.append((body[0], struct.unpack("!L", body[1:5])[0], body[5:]))
         return replies
 
+    def statuses(self) -> list[tuple[int, int]]:
+        return [(request_id, struct.unpack("!L", payload[:4])[0])
+                for kind, request_id, payload in self.replies() if kind == FXP_STATUS]
+
+    def channel_events(self) -> list[Any]:
+        """The channel requests, EOF and close the server sent, in order."""
+        events: list[Any] = []
+        for kind, data in self.conn.transport.packets:
+            if kind == connection.MSG_CHANNEL_REQUEST:
+                name, rest = common.getNS(data[4:])
+                events.append((name.decode(), struct.unpack(">L", rest[1:5])[0]))
+            elif kind == connection.MSG_CHANNEL_CLOSE:
+                events.append("close")
+        return events
+
+    def eof(self) -> None:
+        self.conn.ssh_CHANNEL_EOF(struct.pack(">L", 0))
+
+    def temps(self) -> list[str]:
+        return [n for n in os.listdir(self.root) if TEMP_RE.match(n)]
+
+    # -- tests ------------------------------------------------------------------
+
     def test_reads_are_answered_in_order_whatever_order_the_threads_finish(self) -> None:
         # OpenSSH 9.2's scp cuts a download at the first reply out of order.
         handle = self.open(b"big.bin", FXF_READ)
@@ -152,3 +183,58 @@ class SFTPSessionTest(OutsideTreeTempMixin, unittest.TestCase):
                 for kind, request_id, payload in self.replies() if kind == FXP_DATA]
         self.assertEqual([request_id for request_id, _ in data], reads)
         self.assertEqual(b"".join(chunk for _, chunk in data), self.payload)
+
+    def test_eof_waits_for_the_requests_before_it_then_exit_status_0(self) -> None:
+        handle = self.open(b"up.bin", PUT)
+        writes = [self.request(FXP_WRITE, common.NS(handle) + struct.pack("!Q", offset)
+                               + common.NS(self.payload[offset:offset + 32768]))
+                  for offset in range(0, len(self.payload), 32768)]
+        close = self.request(FXP_CLOSE, common.NS(handle))
+        self.eof()  # at once, before any answer
+        self.assertEqual(self.channel_events(), [])  # nothing answered yet: no end
+        self.threads.finish_newest_first()
+        self.assertEqual(self.statuses(), [(i, FX_OK) for i in [*writes, close]])
+        self.assertEqual(self.channel_events(), [("exit-status", 0), "close"])
+        with open(os.path.join(self.root, "up.bin"), "rb") as f:
+            self.assertEqual(f.read(), self.payload)
+        self.assertEqual(self.temps(), [])
+
+    def test_eof_drops_an_upload_the_client_did_not_close(self) -> None:
+        handle = self.open(b"up.bin", PUT)
+        write = self.request(FXP_WRITE, common.NS(handle) + struct.pack("!Q", 0)
+                             + common.NS(b"partial"))
+        self.eof()
+        self.threads.finish_newest_first()
+        self.assertEqual(self.statuses(), [(write, FX_OK)])
+        self.assertEqual(self.channel_events(), [("exit-status", 0), "close"])
+        self.threads.finish_newest_first()  # the clean-up of the abandoned upload
+        self.assertEqual(sorted(os.listdir(self.root)), ["big.bin"])
+
+    def test_eof_with_nothing_in_flight_ends_at_once(self) -> None:
+        self.eof()
+        self.assertEqual(self.channel_events(), [("exit-status", 0), "close"])
+
+    def test_eof_after_a_stat_that_conch_hands_on(self) -> None:
+        # conch's LSTAT calls its STAT: still one request, one reply.
+        lstat = self.request(FXP_LSTAT, common.NS(b"big.bin"))
+        self.eof()
+        self.assertEqual(self.channel_events(), [])
+        self.threads.finish_newest_first()
+        self.assertEqual([(kind, i) for kind, i, _ in self.replies()], [(FXP_ATTRS, lstat)])
+        self.assertEqual(self.channel_events(), [("exit-status", 0), "close"])
+
+    def test_a_malformed_request_is_answered_and_does_not_hold_the_end(self) -> None:
+        # conch fails on a READ of an unknown handle without answering it.
+        bad = self.request(FXP_READ, common.NS(b"nosuch") + struct.pack("!QL", 0, 10))
+        self.flushLoggedErrors(AttributeError)
+        self.assertEqual(self.statuses(), [(bad, FX_BAD_MESSAGE)])
+        self.eof()
+        self.assertEqual(self.channel_events(), [("exit-status", 0), "close"])
+
+    def test_closing_the_channel_first_aborts_open_uploads(self) -> None:
+        handle = self.open(b"up.bin", PUT)
+        self.request(FXP_WRITE, common.NS(handle) + struct.pack("!Q", 0) + common.NS(b"x"))
+        self.conn.ssh_CHANNEL_CLOSE(struct.pack(">L", 0))  # no EOF: the client went away
+        self.threads.finish_newest_first()
+        self.assertEqual(sorted(os.listdir(self.root)), ["big.bin"])
+        self.assertNotIn(("exit-status", 0), self.channel_events())
