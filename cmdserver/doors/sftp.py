@@ -394,8 +394,11 @@ _REPLIES = frozenset({FXP_STATUS, FXP_HANDLE, FXP_DATA, FXP_NAME, FXP_ATTRS,
 
 
 def _apply_attrs(path: str, attrs: dict) -> None:
-    if "uid" in attrs or "size" in attrs:
-        raise unsupported("changing owner or size")
+    if "uid" in attrs:
+        raise unsupported("changing owner")
+    # A file changes only by a whole upload; a size it already has changes nothing.
+    if "size" in attrs and attrs["size"] != os.stat(path).st_size:
+        raise unsupported("changing the size of a file (upload it again)")
     if "permissions" in attrs:  # narrowed, never widened: see capped_mode
         chmod_capped(path, attrs["permissions"])
     if "atime" in attrs:

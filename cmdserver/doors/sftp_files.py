@@ -197,13 +197,24 @@ class UploadFile(_OpenFile):
         return self._op(_pwrite_all, self.fd, data, offset)
 
     def setAttrs(self, attrs: dict) -> Deferred:
-        if "uid" in attrs or "size" in attrs:
-            return defer.fail(unsupported("changing owner or size"))
+        """FSETSTAT, in turn after the writes before it.
+
+        The mode (narrowed, see :func:`capped_mode`) and the times are set on
+        close.  A size is accepted as the upload has it (OpenSSH's ``scp`` sends
+        the size it wrote); another one would change the data and is refused.
+        """
+        fd = self.fd
+        return self._op(self._set_attrs, fd, attrs)
+
+    def _set_attrs(self, fd: int, attrs: dict) -> None:
+        if "uid" in attrs:
+            raise unsupported("changing owner")
+        if "size" in attrs and attrs["size"] != os.fstat(fd).st_size:
+            raise unsupported("changing the size of an upload")
         if "permissions" in attrs:
             self.mode = capped_mode(stat.S_IFREG, attrs["permissions"])
         if "atime" in attrs:
             self.times = (attrs["atime"], attrs["mtime"])
-        return defer.succeed(None)
 
     def close(self) -> Deferred:
         """Make the upload visible under its name, whole, or not at all."""

@@ -262,6 +262,44 @@ class SFTPModeTest(SFTPServerTestBase):
         self.assertEqual(self.error(d).code, FX_PERMISSION_DENIED)
         self.assertEqual(os.stat(secret).st_mode & 0o777, 0o600)
 
+    def test_fsetstat_accepts_the_size_the_upload_has(self) -> None:
+        # OpenSSH's scp sends the size it wrote (its in-place truncation), with -p
+        # the mode and times too.
+        upload = self.put(b"f.bin", b"0123456789")
+        self.successResultOf(upload.setAttrs({"size": 10}))
+        self.successResultOf(upload.setAttrs({"size": 10, "permissions": 0o644,
+                                              "atime": 1000, "mtime": 2000}))
+        self.successResultOf(upload.close())
+        with open(self.path("f.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"0123456789")
+        self.assertEqual((self.mode("f.bin"), os.stat(self.path("f.bin")).st_mtime),
+                         (0o600, 2000))
+        # Another size would change the data: refused, and nothing else is set.
+        upload = self.put(b"f.bin", b"abcdefgh")
+        for size in (3, 9):
+            d = upload.setAttrs({"size": size, "permissions": 0o400})
+            self.assertEqual(self.error(d).code, FX_OP_UNSUPPORTED)
+        self.successResultOf(upload.close())
+        with open(self.path("f.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"abcdefgh")
+        self.assertEqual(self.mode("f.bin"), 0o600)
+
+    def test_fsetstat_owner_is_refused(self) -> None:
+        upload = self.put(b"f.bin", b"data")
+        d = upload.setAttrs({"uid": 0, "gid": 0})
+        self.assertEqual(self.error(d).code, FX_OP_UNSUPPORTED)
+        self.successResultOf(upload.close())
+
+    def test_setstat_size_of_a_file_only_as_it_is(self) -> None:
+        self.successResultOf(self.server.setAttrs(b"a.txt", {"size": 5, "atime": 1000,
+                                                             "mtime": 2000}))
+        self.assertEqual(os.stat(self.path("a.txt")).st_mtime, 2000)
+        d = self.server.setAttrs(b"a.txt", {"size": 2, "mtime": 3000, "atime": 3000})
+        self.assertEqual(self.error(d).code, FX_OP_UNSUPPORTED)
+        with open(self.path("a.txt")) as f:
+            self.assertEqual(f.read(), "alpha")
+        self.assertEqual(os.stat(self.path("a.txt")).st_mtime, 2000)
+
     def test_times_are_still_set(self) -> None:
         self.successResultOf(self.server.setAttrs(b"a.txt", {"atime": 1000, "mtime": 2000}))
         self.assertEqual(os.stat(self.path("a.txt")).st_mtime, 2000)

@@ -23,6 +23,7 @@ from twisted.conch.ssh.filetransfer import (
     FXP_ATTRS,
     FXP_CLOSE,
     FXP_DATA,
+    FXP_FSETSTAT,
     FXP_HANDLE,
     FXP_INIT,
     FXP_LSTAT,
@@ -189,11 +190,14 @@ class SFTPSessionTest(OutsideTreeTempMixin, unittest.TestCase):
         writes = [self.request(FXP_WRITE, common.NS(handle) + struct.pack("!Q", offset)
                                + common.NS(self.payload[offset:offset + 32768]))
                   for offset in range(0, len(self.payload), 32768)]
+        # scp's in-place upload sends the size it wrote, then close.
+        size = self.request(FXP_FSETSTAT, common.NS(handle)
+                            + struct.pack("!LQ", 1, len(self.payload)))
         close = self.request(FXP_CLOSE, common.NS(handle))
         self.eof()  # at once, before any answer
         self.assertEqual(self.channel_events(), [])  # nothing answered yet: no end
         self.threads.finish_newest_first()
-        self.assertEqual(self.statuses(), [(i, FX_OK) for i in [*writes, close]])
+        self.assertEqual(self.statuses(), [(i, FX_OK) for i in [*writes, size, close]])
         self.assertEqual(self.channel_events(), [("exit-status", 0), "close"])
         with open(os.path.join(self.root, "up.bin"), "rb") as f:
             self.assertEqual(f.read(), self.payload)
