@@ -189,12 +189,24 @@ class UploadFile(_OpenFile):
         self.exclusive = exclusive
         self.name = name
         self.times: tuple[int, int] | None = None
+        self.failed: str | None = None  # why a write failed: the upload is discarded
 
     def readChunk(self, offset: int, length: int) -> Deferred:
         return defer.fail(unsupported("reading an upload before it is closed"))
 
     def writeChunk(self, offset: int, data: bytes) -> Deferred:
-        return self._op(_pwrite_all, self.fd, data, offset)
+        fd = self.fd
+        return self._op(self._write, fd, data, offset)
+
+    def _write(self, fd: int, data: bytes, offset: int) -> None:
+        if self.failed is not None:
+            raise SFTPError(FX_FAILURE, f"an earlier write failed ({self.failed})")
+        try:
+            _pwrite_all(fd, data, offset)
+        except OSError as e:
+            error = os_error(e, os.fsdecode(self.name))
+            self.failed = error.message
+            raise error from None
 
     def setAttrs(self, attrs: dict) -> Deferred:
         """FSETSTAT, in turn after the writes before it.
@@ -235,6 +247,10 @@ class UploadFile(_OpenFile):
         return d
 
     def _commit(self, fd: int) -> None:
+        if self.failed is not None:  # a file with a hole in it is never made visible
+            os.close(fd)
+            _remove(self.temp)
+            raise SFTPError(FX_FAILURE, f"upload discarded: a write failed ({self.failed})")
         try:
             os.fchmod(fd, self.mode)
             os.fsync(fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -144,6 +145,26 @@ class SFTPJailTest(SFTPServerTestBase):
         self.successResultOf(self.put(b"a.txt", b"beta").close())
         with open(self.path("a.txt"), "rb") as f:
             self.assertEqual(f.read(), b"beta")
+
+    def test_a_failed_write_discards_the_upload(self) -> None:
+        upload = self.put(b"a.txt", b"first ")
+        real_pwrite = os.pwrite
+
+        def disk_full(fd: int, data: Any, offset: int) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "pwrite", disk_full)
+        self.assertIn("no space left on device", self.error(upload.writeChunk(6, b"x")).message)
+        self.patch(os, "pwrite", real_pwrite)
+        # A client that goes on (OpenSSH's scp truncates at what it knows was
+        # written, then closes) gets no file with a hole in it: a.txt stays as it was.
+        self.assertIn("an earlier write failed", self.error(upload.writeChunk(7, b"y")).message)
+        message = self.error(upload.close()).message
+        self.assertEqual(message, "upload discarded: a write failed "
+                                  "(no space left on device: a.txt)")
+        with open(self.path("a.txt")) as f:
+            self.assertEqual(f.read(), "alpha")
+        self.assertEqual(self.temps(), [])
 
     def test_lost_session_drops_the_upload(self) -> None:
         protocol = JailedFileTransferServer(self.server)
