@@ -12,6 +12,7 @@ start-up sweep removes those a killed daemon left behind.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections import Counter
@@ -218,10 +219,13 @@ class JailedSFTPServer:
             raise SFTPError(FX_FILE_ALREADY_EXISTS, f"file exists: {shown}")
         if exists and os.path.isdir(target):
             raise SFTPError(FX_FAILURE, f"is a directory: {shown}")
-        if exists and not flags & FXF_TRUNC:
-            raise unsupported("writing into an existing file (uploads replace it whole)")
         if not exists and not flags & FXF_CREAT:
             raise SFTPError(filetransfer.FX_NO_SUCH_FILE, f"no such file: {shown}")
+        replaced = None
+        if exists and not flags & FXF_TRUNC:
+            # Written into without truncating (OpenSSH's scp does): the upload
+            # starts as the file's content and still replaces it whole on close.
+            replaced = self._open_replaced(target, shown)
         directory, base = os.path.split(target)
         try:
             dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -230,12 +234,28 @@ class JailedSFTPServer:
             finally:
                 os.close(dir_fd)
         except OSError as e:
+            if replaced is not None:
+                os.close(replaced)
             raise os_error(e, shown) from None
         temp = os.path.join(directory, name)
         # The mode the client asks for (OpenSSH's sftp sends the local file's) is
         # ignored: an uploaded file is 0600, as with the upload command.
         return UploadFile(self, fd, temp, target, exclusive=bool(flags & FXF_EXCL),
-                          name=filename)
+                          name=filename, base=replaced)
+
+    @staticmethod
+    def _open_replaced(target: str, shown: str) -> int:
+        """The file an upload writes into, for reading; never through a symlink."""
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise unsupported("writing into a symlink") from None
+            raise os_error(e, shown) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise SFTPError(FX_FAILURE, f"not a regular file: {shown}")
+        return fd
 
     def removeFile(self, filename: bytes) -> Deferred:
         def remove() -> None:

@@ -178,11 +178,22 @@ class ReadFile(_OpenFile):
 
 @implementer(ISFTPFile)
 class UploadFile(_OpenFile):
-    """An upload: written to a temporary file, renamed into place on close."""
+    """An upload: written to a temporary file, renamed into place on close.
+
+    Opened on an existing file without truncating it (OpenSSH's ``scp`` does
+    that), the upload starts as that file's content: ``base`` is the file, and
+    the bytes the client does not write come from it.  They are copied only
+    when needed: not at all when the client writes from the start and then
+    sets the size it wrote, as ``scp`` does.
+    """
 
     def __init__(self, server: JailedSFTPServer, fd: int, temp: str, target: str,
-                 exclusive: bool, name: bytes) -> None:
+                 exclusive: bool, name: bytes, base: int | None = None) -> None:
         super().__init__(server, fd)
+        self.base = base  # until its bytes are copied in or cut off
+        self.base_size = os.fstat(base).st_size if base is not None else 0
+        self.prefix = 0  # the client wrote all of [0, prefix) (while base is kept)
+        self.end = 0  # the end of the bytes the client wrote
         self.temp = temp
         self.target = target
         self.mode = FILE_MODE  # an FSETSTAT may narrow it before close
@@ -202,18 +213,55 @@ class UploadFile(_OpenFile):
         if self.failed is not None:
             raise SFTPError(FX_FAILURE, f"an earlier write failed ({self.failed})")
         try:
+            if self.base is not None and offset > self.prefix:
+                self._copy_base(fd)  # the gap before offset keeps the file's bytes
             _pwrite_all(fd, data, offset)
         except OSError as e:
             error = os_error(e, os.fsdecode(self.name))
             self.failed = error.message
             raise error from None
+        if self.base is not None:
+            self.prefix = max(self.prefix, offset + len(data))
+        self.end = max(self.end, offset + len(data))
+
+    def _copy_base(self, fd: int) -> None:
+        """Copy the replaced file's bytes the client has not written (beyond the
+        prefix) into the upload."""
+        base, self.base = self.base, None
+        if base is not None:
+            try:
+                _copy_range(base, fd, self.prefix, self.base_size)
+            finally:
+                os.close(base)
+
+    def _drop_base(self) -> None:
+        base, self.base = self.base, None
+        if base is not None:
+            os.close(base)
+
+    def _size(self, fd: int) -> int:
+        if self.base is not None:
+            return max(self.prefix, self.base_size)
+        return os.fstat(fd).st_size
+
+    def getAttrs(self) -> Deferred:
+        fd = self.fd
+
+        def attrs() -> dict[str, int]:
+            found = stat_attrs(os.fstat(cast(int, fd)))
+            found["size"] = self._size(cast(int, fd))
+            return found
+
+        return self._op(attrs)
 
     def setAttrs(self, attrs: dict) -> Deferred:
         """FSETSTAT, in turn after the writes before it.
 
         The mode (narrowed, see :func:`capped_mode`) and the times are set on
-        close.  A size is accepted as the upload has it (OpenSSH's ``scp`` sends
-        the size it wrote); another one would change the data and is refused.
+        close.  A size is accepted as the upload has it, or at the end of the
+        bytes the client wrote (OpenSSH's ``scp`` sends the size it wrote): that
+        cuts off only what is left of a file written into.  Another size would
+        change the data the client sent and is refused.
         """
         fd = self.fd
         return self._op(self._set_attrs, fd, attrs)
@@ -221,8 +269,16 @@ class UploadFile(_OpenFile):
     def _set_attrs(self, fd: int, attrs: dict) -> None:
         if "uid" in attrs:
             raise unsupported("changing owner")
-        if "size" in attrs and attrs["size"] != os.fstat(fd).st_size:
-            raise unsupported("changing the size of an upload")
+        if "size" in attrs and attrs["size"] != self._size(fd):
+            if attrs["size"] != self.end:
+                raise unsupported("changing the size of an upload")
+            self._drop_base()
+            try:
+                os.ftruncate(fd, self.end)
+            except OSError as e:
+                error = os_error(e, os.fsdecode(self.name))
+                self.failed = error.message  # what is left of the file may be in it
+                raise error from None
         if "permissions" in attrs:
             self.mode = capped_mode(stat.S_IFREG, attrs["permissions"])
         if "atime" in attrs:
@@ -248,10 +304,12 @@ class UploadFile(_OpenFile):
 
     def _commit(self, fd: int) -> None:
         if self.failed is not None:  # a file with a hole in it is never made visible
+            self._drop_base()
             os.close(fd)
             _remove(self.temp)
             raise SFTPError(FX_FAILURE, f"upload discarded: a write failed ({self.failed})")
         try:
+            self._copy_base(fd)
             os.fchmod(fd, self.mode)
             os.fsync(fd)
             os.close(fd)
@@ -276,6 +334,7 @@ class UploadFile(_OpenFile):
         fd, self.fd = self.fd, None
 
         def drop() -> None:
+            self._drop_base()
             os.close(fd)
             _remove(self.temp)
 
@@ -290,6 +349,23 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    """Copy the bytes from ``start`` to ``end`` of ``src`` to the same place in ``dst``."""
+    offset = start
+    while offset < end:
+        try:
+            copied = os.copy_file_range(src, dst, end - offset, offset, offset)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            chunk = os.pread(src, min(end - offset, MAX_READ), offset)
+            _pwrite_all(dst, chunk, offset)
+            copied = len(chunk)
+        if not copied:
+            return  # the file got shorter meanwhile
+        offset += copied
 
 
 def _remove(path: str) -> None:

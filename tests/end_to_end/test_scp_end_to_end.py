@@ -140,3 +140,29 @@ class ScpTest(DeployedSSHBase):
         self.assertEqual((err, status), (b"", 0))
         self.assertEqual(os.stat(got).st_mtime, OLD_TIME - 3600)
         self.assertEqual(fingerprint(got), fingerprint(served))
+
+    @defer.inlineCallbacks
+    def test_upload_over_an_existing_file_replaces_it(self) -> Any:
+        # scp opens an existing file without truncating it, writes, then sets the
+        # size it wrote: larger, smaller and empty files all land exactly.
+        yield self.serve()
+        landed = os.path.join(self.root, "same.bin")
+        for size in (3 * MIB, MIB + 1, 2 * MIB, 0):
+            sent = self.local(f"send-{size}.bin")
+            write_random(sent, size)
+            out, err, status = yield self.scp(sent, "ops@127.0.0.1:same.bin")
+            self.assertEqual((err, status), (b"", 0), size)
+            self.assertEqual(fingerprint(landed), fingerprint(sent), size)
+            self.assertEqual(os.listdir(self.root), ["same.bin"])
+        # scp -r again over what it copied before, with files changed meanwhile.
+        top = self.local("tree")
+        os.makedirs(top)
+        for i in range(10):
+            write_random(os.path.join(top, f"f{i}.bin"), 100_000 + i)
+        for round_ in range(2):
+            out, err, status = yield self.scp("-r", top, "ops@127.0.0.1:.")  # ./tree
+            self.assertEqual((err, status), (b"", 0), round_)
+            self.assertEqual(tree(os.path.join(self.root, "tree")), tree(top), round_)
+            for i in range(0, 10, 2):
+                write_random(os.path.join(top, f"f{i}.bin"), 50_000 - i)
+        self.no_temporary_files()
