@@ -27,11 +27,15 @@ from tests.end_to_end.support import RunningService, in_thread
 
 SSH = shutil.which("ssh")
 SFTP = shutil.which("sftp")
+SCP = shutil.which("scp")
 SHELL_UPLOAD_ERROR = (b"Error: upload reads its bytes from stdin: "
                       b"use 'ssh HOST upload NAME SIZE HMAC < FILE'")
 
 
-class DeployedSSHTest(unittest.TestCase):
+class DeployedSSHBase(unittest.TestCase):
+    """The service from makeService and a users file with ``ops``: a password and
+    an Ed25519 key (``self.key_file`` for OpenSSH, ``self.pkey`` for paramiko)."""
+
     def setUp(self) -> None:
         self.tmp = os.path.abspath(self.mktemp())
         self.data = os.path.join(self.tmp, "data")
@@ -73,6 +77,19 @@ class DeployedSSHTest(unittest.TestCase):
                        allow_agent=False, look_for_keys=False, timeout=10)
         return client
 
+    def openssh(self, program: str | None, *args: str) -> defer.Deferred:
+        """Run an OpenSSH client in batch mode with the key: (out, err, status)."""
+        if program is None:
+            raise unittest.SkipTest("OpenSSH client not installed")
+        options = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                   "-o", "UserKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes",
+                   "-o", "LogLevel=ERROR", "-i", self.key_file,
+                   "-P" if program in (SFTP, SCP) else "-p", str(self.port)]
+        return utils.getProcessOutputAndValue(program, [*options, *args],
+                                              env={"PATH": os.defpath}, reactor=reactor)
+
+
+class DeployedSSHTest(DeployedSSHBase):
     # -- the start-up sweep ----------------------------------------------------
 
     @defer.inlineCallbacks
@@ -219,16 +236,6 @@ class DeployedSSHTest(unittest.TestCase):
         self.assertIn(f"File hash is : {hashlib.sha256(content).hexdigest()}".encode(), seen)
 
     # -- OpenSSH clients -----------------------------------------------------------
-
-    def openssh(self, program: str | None, *args: str) -> defer.Deferred:
-        if program is None:
-            raise unittest.SkipTest("OpenSSH client not installed")
-        options = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                   "-o", "UserKnownHostsFile=/dev/null", "-o", "IdentitiesOnly=yes",
-                   "-o", "LogLevel=ERROR", "-i", self.key_file,
-                   "-P" if program == SFTP else "-p", str(self.port)]
-        return utils.getProcessOutputAndValue(program, [*options, *args],
-                                              env={"PATH": os.defpath}, reactor=reactor)
 
     @defer.inlineCallbacks
     def test_openssh_exec_with_the_users_file(self) -> Any:

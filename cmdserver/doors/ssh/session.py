@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from twisted.conch.insults import insults
 from twisted.conch.interfaces import EnvironmentVariableNotPermitted, ISession, ISessionSetEnv
 from twisted.conch.ssh import connection, session
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -78,14 +79,25 @@ class RefusingSSHSession(session.SSHSession):
         return super().requestReceived(requestType, data)
 
     def eofReceived(self) -> None:
-        # An sftp subsystem ends at the client's EOF.  conch only closes it when no
+        # A subsystem (sftp) ends at the client's EOF.  conch only closes it when no
         # session object exists, but an earlier env request (OpenSSH sends LANG)
-        # creates one, whose EOF handling is for exec and shells.
+        # creates one, whose EOF handling is for exec and shells.  Requests sent
+        # before the EOF are answered first, then the exit status 0 goes out.
         if self.client is not None and getattr(self.session, "proto", None) is None:
-            assert self.conn is not None  # a channel that gets EOF is open on a connection
-            self.conn.sendClose(self)
+            subsystem = getattr(self.client.transport, "proto", None)  # conch's wrapper
+            answered = getattr(subsystem, "requests_answered", None)
+            d = answered() if answered is not None else defer.succeed(None)
+            d.addCallback(lambda _: self.end_subsystem(0))
             return
         super().eofReceived()
+
+    def end_subsystem(self, status: int) -> None:
+        """Send the exit status and close the channel once its output is sent."""
+        if self.closing or self.localClosed:
+            return
+        assert self.conn is not None  # an open channel is on a connection
+        self.conn.sendRequest(self, b"exit-status", struct.pack(">L", status))
+        self.loseConnection()
 
 
 @implementer(ISession, ISessionSetEnv)

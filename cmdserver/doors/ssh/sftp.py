@@ -12,8 +12,10 @@ start-up sweep removes those a killed daemon left behind.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,7 @@ from twisted.conch.interfaces import ISFTPServer
 from twisted.conch.ls import lsLine
 from twisted.conch.ssh import filetransfer
 from twisted.conch.ssh.filetransfer import (
+    FX_BAD_MESSAGE,
     FX_FAILURE,
     FX_FILE_ALREADY_EXISTS,
     FX_PERMISSION_DENIED,
@@ -30,6 +33,12 @@ from twisted.conch.ssh.filetransfer import (
     FXF_READ,
     FXF_TRUNC,
     FXF_WRITE,
+    FXP_ATTRS,
+    FXP_DATA,
+    FXP_EXTENDED_REPLY,
+    FXP_HANDLE,
+    FXP_NAME,
+    FXP_STATUS,
     SFTPError,
 )
 from twisted.internet import defer
@@ -210,10 +219,13 @@ class JailedSFTPServer:
             raise SFTPError(FX_FILE_ALREADY_EXISTS, f"file exists: {shown}")
         if exists and os.path.isdir(target):
             raise SFTPError(FX_FAILURE, f"is a directory: {shown}")
-        if exists and not flags & FXF_TRUNC:
-            raise unsupported("writing into an existing file (uploads replace it whole)")
         if not exists and not flags & FXF_CREAT:
             raise SFTPError(filetransfer.FX_NO_SUCH_FILE, f"no such file: {shown}")
+        replaced = None
+        if exists and not flags & FXF_TRUNC:
+            # Written into without truncating (OpenSSH's scp does): the upload
+            # starts as the file's content and still replaces it whole on close.
+            replaced = self._open_replaced(target, shown)
         directory, base = os.path.split(target)
         try:
             dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -222,12 +234,28 @@ class JailedSFTPServer:
             finally:
                 os.close(dir_fd)
         except OSError as e:
+            if replaced is not None:
+                os.close(replaced)
             raise os_error(e, shown) from None
         temp = os.path.join(directory, name)
         # The mode the client asks for (OpenSSH's sftp sends the local file's) is
         # ignored: an uploaded file is 0600, as with the upload command.
         return UploadFile(self, fd, temp, target, exclusive=bool(flags & FXF_EXCL),
-                          name=filename)
+                          name=filename, base=replaced)
+
+    @staticmethod
+    def _open_replaced(target: str, shown: str) -> int:
+        """The file an upload writes into, for reading; never through a symlink."""
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise unsupported("writing into a symlink") from None
+            raise os_error(e, shown) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise SFTPError(FX_FAILURE, f"not a regular file: {shown}")
+        return fd
 
     def removeFile(self, filename: bytes) -> Deferred:
         def remove() -> None:
@@ -301,10 +329,61 @@ class JailedSFTPServer:
 
 
 class JailedFileTransferServer(filetransfer.FileTransferServer):
-    """Conch's SFTP protocol, except that a lost session aborts open uploads."""
+    """Conch's SFTP protocol, except that a lost session aborts open uploads and
+    that it knows which requests are not answered yet.
+
+    The session ends at the client's EOF, but only once every request received
+    before it is answered (:meth:`requests_answered`): a client may send its
+    last reads, writes or closes and its EOF without waiting for the replies.
+    """
 
     def __init__(self, server: JailedSFTPServer) -> None:
         super().__init__(avatar=server)
+        self._unanswered: Counter[bytes] = Counter()  # request id -> requests
+        self._waiting: list[Deferred] = []
+        self._dispatching = False
+
+    def requests_answered(self) -> Deferred:
+        """A Deferred that fires once every request received so far is answered."""
+        d: Deferred = Deferred()
+        self._waiting.append(d)
+        self._maybe_idle()
+        return d
+
+    def _dispatch(self, handler: Callable[..., None], data: bytes, *args: Any) -> None:
+        """Run conch's handler for one request, which is unanswered until its reply."""
+        if self._dispatching:  # conch's handlers call each other: LSTAT calls STAT
+            handler(self, data, *args)
+            return
+        request_id = data[:4]
+        self._unanswered[request_id] += 1
+        count = self._unanswered[request_id]
+        self._dispatching = True
+        try:
+            handler(self, data, *args)
+        except Exception:
+            # A malformed request (conch logs it), which conch would never answer.
+            if self._unanswered[request_id] >= count:
+                self._sendStatus(request_id, FX_BAD_MESSAGE, b"bad request")
+            raise
+        finally:
+            self._dispatching = False
+
+    def sendPacket(self, kind: int, data: bytes) -> None:
+        super().sendPacket(kind, data)
+        if kind in _REPLIES:  # every reply starts with its request's id
+            request_id = data[:4]
+            if self._unanswered[request_id] > 1:
+                self._unanswered[request_id] -= 1
+            else:
+                self._unanswered.pop(request_id, None)
+            self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if self._waiting and not self._unanswered:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         files = list(self.openFiles.values())
@@ -315,9 +394,31 @@ class JailedFileTransferServer(filetransfer.FileTransferServer):
         super().connectionLost(reason)
 
 
+def _counted(name: str) -> Callable[..., None]:
+    handler = getattr(filetransfer.FileTransferServer, name)
+
+    def handle(self: JailedFileTransferServer, data: bytes, *args: Any) -> None:
+        self._dispatch(handler, data, *args)
+
+    handle.__name__ = name
+    return handle
+
+
+# conch dispatches a request of type T to packet_T; each but INIT has a request id.
+for _name in dir(filetransfer.FileTransferServer):
+    if _name.startswith("packet_") and _name != "packet_INIT":
+        setattr(JailedFileTransferServer, _name, _counted(_name))
+
+_REPLIES = frozenset({FXP_STATUS, FXP_HANDLE, FXP_DATA, FXP_NAME, FXP_ATTRS,
+                      FXP_EXTENDED_REPLY})
+
+
 def _apply_attrs(path: str, attrs: dict) -> None:
-    if "uid" in attrs or "size" in attrs:
-        raise unsupported("changing owner or size")
+    if "uid" in attrs:
+        raise unsupported("changing owner")
+    # A file changes only by a whole upload; a size it already has changes nothing.
+    if "size" in attrs and attrs["size"] != os.stat(path).st_size:
+        raise unsupported("changing the size of a file (upload it again)")
     if "permissions" in attrs:  # narrowed, never widened: see capped_mode
         chmod_capped(path, attrs["permissions"])
     if "atime" in attrs:

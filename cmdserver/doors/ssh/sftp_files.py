@@ -1,7 +1,8 @@
 """Open files of the SFTP subsystem: reads, atomic uploads and directory listings.
 
-Every operation on a descriptor runs in a thread; closing waits for the reads
-or writes still in flight.  An upload is a temporary file in the target
+Every operation on a descriptor runs in a thread, one after the other in the
+order the requests came, and is answered in that order; closing waits for the
+reads or writes before it.  An upload is a temporary file in the target
 directory that :meth:`UploadFile.close` fsyncs and renames over the target,
 and :meth:`UploadFile.abort` removes when the session ends first.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -98,31 +100,54 @@ class DirectoryListing:
 
 
 class _OpenFile:
-    """An open descriptor whose operations run in threads; close waits for them."""
+    """An open descriptor whose operations run in threads, one at a time, in order.
+
+    The requests on one handle are carried out and answered in the order they
+    came.  SFTP allows a server to answer in any order, but OpenSSH 9.0 to 9.3's
+    ``scp`` writes a download in place and cuts it at the last byte before the
+    first reply that came out of order (an upload too, through FSETSTAT): reads
+    run side by side in threads finished in any order and lost data.  In turn,
+    overlapping writes also land in the order they were sent, as SFTP requires.
+    Closing is the last operation in that line, so it waits for the others.
+    """
 
     def __init__(self, server: JailedSFTPServer, fd: int) -> None:
         self.server = server
         self.fd: int | None = fd
-        self._pending: set[Deferred] = set()
+        self._queue: deque[tuple[Callable[[], Any], Deferred]] = deque()
+        self._busy = False
 
     def _op(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        """Run ``f(*args)`` in turn; a closed file fails in turn too."""
         if self.fd is None:
-            return defer.fail(SFTPError(FX_FAILURE, "file is closed"))
-        d = self.server.core.in_thread(f, *args)
-        self._pending.add(d)
+            return self._in_turn(_closed)
+        return self._in_turn(lambda: f(*args))
 
-        def settled(result: Any) -> Any:
-            self._pending.discard(d)
-            return result
-
-        return d.addBoth(settled)
-
-    def _after_pending(self, f: Callable[[], Any]) -> Deferred:
-        """Run ``f`` in a thread once every read or write in flight is done."""
-        pending = [_quiet(d) for d in self._pending]
-        d = defer.DeferredList(pending) if pending else defer.succeed(None)
-        d.addCallback(lambda _: self.server.core.in_thread(f))
+    def _in_turn(self, f: Callable[[], Any]) -> Deferred:
+        """Run ``f`` in a thread once every operation queued before it is answered."""
+        d: Deferred = Deferred()
+        self._queue.append((f, d))
+        if not self._busy:
+            self._next()
         return d
+
+    def _next(self) -> None:
+        if not self._queue:
+            self._busy = False
+            return
+        self._busy = True
+        f, d = self._queue.popleft()
+
+        def answer(result: Any) -> None:
+            # The caller's callbacks (conch's reply) run now, before the next
+            # operation starts: the replies leave in the order of the requests.
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+            self._next()
+
+        self.server.core.in_thread(f).addBoth(answer)
 
     def getAttrs(self) -> Deferred:
         fd = self.fd
@@ -148,44 +173,123 @@ class ReadFile(_OpenFile):
         if self.fd is None:
             return defer.succeed(None)
         fd, self.fd = self.fd, None
-        return self._after_pending(lambda: os.close(fd))
+        return self._in_turn(lambda: os.close(fd))
 
 
 @implementer(ISFTPFile)
 class UploadFile(_OpenFile):
-    """An upload: written to a temporary file, renamed into place on close."""
+    """An upload: written to a temporary file, renamed into place on close.
+
+    Opened on an existing file without truncating it (OpenSSH's ``scp`` does
+    that), the upload starts as that file's content: ``base`` is the file, and
+    the bytes the client does not write come from it.  They are copied only
+    when needed: not at all when the client writes from the start and then
+    sets the size it wrote, as ``scp`` does.
+    """
 
     def __init__(self, server: JailedSFTPServer, fd: int, temp: str, target: str,
-                 exclusive: bool, name: bytes) -> None:
+                 exclusive: bool, name: bytes, base: int | None = None) -> None:
         super().__init__(server, fd)
+        self.base = base  # until its bytes are copied in or cut off
+        self.base_size = os.fstat(base).st_size if base is not None else 0
+        self.prefix = 0  # the client wrote all of [0, prefix) (while base is kept)
+        self.end = 0  # the end of the bytes the client wrote
         self.temp = temp
         self.target = target
         self.mode = FILE_MODE  # an FSETSTAT may narrow it before close
         self.exclusive = exclusive
         self.name = name
         self.times: tuple[int, int] | None = None
+        self.failed: str | None = None  # why a write failed: the upload is discarded
 
     def readChunk(self, offset: int, length: int) -> Deferred:
         return defer.fail(unsupported("reading an upload before it is closed"))
 
     def writeChunk(self, offset: int, data: bytes) -> Deferred:
-        return self._op(_pwrite_all, self.fd, data, offset)
+        fd = self.fd
+        return self._op(self._write, fd, data, offset)
+
+    def _write(self, fd: int, data: bytes, offset: int) -> None:
+        if self.failed is not None:
+            raise SFTPError(FX_FAILURE, f"an earlier write failed ({self.failed})")
+        try:
+            if self.base is not None and offset > self.prefix:
+                self._copy_base(fd)  # the gap before offset keeps the file's bytes
+            _pwrite_all(fd, data, offset)
+        except OSError as e:
+            error = os_error(e, os.fsdecode(self.name))
+            self.failed = error.message
+            raise error from None
+        if self.base is not None:
+            self.prefix = max(self.prefix, offset + len(data))
+        self.end = max(self.end, offset + len(data))
+
+    def _copy_base(self, fd: int) -> None:
+        """Copy the replaced file's bytes the client has not written (beyond the
+        prefix) into the upload."""
+        base, self.base = self.base, None
+        if base is not None:
+            try:
+                _copy_range(base, fd, self.prefix, self.base_size)
+            finally:
+                os.close(base)
+
+    def _drop_base(self) -> None:
+        base, self.base = self.base, None
+        if base is not None:
+            os.close(base)
+
+    def _size(self, fd: int) -> int:
+        if self.base is not None:
+            return max(self.prefix, self.base_size)
+        return os.fstat(fd).st_size
+
+    def getAttrs(self) -> Deferred:
+        fd = self.fd
+
+        def attrs() -> dict[str, int]:
+            found = stat_attrs(os.fstat(cast(int, fd)))
+            found["size"] = self._size(cast(int, fd))
+            return found
+
+        return self._op(attrs)
 
     def setAttrs(self, attrs: dict) -> Deferred:
-        if "uid" in attrs or "size" in attrs:
-            return defer.fail(unsupported("changing owner or size"))
+        """FSETSTAT, in turn after the writes before it.
+
+        The mode (narrowed, see :func:`capped_mode`) and the times are set on
+        close.  A size is accepted as the upload has it, or at the end of the
+        bytes the client wrote (OpenSSH's ``scp`` sends the size it wrote): that
+        cuts off only what is left of a file written into.  Another size would
+        change the data the client sent and is refused.
+        """
+        fd = self.fd
+        return self._op(self._set_attrs, fd, attrs)
+
+    def _set_attrs(self, fd: int, attrs: dict) -> None:
+        if "uid" in attrs:
+            raise unsupported("changing owner")
+        if "size" in attrs and attrs["size"] != self._size(fd):
+            if attrs["size"] != self.end:
+                raise unsupported("changing the size of an upload")
+            self._drop_base()
+            try:
+                os.ftruncate(fd, self.end)
+            except OSError as e:
+                error = os_error(e, os.fsdecode(self.name))
+                self.failed = error.message  # what is left of the file may be in it
+                raise error from None
         if "permissions" in attrs:
             self.mode = capped_mode(stat.S_IFREG, attrs["permissions"])
         if "atime" in attrs:
             self.times = (attrs["atime"], attrs["mtime"])
-        return defer.succeed(None)
 
     def close(self) -> Deferred:
         """Make the upload visible under its name, whole, or not at all."""
         if self.fd is None:
             return defer.fail(SFTPError(FX_FAILURE, "file is closed"))
         fd, self.fd = self.fd, None
-        d = self._after_pending(lambda: self._commit(fd))
+        d = self._in_turn(lambda: self._commit(fd))
         server = self.server
 
         def audit_ok(_: Any) -> None:
@@ -199,7 +303,13 @@ class UploadFile(_OpenFile):
         return d
 
     def _commit(self, fd: int) -> None:
+        if self.failed is not None:  # a file with a hole in it is never made visible
+            self._drop_base()
+            os.close(fd)
+            _remove(self.temp)
+            raise SFTPError(FX_FAILURE, f"upload discarded: a write failed ({self.failed})")
         try:
+            self._copy_base(fd)
             os.fchmod(fd, self.mode)
             os.fsync(fd)
             os.close(fd)
@@ -224,12 +334,13 @@ class UploadFile(_OpenFile):
         fd, self.fd = self.fd, None
 
         def drop() -> None:
+            self._drop_base()
             os.close(fd)
             _remove(self.temp)
 
         log.info("sftp: upload of {name} abandoned, temporary file removed",
                  name=_text(self.name))
-        return self._after_pending(drop)
+        return self._in_turn(drop)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -240,6 +351,23 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += written
 
 
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    """Copy the bytes from ``start`` to ``end`` of ``src`` to the same place in ``dst``."""
+    offset = start
+    while offset < end:
+        try:
+            copied = os.copy_file_range(src, dst, end - offset, offset, offset)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            chunk = os.pread(src, min(end - offset, MAX_READ), offset)
+            _pwrite_all(dst, chunk, offset)
+            copied = len(chunk)
+        if not copied:
+            return  # the file got shorter meanwhile
+        offset += copied
+
+
 def _remove(path: str) -> None:
     try:
         os.unlink(path)
@@ -247,16 +375,8 @@ def _remove(path: str) -> None:
         pass
 
 
-def _quiet(d: Deferred) -> Deferred:
-    """A Deferred that fires when ``d`` does, without taking its result or error."""
-    waiter: Deferred = Deferred()
-
-    def fire(result: Any) -> Any:
-        waiter.callback(None)
-        return result
-
-    d.addBoth(fire)
-    return waiter
+def _closed() -> None:
+    raise SFTPError(FX_FAILURE, "file is closed")
 
 
 def _text(value: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ from twisted.conch.ssh.filetransfer import (
     FX_FILE_ALREADY_EXISTS,
     FX_OP_UNSUPPORTED,
     FX_PERMISSION_DENIED,
+    FXF_APPEND,
     FXF_CREAT,
     FXF_EXCL,
     FXF_READ,
@@ -145,6 +147,26 @@ class SFTPJailTest(SFTPServerTestBase):
         with open(self.path("a.txt"), "rb") as f:
             self.assertEqual(f.read(), b"beta")
 
+    def test_a_failed_write_discards_the_upload(self) -> None:
+        upload = self.put(b"a.txt", b"first ")
+        real_pwrite = os.pwrite
+
+        def disk_full(fd: int, data: Any, offset: int) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "pwrite", disk_full)
+        self.assertIn("no space left on device", self.error(upload.writeChunk(6, b"x")).message)
+        self.patch(os, "pwrite", real_pwrite)
+        # A client that goes on (OpenSSH's scp truncates at what it knows was
+        # written, then closes) gets no file with a hole in it: a.txt stays as it was.
+        self.assertIn("an earlier write failed", self.error(upload.writeChunk(7, b"y")).message)
+        message = self.error(upload.close()).message
+        self.assertEqual(message, "upload discarded: a write failed "
+                                  "(no space left on device: a.txt)")
+        with open(self.path("a.txt")) as f:
+            self.assertEqual(f.read(), "alpha")
+        self.assertEqual(self.temps(), [])
+
     def test_lost_session_drops_the_upload(self) -> None:
         protocol = JailedFileTransferServer(self.server)
         upload = self.put(b"new.bin", b"partial")
@@ -157,11 +179,10 @@ class SFTPJailTest(SFTPServerTestBase):
         d = self.server.openFile(b"a.txt", FXF_WRITE | FXF_CREAT | FXF_EXCL, {})
         self.assertEqual(self.error(d).code, FX_FILE_ALREADY_EXISTS)
 
-    def test_in_place_writes_and_read_write_refused(self) -> None:
-        self.assertEqual(self.error(self.server.openFile(b"a.txt", FXF_WRITE, {})).code,
-                         FX_OP_UNSUPPORTED)
-        self.assertEqual(self.error(self.server.openFile(b"a.txt", FXF_READ | PUT, {})).code,
-                         FX_OP_UNSUPPORTED)
+    def test_read_write_and_append_refused(self) -> None:
+        for flags in (FXF_READ | PUT, FXF_WRITE | FXF_APPEND, FXF_WRITE | FXF_CREAT | FXF_APPEND):
+            self.assertEqual(self.error(self.server.openFile(b"a.txt", flags, {})).code,
+                             FX_OP_UNSUPPORTED)
         self.assertEqual(self.temps(), [])
 
     def test_rename_onto_an_existing_name_fails(self) -> None:
@@ -200,6 +221,95 @@ class SFTPJailTest(SFTPServerTestBase):
     def test_nul_in_a_path_is_an_error(self) -> None:
         self.error(self.server.removeFile(b"a\0b"))
         self.error(self.server.getAttrs(b"a\0b", True))
+
+
+class SFTPWriteIntoTest(SFTPServerTestBase):
+    """Writing into an existing file without truncating it, as OpenSSH's scp does:
+    the upload starts as the file's content and replaces it whole on close."""
+
+    def content(self, name: str = "a.txt") -> bytes:
+        with open(self.path(name), "rb") as f:
+            return f.read()
+
+    def open_fds(self) -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def test_bytes_not_written_are_the_files(self) -> None:
+        before = os.stat(self.path("a.txt")).st_ino
+        upload = self.put(b"a.txt", b"AL", flags=FXF_WRITE)
+        self.assertEqual(self.content(), b"alpha")  # nothing visible before close
+        self.successResultOf(upload.close())
+        self.assertEqual(self.content(), b"ALpha")
+        self.assertNotEqual(os.stat(self.path("a.txt")).st_ino, before)  # renamed over
+        self.assertEqual(os.stat(self.path("a.txt")).st_mode & 0o777, 0o600)
+        self.assertEqual(self.temps(), [])
+
+    def test_a_gap_keeps_the_files_bytes(self) -> None:
+        upload = self.put(b"a.txt", b"HA", flags=FXF_WRITE | FXF_CREAT)
+        self.successResultOf(upload.writeChunk(3, b"HA"))
+        self.successResultOf(upload.writeChunk(7, b"!"))
+        self.successResultOf(upload.close())
+        self.assertEqual(self.content(), b"HAp" + b"HA\0\0!")
+
+    def test_copied_without_copy_file_range_too(self) -> None:
+        def unsupported(*args: Any) -> int:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        self.patch(os, "copy_file_range", unsupported)
+        with open(self.path("a.txt"), "wb") as f:
+            f.write(os.urandom(600_000))
+        expected = b"x" + self.content()[1:]
+        self.successResultOf(self.put(b"a.txt", b"x", flags=FXF_WRITE).close())
+        self.assertEqual(self.content(), expected)
+
+    def test_scp_writes_then_sets_the_size_it_wrote(self) -> None:
+        with open(self.path("a.txt"), "wb") as f:
+            f.write(b"alphabet soup")
+        for data in (b"new", b"a text longer than the one before", b""):
+            upload = self.put(b"a.txt", data, flags=FXF_WRITE | FXF_CREAT)
+            attrs = self.successResultOf(upload.getAttrs())
+            self.assertEqual(attrs["size"], max(len(data), len(self.content())))
+            self.successResultOf(upload.setAttrs({"size": len(data)}))
+            self.assertEqual(self.successResultOf(upload.getAttrs())["size"], len(data))
+            self.successResultOf(upload.close())
+            self.assertEqual(self.content(), data)
+
+    def test_only_the_files_bytes_can_be_cut_off(self) -> None:
+        with open(self.path("a.txt"), "wb") as f:
+            f.write(b"alphabet soup")
+        upload = self.put(b"a.txt", b"new", flags=FXF_WRITE)
+        for size in (2, 5):  # into the client's bytes, or not where they end
+            self.assertEqual(self.error(upload.setAttrs({"size": size})).code,
+                             FX_OP_UNSUPPORTED)
+        self.successResultOf(upload.setAttrs({"size": 13}))  # the size it has
+        self.successResultOf(upload.close())
+        self.assertEqual(self.content(), b"newhabet soup")
+
+    def test_nothing_is_left_open_or_behind(self) -> None:
+        fds = self.open_fds()
+        self.successResultOf(self.put(b"a.txt", b"A", flags=FXF_WRITE).close())
+        upload = self.put(b"a.txt", b"B", flags=FXF_WRITE)
+        self.successResultOf(upload.setAttrs({"size": 1}))
+        self.successResultOf(upload.close())
+        protocol = JailedFileTransferServer(self.server)
+        protocol.openFiles[b"1"] = self.put(b"a.txt", b"C", flags=FXF_WRITE)
+        protocol.connectionLost(None)  # the session died: the upload is dropped
+        self.assertEqual(self.content(), b"B")
+        self.assertEqual(self.temps(), [])
+        self.assertEqual(self.open_fds(), fds)
+
+    def test_symlinks_and_special_files_are_not_written_into(self) -> None:
+        os.symlink("a.txt", self.path("link"))
+        os.symlink(os.path.join(self.outside, "secret"), self.path("out"))
+        os.mkfifo(self.path("pipe"))
+        self.assertEqual(self.error(self.server.openFile(b"link", FXF_WRITE, {})).code,
+                         FX_OP_UNSUPPORTED)
+        self.assertEqual(self.error(self.server.openFile(b"out", FXF_WRITE, {})).code,
+                         FX_OP_UNSUPPORTED)
+        self.assertIn("not a regular file",
+                      self.error(self.server.openFile(b"pipe", FXF_WRITE, {})).message)
+        self.assertEqual(self.temps(), [])
+        self.assertEqual(self.content(), b"alpha")
 
 
 class SFTPModeTest(SFTPServerTestBase):
@@ -261,6 +371,44 @@ class SFTPModeTest(SFTPServerTestBase):
         d = self.server.setAttrs(b"../outside/secret", {"permissions": 0o400})
         self.assertEqual(self.error(d).code, FX_PERMISSION_DENIED)
         self.assertEqual(os.stat(secret).st_mode & 0o777, 0o600)
+
+    def test_fsetstat_accepts_the_size_the_upload_has(self) -> None:
+        # OpenSSH's scp sends the size it wrote (its in-place truncation), with -p
+        # the mode and times too.
+        upload = self.put(b"f.bin", b"0123456789")
+        self.successResultOf(upload.setAttrs({"size": 10}))
+        self.successResultOf(upload.setAttrs({"size": 10, "permissions": 0o644,
+                                              "atime": 1000, "mtime": 2000}))
+        self.successResultOf(upload.close())
+        with open(self.path("f.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"0123456789")
+        self.assertEqual((self.mode("f.bin"), os.stat(self.path("f.bin")).st_mtime),
+                         (0o600, 2000))
+        # Another size would change the data: refused, and nothing else is set.
+        upload = self.put(b"f.bin", b"abcdefgh")
+        for size in (3, 9):
+            d = upload.setAttrs({"size": size, "permissions": 0o400})
+            self.assertEqual(self.error(d).code, FX_OP_UNSUPPORTED)
+        self.successResultOf(upload.close())
+        with open(self.path("f.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"abcdefgh")
+        self.assertEqual(self.mode("f.bin"), 0o600)
+
+    def test_fsetstat_owner_is_refused(self) -> None:
+        upload = self.put(b"f.bin", b"data")
+        d = upload.setAttrs({"uid": 0, "gid": 0})
+        self.assertEqual(self.error(d).code, FX_OP_UNSUPPORTED)
+        self.successResultOf(upload.close())
+
+    def test_setstat_size_of_a_file_only_as_it_is(self) -> None:
+        self.successResultOf(self.server.setAttrs(b"a.txt", {"size": 5, "atime": 1000,
+                                                             "mtime": 2000}))
+        self.assertEqual(os.stat(self.path("a.txt")).st_mtime, 2000)
+        d = self.server.setAttrs(b"a.txt", {"size": 2, "mtime": 3000, "atime": 3000})
+        self.assertEqual(self.error(d).code, FX_OP_UNSUPPORTED)
+        with open(self.path("a.txt")) as f:
+            self.assertEqual(f.read(), "alpha")
+        self.assertEqual(os.stat(self.path("a.txt")).st_mtime, 2000)
 
     def test_times_are_still_set(self) -> None:
         self.successResultOf(self.server.setAttrs(b"a.txt", {"atime": 1000, "mtime": 2000}))
