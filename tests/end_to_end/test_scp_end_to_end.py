@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from cmdserver.upload_spool import TEMP_RE
+from cmdserver.commands.upload.spool import TEMP_RE
 from tests.end_to_end.test_ssh_deployed import SCP, DeployedSSHBase
 
 MIB = 1 << 20

@@ -36,14 +36,14 @@ from twisted.conch.ssh.filetransfer import (
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from cmdserver.auth import Account
+from cmdserver.auth.portal import Account
 from cmdserver.commands.base import Registry
+from cmdserver.commands.upload.spool import TEMP_RE
 from cmdserver.core import CommandCore
-from cmdserver.doors.sftp import JailedFileTransferServer
-from cmdserver.doors.ssh import CmdServerConnection, SSHAvatar, SSHSettings
-from cmdserver.doors.ssh_session import RefusingSSHSession
+from cmdserver.doors.ssh.door import CmdServerConnection, SSHAvatar, SSHSettings
+from cmdserver.doors.ssh.session import RefusingSSHSession
+from cmdserver.doors.ssh.sftp import JailedFileTransferServer
 from cmdserver.policy import Policy
-from cmdserver.upload_spool import TEMP_RE
 from tests.helpers import OutsideTreeTempMixin
 
 PUT = FXF_WRITE | FXF_CREAT | FXF_TRUNC
