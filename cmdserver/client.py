@@ -70,6 +70,8 @@ class ConnectionClosed(RemoteError):
         super().__init__("the connection to the server is closed", "ConnectionClosed")
 
 
+# Where the server's pb.Error classes live (the second: servers before 0.2).
+ERROR_MODULES = ("cmdserver.doors.pb.errors", "cmdserver.doors.pb_errors")
 _KINDS: dict[str, type[RemoteError]] = {
     "CommandFailed": RemoteCommandError,
     "CommandTimedOut": CommandTimedOut,
@@ -84,7 +86,7 @@ def _translate(failure: Failure) -> Failure:
         return Failure(ConnectionClosed())
     if isinstance(failure, pb.CopiedFailure):
         kind = failure.type.decode() if isinstance(failure.type, bytes) else str(failure.type)
-        if kind.startswith("cmdserver.doors.pb.errors."):
+        if kind.rpartition(".")[0] in ERROR_MODULES:
             name = kind.rsplit(".", 1)[1]
             value = failure.value
             message = value.decode() if isinstance(value, bytes) else str(value)

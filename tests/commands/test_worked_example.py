@@ -30,14 +30,14 @@ class WorkedExampleTests(unittest.TestCase):
         self.core.registry.add(example_module()["Uptime"]())
         self.core.reactor.advance(750)
 
+    def line(self, text: str) -> list[str]:
+        return self.successResultOf(self.core.run_line(make_context(self.core), text)).lines
+
     def test_text_doors(self) -> None:
-        lines = self.successResultOf(self.core.run_line(make_context(self.core), "uptime --unit m"))
-        self.assertEqual(lines.lines, ["12.5"])
-        lines = self.successResultOf(self.core.run_line(make_context(self.core), "uptime --unit d"))
-        self.assertEqual(lines.lines, ["Error: unit must be one of s, m, h, not 'd'"])
-        help_lines = self.successResultOf(
-            self.core.run_line(make_context(self.core), "help uptime")).lines
-        self.assertEqual(help_lines[0], "Usage: uptime [--unit UNIT]")
+        self.assertEqual(self.line("uptime --unit m"), ["12.5"])
+        self.assertEqual(self.line("uptime --unit d"),
+                         ["Error: unit must be one of s, m, h, not 'd'"])
+        self.assertEqual(self.line("help uptime")[0], "Usage: uptime [--unit UNIT]")
 
     def test_named_values(self) -> None:
         ctx = make_context(self.core, door="pb")
