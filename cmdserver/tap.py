@@ -27,11 +27,8 @@ from cmdserver.commands.upload.engine import (
 )
 from cmdserver.commands.upload.key import server_key
 from cmdserver.core import DEFAULT_MAX_OUTPUT, DEFAULT_TIMEOUT, CommandCore
-from cmdserver.doors.line.login import line_door_login
-from cmdserver.doors.line.protocol import TOO_MANY, LineFactory, LineSettings
+from cmdserver.doors import BUILDERS, DoorEnv, builder
 from cmdserver.doors.pb.door import DEFAULT_ENDPOINT as PB_ENDPOINT
-from cmdserver.doors.pb.door import pb_factory
-from cmdserver.doors.pb.upload import consumer_starter
 from cmdserver.policy import DEFAULT_SCAN_ALLOW, Policy, ScanPolicy, default_max_in_flight
 from cmdserver.service import CmdServerService, Limits
 
@@ -322,6 +319,14 @@ def apply_command_limits(registry: Any, limits: dict[str, dict[str, Any]]) -> No
             command.max_output = values["max-output"]
 
 
+def door_endpoints(options: Options, door: str) -> list[str]:
+    """The endpoints a door listens on (none: the door is off)."""
+    value = options[door]
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
 def prepare_data_dir(path: str) -> None:
     """Create the state directory (0700) or tighten an existing one we own."""
     os.makedirs(path, mode=0o700, exist_ok=True)
@@ -362,24 +367,11 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
                   ).setServiceParent(service)
     core.registry.add(Login(PasswordLogin(portal, reactor)))
     apply_command_limits(core.registry, options.get("command-limits", {}))
-    settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"])
-    for endpoint in options["line"]:
-        door_settings, door_endpoint = line_door_login(
-            settings, endpoint, options["line-auth"], options["tls-client-ca"], credentials,
-            reactor)
-        service.add_door("line", endpoint, LineFactory(core, door_settings), refusal=TOO_MANY,
-                         endpoint=door_endpoint)
-    if options["ssh"]:
-        from cmdserver.doors.ssh.door import SSHSettings, add_ssh_door
-
-        add_ssh_door(service, options["ssh"], data_dir,
-                     SSHSettings(idle_timeout=options["idle-timeout"],
-                                 max_line=options["max-line"], temp_run_id=uploads.run_id))
-    if options["pb"]:
-        service.add_door("pb", options["pb"],
-                         pb_factory(core, service.portal, options["pb-anonymous"],
-                                    upload=consumer_starter(uploads.begin),
-                                    idle_timeout=options["idle-timeout"]))
+    env = DoorEnv(service, options, credentials, uploads, reactor)
+    for door in BUILDERS:
+        for endpoint in door_endpoints(options, door):
+            built = builder(door)(env, endpoint)
+            service.add_door(door, endpoint, built.factory, built.refusal, built.endpoint)
     # The start-up sweep of stale temporary files covers the users' own roots too.
     user_roots = [r for user in credentials.users.values() for r in user.roots or ()]
     sweep = list(dict.fromkeys([*core.policy.roots, *user_roots]))

@@ -387,6 +387,18 @@ class _RawReading:
         self.protocol.transport.loseConnection()
 
 
+def build(env: Any, endpoint: str) -> Any:
+    """The line door on ``endpoint``: its login mode and TLS client certificates."""
+    from cmdserver.doors import Door
+    from cmdserver.doors.line.login import line_door_login
+
+    options = env.options
+    settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"])
+    settings, made = line_door_login(settings, endpoint, options["line-auth"],
+                                     options["tls-client-ca"], env.credentials, env.reactor)
+    return Door(LineFactory(env.core, settings), TOO_MANY, made)
+
+
 class LineFactory(Factory):
     """Builds a :class:`LineProtocol` per connection, all sharing one core."""
 

@@ -52,7 +52,7 @@ from cmdserver.doors.pb.errors import (
     UnknownMethod,
     to_remote,
 )
-from cmdserver.doors.pb.upload import PBUpload, UploadStarter
+from cmdserver.doors.pb.upload import PBUpload, UploadStarter, consumer_starter
 from cmdserver.errors import CommandError, MissingArgument, NotFound, UsageError
 from cmdserver.policy import Policy
 
@@ -418,6 +418,15 @@ class DoorFactory(pb.PBServerFactory):
         broker.idle_timeout = self.idle_timeout
         broker.callLater = self.reactor.callLater
         return broker
+
+
+def build(env: Any, endpoint: str) -> Any:
+    """The Perspective Broker door on ``endpoint``."""
+    from cmdserver.doors import Door
+
+    return Door(pb_factory(env.core, env.service.portal, env.options["pb-anonymous"],
+                           upload=consumer_starter(env.uploads.begin),
+                           idle_timeout=env.options["idle-timeout"]))
 
 
 def pb_factory(core: CommandCore, portal: Portal, anonymous: bool = False,

@@ -262,6 +262,16 @@ def ssh_factory(service: Any, data_dir: str, settings: SSHSettings) -> CmdServer
     return CmdServerSSHFactory(service.portal, keys, settings, core.reactor)
 
 
+def build(env: Any, endpoint: str) -> Any:
+    """The SSH door (shell, exec, SFTP) on ``endpoint``."""
+    from cmdserver.doors import Door
+
+    options = env.options
+    settings = SSHSettings(idle_timeout=options["idle-timeout"], max_line=options["max-line"],
+                           temp_run_id=env.uploads.run_id)
+    return Door(ssh_factory(env.service, options["data-dir"], settings))
+
+
 def add_ssh_door(service: Any, endpoint: str, data_dir: str, settings: SSHSettings) -> Any:
     """Serve SSH on ``endpoint`` under the service's shared connection limits."""
     return service.add_door(DOOR, endpoint, ssh_factory(service, data_dir, settings))
