@@ -11,7 +11,7 @@ Lines are gathered for at most :data:`FLUSH_DELAY` seconds (or
 commands costs one ``write`` call per batch while an event still reaches the
 disk a moment after its command ran.  (Writing once per reactor turn instead
 cost a clock event and a ``write`` on every call of a client that calls one
-at a time: about 8 us of a 70 us PB ``ping``.)
+at a time: docs/benchmarks.md, "PB door", has the figure.)
 
 The core reports a command through ``AuditPublisher.record``.  When the audit
 file is the only observer, that is :meth:`AuditFile.record` itself, which
@@ -61,8 +61,8 @@ _durations: dict[int, str] = {}  # microseconds -> the JSON of that many seconds
 def encode_duration(value: Any) -> str:
     """``encode_value(round_duration(value))``, fast for the durations of most commands.
 
-    ``round`` and ``repr`` of a float cost about 0.5 us together, as much as the
-    rest of the line: a duration under a second is taken as whole microseconds,
+    ``round`` and ``repr`` of a float cost as much as the rest of the line
+    (docs/benchmarks.md): a duration under a second is taken as whole microseconds,
     and the text of each count is kept (``us / 1e6`` is the same float as
     ``round(value, 6)``)."""
     if (type(value) is float and 0.0 <= value < 1.0
