@@ -1,8 +1,6 @@
 """Errors that reach users as one line of text (``Error: ...`` on the text doors)."""
 
-
-# Control characters shown as \xNN, so an error is one line whatever it quotes.
-_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
+from cmdserver.text import escaped
 
 
 class CommandError(Exception):
@@ -14,8 +12,8 @@ class CommandError(Exception):
     """
 
     def __init__(self, message: str) -> None:
-        if not message.isprintable():  # it may quote the user's words: keep it one line
-            message = message.translate(_ESCAPES)
+        # It may quote the user's words: one line, nothing that drives a terminal.
+        message = escaped(message)
         super().__init__(message)
         self.message = message
 

@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet import defer, task
 
 from cmdserver.client import CommandTimedOut, RemoteError, connect, connect_endpoint
+from cmdserver.text import escaped
 
 
 def add_call_parser(subparsers: Any) -> None:
@@ -91,12 +92,9 @@ def run_call(args: argparse.Namespace) -> int:
     return outcome[0] if outcome else 1
 
 
-_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(32), *range(0x7f, 0xa0)]}
-
-
 def safe(text: str) -> str:
     """A line from the server as a terminal may show it: control characters escaped."""
-    return text if text.isprintable() else text.translate(_CONTROLS)
+    return escaped(text)
 
 
 def print_line(text: str) -> None:

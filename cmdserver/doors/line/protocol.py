@@ -30,6 +30,7 @@ from cmdserver.commands.base import Context
 from cmdserver.commands.upload.stream import direct_reads, widen_reads
 from cmdserver.core import CommandCore, TextReply
 from cmdserver.doors.limits import format_peer
+from cmdserver.text import shown
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IConsumer, ITransport
@@ -44,8 +45,6 @@ QUEUE_HIGH = 64  # queued lines at which reading stops
 QUEUE_LOW = 16  # queued lines at which it starts again
 BATCH_LIMIT = 16384  # output bytes gathered before they are handed to the transport
 LINES_PER_TURN = 256  # lines one connection may run before the others get a turn
-# C0 controls (but tab) and DEL: kept out of what a terminal shows.
-_SANITIZE = {c: "\N{REPLACEMENT CHARACTER}" for c in [*range(0, 9), *range(10, 32), 127]}
 
 
 @dataclass(frozen=True)
@@ -320,7 +319,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
 
     def line(self, text: str) -> None:
         if not text.isprintable():
-            text = text.translate(_SANITIZE)
+            text = shown(text)
         data = text.encode("utf-8", "backslashreplace") + b"\r\n"
         if self._batch is None:
             self.transport.write(data)

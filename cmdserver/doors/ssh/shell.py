@@ -19,6 +19,7 @@ from twisted.conch.recvline import HistoricRecvLine
 from twisted.protocols.basic import LineReceiver
 
 from cmdserver.core import TextReply
+from cmdserver.text import shown
 
 if TYPE_CHECKING:
     from cmdserver.doors.ssh.session import CommandSession
@@ -27,15 +28,11 @@ PROMPT = b"cmdserver> "
 TYPEAHEAD_LIMIT = 4096  # keys kept while a command runs; more are dropped
 HISTORY_LIMIT = 500  # lines of history per session
 CTRL_A, CTRL_C, CTRL_D, CTRL_E, CTRL_L = b"\x01", b"\x03", b"\x04", b"\x05", b"\x0c"
-# C0 controls (but tab) and DEL: kept out of what a terminal shows.
-_SANITIZE = {c: "\N{REPLACEMENT CHARACTER}" for c in [*range(0, 9), *range(10, 32), 127]}
 
 
 def render(text: str, end: bytes) -> bytes:
-    """One output line as bytes, with control characters made harmless."""
-    if not text.isprintable():
-        text = text.translate(_SANITIZE)
-    return text.encode("utf-8", "backslashreplace") + end
+    """One output line as bytes, with control and format characters made harmless."""
+    return shown(text).encode("utf-8", "backslashreplace") + end
 
 
 class LineSink:
