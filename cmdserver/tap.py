@@ -16,6 +16,7 @@ from cmdserver.auth.tls import is_tls, load_ca
 from cmdserver.auth.users import DEFAULT_COST, CredentialError
 from cmdserver.commands import default_registry
 from cmdserver.commands.account import Login, PasswordLogin
+from cmdserver.commands.declared import ConfigError, DeclaredCommandsService, declared_commands
 from cmdserver.commands.lastlog import choose_source
 from cmdserver.commands.upload.command import UploadCommand
 from cmdserver.commands.upload.engine import (
@@ -120,6 +121,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "overwrite": (False, flag),
 }
 REPEATABLE = ("line", "root", "scan-allow")
+COMMANDS = "commands"  # the TOML file's [commands.NAME] tables (commands/declared.py)
 
 
 class Options(usage.Options):
@@ -202,6 +204,10 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         config = load_config(self["config"]) if self["config"] else {}
+        try:
+            self[COMMANDS] = declared_commands(config.pop(COMMANDS, {}))
+        except ConfigError as e:
+            raise usage.UsageError(f"{self['config']}: {e}") from None
         for name, (default, coerce) in SETTINGS.items():
             value, where = self[name], f"--{name}"
             if value is None or value == []:
@@ -263,7 +269,7 @@ def load_config(path: str) -> dict[str, Any]:
         raise usage.UsageError(f"--config {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise usage.UsageError(f"--config {path}: {e}") from None
-    unknown = sorted(set(config) - set(SETTINGS))
+    unknown = sorted(set(config) - set(SETTINGS) - {COMMANDS})
     if unknown:
         raise usage.UsageError(f"{path}: unknown setting(s): {', '.join(unknown)}")
     for name in REPEATABLE:
@@ -315,6 +321,11 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     ReloadService(credentials, options["users-poll-interval"], reactor=reactor
                   ).setServiceParent(service)
     core.registry.add(Login(PasswordLogin(portal, reactor)))
+    declared = options.get(COMMANDS) or []
+    for command in declared:
+        core.registry.add(command)
+    if declared:
+        DeclaredCommandsService(declared, reactor).setServiceParent(service)
     settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"])
     for endpoint in options["line"]:
         door_settings, door_endpoint = line_door_login(
