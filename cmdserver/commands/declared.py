@@ -31,7 +31,8 @@ the child has exec'd) or a helper program (``setsid(1)`` is not everywhere, and
 a wrapper is one more thing to trust).  So on a POSIX reactor the child is
 started with :class:`SessionProcess`: Twisted's own ``Process`` (exactly what
 ``spawnProcess(usePTY=False)`` builds), whose forked child calls
-``os.setsid()`` just before ``exec``.  The child then leads a new session and
+``os.setsid()`` just before ``exec``.  (It always forks; Twisted forks too,
+rather than ``posix_spawnp``, for a child given its own working directory.)  The child then leads a new session and
 process group whose id is its pid, and the whole group is killed with
 ``SIGKILL`` on a deadline, a cancel (the client went away) or a shutdown, and
 when the program itself exits (whatever it left running in its group dies with
@@ -491,7 +492,8 @@ class _ChildProtocol(ProcessProtocol):
 
     def processExited(self, reason: Failure) -> None:
         # The program is gone; what it left running in its group goes with it.
-        self.reaped.callback(None)
+        if not self.reaped.called:
+            self.reaped.callback(None)
         if self.group is not None:
             self.kill()
             self.group = None  # the pid may be reused once the group is empty
@@ -550,7 +552,15 @@ class DeclaredCommandsService(Service):
         reaped = [d for command in self.commands for d in command.stop_all()]
         if not reaped:
             return defer.succeed(None)
-        waiting = defer.DeferredList(reaped)
-        waiting.addTimeout(SHUTDOWN_WAIT, self.reactor)
-        return waiting.addBoth(lambda _: None)
+        stopped: Deferred = Deferred()
+
+        def finish(_: Any = None) -> None:
+            if not stopped.called:
+                stopped.callback(None)
+
+        # Not addTimeout: cancelling the list would cancel the children's own Deferreds.
+        timer = self.reactor.callLater(SHUTDOWN_WAIT, finish)
+        defer.DeferredList(reaped).addBoth(finish).addBoth(
+            lambda _: timer.cancel() if timer.active() else None)
+        return stopped
 

@@ -295,6 +295,20 @@ class DeclaredCommandTests(unittest.SynchronousTestCase):
         child.exit(None, 9)
         self.successResultOf(stopped)
         self.assertEqual(command.running, set())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_shutdown_waits_for_the_children_a_few_seconds_at_most(self) -> None:
+        command = self.core.registry.get("diskfree")
+        service = DeclaredCommandsService([command], self.reactor)
+        service.startService()
+        self.line("diskfree .")
+        stopped = service.stopService()
+        self.reactor.advance(declared.SHUTDOWN_WAIT - 0.1)
+        self.assertNoResult(stopped)
+        self.reactor.advance(0.1)
+        self.successResultOf(stopped)
+        self.reactor.processes[0].exit(None, 9)  # reaped late: nothing breaks
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_shutdown_with_nothing_running(self) -> None:
         service = DeclaredCommandsService([self.core.registry.get("diskfree")], self.reactor)
