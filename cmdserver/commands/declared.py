@@ -32,14 +32,14 @@ a wrapper is one more thing to trust).  So on a POSIX reactor the child is
 started with :class:`SessionProcess`: Twisted's own ``Process`` (exactly what
 ``spawnProcess(usePTY=False)`` builds), whose forked child calls
 ``os.setsid()`` just before ``exec``.  (It always forks; Twisted forks too,
-rather than ``posix_spawnp``, for a child given its own working directory.)  The child then leads a new session and
-process group whose id is its pid, and the whole group is killed with
-``SIGKILL`` on a deadline, a cancel (the client went away) or a shutdown, and
-when the program itself exits (whatever it left running in its group dies with
-it).  A program that puts itself in yet another session (a daemon) leaves the
-group; process groups cannot follow it.  A reactor that is not a POSIX reactor
-(a test double) gets a plain ``spawnProcess`` call, and the child alone is
-signalled.
+rather than ``posix_spawnp``, for a child given its own working directory.)
+The child then leads a new session and process group whose id is its pid, and
+the whole group is killed with ``SIGKILL`` on a deadline, a cancel (the client
+went away) or a shutdown, and when the program itself exits (whatever it left
+running in its group dies with it).  A program that puts itself in yet another
+session (a daemon) leaves the group; process groups cannot follow it.  A
+reactor that is not a POSIX reactor (a test double) gets a plain
+``spawnProcess`` call, and the child alone is signalled.
 
 **Output.**  The child's stdout is streamed to ``ctx.out`` one line at a time as
 it comes (``streams = True``: the core's output cap applies).  Its stderr is not
@@ -409,6 +409,9 @@ class SessionProcess(Process):
     Twisted starts a child with ``posix_spawnp`` when it can, else it forks and
     execs; only the fork path runs Python code in the child, so this class
     always takes it and calls ``os.setsid()`` there, just before ``exec``.
+    ``_trySpawnInsteadOfFork`` and ``_execChild`` are Twisted's internal hooks,
+    not public API: tests/end_to_end/test_declared_e2e.py checks that the child
+    leads its own session and group, so a Twisted that changes them fails there.
     """
 
     def _trySpawnInsteadOfFork(self, *args: Any, **kwargs: Any) -> bool:

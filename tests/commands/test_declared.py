@@ -182,13 +182,13 @@ class DeclaredCommandTests(unittest.SynchronousTestCase):
 
     def test_order_and_literal_braces(self) -> None:
         command = self.add("tailf", {
-            "summary": "t", "argv": ["/usr/bin/awk", "{{print}}", "{lines}", "{file}"],
+            "summary": "t", "argv": ["/bin/echo", "{{print}}", "{lines}", "{file}"],
             "order": ["file", "lines"],
             "args": {"lines": {"type": "int", "default": 10}, "file": {"type": "path"}}})
         self.assertEqual(command.usage, "tailf FILE [LINES]")
         self.line("tailf sub")
         self.assertEqual(self.reactor.processes[-1].args,
-                         ["/usr/bin/awk", "{print}", "10", os.path.join(self.root, "sub")])
+                         ["/bin/echo", "{print}", "10", os.path.join(self.root, "sub")])
 
     def test_cancel_kills_the_child_and_drops_later_output(self) -> None:
         d = self.line("diskfree .")

@@ -40,7 +40,7 @@ timeout = 1
 [commands.nap]
 summary = "Two sleeps in one group"
 argv = ["/bin/sh", "-c", "sleep 30 & sleep 30"]
-timeout = 1
+timeout = 2
 
 [commands.hold]
 summary = "Two sleeps, no deadline of their own"
@@ -243,7 +243,7 @@ class DeclaredLineTests(DeclaredCase):
         self.assertEqual(os.getpgid(leader), leader)  # it leads its own group...
         self.assertEqual(os.getsid(leader), leader)  # ...and session
         reply = yield in_thread(c.read_line)
-        self.assertEqual(reply, "Error: deadline exceeded: stopped after 1 s")
+        self.assertEqual(reply, "Error: deadline exceeded: stopped after 2 s")
         yield self.wait_for(lambda: group_members(leader) == [], "the group is gone", 2)
 
     @defer.inlineCallbacks
