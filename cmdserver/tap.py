@@ -16,6 +16,7 @@ from cmdserver.auth.tls import is_tls, load_ca
 from cmdserver.auth.users import DEFAULT_COST, CredentialError
 from cmdserver.commands import default_registry
 from cmdserver.commands.account import Login, PasswordLogin
+from cmdserver.commands.declared import ConfigError, DeclaredCommandsService, declared_commands
 from cmdserver.commands.lastlog import choose_source
 from cmdserver.commands.upload.command import UploadCommand
 from cmdserver.commands.upload.engine import (
@@ -120,6 +121,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "overwrite": (False, flag),
 }
 REPEATABLE = ("line", "root", "scan-allow")
+COMMANDS = "commands"  # the TOML file's [commands.NAME] tables (commands/declared.py)
 
 
 class Options(usage.Options):
@@ -208,6 +210,10 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         config = load_config(self["config"]) if self["config"] else {}
         self["command-limits"] = config.pop("command-limits", {})
+        try:
+            self[COMMANDS] = declared_commands(config.pop(COMMANDS, {}))
+        except ConfigError as e:
+            raise usage.UsageError(f"{self['config']}: {e}") from None
         for name, (default, coerce) in SETTINGS.items():
             value, where = self[name], f"--{name}"
             if value is None or value == []:
@@ -271,7 +277,7 @@ def load_config(path: str) -> dict[str, Any]:
         raise usage.UsageError(f"--config {path}: {e}") from None
     limits = config.pop("command-limits", {})
     config["command-limits"] = check_command_limits(path, limits)
-    unknown = sorted(set(config) - set(SETTINGS) - {"command-limits"})
+    unknown = sorted(set(config) - set(SETTINGS) - {"command-limits", COMMANDS})
     if unknown:
         raise usage.UsageError(f"{path}: unknown setting(s): {', '.join(unknown)}")
     for name in REPEATABLE:
@@ -366,6 +372,11 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     ReloadService(credentials, options["users-poll-interval"], reactor=reactor
                   ).setServiceParent(service)
     core.registry.add(Login(PasswordLogin(portal, reactor)))
+    declared = options.get(COMMANDS) or []
+    for command in declared:
+        core.registry.add(command)
+    if declared:
+        DeclaredCommandsService(declared, reactor).setServiceParent(service)
     apply_command_limits(core.registry, options.get("command-limits", {}))
     env = DoorEnv(service, options, credentials, uploads, reactor)
     for door in BUILDERS:

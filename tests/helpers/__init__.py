@@ -25,11 +25,14 @@ from cmdserver.policy import Policy
 class FakeProcess:
     """The transport a :class:`ProcessReactor` hands to a spawned protocol."""
 
-    def __init__(self, protocol: Any, executable: str, args: list[str], env: Any) -> None:
+    def __init__(self, protocol: Any, executable: str, args: list[str], env: Any,
+                 path: Any = None, use_pty: Any = 0) -> None:
         self.proto = protocol
         self.executable = executable
         self.args = args
         self.env = env
+        self.path = path  # the child's working directory
+        self.use_pty = use_pty
         self.signals: list[str] = []
         self.stdin_closed = False
         self.ended = False
@@ -68,7 +71,7 @@ class ProcessReactor(MemoryReactorClock):
                      usePTY: Any = 0, childFDs: Any = None) -> FakeProcess:
         if self.spawn_error is not None:
             raise self.spawn_error
-        process = FakeProcess(processProtocol, executable, list(args), env)
+        process = FakeProcess(processProtocol, executable, list(args), env, path, usePTY)
         self.processes.append(process)
         processProtocol.makeConnection(process)
         return process
