@@ -166,12 +166,17 @@ class CommandCore:
                                        callbackArgs=(command,))
         if isinstance(result, Failure):
             return self._text_failure(result)
-        return self._text_success(result, command)
+        lines = command.text(result)  # _text_success inline: this is every ping's path
+        if len(lines) > 8:
+            return self._text_success(result, command, lines)
+        return TextReply(lines, True)
 
-    def _text_success(self, value: Any, command: Command) -> TextReply:
-        lines = command.text(value)
+    def _text_success(self, value: Any, command: Command,
+                      lines: list[str] | None = None) -> TextReply:
+        if lines is None:
+            lines = command.text(value)
         cap = command.max_output if command.max_output is not None else self.max_output
-        if cap and len(lines) > 8 and sum(map(len, lines)) + len(lines) > cap:
+        if cap and sum(map(len, lines)) + len(lines) > cap:
             # A value too large to print (a huge listing): one error line instead.
             return TextReply([OutputLimitExceeded(cap).text], False)
         return TextReply(lines, True)

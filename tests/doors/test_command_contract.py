@@ -278,3 +278,16 @@ class ContractTests(OutsideTreeTempMixin, unittest.TestCase):
         self.pump.flush()
         self.assertEqual(self.failureResultOf(d).value, message)
         self.assertLessEqual(len(lines_seen), 5)
+
+    def test_a_value_too_large_to_print_is_one_error_line(self) -> None:
+        for i in range(20):
+            open(os.path.join(self.root, f"file-{i:02d}"), "w").close()
+        self.core.max_output = 100
+        lines, _ = self.line(["ls"])
+        self.assertEqual(lines, ["Error: output limit exceeded: stopped after 100 bytes"])
+        channel = self.ssh(["ls"])
+        self.assertEqual((channel.status, channel.err),
+                         (1, b"Error: output limit exceeded: stopped after 100 bytes\n"))
+        self.core.max_output = 0  # no cap
+        lines, _ = self.line(["ls"])
+        self.assertEqual(len(lines), 21)
