@@ -71,7 +71,7 @@ class LineDoorEndToEnd(ServiceCase):
             while not help_lines[-1].startswith("Type 'help"):
                 help_lines.append(c.read_line())
             assert help_lines[0] == "Commands:" and len(help_lines) > 8
-            stats = c.ask("stats", 5)
+            stats = c.ask("stats", 8)
             assert stats[1].startswith("connections: 1 open (line 1)")
             c.send(b"exit\n")
             assert c.read_until_closed() == b"bye !\r\n"

@@ -19,7 +19,7 @@ from cmdserver.commands.files import ListDir
 from cmdserver.core import CommandCore
 from cmdserver.doors.line.protocol import LineProtocol, LineSettings
 from cmdserver.policy import Policy
-from tests.helpers import capture_log
+from tests.helpers import capture_audit, capture_log, commands_audited
 from tests.helpers.creds import TEST_COST, flatten_events, run_now, temp_dir
 
 PASSWORD = "c0rrect horse"
@@ -48,7 +48,7 @@ class LineLoginTests(unittest.TestCase):
                              Login(PasswordLogin(portal, self.clock, self.throttle))])
         registry.add(Exit(), "quit")
         self.core = CommandCore(registry, Policy([self.shared]), self.clock, run_now)
-        self.events = capture_log(self)
+        self.events = capture_audit(self, capture_log(self))
 
     def connect(self, login: str = "required", host: str = "10.0.0.7"):
         proto = LineProtocol(self.core, LineSettings(login=login, greeting="", idle_timeout=0))
@@ -66,7 +66,7 @@ class LineLoginTests(unittest.TestCase):
         return transport.value().decode().splitlines()
 
     def audit(self) -> list[dict]:
-        return [e for e in self.events if e.get("log_namespace") == "cmdserver.audit"]
+        return commands_audited(self.events)
 
     # -- the gate ---------------------------------------------------------------
 
