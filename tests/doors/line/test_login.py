@@ -68,6 +68,10 @@ class LineLoginTests(unittest.TestCase):
     def audit(self) -> list[dict]:
         return commands_audited(self.events)
 
+    def logins(self) -> list[dict]:
+        return [e for e in self.events
+                if e.get("log_namespace") == "cmdserver.audit" and e["event"] == "login"]
+
     # -- the gate ---------------------------------------------------------------
 
     def test_commands_before_login_are_refused(self) -> None:
@@ -128,6 +132,41 @@ class LineLoginTests(unittest.TestCase):
         self.assertEqual([(e["outcome"], e["error"], e["args"]) for e in failed],
                          [("error", "login failed", {"user": "ops"}),
                           ("error", "login failed", {"user": "ghost"})])
+        # Besides the command, each attempt is a login record of the connection's session.
+        self.assertEqual([(e["user"], e["args"], e["outcome"], e["door"], e["session"])
+                          for e in self.logins()],
+                         [("ops", {"method": "password"}, "failed", "line",
+                           conn[0].ctx.session_id),
+                          ("ghost", {"method": "password"}, "failed", "line",
+                           conn[0].ctx.session_id)])
+        self.assertEqual(self.core.stats.login_failures, 2)
+
+    def test_login_records_and_the_session_around_them(self) -> None:
+        conn = self.connect()
+        other = self.connect(host="10.0.0.8")
+        self.send(conn, "login ops 'not it'", advance=1)
+        self.send(conn, f"login ops '{PASSWORD}'", advance=2)
+        self.send(conn, "ls")
+        self.send(other, "ping")
+        conn[0].connectionLost()
+        other[0].connectionLost()
+        audit = [e for e in self.events if e.get("log_namespace") == "cmdserver.audit"]
+        mine = [e for e in audit if e["session"] == conn[0].ctx.session_id]
+        self.assertEqual([(e["event"], e["user"], e["outcome"]) for e in mine], [
+            ("session-start", "anonymous", "ok"),
+            ("login", "ops", "failed"),
+            ("command", "anonymous", "error"),  # the login command, answered after a delay
+            ("login", "ops", "ok"),
+            ("command", "ops", "ok"),  # the login command
+            ("command", "ops", "ok"),  # ls
+            ("session-end", "ops", "ok"),
+        ])
+        self.assertEqual(mine[-1]["result"], {"commands": 3, "file_operations": 0,
+                                              "login_failures": 1})
+        theirs = [e["event"] for e in audit if e["session"] == other[0].ctx.session_id]
+        self.assertEqual(theirs, ["session-start", "command", "session-end"])
+        self.assertNotEqual(conn[0].ctx.session_id, other[0].ctx.session_id)
+        self.assertNotIn("not it", flatten_events(self.events))
 
     def test_overlong_password_is_a_plain_failure(self) -> None:
         conn = self.connect()
