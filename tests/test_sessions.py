@@ -101,3 +101,15 @@ def test_escape() -> None:
     assert escape("é ü 日本") == "é ü 日本"
     assert escape("x" * 10, 4) == "xxxx…"
     assert escape(None) == "None"
+
+
+class MainLogEscapeTests(unittest.SynchronousTestCase):
+    def test_refused_ssh_requests_are_escaped(self) -> None:
+        from cmdserver.auth.portal import Account
+        from cmdserver.doors.ssh.avatar import SSHAvatar, SSHSettings
+
+        log = capture_log(self)
+        avatar = SSHAvatar(make_core(self.mktemp()), Account("ops"), SSHSettings())
+        avatar.refused("env", b"LD_\x1b]0;pwned\x07\nfake line")
+        [event] = [e for e in log if e.get("what") == "env"]
+        self.assertEqual(event["detail"], "LD_\\x1b]0;pwned\\x07\\x0afake line")
