@@ -16,6 +16,7 @@ audit line costs is the difference).
 
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 from collections import Counter
@@ -54,6 +55,7 @@ class Floor(LineReceiver):
     def connectionMade(self) -> None:
         addr = self.transport.getPeer()
         self.peer = f"{addr.host}:{addr.port}"
+        self.session = secrets.token_hex(6)  # cmdserver's records name the session too
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
@@ -79,8 +81,8 @@ class Floor(LineReceiver):
         self.counts[argv[0]] += 1
         started = time.time()
         result = command()
-        self.record("anonymous", self.peer, "line", argv[0], {}, "ok", time.time() - started,
-                    None)
+        self.record(self.session, "command", "anonymous", self.peer, "line", argv[0], {}, "ok",
+                    time.time() - started, None)
         self.batch.append(result.encode() + b"\r\n")
 
 

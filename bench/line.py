@@ -6,8 +6,8 @@ Side by side in one run, each server in its own process and the load generator
 the floor, a ``LineReceiver`` that does only what auditing a command needs
 (bench/_floor_server.py: check, split, look up, count, time, run, write the
 audit line), and the same without the audit line; cmdserver with its JSON
-audit file (the default); and cmdserver with ``--audit-log none`` (the audit
-events then go to twistd's text log).  Every connection keeps ``--window``
+audit file (the default); and cmdserver with ``--audit-log none`` (no audit
+record at all).  Every connection keeps ``--window``
 lines in flight, sent ``--chunk`` at a time, with 1, 10, 100 and 1000
 connections.  The servers run at once and the runs alternate between them,
 ``--repeat`` times per point, so a change in the machine's load hits all
@@ -141,7 +141,7 @@ def main() -> None:
               f"the audit line {unaudited:.2f}")
         off = results["audit-log none"][100]["lines_per_s"] / results["bare"][100][
             "lines_per_s"]
-        print(f"--audit-log none (events in the text log): cmdserver/bare at 100 "
+        print(f"--audit-log none (no audit records): cmdserver/bare at 100 "
               f"connections: {off:.2f}")
         on = results["cmdserver"][100]["lines_per_s"] / results["bare"][100]["lines_per_s"]
         print(f"cmdserver/bare throughput at 100 connections, audit on: {on:.2f}")

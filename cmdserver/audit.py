@@ -1,24 +1,25 @@
-"""The audit log: every command event from the core, written as JSON lines.
+"""The audit log: every command, login, session and file operation, as JSON lines.
 
-The core logs audit events through ``twisted.logger`` in the namespace
-``cmdserver.audit``, to :data:`audit_publisher`.  When an :class:`AuditFile`
-observes it, the events go there only, not to the global log publisher too:
-rendering every command as text in the daemon's main log as well would cost
-more than running most commands.  :class:`AuditFile` appends one JSON object a
-line.
-Lines are gathered for at most :data:`FLUSH_DELAY` seconds (or
-:data:`FLUSH_LINES` lines) and written together (and on close), so a stream of
-commands costs one ``write`` call per batch while an event still reaches the
-disk a moment after its command ran.  (Writing once per reactor turn instead
-cost a clock event and a ``write`` on every call of a client that calls one
-at a time: docs/benchmarks.md, "PB door", has the figure.)
+The core reports each event through ``AuditPublisher.record`` (:data:`audit_publisher`):
+a command a door ran or refused, a login (ok or failed), the start and the end of a
+session (one per connection), an SFTP file operation.  Every record names its
+session, so the records of one connection can be told from another's.
 
-The core reports a command through ``AuditPublisher.record``.  When the audit
-file is the only observer, that is :meth:`AuditFile.record` itself, which
-queues the fields and writes the same line as for the event without building
-the event: on a cheap command such as ``ping`` the event dict and its
-publication cost more than the command.  The fields become JSON when their
-batch is written.
+When an :class:`AuditFile` is the only observer, ``record`` is
+:meth:`AuditFile.record` itself, which queues the fields and writes the same line
+as for the event without building the event: on a cheap command such as ``ping``
+the event dict and its publication cost more than the command.  The fields become
+JSON when their batch is written.  Lines are gathered for at most
+:data:`FLUSH_DELAY` seconds (or :data:`FLUSH_LINES` lines) and written together
+(and on close), so a stream of commands costs one ``write`` call per batch while
+an event still reaches the disk a moment after its command ran.  (Writing once per
+reactor turn instead cost a clock event and a ``write`` on every call of a client
+that calls one at a time: docs/benchmarks.md, "PB door", has the figure.)
+
+Other observers of :data:`audit_publisher` get each record as a ``twisted.logger``
+event in the namespace ``cmdserver.audit``; audit events never go to the daemon's
+main log.  With no observer at all (``--audit-log none``) ``record`` is
+:func:`discard`, which returns at once: no record is made anywhere.
 """
 
 from __future__ import annotations
@@ -31,13 +32,19 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
 from zope.interface import implementer
 
 NAMESPACE = "cmdserver.audit"
-FORMAT = "{user}@{peer} via {door}: {command} -> {outcome}"
-FIELDS = ("user", "peer", "door", "command", "args", "outcome", "duration", "error",
-          "result")
+FORMAT = "{event} [{session}] {user}@{peer} via {door}: {command} -> {outcome}"
+FIELDS = ("session", "event", "user", "peer", "door", "command", "args", "outcome",
+          "duration", "error", "result")
+# What a record is about (its "event" field).
+COMMAND = "command"  # a command a door ran, refused or did not know
+FILE = "file"  # an SFTP file operation
+LOGIN = "login"  # a login, successful or failed
+SESSION_START = "session-start"  # a connection began
+SESSION_END = "session-end"  # it ended
 FLUSH_DELAY = 0.01  # seconds a line may wait for its batch
 FLUSH_LINES = 512  # a batch this long is written at once
 STRING_CACHE = 4096  # encoded short strings kept (user names, peers, commands)
@@ -88,21 +95,28 @@ def encode_value(value: Any) -> str:
     return "{}" if value == {} else _encode(value)
 
 
-class AuditPublisher(LogPublisher):
-    """Sends audit events to the audit observers (the audit file) if there are any.
+def discard(session: str, event: str, user: str, peer: str, door: str, command: str | None,
+            args: dict[str, Any], outcome: str, duration: float, error: str | None,
+            result: Any = None) -> None:
+    """``record`` with no audit observer (``--audit-log none``): nothing is recorded."""
 
-    Without one (``--audit-log none``, or a core used on its own) the events go
-    to the global log publisher like any other, so the audit trail is never
-    dropped: it is then in the daemon's main log.
+
+class AuditPublisher(LogPublisher):
+    """Sends audit records to the audit observers (the audit file) if there are any.
+
+    Without one (``--audit-log none``, or a core used on its own) there is no
+    audit trail: :attr:`record` is :func:`discard`, and events published
+    otherwise are dropped too.  They never go to the global log publisher.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._listening: list[ILogObserver] = []
         self.logger = Logger(namespace=NAMESPACE, observer=self)
-        # How the core reports a command (see publish): the audit file's own
-        # record when that file is the only observer, so that no event is built.
-        self.record: Callable[..., None] = self.publish
+        # How the core reports an event (see publish): the audit file's own
+        # record when that file is the only observer, so that no event is built;
+        # nothing at all when there is no observer.
+        self.record: Callable[..., None] = discard
 
     def addObserver(self, observer: ILogObserver) -> None:
         super().addObserver(observer)
@@ -118,33 +132,42 @@ class AuditPublisher(LogPublisher):
 
     def _update_record(self) -> None:
         only = self._listening[0] if len(self._listening) == 1 else None
-        self.record = only.record if isinstance(only, AuditFile) else self.publish
+        if not self._listening:
+            self.record = discard
+        elif isinstance(only, AuditFile):
+            self.record = only.record
+        else:
+            self.record = self.publish
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self._listening:
             super().__call__(event)
-        else:
-            globalLogPublisher(event)
 
-    def publish(self, user: str, peer: str, door: str, command: str, args: dict[str, Any],
-                outcome: str, duration: float, error: str | None, result: Any = None) -> None:
-        """Publish one command's audit event (``result`` None: no result field).
+    def publish(self, session: str, event: str, user: str, peer: str, door: str,
+                command: str | None, args: dict[str, Any], outcome: str, duration: float,
+                error: str | None, result: Any = None) -> None:
+        """Publish one audit event (``result`` None: no result field).
 
-        ``duration`` is in seconds, as measured: the record rounds it.  The core
-        calls :attr:`record`, which takes the same arguments."""
+        ``session`` is the session's id ("" outside any: the field is then null),
+        ``event`` what the record is about (:data:`COMMAND`, :data:`LOGIN` …),
+        ``command`` the command or file operation (None for a login or a
+        session's start and end).  ``duration`` is in seconds, as measured: the
+        record rounds it.  The core calls :attr:`record`, which takes the same
+        arguments."""
         now = time.time()
         # The event Logger.info() would emit, built directly: Logger.emit checks the
         # level on every call.
-        event = {
+        fields = {
             "log_logger": self.logger, "log_level": LogLevel.info,
             "log_namespace": NAMESPACE, "log_source": None, "log_format": FORMAT,
-            "log_time": now, "user": user, "peer": peer, "door": door, "command": command,
+            "log_time": now, "session": session or None, "event": event, "user": user,
+            "peer": peer, "door": door, "command": command,
             "args": args, "outcome": outcome, "duration": round_duration(duration),
             "error": error,
         }
         if result is not None:
-            event["result"] = result
-        self(event)
+            fields["result"] = result
+        self(fields)
 
 
 audit_publisher = AuditPublisher()
@@ -171,7 +194,7 @@ class AuditFile:
         self._last_second = -1
         self._second_text = ""
         self._strings: dict[str, str] = {}  # str -> its JSON encoding
-        self._heads: dict[tuple[str, str, str, str], str] = {}  # see _head
+        self._heads: dict[tuple[str, str, str, str, str, str | None], str] = {}  # see _head
 
     def open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
@@ -205,7 +228,7 @@ class AuditFile:
             try:
                 parts.extend(line_parts(*entry))
             except Exception:  # one odd value must not cost the batch
-                _log.failure("audit record of {command} failed", command=entry[4])
+                _log.failure("audit record of {command} failed", command=entry[6])
         lines = len(pending)
         pending.clear()
         view = memoryview("".join(parts).encode("utf-8"))
@@ -243,8 +266,9 @@ class AuditFile:
                 parts.append(f'"{name}": {encode_value(event[name])}')
         self._append(", ".join(parts) + "}\n")
 
-    def record(self, user: str, peer: str, door: str, command: str, args: dict[str, Any],
-               outcome: str, duration: float, error: str | None, result: Any = None) -> None:
+    def record(self, session: str, event: str, user: str, peer: str, door: str,
+               command: str | None, args: dict[str, Any], outcome: str, duration: float,
+               error: str | None, result: Any = None) -> None:
         """Queue the line :meth:`__call__` would write for the core's event with
         these fields (``result`` None: none), without the event: what
         :meth:`AuditPublisher.publish` would send, taken now.
@@ -256,24 +280,24 @@ class AuditFile:
         if self._fd is None:
             return
         pending = self._pending
-        pending.append((self.clock(), user, peer, door, command, args, outcome, duration,
-                        error, result))
+        pending.append((self.clock(), session, event, user, peer, door, command, args, outcome,
+                        duration, error, result))
         if self._flush_call is None and self.reactor is not None:
             self._flush_call = self.reactor.callLater(FLUSH_DELAY, self.flush)
         elif self.reactor is None or len(pending) >= FLUSH_LINES:
             self.flush()
 
-    def _parts(self, when: float, user: str, peer: str, door: str, command: str,
-               args: dict[str, Any], outcome: str, duration: float, error: str | None,
-               result: Any) -> tuple[str, ...]:
+    def _parts(self, when: float, session: str, event: str, user: str, peer: str, door: str,
+               command: str | None, args: dict[str, Any], outcome: str, duration: float,
+               error: str | None, result: Any) -> tuple[str, ...]:
         """The JSON line of one :meth:`record`, in pieces: the batch is joined
         once, which costs half as much as building each line first.  The fields
-        every command of a connection repeats (user, peer, door, command) are
-        encoded once, as are the outcome, each millisecond's timestamp and short
-        durations."""
-        head = self._heads.get((user, peer, door, command))
+        every command of a connection repeats (session, event, user, peer, door,
+        command) are encoded once, as are the outcome, each millisecond's
+        timestamp and short durations."""
+        head = self._heads.get((session, event, user, peer, door, command))
         if head is None:
-            head = self._head(user, peer, door, command)
+            head = self._head(session, event, user, peer, door, command)
         ms = int(when * 1000)
         return (
             '{"time": "', self._last_time if ms == self._last_ms else self._timestamp(when),
@@ -284,14 +308,18 @@ class AuditFile:
             ', "error": ', "null" if error is None else encode_value(error),
             "}\n" if result is None else f', "result": {encode_value(result)}}}\n')
 
-    def _head(self, user: str, peer: str, door: str, command: str) -> str:
-        """The user, peer, door and command fields, kept for next time when short."""
-        head = (f'"user": {self._string(user)}, "peer": {self._string(peer)}, '
-                f'"door": {self._string(door)}, "command": {self._string(command)}')
-        if len(head) <= 4 * STRING_CACHED_LEN:
+    def _head(self, session: str, event: str, user: str, peer: str, door: str,
+              command: str | None) -> str:
+        """The session, event, user, peer, door and command fields, kept for next
+        time when short."""
+        head = (f'"session": {self._string(session) if session else "null"}, '
+                f'"event": {self._string(event)}, "user": {self._string(user)}, '
+                f'"peer": {self._string(peer)}, "door": {self._string(door)}, '
+                f'"command": {self._string(command)}')
+        if len(head) <= 6 * STRING_CACHED_LEN:
             if len(self._heads) >= STRING_CACHE:
                 self._heads.clear()
-            self._heads[user, peer, door, command] = head
+            self._heads[session, event, user, peer, door, command] = head
         return head
 
     def _string(self, value: Any) -> str:

@@ -3,6 +3,11 @@
 The core knows nothing of transports.  Text doors call :meth:`CommandCore.run_line`
 and print the :class:`TextReply` it returns; PB calls :meth:`CommandCore.call`
 and gets the command's result value (or a failure) back.
+
+It is also the one gate of the audit trail: every door opens a session here
+when a connection starts and closes it when it ends, reports each login
+(:meth:`CommandCore.login`) and each file operation
+(:meth:`CommandCore.audit_operation`); no door writes audit records of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +23,14 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cmdserver.audit import audit_publisher
+from cmdserver.audit import (
+    COMMAND,
+    FILE,
+    LOGIN,
+    SESSION_END,
+    SESSION_START,
+    audit_publisher,
+)
 from cmdserver.auth.portal import ANONYMOUS
 from cmdserver.commands.base import Command, Context, Registry
 from cmdserver.errors import (
@@ -29,7 +41,9 @@ from cmdserver.errors import (
     UsageError,
 )
 from cmdserver.policy import Policy
+from cmdserver.sessions import Session, SessionIds
 from cmdserver.stats import Stats
+from cmdserver.text import escape
 
 log = Logger()
 
@@ -94,6 +108,90 @@ class CommandCore:
         self._run_in_thread = run_in_thread
         self.timeout = timeout  # 0: no deadline
         self.max_output = max_output  # 0: no cap
+        self.sessions: dict[str, Session] = {}  # the open ones, by id
+        self._session_ids = SessionIds()
+
+    # -- sessions: what the doors report --------------------------------------
+
+    def open_session(self, door: str, peer: str) -> Session:
+        """A connection started on ``door`` from ``peer``: its session, audited
+        (``session-start``, as ``anonymous``: no one has logged in yet)."""
+        session = Session(self._session_ids(), door, peer, self._seconds())
+        self.sessions[session.id] = session
+        audit_publisher.record(session.id, SESSION_START, ANONYMOUS, peer, door, None, {},
+                               "ok", 0.0, None)
+        return session
+
+    def close_session(self, session: Session, reason: str | None = None) -> None:
+        """The connection ended: audit the end of its session (``session-end``) with
+        its duration and what ran in it (``reason``: why the server ended it, if it
+        did).  Closing twice records it once."""
+        if session.closed:
+            return
+        session.closed = True
+        self.sessions.pop(session.id, None)
+        audit_publisher.record(
+            session.id, SESSION_END, session.user, session.peer, session.door, None, {}, "ok",
+            self._seconds() - session.started, reason,
+            {"commands": session.commands, "file_operations": session.file_operations,
+             "login_failures": session.login_failures})
+
+    def close_sessions(self, reason: str) -> None:
+        """Close every session still open (the daemon is stopping: their connections
+        are closing, but the audit log closes first)."""
+        for session in list(self.sessions.values()):
+            self.close_session(session, reason)
+
+    def session_for(self, ctx: Context) -> Session:
+        """The open session ``ctx`` belongs to; for a context outside any (a core
+        used directly), a session of its own that nothing tracks."""
+        session = self.sessions.get(ctx.session_id)
+        if session is None:
+            session = Session("", ctx.door, ctx.peer, self._seconds())
+        return session
+
+    def login(self, session: Session, user: Any, method: str, outcome: str,
+              reason: str | None = None) -> None:
+        """A login on ``session``: ``outcome`` ``ok`` or ``failed``, by ``method``
+        (``password``, ``key``, ``certificate``) as ``user``, the name as the
+        client gave it (control characters are escaped, a long name is cut).
+
+        Audited as a ``login`` record and written to the main log; counted in
+        ``stats``.  A password never comes here."""
+        name = escape(user)
+        method = escape(method, 64)
+        if outcome == "ok":
+            session.user = name
+            session.method = method
+            self.stats.logins += 1
+            log.info("{door}: {user} logged in from {peer} by {method} (session {session})",
+                     door=session.door, user=name, peer=session.peer, method=method,
+                     session=session.id)
+        else:
+            session.login_failures += 1
+            self.stats.login_failures += 1
+            log.info("{door}: failed login as {user} from {peer} by {method} ({count} on this "
+                     "connection; session {session})", door=session.door, user=name,
+                     peer=session.peer, method=method, count=session.login_failures,
+                     session=session.id)
+        audit_publisher.record(session.id, LOGIN, name, session.peer, session.door, None,
+                               {"method": method}, outcome, 0.0, reason)
+
+    def audit_operation(self, ctx: Context, name: str, args: dict[str, Any], outcome: str,
+                        duration: float, error: str | None = None, result: Any = None) -> None:
+        """A file operation a door carried out itself (SFTP ``get``, ``put`` …):
+        audited like a command (a ``file`` record) and counted in ``stats``.
+
+        ``args`` name paths as the jail sees them, never as the server's
+        absolute paths; ``outcome`` is ``ok``, ``error`` or ``refused``."""
+        self.stats.file_operations[name] += 1
+        session = self.sessions.get(ctx.session_id)
+        if session is not None:
+            session.file_operations += 1
+        audit_publisher.record(ctx.session_id, FILE, ctx.user, ctx.peer, ctx.door, name, args,
+                               outcome, duration, error, result)
+
+    # -- commands ----------------------------------------------------------------
 
     def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
         """Run blocking work (file I/O, hashing) off the reactor thread."""
@@ -152,6 +250,7 @@ class CommandCore:
             self._audit(ctx, name if command else "?", {}, "refused", LOGIN_REQUIRED)
             return TextReply([f"Error: {LOGIN_REQUIRED}"], False)
         if command is None:
+            self.stats.not_found += 1
             self._audit(ctx, name, {"argv": args}, "not-found", None)
             return TextReply([NOT_FOUND_TEXT], False)
         try:
@@ -185,6 +284,7 @@ class CommandCore:
         """The command ``name`` as served on ``ctx``'s door, or :class:`NotFound`."""
         command = self.registry.get(name)
         if command is None or not command.serves(ctx.door):
+            self.stats.not_found += 1
             self._audit(ctx, str(name)[:64], {}, "not-found", None)
             raise NotFound(NOT_FOUND_TEXT)
         return command
@@ -250,6 +350,9 @@ class CommandCore:
         stats = self.stats
         stats.commands[command.name] += 1
         stats.in_flight += 1
+        session = self.sessions.get(ctx.session_id)
+        if session is not None:
+            session.commands += 1
         started = self._seconds()
         sink = None
         if command.streams:
@@ -265,9 +368,9 @@ class CommandCore:
         if kind in _PLAIN:  # it finished at once, well: the common case, done here
             # What _done does for a success, without the call (5% of a ping).
             stats.in_flight -= 1
-            audit_publisher.record(ctx.user, ctx.peer, ctx.door, command.name,
-                                   command.audit_args(kwargs), "ok", self._seconds() - started,
-                                   None, command.audit_result(result))
+            audit_publisher.record(ctx.session_id, COMMAND, ctx.user, ctx.peer, ctx.door,
+                                   command.name, command.audit_args(kwargs), "ok",
+                                   self._seconds() - started, None, command.audit_result(result))
             return result
         if kind is Deferred or isinstance(result, Deferred):
             if not result.called or result.paused or is_deferred(result.result):
@@ -292,8 +395,8 @@ class CommandCore:
         self.stats.in_flight -= 1
         elapsed = self._seconds() - started
         if not isinstance(result, Failure):
-            audit_publisher.record(ctx.user, ctx.peer, ctx.door, command.name,
-                                   command.audit_args(kwargs), "ok", elapsed, None,
+            audit_publisher.record(ctx.session_id, COMMAND, ctx.user, ctx.peer, ctx.door,
+                                   command.name, command.audit_args(kwargs), "ok", elapsed, None,
                                    command.audit_result(result))
             return result
         self.stats.errors += 1
@@ -301,14 +404,15 @@ class CommandCore:
         if outcome == "internal-error":
             log.failure("command {command} failed", result, command=command.name,
                         user=ctx.user, peer=ctx.peer)
-        audit_publisher.record(ctx.user, ctx.peer, ctx.door, command.name,
-                               command.audit_args(kwargs), outcome, elapsed, reason)
+        audit_publisher.record(ctx.session_id, COMMAND, ctx.user, ctx.peer, ctx.door,
+                               command.name, command.audit_args(kwargs), outcome, elapsed, reason)
         return result
 
     def _audit(self, ctx: Context, command: str, args: dict[str, Any], outcome: str,
                error: str | None) -> None:
         """Audit a command line refused before it ran."""
-        audit_publisher.record(ctx.user, ctx.peer, ctx.door, command, args, outcome, 0.0, error)
+        audit_publisher.record(ctx.session_id, COMMAND, ctx.user, ctx.peer, ctx.door, command,
+                               args, outcome, 0.0, error)
 
 
 def is_deferred(value: object) -> TypeGuard[Deferred[Any]]:

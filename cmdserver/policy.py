@@ -45,6 +45,26 @@ class Policy:
             raise PathOutsideRoots()
         return candidate
 
+    def jail_path(self, path: str) -> str | None:
+        """``path`` as the jail names it, for the audit log: relative to the first
+        root (``.`` for the root itself), ``rootN:…`` inside the Nth root (N ≥ 2),
+        None outside every root.
+
+        Only the text is looked at (``..`` is folded, symlinks are not followed):
+        no disk access, and the name the client used is the one shown."""
+        if "\0" in path:
+            return None
+        full = os.path.normpath(os.path.join(self.roots[0], path))
+        for n, root in enumerate(self.roots, 1):
+            if full == root:
+                relative = "."
+            elif full.startswith(prefix := root.rstrip(os.sep) + os.sep):
+                relative = full[len(prefix):]
+            else:
+                continue
+            return relative if n == 1 else f"root{n}:{relative}"
+        return None
+
     def contains(self, real_path: str) -> bool:
         """True if the (already resolved) path is a root or lies below one."""
         for root in self.roots:

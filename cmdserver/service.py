@@ -20,6 +20,8 @@ from cmdserver.doors.limits import ConnectionLimits, LimitedFactory
 
 log = Logger()
 
+SHUTDOWN = "the server is shutting down"
+
 
 class DoorService(Service):
     """Listens on one endpoint string for one door; ``listening`` fires with the port."""
@@ -126,6 +128,7 @@ class CmdServerService(MultiService):
         d = super().stopService()
 
         def close_audit(result: Any) -> Any:
+            self.core.close_sessions(SHUTDOWN)  # each session's end, before the log closes
             if self.audit is not None:
                 audit_publisher.removeObserver(self.audit)
                 self.audit.close()

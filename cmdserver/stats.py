@@ -1,4 +1,4 @@
-"""Counters the ``stats`` command reports: uptime, connections, commands."""
+"""Counters the ``stats`` command reports: uptime, connections, commands, logins, files."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ class Stats:
         self.commands: Counter[str] = Counter()  # commands run, per name
         self.errors = 0  # commands that ended in an error
         self.in_flight = 0
+        self.not_found = 0  # command names no door serves (typos, probes)
+        self.logins = 0  # successful logins, every door
+        self.login_failures = 0  # failed logins, every door
+        self.file_operations: Counter[str] = Counter()  # SFTP operations, per name
 
     def connection_opened(self, door: str) -> None:
         self.connections[door] += 1
@@ -36,4 +40,8 @@ class Stats:
             "commands": dict(sorted(self.commands.items())),
             "errors": self.errors,
             "in_flight": self.in_flight,
+            "not_found": self.not_found,
+            "logins": self.logins,
+            "login_failures": self.login_failures,
+            "file_operations": dict(sorted(self.file_operations.items())),
         }

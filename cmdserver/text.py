@@ -10,6 +10,10 @@ text as it is (the common case costs one ``isprintable`` call).
 
 from __future__ import annotations
 
+from typing import Any
+
+MAX_LENGTH = 256  # characters kept of one logged value; a longer one ends with "…"
+
 REPLACEMENT = "\N{REPLACEMENT CHARACTER}"
 
 
@@ -27,6 +31,21 @@ def escaped(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def escape(value: Any, limit: int = MAX_LENGTH) -> str:
+    """A client-chosen value (a user name tried, an SSH channel name, a certificate's
+    common name) for the main log or an audit field: bytes decoded as UTF-8 (bad
+    bytes as ``\\xNN``), :func:`escaped`, and at most ``limit`` characters kept.
+    Written raw, a newline would forge a log line and an escape sequence would act
+    on the terminal of whoever reads the log."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    elif not isinstance(value, str):
+        value = str(value)
+    if len(value) > limit:
+        value = value[:limit] + "…"
+    return escaped(value)
 
 
 def _escape(c: str) -> str:

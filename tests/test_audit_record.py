@@ -11,8 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from cmdserver.audit import FLUSH_DELAY, NAMESPACE, AuditFile, AuditPublisher, round_duration
-from tests.helpers import temp_audit_file
+from cmdserver.audit import (
+    FLUSH_DELAY,
+    NAMESPACE,
+    AuditFile,
+    AuditPublisher,
+    discard,
+    round_duration,
+)
+from tests.helpers import capture_log, temp_audit_file
 
 texts = st.text(max_size=200)
 values = st.one_of(
@@ -32,13 +39,15 @@ def written(write) -> str:
 
 
 @settings(max_examples=200, deadline=None)
-@given(texts, texts, texts, texts, st.dictionaries(st.text(max_size=5), st.text()), texts,
+@given(texts, texts, texts, texts, texts, st.one_of(st.none(), texts),
+       st.dictionaries(st.text(max_size=5), st.text()), texts,
        st.floats(allow_nan=True, allow_infinity=True), st.one_of(st.none(), st.text()),
        values, st.floats(min_value=0, max_value=4e9))
-def test_record_writes_the_event_line(user, peer, door, command, args, outcome, duration,
-                                      error, result, when) -> None:
-    fields = {"user": user, "peer": peer, "door": door, "command": command, "args": args,
-              "outcome": outcome, "duration": round_duration(duration), "error": error}
+def test_record_writes_the_event_line(session, event_kind, user, peer, door, command, args,
+                                      outcome, duration, error, result, when) -> None:
+    fields = {"session": session or None, "event": event_kind, "user": user, "peer": peer,
+              "door": door, "command": command, "args": args, "outcome": outcome,
+              "duration": round_duration(duration), "error": error}
     if result is not None:
         fields["result"] = result
     event = {"log_namespace": NAMESPACE, "log_time": when, **fields}
@@ -46,7 +55,8 @@ def test_record_writes_the_event_line(user, peer, door, command, args, outcome, 
     def twice(audit: AuditFile) -> None:  # the second time from the string cache
         audit.clock = lambda: when
         for _ in range(2):
-            audit.record(user, peer, door, command, args, outcome, duration, error, result)
+            audit.record(session, event_kind, user, peer, door, command, args, outcome,
+                         duration, error, result)
 
     assert written(twice) == written(lambda audit: (audit(event), audit(event)))
 
@@ -64,24 +74,44 @@ class PublisherTests(unittest.TestCase):
 
     def test_file_alone_gets_the_fields(self) -> None:
         self.publisher.addObserver(self.file)
-        self.publisher.record("u", "p", "line", "ping", {}, "ok", 1e-06, None)
-        [line] = self.lines()
-        self.assertEqual({k: v for k, v in line.items() if k != "time"},
-                         {"user": "u", "peer": "p", "door": "line", "command": "ping",
-                          "args": {}, "outcome": "ok", "duration": 1e-06, "error": None})
+        self.publisher.record("s1", "command", "u", "p", "line", "ping", {}, "ok", 1e-06, None)
+        self.publisher.record("", "login", "u", "p", "pb", None, {"method": "password"},
+                              "failed", 0.0, None)
+        first, second = self.lines()
+        self.assertEqual(list(first), ["time", "session", "event", "user", "peer", "door",
+                                       "command", "args", "outcome", "duration", "error"])
+        self.assertEqual({k: v for k, v in first.items() if k != "time"},
+                         {"session": "s1", "event": "command", "user": "u", "peer": "p",
+                          "door": "line", "command": "ping", "args": {}, "outcome": "ok",
+                          "duration": 1e-06, "error": None})
+        self.assertEqual({k: v for k, v in second.items() if k != "time"},
+                         {"session": None, "event": "login", "user": "u", "peer": "p",
+                          "door": "pb", "command": None, "args": {"method": "password"},
+                          "outcome": "failed", "duration": 0.0, "error": None})
+
+    def test_without_an_observer_nothing_is_recorded(self) -> None:
+        self.assertIs(self.publisher.record, discard)
+        logged = capture_log(self)
+        self.publisher.record("s1", "command", "u", "p", "line", "ping", {}, "ok", 0.0, None)
+        self.publisher({"log_namespace": NAMESPACE, "log_time": 0.0, "command": "x"})
+        self.assertEqual(logged, [])
+        self.publisher.addObserver(self.file)
+        self.publisher.removeObserver(self.file)
+        self.assertIs(self.publisher.record, discard)
+        self.assertEqual(self.lines(), [])
 
     def test_other_observers_get_the_event_and_the_file_its_line(self) -> None:
         events: list[dict] = []
         self.publisher.addObserver(self.file)
         self.publisher.addObserver(events.append)
-        self.publisher.record("u", "p", "pb", "portscan", {"host": "h"}, "ok", 0.5, None,
-                              {"open": 2})
+        self.publisher.record("s", "command", "u", "p", "pb", "portscan", {"host": "h"}, "ok",
+                              0.5, None, {"open": 2})
         [event] = events
         self.assertEqual((event["log_namespace"], event["command"], event["result"]),
                          (NAMESPACE, "portscan", {"open": 2}))
         self.assertEqual(self.lines()[0]["result"], {"open": 2})
         self.publisher.removeObserver(events.append)  # the file alone again
-        self.publisher.record("u", "p", "pb", "ping", {}, "ok", 0.0, None)
+        self.publisher.record("s", "command", "u", "p", "pb", "ping", {}, "ok", 0.0, None)
         self.assertEqual([line["command"] for line in self.lines()], ["portscan", "ping"])
         self.assertEqual(len(events), 1)
 
@@ -91,7 +121,7 @@ class PublisherTests(unittest.TestCase):
 
         self.publisher.addObserver(self.file)
         self.patch(os, "write", full)
-        self.publisher.record("u", "p", "line", "ping", {}, "ok", 0.0, None)
+        self.publisher.record("s", "command", "u", "p", "line", "ping", {}, "ok", 0.0, None)
         self.clock.advance(FLUSH_DELAY)  # the batch is written, and fails: no raise
         [error] = self.flushLoggedErrors(OSError)
         self.assertEqual(error.value.errno, errno.ENOSPC)
@@ -103,17 +133,19 @@ class PublisherTests(unittest.TestCase):
                 raise RuntimeError("no text")
 
         self.publisher.addObserver(self.file)
-        self.publisher.record("u", "p", "pb", "ls", {"path": "a"}, "ok", 0.0, None)
-        self.publisher.record("u", "p", "pb", "odd", {}, "ok", 0.0, None, Unprintable())
-        self.publisher.record("u", "p", "pb", "ping", {}, "ok", 0.0, None)
+        self.publisher.record("s", "command", "u", "p", "pb", "ls", {"path": "a"}, "ok", 0.0,
+                              None)
+        self.publisher.record("s", "command", "u", "p", "pb", "odd", {}, "ok", 0.0, None,
+                              Unprintable())
+        self.publisher.record("s", "command", "u", "p", "pb", "ping", {}, "ok", 0.0, None)
         self.assertEqual([line["command"] for line in self.lines()], ["ls", "ping"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_long_strings_not_cached(self) -> None:
         self.publisher.addObserver(self.file)
         for i in range(3):
-            self.publisher.record("u", "p", "line", "x" * 500 + str(i), {}, "not-found",
-                                  0.0, None)
+            self.publisher.record("s", "command", "u", "p", "line", "x" * 500 + str(i), {},
+                                  "not-found", 0.0, None)
         self.assertEqual([line["command"][-1] for line in self.lines()], ["0", "1", "2"])
         self.assertNotIn("x" * 500 + "0", self.file._strings)
 

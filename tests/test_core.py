@@ -10,7 +10,7 @@ from twisted.trial import unittest
 from cmdserver.commands.base import Command, Context
 from cmdserver.core import INTERNAL_ERROR, TextReply, split_line
 from cmdserver.errors import CommandError, NotFound, UsageError
-from tests.helpers import capture_log, make_context, make_core
+from tests.helpers import capture_audit, capture_log, make_context, make_core
 
 
 class Boom(Command):
@@ -56,7 +56,7 @@ class SplitTests(unittest.SynchronousTestCase):
 class CoreTests(unittest.SynchronousTestCase):
     def setUp(self) -> None:
         self.core = make_core(self.mktemp())
-        self.events = capture_log(self)
+        self.events = capture_audit(self, capture_log(self))
         self.ctx = make_context(self.core)
 
     def audit(self) -> list[dict[str, Any]]:

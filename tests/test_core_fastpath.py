@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel
 from twisted.trial import unittest
 
-from cmdserver.audit import NAMESPACE, audit_publisher
+from cmdserver.audit import NAMESPACE, audit_publisher, discard
 from cmdserver.commands import default_registry
 from cmdserver.commands.base import Command, Context
 from cmdserver.commands.lastlog import LogSource
@@ -155,14 +155,20 @@ class FastPathTests(unittest.TestCase):
         self.assertEqual([e["outcome"] for e in self.events], ["not-found", "refused"])
         self.assertEqual(self.events[0]["args"], {"argv": ["x"]})
 
-    def test_without_audit_observer_events_go_to_the_global_log(self) -> None:
+    def test_without_audit_observer_nothing_is_recorded(self) -> None:
+        # --audit-log none: no record anywhere, not even in the main log.
         audit_publisher.removeObserver(self.events.append)
         self.addCleanup(audit_publisher.addObserver, self.events.append)
+        self.assertIs(audit_publisher.record, discard)
         logged = capture_log(self)
         self.assertEqual(self.core.run_text(self.ctx, "ping"), TextReply(["pong"], True))
+        self.assertEqual(self.core.run_text(self.ctx, "nope").ok, False)
+        session = self.core.open_session("line", "p")
+        self.core.login(session, "u", "password", "failed")
+        self.core.close_session(session)
         self.assertEqual(self.events, [])
-        [event] = [e for e in logged if e.get("log_namespace") == NAMESPACE]
-        self.assertEqual((event["command"], event["outcome"]), ("ping", "ok"))
+        self.assertEqual([e for e in logged if e.get("log_namespace") == NAMESPACE], [])
+        self.assertEqual(self.core.stats.commands["ping"], 1)  # still counted
 
     def test_with_audit_observer_events_stay_out_of_the_global_log(self) -> None:
         logged = capture_log(self)

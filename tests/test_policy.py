@@ -85,3 +85,18 @@ def test_nul_byte(jail):
 def test_needs_a_root():
     with pytest.raises(ValueError):
         Policy([])
+
+
+def test_jail_path_names_a_path_as_the_jail_sees_it(jail):
+    root, other = jail
+    policy = Policy([str(root), str(other)])
+    real_root, real_other = os.path.realpath(root), os.path.realpath(other)
+    assert policy.jail_path("sub/f.txt") == "sub/f.txt"
+    assert policy.jail_path(f"{real_root}/sub/../sub/f.txt") == "sub/f.txt"
+    assert policy.jail_path(real_root) == "."
+    assert policy.jail_path("") == "."
+    assert policy.jail_path(f"{real_other}/secret") == "root2:secret"
+    assert policy.jail_path(real_other) == "root2:."
+    assert policy.jail_path("../outside") is None
+    assert policy.jail_path("/etc/passwd") is None
+    assert policy.jail_path("a\0b") is None

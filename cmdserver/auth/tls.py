@@ -21,17 +21,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.logger import Logger
 
 from cmdserver.auth.portal import ANONYMOUS
 from cmdserver.auth.users import CredentialError, write_atomically
 from cmdserver.commands.account import log_in
 
-log = Logger()
-
 TLS_DIR = "tls"
 _HOST = re.compile(r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+\Z")
 LOOPBACK_NAMES = ("tcp", "tcp6", "ssl")
+CERTIFICATE = "certificate"  # the login method, as the audit log names it
 
 
 def split_description(description: str) -> list[str]:
@@ -222,7 +220,9 @@ class CertificateLogin:
     """Logs a TLS connection in as the user its client certificate names.
 
     The certificate was verified against ``--tls-client-ca`` during the
-    handshake; its common name must also be a user on file.
+    handshake; its common name must also be a user on file.  Either way the
+    core audits the login (method ``certificate``): ok, or failed for a name
+    that is not a user (the connection then stays anonymous).
     """
 
     def __init__(self, lookup: Any) -> None:
@@ -234,12 +234,12 @@ class CertificateLogin:
         name = certificate_user(transport)
         if name is None:
             return
+        core = ctx.core
         try:
             account = self.lookup(name)
         except Exception:
-            log.info("{peer}: client certificate for {name}, who is not a user",
-                     peer=ctx.peer, name=name)
+            core.login(core.session_for(ctx), name, CERTIFICATE, "failed",
+                       "the certificate's name is not a user")
             return
         log_in(ctx, account)
-        log.info("{peer} logged in as {user} by client certificate via {door}",
-                 peer=ctx.peer, user=account.name, door=ctx.door)
+        core.login(core.session_for(ctx), account.name, CERTIFICATE, "ok")

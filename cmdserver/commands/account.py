@@ -3,7 +3,9 @@
 Failed logins all say the same thing (unknown user or wrong password), are
 answered after a delay that doubles with each consecutive failure from one
 address (:class:`LoginThrottle`), and the fifth failure on one connection
-closes it.  Passwords never reach a log: ``login`` records only the user name.
+closes it.  Every login, ok or failed, is reported to the core
+(:meth:`CommandCore.login`), which audits and logs it.  Passwords never reach a
+log: ``login`` records only the user name.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cmdserver.auth.portal import ANONYMOUS, Account, IAccount, policy_for
@@ -25,9 +26,8 @@ from cmdserver.commands.base import Command, Context
 from cmdserver.commands.params import Param
 from cmdserver.errors import CommandError
 
-log = Logger()
-
 LOGIN_FAILED = "login failed"
+PASSWORD = "password"  # the login method, as the audit log names it
 TOO_MANY_FAILURES = f"{LOGIN_FAILED}; too many failures, closing"
 MAX_FAILURES = 5  # per connection, then it is closed
 
@@ -59,8 +59,7 @@ class PasswordLogin:
             _, account, _ = result
             self.throttle.success(host)
             log_in(ctx, account)
-            log.info("{peer} logged in as {user} via {door}", peer=ctx.peer,
-                     user=account.name, door=ctx.door)
+            ctx.core.login(ctx.core.session_for(ctx), account.name, PASSWORD, "ok")
             return f"Logged in as {account.name}"
 
         def failed(failure: Failure) -> Deferred:
@@ -68,8 +67,8 @@ class PasswordLogin:
             ctx.login_failures += 1
             delay = self.throttle.failure(host)
             closing = ctx.login_failures >= self.max_failures
-            log.info("{peer}: failed login as {user} via {door} ({count} on this connection)",
-                     peer=ctx.peer, user=user, door=ctx.door, count=ctx.login_failures)
+            ctx.core.login(ctx.core.session_for(ctx), user, PASSWORD, "failed",
+                           TOO_MANY_FAILURES if closing else LOGIN_FAILED)
 
             def answer() -> None:
                 if closing and ctx.session is not None:

@@ -65,6 +65,7 @@ class Context:
     policy: Policy = None  # type: ignore[assignment]  # the core's unless the user has own roots
     login: str = "off"  # the door's login mode: "required", "optional" or "off"
     login_failures: int = 0  # failed logins on this connection
+    session_id: str = ""  # the connection's session in the core ("": none, a core used directly)
 
     def __post_init__(self) -> None:
         if self.policy is None:

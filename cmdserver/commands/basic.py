@@ -58,7 +58,7 @@ class Ping(Command):
 
 class StatsCommand(Command):
     name = "stats"
-    summary = "Show uptime, connections and command counters."
+    summary = "Show uptime, connections, command, file operation and login counters."
 
     def run(self, ctx: Context) -> defer.Deferred:
         return defer.succeed(ctx.core.stats.snapshot(ctx.reactor.seconds()))
@@ -66,6 +66,7 @@ class StatsCommand(Command):
     def text(self, result: Any) -> list[str]:
         doors = ", ".join(f"{k} {v}" for k, v in result["connections_by_door"].items())
         commands = ", ".join(f"{k} {v}" for k, v in result["commands"].items()) or "none"
+        files = ", ".join(f"{k} {v}" for k, v in result["file_operations"].items()) or "none"
         return [
             f"uptime: {format_duration(result['uptime'])}",
             f"connections: {result['connections']} open"
@@ -74,6 +75,9 @@ class StatsCommand(Command):
             f"commands in flight: {result['in_flight']}",
             f"commands run: {commands}",
             f"command errors: {result['errors']}",
+            f"commands not found: {result['not_found']}",
+            f"file operations: {files}",
+            f"logins: {result['logins']} ok, {result['login_failures']} failed",
         ]
 
 

@@ -64,13 +64,34 @@ class BasicCommandTests(unittest.SynchronousTestCase):
             "commands in flight: 1",
             "commands run: ping 1, stats 1",
             "command errors: 0",
+            "commands not found: 0",
+            "file operations: none",
+            "logins: 0 ok, 0 failed",
         ])
+
+    def test_stats_count_unknown_commands_file_operations_and_logins(self) -> None:
+        self.lines("nosuch")
+        self.assertEqual(self.core.run_text(self.ctx, "nosuch either").ok, False)
+        session = self.core.open_session("line", "10.0.0.1:2")
+        self.core.login(session, "ops", "password", "ok")
+        self.core.login(session, "ghost", "password", "failed")
+        self.core.login(session, "eve", "key", "failed")
+        for name in ("put", "get", "put"):
+            self.core.audit_operation(self.ctx, name, {"path": "a"}, "ok", 0.0)
+        lines = self.lines("stats")
+        self.assertEqual(lines[5:], ["commands not found: 2", "file operations: get 1, put 2",
+                                     "logins: 1 ok, 2 failed"])
+        value = self.successResultOf(self.core.call(self.ctx, "stats"))
+        self.assertEqual((value["not_found"], value["file_operations"], value["logins"],
+                          value["login_failures"]), (2, {"get": 1, "put": 2}, 1, 2))
 
     def test_stats_value(self) -> None:
         value = self.successResultOf(self.core.call(self.ctx, "stats"))
         self.assertEqual(value["connections"], 0)
         self.assertEqual(value["commands"], {"stats": 1})
         self.assertEqual(value["in_flight"], 1)
+        self.assertEqual((value["not_found"], value["logins"], value["login_failures"],
+                          value["file_operations"]), (0, 0, 0, {}))
 
     def test_exit_and_quit_end_the_session(self) -> None:
         self.assertEqual(self.lines("exit"), ["bye !"])

@@ -286,7 +286,7 @@ class DeclaredLineTests(DeclaredCase):
         audit = os.path.join(self.server.data_dir, "audit.log")
         yield self.server.stop()
         with open(audit) as f:
-            [event] = [json.loads(line) for line in f]
+            [event] = [e for e in map(json.loads, f) if e["event"] == "command"]
         self.assertEqual((event["command"], event["args"], event["outcome"]),
                          ("diskfree", {"argv": ["-rf"]}, "refused"))
 

@@ -71,7 +71,7 @@ class LineDoorEndToEnd(ServiceCase):
             while not help_lines[-1].startswith("Type 'help"):
                 help_lines.append(c.read_line())
             assert help_lines[0] == "Commands:" and len(help_lines) > 8
-            stats = c.ask("stats", 5)
+            stats = c.ask("stats", 8)
             assert stats[1].startswith("connections: 1 open (line 1)")
             c.send(b"exit\n")
             assert c.read_until_closed() == b"bye !\r\n"
@@ -80,9 +80,14 @@ class LineDoorEndToEnd(ServiceCase):
         audit = os.path.join(self.server.data_dir, "audit.log")
         yield self.server.stop()
         events = [json.loads(line) for line in open(audit)]
-        self.assertEqual([e["command"] for e in events],
+        self.assertEqual([e["command"] for e in events if e["event"] == "command"],
                          ["ping", "comphash", "comphash", "ls", "ls", "lastlog", "nosuch",
                           "help", "stats", "exit"])
+        self.assertEqual([events[0]["event"], events[-1]["event"]],
+                         ["session-start", "session-end"])
+        self.assertEqual(len({e["session"] for e in events}), 1)
+        self.assertEqual(events[-1]["result"], {"commands": 8, "file_operations": 0,
+                                                "login_failures": 0})
         self.assertEqual({e["peer"].split(":")[0] for e in events}, {"127.0.0.1"})
 
     @defer.inlineCallbacks

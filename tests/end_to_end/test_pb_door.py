@@ -15,7 +15,6 @@ import pytest
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.logger import globalLogPublisher
 from twisted.spread import pb
 from twisted.trial import unittest
 
@@ -23,6 +22,7 @@ from cmdserver import client
 from cmdserver.client import LoginError, RemoteCommandError, RemoteError
 from cmdserver.commands.upload.key import BadKeyError
 from tests.end_to_end.pb_server import KEY, PBServer
+from tests.helpers import capture_audit
 
 
 def caught(d: defer.Deferred) -> defer.Deferred:
@@ -59,10 +59,7 @@ class PBDoorTestBase(unittest.TestCase):
         yield self.server.start()
         self.factories: list[pb.PBClientFactory] = []
         self.sessions: list[client.Session] = []
-        self.audit: list[dict] = []
-        observer = self.audit.append
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.audit: list[dict] = capture_audit(self)
 
     @defer.inlineCallbacks
     def tearDown(self) -> Any:

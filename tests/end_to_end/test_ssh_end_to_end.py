@@ -33,7 +33,7 @@ from cmdserver.doors.ssh.door import SSHSettings, add_ssh_door
 from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
 from cmdserver.service import CmdServerService, Limits
-from tests.helpers import OutsideTreeTempMixin, capture_log
+from tests.helpers import OutsideTreeTempMixin, capture_audit, capture_log, commands_audited
 
 PASSWORD = "s3cret"
 # Host keys take a moment to generate (RSA 3072): make them once for the module.
@@ -382,9 +382,9 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_exec_audited_with_user(self) -> Any:
 
-        events = capture_log(self)
+        events = capture_audit(self)
         yield self.exec_("ping")
-        audited = [e for e in events if e.get("log_namespace") == "cmdserver.audit"]
+        audited = commands_audited(events)
         self.assertEqual([(e["user"], e["door"], e["command"]) for e in audited],
                          [("ops", "ssh", "ping")])
 

@@ -12,6 +12,7 @@ from twisted.trial import unittest
 from cmdserver.auth.tls import gencert, quote
 from cmdserver.auth.users import UserRecord, UserStore, hash_password
 from cmdserver.tap import Options, makeService
+from tests.helpers import capture_audit
 from tests.helpers.creds import TEST_COST, make_ca, make_client_cert, temp_dir
 
 PASSWORD = "tls pass word"
@@ -80,6 +81,7 @@ class TLSDoorTests(unittest.TestCase):
         elsewhere = os.path.join(self.data, "elsewhere")
         os.mkdir(elsewhere)
         stranger = make_client_cert(elsewhere, make_ca(elsewhere, "other-ca"), "ops")
+        audit = capture_audit(self)
         port = yield self.start("--line-auth", "required", "--tls-client-ca", ca[2])
 
         received = yield threads.deferToThread(tls_session, port, self.cert,
@@ -99,3 +101,13 @@ class TLSDoorTests(unittest.TestCase):
             except (ssl.SSLError, ConnectionError):
                 continue
             self.assertEqual(received, [""])  # closed before the greeting
+
+        # Both certificate logins are audited, each in its connection's session.
+        logins = [e for e in audit if e["event"] == "login"]
+        self.assertEqual([(e["user"], e["args"], e["outcome"], e["door"]) for e in logins],
+                         [("ops", {"method": "certificate"}, "ok", "line"),
+                          ("ghost", {"method": "certificate"}, "failed", "line")])
+        self.assertNotEqual(logins[0]["session"], logins[1]["session"])
+        ran = [e for e in audit if e["event"] == "command" and e["command"] == "ls"]
+        self.assertEqual([(e["user"], e["session"]) for e in ran],
+                         [("ops", logins[0]["session"]), ("anonymous", logins[1]["session"])])

@@ -134,6 +134,23 @@ def capture_log(test: Any) -> list[dict]:
     return events
 
 
+def capture_audit(test: Any, events: list[dict] | None = None) -> list[dict]:
+    """Collect every audit record (as its ``cmdserver.audit`` event) until the test
+    ends, into ``events`` if given: without an observer there are no records."""
+    from cmdserver.audit import audit_publisher
+
+    events = [] if events is None else events
+    audit_publisher.addObserver(events.append)
+    test.addCleanup(audit_publisher.removeObserver, events.append)
+    return events
+
+
+def commands_audited(events: list[dict]) -> list[dict]:
+    """The audit records of commands among ``events`` (no login, session or file ones)."""
+    return [e for e in events
+            if e.get("log_namespace") == "cmdserver.audit" and e.get("event") == "command"]
+
+
 def temp_audit_file(test: Any) -> AuditFile:
     """An open audit file in a temporary directory, its batches timed by a ``Clock``
     (``audit.reactor``); closed and removed when the test ends."""

@@ -44,6 +44,7 @@ from cmdserver.commands.upload.spool import (
 )
 from cmdserver.commands.upload.stream import Block, name_thread
 from cmdserver.errors import CommandError
+from cmdserver.text import escape
 
 if TYPE_CHECKING:
     from cmdserver.commands.base import Context
@@ -244,7 +245,7 @@ class Upload:
 
     def _finished(self, outcome: UploadResult | Failure) -> None:
         if isinstance(outcome, Failure) and not outcome.check(CommandError, CancelledError):
-            log.failure("upload of {name} failed", outcome, name=self.name)
+            log.failure("upload of {name} failed", outcome, name=escape(self.name))
             outcome = Failure(CommandError("upload failed (see the server log), "
                                            "upload discarded"))
         self._over = True
@@ -326,7 +327,7 @@ class Uploads:
         def opened(spool: Spool) -> None:
             if cancelled:  # nobody waits: remove the file we just made, off the reactor
                 ctx.core.in_thread(spool.discard).addErrback(
-                    lambda f: log.failure("discarding {name}", f, name=name))
+                    lambda f: log.failure("discarding {name}", f, name=escape(name)))
                 return
             upload = Upload(spool, expected, ctx.reactor)
             self.active.add(upload)

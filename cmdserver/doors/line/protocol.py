@@ -89,10 +89,12 @@ class LineProtocol(LineReceiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self._connected = True
-        self.ctx = Context(self.core, user="anonymous",
-                           peer=format_peer(self.transport.getPeer()),
+        peer = format_peer(self.transport.getPeer())
+        # The connection's session in the core: audited from here to connectionLost.
+        self.audit_session = self.core.open_session(self.door, peer)
+        self.ctx = Context(self.core, user="anonymous", peer=peer,
                            door=self.door, out=self, session=self,
-                           login=self.settings.login)
+                           login=self.settings.login, session_id=self.audit_session.id)
         self._peer_login = self.settings.peer_login
         self.transport.registerProducer(self, True)
         self.setTimeout(self.settings.idle_timeout or None)
@@ -107,6 +109,8 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         if self._running is not None:
             running, self._running = self._running, None
             running.cancel()
+        if self.ctx is not None:
+            self.core.close_session(self.audit_session)
 
     def readConnectionLost(self) -> None:
         """The client sent all it will send: answer it all, then close."""

@@ -14,6 +14,7 @@ from twisted.spread import pb
 
 from cmdserver.core import INTERNAL_ERROR, NOT_FOUND_TEXT, is_deferred
 from cmdserver.doors.pb.errors import BadArguments, InternalError, UnknownMethod
+from cmdserver.text import escape
 
 log = Logger()
 
@@ -92,7 +93,7 @@ class RemoteSink:
         if not self.gone:
             self.gone = True
             log.info("pb: observer failed, streaming stopped: {error}",
-                     error=failure.getErrorMessage())
+                     error=escape(failure.getErrorMessage()))  # the client's words
 
 
 def check(value: Any, kind: type | tuple[type, ...], what: str) -> Any:

@@ -8,6 +8,10 @@ goes through :meth:`CommandCore.call`, so audit, stats and the file jail are
 the same as on the text doors.  Errors come back as the ``pb.Error`` subclasses
 of :mod:`cmdserver.doors.pb.errors`, never as a server traceback.
 
+Each connection is one session in the core (opened by :class:`DoorBroker` when
+the connection is made, closed when it is lost); every ``authenticate`` is
+reported to the core (:meth:`CommandCore.login`), which audits it.
+
 Remote method names are looked up in explicit tables, never with
 ``getattr(self, "remote_" + name)``.  With ``--pb-anonymous`` the root object
 also answers the classic Twisted "remote ls" example (``ls`` and ``ls_boom``).
@@ -33,9 +37,15 @@ from twisted.spread import jelly, pb
 from zope.interface import implementer
 
 from cmdserver.auth.portal import ANONYMOUS, Account, Realm
-from cmdserver.commands.account import LOGIN_FAILED, TOO_MANY_FAILURES
+from cmdserver.commands.account import LOGIN_FAILED, PASSWORD, TOO_MANY_FAILURES
 from cmdserver.commands.base import Command, Context, NullSink
-from cmdserver.core import LOGIN_REQUIRED, NOT_FOUND_TEXT, CommandCore, is_deferred
+from cmdserver.core import (
+    INTERNAL_ERROR,
+    LOGIN_REQUIRED,
+    NOT_FOUND_TEXT,
+    CommandCore,
+    is_deferred,
+)
 from cmdserver.doors.limits import format_peer
 from cmdserver.doors.pb.calls import (
     RemoteSink,
@@ -55,6 +65,8 @@ from cmdserver.doors.pb.errors import (
 from cmdserver.doors.pb.upload import PBUpload, UploadStarter, consumer_starter
 from cmdserver.errors import CommandError, MissingArgument, NotFound, UsageError
 from cmdserver.policy import Policy
+from cmdserver.sessions import Session
+from cmdserver.text import escape
 
 log = Logger()
 
@@ -70,6 +82,7 @@ class PBMind:
     broker: pb.Broker
     peer: str
     client: Any = None  # the mind the client passed, unused for now
+    session_id: str = ""  # the connection's session in the core
 
 
 class PBAvatar(pb.Avatar):
@@ -89,6 +102,7 @@ class PBAvatar(pb.Avatar):
         self.core = core
         self.account = account
         self.peer = mind.peer
+        self.session_id = mind.session_id
         self.upload_starter = upload
         self.policy = Policy(account.roots) if account.roots else core.policy
         self.calls = RunningCalls()
@@ -126,7 +140,7 @@ class PBAvatar(pb.Avatar):
 
     def _context(self, out: Any) -> Context:
         return Context(self.core, user=self.account.name, peer=self.peer, door=DOOR,
-                       out=out, policy=self.policy)
+                       out=out, policy=self.policy, session_id=self.session_id)
 
     def _command(self, name: Any) -> Command:
         try:
@@ -250,6 +264,11 @@ class LoginRoot(pb.Referenceable):
             self._peer = format_peer(transport.getPeer())
         return self._peer
 
+    @property
+    def session(self) -> Session:
+        """The connection's session (:class:`DoorBroker` opens it when connected)."""
+        return cast(DoorBroker, self.broker).audit_session
+
     def remoteMessageReceived(self, broker: pb.Broker, message: str | bytes, args: Any,
                               kw: Any) -> Any:
         name = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
@@ -268,7 +287,8 @@ class LoginRoot(pb.Referenceable):
         user = _credential(username, "user name")
         secret = _credential(password, "password")
         d = self.door.portal.login(UsernamePassword(user, secret),
-                                   PBMind(self.broker, self.peer, mind), pb.IPerspective)
+                                   PBMind(self.broker, self.peer, mind, self.session.id),
+                                   pb.IPerspective)
         return d.addCallbacks(self._logged_in, self._login_failed,
                               errbackArgs=(user.decode("utf-8", "replace"),))
 
@@ -282,18 +302,22 @@ class LoginRoot(pb.Referenceable):
                 once.pop()()
 
         self.broker.notifyOnDisconnect(maybe_logout)
-        log.info("pb: {user} logged in from {peer}", user=getattr(avatar.account, "name", "?"),
-                 peer=self.peer)
+        self.door.core.login(self.session, getattr(avatar.account, "name", "?"), PASSWORD, "ok")
         return remote
 
     def _login_failed(self, failure: Failure, user: str) -> Failure:
         self.failures += 1
+        reason = None
         if failure.check(cred_error.UnhandledCredentials):
             log.error("pb: no password checker is configured; login refused")
+            reason = "no password checker is configured"
         elif not failure.check(cred_error.LoginFailed):
-            log.failure("pb: login of {user} failed", failure, user=user)
-        log.info("pb: failed login for {user} from {peer}", user=user, peer=self.peer)
-        if self.failures >= MAX_LOGIN_FAILURES:
+            log.failure("pb: login of {user} failed", failure, user=escape(user))
+            reason = INTERNAL_ERROR
+        closing = self.failures >= MAX_LOGIN_FAILURES
+        self.door.core.login(self.session, user, PASSWORD, "failed",
+                             reason or (TOO_MANY_FAILURES if closing else LOGIN_FAILED))
+        if closing:
             # Closed once this answer is written, so the client reads why.
             self.door.core.reactor.callLater(0, self._hang_up)
             return Failure(LoginFailed(TOO_MANY_FAILURES))
@@ -331,7 +355,8 @@ class AnonymousRoot(LoginRoot):
 
     def _ls(self, directory: Any) -> Deferred:
         check(directory, str, "directory")
-        ctx = Context(self.door.core, user=ANONYMOUS, peer=self.peer, door=DOOR)
+        ctx = Context(self.door.core, user=ANONYMOUS, peer=self.peer, door=DOOR,
+                      session_id=self.session.id)
         return self.calls.track(self.door.core.call(ctx, "ls", path=directory))
 
 
@@ -369,6 +394,8 @@ class DoorBroker(pb.Broker, TimeoutMixin):
     unless one of its calls (a long lastlog, an upload) is still running."""
 
     transport: ITransport  # set in makeConnection, before any other callback
+    core: CommandCore  # set by DoorFactory
+    audit_session: Session  # the connection's session in the core, from connectionMade
 
     def __init__(self, isClient: bool = False, security: Any = jelly.globalSecurity) -> None:
         super().__init__(isClient=isClient, security=security)
@@ -376,6 +403,7 @@ class DoorBroker(pb.Broker, TimeoutMixin):
         self.call_sets: list[RunningCalls] = []
 
     def connectionMade(self) -> None:
+        self.audit_session = self.core.open_session(DOOR, format_peer(self.transport.getPeer()))
         super().connectionMade()
         self.setTimeout(self.idle_timeout)
 
@@ -394,7 +422,10 @@ class DoorBroker(pb.Broker, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # logs out and cancels the calls, which are audited
+        session = getattr(self, "audit_session", None)
+        if session is not None:
+            self.core.close_session(session)
 
 
 def watch_calls(broker: Any, calls: RunningCalls) -> None:
@@ -418,6 +449,7 @@ class DoorFactory(pb.PBServerFactory):
     def buildProtocol(self, addr: Any) -> DoorBroker:
         broker = super().buildProtocol(addr)
         broker.idle_timeout = self.idle_timeout
+        broker.core = self.core
         broker.callLater = self.reactor.callLater
         return broker
 

@@ -24,6 +24,7 @@ from cmdserver.doors.limits import format_peer
 from cmdserver.doors.ssh.session import CommandSession, RefusingSSHSession
 from cmdserver.doors.ssh.sftp import JailedFileTransferServer, JailedSFTPServer
 from cmdserver.policy import Policy
+from cmdserver.text import escape
 
 log = Logger()
 
@@ -57,6 +58,7 @@ class SSHAvatar(ConchUser):
         self.settings = settings
         self.policy = Policy(account.roots) if account.roots else core.policy
         self.busy = 0  # commands running on this connection: it is not idle
+        self.session_id = ""  # the connection's session in the core, set at login
         self.channelLookup[b"session"] = RefusingSSHSession
         self.subsystemLookup[b"sftp"] = self._sftp
 
@@ -70,12 +72,14 @@ class SSHAvatar(ConchUser):
     def context(self, out: OutputSink, session: Any) -> Context:
         """A command context for this user with the given output sink."""
         return Context(self.core, user=self.account.name, peer=self.peer, door=DOOR,
-                       out=out, session=session, policy=self.policy)
+                       out=out, session=session, policy=self.policy,
+                       session_id=self.session_id)
 
     def refused(self, what: str, detail: Any = None) -> None:
-        """Log one refused request (forwarding, subsystem, env …)."""
-        if isinstance(detail, bytes):
-            detail = detail.decode("utf-8", "backslashreplace")
+        """Log one refused request (forwarding, subsystem, env …); what the client
+        asked for is escaped (:func:`cmdserver.text.escape`)."""
+        if detail is not None:
+            detail = escape(detail)
         log.info("ssh: refused {what} {detail} for {user}@{peer}", what=what, detail=detail,
                  user=self.account.name, peer=self.peer)
 

@@ -1,7 +1,10 @@
 """The SSH door (twisted.conch): shell, exec and SFTP on the shared command core.
 
 Logins go through the shared portal (password and public key checkers); the
-realm builds an :class:`SSHAvatar` per login.  Everything a diagnostic server
+realm builds an :class:`SSHAvatar` per login.  Each connection is one session
+in the core, opened when the connection is made and closed when it is lost;
+its channels share it, and each login attempt is reported to the core
+(:meth:`CommandCore.login`), which audits it.  Everything a diagnostic server
 does not need is refused and logged: port forwarding (global ``tcpip-forward``
 and ``direct-tcpip`` channels), agent and X11 forwarding, most environment
 variables and every subsystem but ``sftp``.  Limits: the shared connection
@@ -26,6 +29,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from cmdserver.auth.portal import Account
+from cmdserver.core import CommandCore
 from cmdserver.doors.limits import format_peer
 from cmdserver.doors.ssh.avatar import (
     DOOR,
@@ -33,10 +37,14 @@ from cmdserver.doors.ssh.avatar import (
     SSHSettings,
 )
 from cmdserver.doors.ssh.keys import load_host_keys, log_fingerprints
+from cmdserver.sessions import Session
+from cmdserver.text import escape
 
 log = Logger()
 
 MAX_CHANNELS = 10  # open session channels per connection, like OpenSSH's MaxSessions
+# SSH's names of the login methods, as the audit log names them.
+METHODS = {b"password": "password", b"publickey": "key"}
 
 
 class CmdServerConnection(connection.SSHConnection):
@@ -107,15 +115,18 @@ class CmdServerUserAuth(userauth.SSHUserAuthServer):
         super().timeoutAuthentication()
 
     def _cbFinishedAuth(self, result: Any) -> None:
-        log.info("ssh: {user} logged in from {peer} by {method}", user=_text(self.user),
-                 peer=self.transport.peer, method=_text(self.method))
+        _, avatar, _ = result
+        t = self.transport
+        avatar.session_id = t.audit_session.id
+        t.factory.core.login(t.audit_session, self.user, _method(self.method), "ok")
         super()._cbFinishedAuth(result)
 
     def _ebBadAuth(self, reason: Any) -> None:
+        # "none" is a client asking which methods there are, not a login attempt;
+        # IgnoreAuthentication answers a key offered without a signature.
         if self.method != b"none" and not reason.check(IgnoreAuthentication):
-            log.info("ssh: failed {method} login for {user} from {peer} (attempt {n})",
-                     method=_text(self.method), user=_text(self.user),
-                     peer=self.transport.peer, n=self.loginAttempts + 1)
+            t = self.transport
+            t.factory.core.login(t.audit_session, self.user, _method(self.method), "failed")
         super()._ebBadAuth(reason)
         self.transport.auth_failures = self.loginAttempts
 
@@ -126,6 +137,7 @@ class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
     factory: CmdServerSSHFactory
     transport: ITransport  # set in makeConnection, before any other callback
     avatar: SSHAvatar  # set by userauth on a successful login
+    audit_session: Session  # the connection's session in the core, from connectionMade
     auth_deadline = 0.0  # when the login grace time runs out
     auth_failures = 0  # failed authentication attempts on this connection
     _grace_timer: Any = None
@@ -145,6 +157,7 @@ class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
             self._quickack = cast(ISystemHandle, self.transport).getHandle()
         except AttributeError:
             pass
+        self.audit_session = self.factory.core.open_session(DOOR, self.peer)
         super().connectionMade()
         self.setTimeout(self.factory.settings.idle_timeout or None)
         grace = self.factory.settings.login_grace
@@ -189,6 +202,9 @@ class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
         self.setTimeout(None)
         self.stop_grace_timer()
         super().connectionLost(reason)
+        session = getattr(self, "audit_session", None)
+        if session is not None:
+            self.factory.core.close_session(session)
 
 
 def _set_nodelay(tcp: Any) -> None:
@@ -205,7 +221,7 @@ def _set_nodelay(tcp: Any) -> None:
 
 
 class CmdServerSSHFactory(factory.SSHFactory):
-    """Builds SSH server transports sharing host keys, portal and settings."""
+    """Builds SSH server transports sharing the core, host keys, portal and settings."""
 
     protocol = CmdServerTransport
     noisy = False
@@ -214,11 +230,12 @@ class CmdServerSSHFactory(factory.SSHFactory):
         b"ssh-connection": CmdServerConnection,
     }
 
-    def __init__(self, portal: Any, host_keys: dict[bytes, Key], settings: SSHSettings,
-                 reactor: Any) -> None:
+    def __init__(self, core: CommandCore, portal: Any, host_keys: dict[bytes, Key],
+                 settings: SSHSettings) -> None:
+        self.core = core
         self.portal = portal
         self.settings = settings
-        self.reactor = reactor
+        self.reactor = core.reactor
         self.privateKeys = host_keys
         self.publicKeys = {kind: key.public() for kind, key in host_keys.items()}
         self.primes = None  # fixed groups and curve25519 only
@@ -242,10 +259,9 @@ class CmdServerSSHFactory(factory.SSHFactory):
         return t
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    return str(value)
+def _method(name: bytes) -> str:
+    """The audit log's name of an SSH login method."""
+    return METHODS.get(name) or escape(name, 64)
 
 
 def ssh_factory(service: Any, data_dir: str, settings: SSHSettings) -> CmdServerSSHFactory:
@@ -259,7 +275,7 @@ def ssh_factory(service: Any, data_dir: str, settings: SSHSettings) -> CmdServer
     service.realm.register(IConchUser, avatar_factory)
     keys = load_host_keys(data_dir)
     log_fingerprints(keys)
-    return CmdServerSSHFactory(service.portal, keys, settings, core.reactor)
+    return CmdServerSSHFactory(core, service.portal, keys, settings)
 
 
 def build(env: Any, endpoint: str) -> Any:

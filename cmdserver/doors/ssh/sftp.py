@@ -8,6 +8,12 @@ temporary file in the target directory that is renamed into place on close
 and removed if the session dies first.  The temporary file is named and made
 like the upload engine's (:func:`cmdserver.commands.upload.spool.open_temp`), so the
 start-up sweep removes those a killed daemon left behind.
+
+Operations are audited through the core (:meth:`CommandCore.audit_operation`),
+in the SSH connection's session: ``get`` and ``put`` when the file is closed
+(with the bytes read or written), ``ls``, ``rm``, ``rename``, ``mkdir`` and
+``rmdir`` when done, and any refusal by the jail; paths as the jail names them
+(:meth:`Policy.jail_path`).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from cmdserver.commands.base import Context
 from cmdserver.commands.upload.spool import TEMP_RE, open_temp
 from cmdserver.doors.ssh.sftp_files import (
     MAX_DIR_MODE,
@@ -65,7 +72,6 @@ if TYPE_CHECKING:
     from cmdserver.doors.ssh.avatar import SSHAvatar
 
 log = Logger()
-audit = Logger(namespace="cmdserver.audit")
 
 DOOR = "sftp"
 
@@ -79,6 +85,8 @@ class JailedSFTPServer:
         self.policy = avatar.policy
         self.core = avatar.core
         self.run_id = avatar.settings.temp_run_id
+        self.ctx = Context(self.core, user=avatar.account.name, peer=avatar.peer, door=DOOR,
+                           policy=self.policy, session_id=avatar.session_id)
 
     # -- helpers -------------------------------------------------------------
 
@@ -93,19 +101,28 @@ class JailedSFTPServer:
                 raise SFTPError(FX_FAILURE, e.message) from None
 
         d = self.core.in_thread(call)
-        d.addErrback(self._refused, action, paths)
+        d.addErrback(self._refused, action, paths, self.core.reactor.seconds())
         return d
 
-    def _refused(self, failure: Any, action: str, args: tuple) -> Any:
+    def _refused(self, failure: Any, action: str, args: tuple, started: float) -> Any:
         if failure.check(SFTPError) and failure.value.code == FX_PERMISSION_DENIED:
-            self._audit(action, args, "refused", failure.value.message)
+            self._audit(action, args, "refused", failure.value.message, started)
         return failure
 
-    def _audit(self, action: str, args: Any, outcome: str, error: str | None = None) -> None:
-        audit.info("{user}@{peer} via {door}: {command} -> {outcome}",
-                   user=self.avatar.account.name, peer=self.avatar.peer, door=DOOR,
-                   command=action, args=[_text(a) for a in args], outcome=outcome,
-                   duration=0.0, error=error)
+    def _audit(self, action: str, args: Any, outcome: str, error: str | None = None,
+               started: float | None = None, result: Any = None) -> None:
+        """Report an operation on the paths ``args`` (raw, as the client sent
+        them) to the core's audit trail; ``result`` says what it moved."""
+        shown = [self._shown(a) for a in args]
+        named = dict(zip(("path", "to"), shown, strict=False))
+        duration = 0.0 if started is None else self.core.reactor.seconds() - started
+        self.core.audit_operation(self.ctx, action, named, outcome, duration, error, result)
+
+    def _shown(self, raw: bytes) -> str:
+        """A path as the audit log shows it: inside the jail relative to it, never
+        the server's absolute path; outside it (refused) as the client sent it."""
+        path = _text(raw)
+        return self.policy.jail_path(path) or path
 
     def _resolve(self, raw: bytes) -> str:
         """The real path for ``raw``, following symlinks; inside the jail or refused."""
@@ -187,14 +204,14 @@ class JailedSFTPServer:
                                 stat_attrs(st)))
             return DirectoryListing(entries)
 
-        return self._run("ls", listing, path)
+        return self._audited("ls", self._run("ls", listing, path), path)
 
     def openFile(self, filename: bytes, flags: int, attrs: dict) -> Deferred:
         if flags & (FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC):
             if flags & (FXF_READ | FXF_APPEND):
                 return defer.fail(unsupported("reading and appending to an upload"))
-            return self._run("put", lambda: self._open_upload(filename, flags, attrs),
-                             filename)
+            d = self._run("put", lambda: self._open_upload(filename, flags, attrs), filename)
+            return self._audited("put", d, filename)
         d = self._run("get", lambda: self._open_read(filename), filename)
         return self._audited("get", d, filename)
 
@@ -208,7 +225,7 @@ class JailedSFTPServer:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # FIFOs and devices could block a thread
             os.close(fd)
             raise SFTPError(FX_FAILURE, f"not a regular file: {os.fsdecode(filename)}")
-        return ReadFile(self, fd)
+        return ReadFile(self, fd, filename)
 
     def _open_upload(self, filename: bytes, flags: int, attrs: dict) -> UploadFile:
         target = self._entry(filename)
@@ -317,12 +334,17 @@ class JailedSFTPServer:
         return defer.fail(unsupported(f"extension {_text(extendedName)}"))
 
     def _audited(self, action: str, d: Deferred, *args: bytes) -> Deferred:
-        """Audit a download or a change to the jail once it is done (or failed)."""
+        """Audit a download or a change to the jail once it is done (or failed); a
+        file opened for ``get`` or ``put`` is audited when it is closed."""
+        started = self.core.reactor.seconds()
+
         def done(result: Any) -> Any:
+            if isinstance(result, (ReadFile, UploadFile)):
+                return result  # audited when closed
             if not (hasattr(result, "check") and result.check(SFTPError)
                     and result.value.code == FX_PERMISSION_DENIED):  # already audited
                 error = result.getErrorMessage() if hasattr(result, "check") else None
-                self._audit(action, args, "error" if error else "ok", error)
+                self._audit(action, args, "error" if error else "ok", error, started)
             return result
 
         return d.addBoth(done)

@@ -4,7 +4,9 @@ Every operation on a descriptor runs in a thread, one after the other in the
 order the requests came, and is answered in that order; closing waits for the
 reads or writes before it.  An upload is a temporary file in the target
 directory that :meth:`UploadFile.close` fsyncs and renames over the target,
-and :meth:`UploadFile.abort` removes when the session ends first.
+and :meth:`UploadFile.abort` removes when the session ends first.  A file is
+audited (``get``, ``put``) when it is closed or abandoned, with the bytes read
+or written.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from cmdserver.text import escape
 
 if TYPE_CHECKING:
     from cmdserver.doors.ssh.sftp import JailedSFTPServer
@@ -116,6 +120,8 @@ class _OpenFile:
         self.fd: int | None = fd
         self._queue: deque[tuple[Callable[[], Any], Deferred]] = deque()
         self._busy = False
+        self.started = server.core.reactor.seconds()  # for the audit record's duration
+        self.moved = 0  # bytes read or written
 
     def _op(self, f: Callable[..., Any], *args: Any) -> Deferred:
         """Run ``f(*args)`` in turn; a closed file fails in turn too."""
@@ -159,9 +165,17 @@ class _OpenFile:
 class ReadFile(_OpenFile):
     """A jailed file opened for ``get``."""
 
+    def __init__(self, server: JailedSFTPServer, fd: int, name: bytes) -> None:
+        super().__init__(server, fd)
+        self.name = name
+
     def readChunk(self, offset: int, length: int) -> Deferred:
         fd = self.fd
-        return self._op(os.pread, fd, min(length, MAX_READ), offset)
+        return self._op(os.pread, fd, min(length, MAX_READ), offset).addCallback(self._read)
+
+    def _read(self, data: bytes) -> bytes:
+        self.moved += len(data)
+        return data
 
     def writeChunk(self, offset: int, data: bytes) -> Deferred:
         return defer.fail(SFTPError(FX_PERMISSION_DENIED, "file is not open for writing"))
@@ -173,6 +187,7 @@ class ReadFile(_OpenFile):
         if self.fd is None:
             return defer.succeed(None)
         fd, self.fd = self.fd, None
+        self.server._audit("get", [self.name], "ok", None, self.started, {"bytes": self.moved})
         return self._in_turn(lambda: os.close(fd))
 
 
@@ -206,6 +221,7 @@ class UploadFile(_OpenFile):
         return defer.fail(unsupported("reading an upload before it is closed"))
 
     def writeChunk(self, offset: int, data: bytes) -> Deferred:
+        self.moved += len(data)
         fd = self.fd
         return self._op(self._write, fd, data, offset)
 
@@ -293,10 +309,11 @@ class UploadFile(_OpenFile):
         server = self.server
 
         def audit_ok(_: Any) -> None:
-            server._audit("put", [self.name], "ok")
+            server._audit("put", [self.name], "ok", None, self.started, {"bytes": self.moved})
 
         def audit_error(f: Failure) -> Failure:
-            server._audit("put", [self.name], "error", f.getErrorMessage())
+            server._audit("put", [self.name], "error", f.getErrorMessage(), self.started,
+                          {"bytes": self.moved})
             return f
 
         d.addCallbacks(audit_ok, audit_error)
@@ -339,7 +356,9 @@ class UploadFile(_OpenFile):
             _remove(self.temp)
 
         log.info("sftp: upload of {name} abandoned, temporary file removed",
-                 name=_text(self.name))
+                 name=escape(self.name))
+        self.server._audit("put", [self.name], "error", "the session ended before the upload "
+                           "was closed", self.started, {"bytes": self.moved})
         return self._in_turn(drop)
 
 
@@ -377,7 +396,3 @@ def _remove(path: str) -> None:
 
 def _closed() -> None:
     raise SFTPError(FX_FAILURE, "file is closed")
-
-
-def _text(value: Any) -> str:
-    return os.fsdecode(value) if isinstance(value, bytes) else str(value)

@@ -8,7 +8,6 @@ from typing import Any
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
@@ -16,6 +15,7 @@ from cmdserver.commands.base import Context, ListSink, Registry
 from cmdserver.commands.portscan.command import PortScan
 from cmdserver.core import CommandCore, TextReply
 from cmdserver.policy import Policy, ScanPolicy
+from tests.helpers import capture_audit
 from tests.helpers.fakenet import FakeNetwork
 
 
@@ -59,10 +59,7 @@ class PortScanTests(TestCase):
             "six.example": ["::1"],
         })
         self.build()
-        self.events: list[dict[str, Any]] = []
-        observer = self.events.append
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.events: list[dict[str, Any]] = capture_audit(self)
 
     def build(self, **scan: Any) -> None:
         self.policy = Policy([self.mktemp()], ScanPolicy(**scan))

@@ -19,7 +19,7 @@ from cmdserver.commands.files import ListDir
 from cmdserver.core import CommandCore
 from cmdserver.doors.line.protocol import LineProtocol, LineSettings
 from cmdserver.policy import Policy
-from tests.helpers import capture_log
+from tests.helpers import capture_audit, capture_log, commands_audited
 from tests.helpers.creds import TEST_COST, flatten_events, run_now, temp_dir
 
 PASSWORD = "c0rrect horse"
@@ -48,7 +48,7 @@ class LineLoginTests(unittest.TestCase):
                              Login(PasswordLogin(portal, self.clock, self.throttle))])
         registry.add(Exit(), "quit")
         self.core = CommandCore(registry, Policy([self.shared]), self.clock, run_now)
-        self.events = capture_log(self)
+        self.events = capture_audit(self, capture_log(self))
 
     def connect(self, login: str = "required", host: str = "10.0.0.7"):
         proto = LineProtocol(self.core, LineSettings(login=login, greeting="", idle_timeout=0))
@@ -66,7 +66,11 @@ class LineLoginTests(unittest.TestCase):
         return transport.value().decode().splitlines()
 
     def audit(self) -> list[dict]:
-        return [e for e in self.events if e.get("log_namespace") == "cmdserver.audit"]
+        return commands_audited(self.events)
+
+    def logins(self) -> list[dict]:
+        return [e for e in self.events
+                if e.get("log_namespace") == "cmdserver.audit" and e["event"] == "login"]
 
     # -- the gate ---------------------------------------------------------------
 
@@ -128,6 +132,41 @@ class LineLoginTests(unittest.TestCase):
         self.assertEqual([(e["outcome"], e["error"], e["args"]) for e in failed],
                          [("error", "login failed", {"user": "ops"}),
                           ("error", "login failed", {"user": "ghost"})])
+        # Besides the command, each attempt is a login record of the connection's session.
+        self.assertEqual([(e["user"], e["args"], e["outcome"], e["door"], e["session"])
+                          for e in self.logins()],
+                         [("ops", {"method": "password"}, "failed", "line",
+                           conn[0].ctx.session_id),
+                          ("ghost", {"method": "password"}, "failed", "line",
+                           conn[0].ctx.session_id)])
+        self.assertEqual(self.core.stats.login_failures, 2)
+
+    def test_login_records_and_the_session_around_them(self) -> None:
+        conn = self.connect()
+        other = self.connect(host="10.0.0.8")
+        self.send(conn, "login ops 'not it'", advance=1)
+        self.send(conn, f"login ops '{PASSWORD}'", advance=2)
+        self.send(conn, "ls")
+        self.send(other, "ping")
+        conn[0].connectionLost()
+        other[0].connectionLost()
+        audit = [e for e in self.events if e.get("log_namespace") == "cmdserver.audit"]
+        mine = [e for e in audit if e["session"] == conn[0].ctx.session_id]
+        self.assertEqual([(e["event"], e["user"], e["outcome"]) for e in mine], [
+            ("session-start", "anonymous", "ok"),
+            ("login", "ops", "failed"),
+            ("command", "anonymous", "error"),  # the login command, answered after a delay
+            ("login", "ops", "ok"),
+            ("command", "ops", "ok"),  # the login command
+            ("command", "ops", "ok"),  # ls
+            ("session-end", "ops", "ok"),
+        ])
+        self.assertEqual(mine[-1]["result"], {"commands": 3, "file_operations": 0,
+                                              "login_failures": 1})
+        theirs = [e["event"] for e in audit if e["session"] == other[0].ctx.session_id]
+        self.assertEqual(theirs, ["session-start", "command", "session-end"])
+        self.assertNotEqual(conn[0].ctx.session_id, other[0].ctx.session_id)
+        self.assertNotIn("not it", flatten_events(self.events))
 
     def test_overlong_password_is_a_plain_failure(self) -> None:
         conn = self.connect()

@@ -15,6 +15,8 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from cmdserver.auth.portal import Realm, build_portal
+from cmdserver.commands.base import Registry
+from cmdserver.core import CommandCore
 from cmdserver.doors.ssh.door import (
     CmdServerConnection,
     CmdServerSSHFactory,
@@ -23,6 +25,7 @@ from cmdserver.doors.ssh.door import (
     SSHSettings,
 )
 from cmdserver.doors.ssh.session import RefusingSSHSession
+from cmdserver.policy import Policy
 from cmdserver.tap import Options, makeService
 from tests.helpers import OutsideTreeTempMixin
 
@@ -40,8 +43,9 @@ class TransportTest(unittest.TestCase):
         self.clock = MemoryReactorClock()
         portal = build_portal(Realm(), [InMemoryUsernamePasswordDatabaseDontUse(ops=b"pw")])
         self.settings = SSHSettings(idle_timeout=300, login_grace=30)
-        self.factory = CmdServerSSHFactory(portal, {b"ssh-ed25519": HOST_KEY}, self.settings,
-                                           self.clock)
+        self.core = CommandCore(Registry(), Policy(["/"]), self.clock)
+        self.factory = CmdServerSSHFactory(self.core, portal, {b"ssh-ed25519": HOST_KEY},
+                                           self.settings)
         self.factory.startFactory()
         self.transport: CmdServerTransport = self.factory.buildProtocol(
             IPv4Address("TCP", "127.0.0.1", 40000))

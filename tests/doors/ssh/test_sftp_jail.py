@@ -41,6 +41,7 @@ class FakeAvatar:
     account: Account = Account("ops")
     peer: str = "127.0.0.1:1"
     settings: SSHSettings = SSHSettings(temp_run_id="0123abcd")
+    session_id: str = "feedc0de0001"
 
 
 class SFTPServerTestBase(OutsideTreeTempMixin, unittest.TestCase):
