@@ -27,6 +27,7 @@ from typing import Any, cast
 from twisted.internet import defer, error, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString
+from twisted.internet.interfaces import ITCPTransport
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
@@ -228,8 +229,10 @@ def connect_endpoint(endpoint: Any, user: str, password: str, reactor: Any = Non
     if isinstance(endpoint, str):
         endpoint = clientFromString(reactor, endpoint)
     factory = pb.PBClientFactory()
+    brokers: list[pb.Broker] = []
 
     def connected(broker: pb.Broker) -> Deferred:
+        brokers.append(broker)
         root = factory.getRootObject()
 
         def lost() -> None:  # endpoints do not tell the factory; the broker does
@@ -245,6 +248,10 @@ def connect_endpoint(endpoint: Any, user: str, password: str, reactor: Any = Non
 
     def failed(failure: Failure) -> Failure:
         factory.disconnect()
+        for broker in brokers:  # connected, but PB never got going (a silent server)
+            transport = broker.transport
+            if transport is not None:
+                cast(ITCPTransport, transport).abortConnection()
         return _translate(failure)
 
     d.addCallbacks(lambda avatar: Session(factory, avatar), failed)

@@ -7,6 +7,7 @@ import argparse
 from cmdserver import __version__
 from cmdserver.cli import upload as upload_client
 from cmdserver.cli.call import add_call_parser
+from cmdserver.cli.fleet import add_fleet_parser
 from cmdserver.cli.users import add_user_commands
 
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
     add_user_commands(subparsers)
     add_call_parser(subparsers)
+    add_fleet_parser(subparsers)
     upload_client.register(subparsers)
     return parser
 

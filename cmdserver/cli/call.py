@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
-import os
 import sys
 from typing import Any
 
 from twisted.internet import defer, task
 
+from cmdserver.cli.login import NoPassword, add_password_argument, read_password
 from cmdserver.client import CommandTimedOut, RemoteError, connect, connect_endpoint
 from cmdserver.text import escaped
 
@@ -29,9 +28,7 @@ def add_call_parser(subparsers: Any) -> None:
                    help="client endpoint string instead of --host/--port, "
                    "e.g. tls:host=example.org:port=9876")
     p.add_argument("--user", default="admin", help="user to log in as (default: admin)")
-    p.add_argument("--password-env", metavar="VAR", default="CMDSERVER_PASSWORD",
-                   help="environment variable with the password (default: "
-                   "CMDSERVER_PASSWORD; else a prompt on a terminal)")
+    add_password_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("command", metavar="COMMAND",
                    help="a command the server serves ('help' lists them)")
@@ -41,13 +38,11 @@ def add_call_parser(subparsers: Any) -> None:
 
 
 def run_call(args: argparse.Namespace) -> int:
-    password = os.environ.get(args.password_env)
-    if password is None:
-        if not sys.stdin.isatty():
-            print(f"Error: no password: set {args.password_env} (no terminal to ask on)",
-                  file=sys.stderr)
-            return 2
-        password = getpass.getpass(f"Password for {args.user}: ")
+    try:
+        password = read_password(args, args.user)
+    except NoPassword as e:
+        print(e, file=sys.stderr)
+        return 2
     outcome: list[int] = []
 
     @defer.inlineCallbacks

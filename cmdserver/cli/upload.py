@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from io import BufferedIOBase
 from typing import IO, Any
 
+from cmdserver.cli.login import NoPassword, add_password_argument, read_password
 from cmdserver.commands.upload.key import BadKeyError, parse_key, read_key_file, server_key
 
 CHUNK = 1 << 20
@@ -255,14 +256,10 @@ def run_upload(args: argparse.Namespace) -> int:
 
 def login_password(args: argparse.Namespace) -> str:
     """The password for ``--user``: from ``--password-env``, else a prompt on a terminal."""
-    value = os.environ.get(args.password_env)
-    if value:
-        return value
-    if not sys.stdin.isatty():
-        raise UploadFailed(f"Error: --user needs a password: set {args.password_env}")
-    import getpass
-
-    return getpass.getpass(f"password for {args.user}: ")
+    try:
+        return read_password(args, args.user)
+    except NoPassword:
+        raise UploadFailed(f"Error: --user needs a password: set {args.password_env}") from None
 
 
 def run_hmac_key(args: argparse.Namespace) -> int:
@@ -307,9 +304,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tls", action="store_true", help="speak TLS (for an ssl: endpoint)")
     p.add_argument("--user", metavar="NAME", help="log in first (for a door that requires "
                    "login); the upload is then checked against NAME's own key if they have one")
-    p.add_argument("--password-env", metavar="VAR", default="CMDSERVER_PASSWORD",
-                   help="environment variable with the password for --user "
-                        "(default: CMDSERVER_PASSWORD; else a prompt on a terminal)")
+    add_password_argument(p, "the password for --user")
     p.add_argument("--ca-file", metavar="F", help="CA certificates to check the server's "
                    "TLS certificate against (default: the system's)")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",

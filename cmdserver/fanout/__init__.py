@@ -1,0 +1,1 @@
+"""Running one command on a fleet of cmdserver daemons."""
