@@ -1,4 +1,5 @@
-"""``cmdserver`` subcommands for credentials: useradd, passwd, userdel, addkey, users, gencert.
+"""``cmdserver`` subcommands for credentials: useradd, passwd, userdel, addkey, users, token,
+gencert.
 
 They edit the files the daemon reads (it notices within ``--users-poll-interval``
 seconds, or at once on SIGHUP).  Every failure is one line on stderr and exit
@@ -124,6 +125,37 @@ def cmd_gencert(args: argparse.Namespace) -> None:
     print(endpoint)
 
 
+def cmd_token(args: argparse.Namespace) -> None:
+    from cmdserver.auth.tokens import TokenStore, parse_duration
+
+    store = TokenStore(args.data_dir)
+    if args.action == "add":
+        name = check_name(args.user)
+        if name not in UserStore(args.data_dir).load():
+            raise CredentialError(f"no such user: {name}")
+        lifetime = parse_duration(args.expires) if args.expires else None
+        token_id, token = store.add(name, args.name or "", lifetime)
+        print(f"token {token_id} for {name} (shown once; the server keeps only its SHA-256):",
+              file=sys.stderr)
+        print(token)
+    elif args.action == "list":
+        import time
+
+        now = time.time()
+        for record in sorted(store.load().values(), key=lambda r: (r.user, r.created)):
+            if args.user and record.user != args.user:
+                continue
+            expires = ("never" if record.expires is None else
+                       time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.expires))
+                       + (" (expired)" if record.expired(now) else ""))
+            created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created))
+            print(f"{record.id}\t{record.user}\t{record.name or '-'}\tcreated {created}"
+                  f"\texpires {expires}")
+    else:
+        for record in store.revoke(args.id, args.user):
+            print(f"revoked token {record.id} of {record.user}")
+
+
 def _cost(value: str) -> int:
     try:
         cost = int(value)
@@ -171,6 +203,23 @@ def add_user_commands(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=9443, help="port in the printed endpoint")
     p.add_argument("--days", type=int, default=825, help="validity (default: 825)")
     p.add_argument("--force", action="store_true", help="replace an existing key")
+    p = add("token", cmd_token, "API tokens: add USER prints a new token once; list; "
+            "revoke ID (or 'all' with --user). A token logs in like a password on the line "
+            "and PB doors, without a bcrypt check.", [])
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = actions.add_parser("add", help="make a token for USER and print it once",
+                           parents=[common])
+    q.add_argument("user")
+    q.add_argument("--name", help="a label for it (e.g. the tool that uses it)")
+    q.add_argument("--expires", metavar="DURATION", help="lifetime: 90d, 12h, 30m "
+                   "(default: never)")
+    q = actions.add_parser("list", help="the tokens (never the tokens themselves)",
+                           parents=[common])
+    q.add_argument("--user", help="only this user's")
+    q = actions.add_parser("revoke", help="remove a token; its sessions end",
+                           parents=[common])
+    q.add_argument("id", help="the token's id (as listed), or 'all' with --user")
+    q.add_argument("--user", help="whose tokens")
 
 
 def run(handler: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], int]:
