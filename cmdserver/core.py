@@ -113,10 +113,14 @@ class CommandCore:
 
     # -- sessions: what the doors report --------------------------------------
 
-    def open_session(self, door: str, peer: str) -> Session:
+    def open_session(self, door: str, peer: str,
+                     disconnect: Callable[[], object] | None = None) -> Session:
         """A connection started on ``door`` from ``peer``: its session, audited
-        (``session-start``, as ``anonymous``: no one has logged in yet)."""
-        session = Session(self._session_ids(), door, peer, self._seconds())
+        (``session-start``, as ``anonymous``: no one has logged in yet).
+        ``disconnect`` closes the connection, when the core must end it (its API
+        token was revoked)."""
+        session = Session(self._session_ids(), door, peer, self._seconds(),
+                          disconnect=disconnect)
         self.sessions[session.id] = session
         audit_publisher.record(session.id, SESSION_START, ANONYMOUS, peer, door, None, {},
                                "ok", 0.0, None)
@@ -151,18 +155,20 @@ class CommandCore:
         return session
 
     def login(self, session: Session, user: Any, method: str, outcome: str,
-              reason: str | None = None) -> None:
+              reason: str | None = None, token: str | None = None) -> None:
         """A login on ``session``: ``outcome`` ``ok`` or ``failed``, by ``method``
         (``password``, ``key``, ``certificate``) as ``user``, the name as the
         client gave it (control characters are escaped, a long name is cut).
 
         Audited as a ``login`` record and written to the main log; counted in
-        ``stats``.  A password never comes here."""
+        ``stats``.  A password never comes here; for a login by API token,
+        ``token`` is the token's id (never the token)."""
         name = escape(user)
         method = escape(method, 64)
         if outcome == "ok":
             session.user = name
             session.method = method
+            session.token = token
             self.stats.logins += 1
             log.info("{door}: {user} logged in from {peer} by {method} (session {session})",
                      door=session.door, user=name, peer=session.peer, method=method,
@@ -174,8 +180,18 @@ class CommandCore:
                      "connection; session {session})", door=session.door, user=name,
                      peer=session.peer, method=method, count=session.login_failures,
                      session=session.id)
+        args = {"method": method} if token is None else {"method": method, "token": token}
         audit_publisher.record(session.id, LOGIN, name, session.peer, session.door, None,
-                               {"method": method}, outcome, 0.0, reason)
+                               args, outcome, 0.0, reason)
+
+    def end_token_sessions(self, token_ids: set[str]) -> None:
+        """API tokens were revoked: end every session that logged in with one."""
+        for session in list(self.sessions.values()):
+            if session.token in token_ids and session.disconnect is not None:
+                log.info("{door}: ending session {session} of {user}: its token was revoked",
+                         door=session.door, session=session.id, user=session.user)
+                self.close_session(session, "token revoked")
+                session.disconnect()
 
     def audit_operation(self, ctx: Context, name: str, args: dict[str, Any], outcome: str,
                         duration: float, error: str | None = None, result: Any = None) -> None:

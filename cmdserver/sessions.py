@@ -17,6 +17,7 @@ picked out by the prefix.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cmdserver.auth.portal import ANONYMOUS
@@ -36,6 +37,8 @@ class Session:
     file_operations: int = 0  # SFTP operations audited
     login_failures: int = 0
     closed: bool = False
+    token: str | None = None  # the id of the API token it logged in with
+    disconnect: Callable[[], object] | None = None  # how the core may end it (revocation)
 
 
 class SessionIds:

@@ -366,6 +366,7 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     core = CommandCore(registry, Policy(roots, options["scan-policy"]), reactor,
                        timeout=options["command-timeout"], max_output=options["max-output"])
     credentials, portal = open_credentials(data_dir, options["bcrypt-cost"], core)
+    credentials.on_revoked = core.end_token_sessions  # a revoked token's sessions end
     uploads.user_keys = credentials.hmac_key  # a user's own key beats the server's
     service = CmdServerService(core, Limits(options["max-clients"], options["max-per-ip"]),
                                audit_log, portal)

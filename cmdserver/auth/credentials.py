@@ -29,6 +29,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cmdserver.auth.portal import Account, Realm, build_portal
+from cmdserver.auth.tokens import TokenChecker, TokenRecord, TokenStore, looks_like_token
+from cmdserver.auth.tokens import check as check_token
 from cmdserver.auth.users import (
     DEFAULT_COST,
     HMAC_SUFFIX,
@@ -61,17 +63,18 @@ def store_signature(store: UserStore) -> Signature:
     except FileNotFoundError:
         entries = []
     key_stats = tuple((e, _stat(os.path.join(store.keys_dir, e))) for e in entries)
-    return (_stat(store.users_path), key_stats)
+    return (_stat(store.users_path), key_stats, _stat(TokenStore(store.data_dir).path))
 
 
 def read_store(store: UserStore, previous: Signature | None) -> tuple[Any, ...] | None:
-    """Blocking: (signature, users, SSH keys, upload HMAC keys), or None if nothing
-    changed since ``previous``."""
+    """Blocking: (signature, users, SSH keys, upload HMAC keys, API tokens), or None
+    if nothing changed since ``previous``."""
     signature = store_signature(store)
     if signature == previous:
         return None
     users = store.load()
-    return signature, users, store.load_keys(set(users)), store.load_hmac_keys(set(users))
+    return (signature, users, store.load_keys(set(users)), store.load_hmac_keys(set(users)),
+            TokenStore(store.data_dir).load())
 
 
 @functools.lru_cache(maxsize=4)
@@ -90,6 +93,9 @@ class Credentials:
         self.users: dict[str, UserRecord] = {}
         self.keys: dict[str, list[keys.Key]] = {}
         self.hmac_keys: dict[str, bytes] = {}
+        self.tokens: dict[str, TokenRecord] = {}
+        # Called with the ids of tokens that went away (revoked): their sessions end.
+        self.on_revoked: Callable[[set[str]], Any] | None = None
         self._signature: Signature | None = None
         self._run = run_in_thread or threads.deferToThread
         self._reloading: Deferred | None = None
@@ -102,10 +108,13 @@ class Credentials:
     def _apply(self, result: Any) -> None:
         if result is None:
             return
-        signature, users, found_keys, hmac_keys = result
+        signature, users, found_keys, hmac_keys, tokens = result
         changed = self._signature is not None
+        revoked = set(self.tokens) - set(tokens)
         self._signature, self.users, self.keys = signature, users, found_keys
-        self.hmac_keys = hmac_keys
+        self.hmac_keys, self.tokens = hmac_keys, tokens
+        if revoked and self.on_revoked is not None:
+            self.on_revoked(revoked)
         log.info("{action} credentials: {users} user(s), {keys} SSH key(s)",
                  action="reloaded" if changed else "loaded", users=len(users),
                  keys=sum(map(len, found_keys.values())))
@@ -148,6 +157,15 @@ class Credentials:
         """The user's own upload key, if they have one (else uploads use the server's)."""
         return self.hmac_keys.get(name)
 
+    def check_token(self, name: str | None, token: bytes | str) -> str:
+        """The user a token logs in as (``name``'s only, if given); UnauthorizedLogin
+        for an unknown, expired or revoked token, or a token of another user.  A
+        SHA-256 on the reactor thread: no bcrypt, no thread."""
+        record = check_token(self.tokens, name, token)
+        if record is None or record.user not in self.users:
+            raise UnauthorizedLogin("bad token")
+        return record.user
+
     def check_password(self, name: str, password: bytes, run: Runner) -> Deferred:
         """Fires with True if ``name`` exists and ``password`` matches (bcrypt in a thread)."""
         record = self.users.get(name)
@@ -185,6 +203,11 @@ class BcryptChecker:
         password = credentials.password
         if isinstance(password, str):
             password = password.encode("utf-8")
+        if looks_like_token(password):  # an API token: a SHA-256, no bcrypt
+            try:
+                return defer.succeed(self.credentials.check_token(name, password))
+            except UnauthorizedLogin:
+                return defer.fail(UnauthorizedLogin())
         # Cancelling the answer (the client left) must not free the slot while bcrypt
         # still runs in its thread, or connect-login-disconnect loops would pass the bound.
         answer: Deferred = Deferred()
@@ -226,8 +249,10 @@ class KeyDB:
 
 def build_checkers(credentials: Credentials, run_in_thread: Runner | None = None
                    ) -> list[ICredentialsChecker]:
-    """The portal's two checkers: bcrypt passwords and SSH public keys."""
-    return [BcryptChecker(credentials, run_in_thread), SSHPublicKeyChecker(KeyDB(credentials))]
+    """The portal's checkers: bcrypt passwords (and API tokens given as passwords),
+    API tokens alone (``Authorization: Bearer``) and SSH public keys."""
+    return [BcryptChecker(credentials, run_in_thread), TokenChecker(credentials),
+            SSHPublicKeyChecker(KeyDB(credentials))]
 
 
 class ReloadService(Service):

@@ -26,6 +26,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface, implementer
+
 from cmdserver.auth.users import LOCK_FILE, CredentialError, check_name, write_atomically
 
 TOKENS_FILE = "tokens"
@@ -56,6 +62,14 @@ def looks_like_token(secret: str | bytes) -> bool:
     return secret.startswith(PREFIX)
 
 
+def secret_method(secret: str | bytes) -> tuple[str, str | None]:
+    """How a login by ``secret`` is audited: ``("token", ID)`` for an API token,
+    else ``("password", None)``."""
+    text = secret.decode("ascii", "replace") if isinstance(secret, bytes) else secret
+    match = _TOKEN.match(text)
+    return ("token", match.group(1)) if match else ("password", None)
+
+
 def digest(token: str) -> str:
     return hashlib.sha256(token.encode("ascii", "replace")).hexdigest()
 
@@ -66,7 +80,7 @@ def new_token() -> tuple[str, str]:
     return token_id, f"{PREFIX}{token_id}_{secrets.token_urlsafe(32)}"
 
 
-def check(records: dict[str, TokenRecord], user: str, token: str | bytes,
+def check(records: dict[str, TokenRecord], user: str | None, token: str | bytes,
           now: float | None = None) -> TokenRecord | None:
     """The record ``token`` matches, if it is ``user``'s, known and not expired."""
     if isinstance(token, bytes):
@@ -80,7 +94,9 @@ def check(records: dict[str, TokenRecord], user: str, token: str | bytes,
         return None
     if not hmac.compare_digest(digest(token), record.sha256):
         return None
-    if record.user != user or record.expired(time.time() if now is None else now):
+    if user is not None and record.user != user:
+        return None
+    if record.expired(time.time() if now is None else now):
         return None
     return record
 
@@ -95,6 +111,34 @@ def parse_duration(text: str) -> float:
     if seconds <= 0:
         raise CredentialError(f"not a positive duration: {text!r}")
     return float(seconds)
+
+
+class ITokenCredentials(Interface):
+    """A token alone, as ``Authorization: Bearer TOKEN`` gives it: the token says who."""
+
+    token = Attribute("the token (str)")
+
+
+@implementer(ITokenCredentials)
+@dataclass(frozen=True)
+class TokenCredentials:
+    token: str
+
+
+@implementer(ICredentialsChecker)
+class TokenChecker:
+    """The portal's checker for :class:`TokenCredentials`: the token's user."""
+
+    credentialInterfaces = (ITokenCredentials,)
+
+    def __init__(self, credentials: Any) -> None:
+        self.credentials = credentials  # auth.credentials.Credentials
+
+    def requestAvatarId(self, credentials: Any) -> Deferred:
+        try:
+            return defer.succeed(self.credentials.check_token(None, credentials.token))
+        except UnauthorizedLogin:
+            return defer.fail(UnauthorizedLogin())
 
 
 class TokenStore:

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from cmdserver.auth.portal import ANONYMOUS, Account, IAccount, policy_for
 from cmdserver.auth.throttle import LoginThrottle, peer_host
+from cmdserver.auth.tokens import secret_method
 from cmdserver.commands.base import Command, Context
 from cmdserver.commands.params import Param
 from cmdserver.errors import CommandError
@@ -59,7 +60,8 @@ class PasswordLogin:
             _, account, _ = result
             self.throttle.success(host)
             log_in(ctx, account)
-            ctx.core.login(ctx.core.session_for(ctx), account.name, PASSWORD, "ok")
+            method, token = secret_method(password)
+            ctx.core.login(ctx.core.session_for(ctx), account.name, method, "ok", token=token)
             return f"Logged in as {account.name}"
 
         def failed(failure: Failure) -> Deferred:

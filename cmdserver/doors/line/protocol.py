@@ -91,7 +91,8 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._connected = True
         peer = format_peer(self.transport.getPeer())
         # The connection's session in the core: audited from here to connectionLost.
-        self.audit_session = self.core.open_session(self.door, peer)
+        self.audit_session = self.core.open_session(self.door, peer,
+                                                    self.transport.loseConnection)
         self.ctx = Context(self.core, user="anonymous", peer=peer,
                            door=self.door, out=self, session=self,
                            login=self.settings.login, session_id=self.audit_session.id)

@@ -37,6 +37,7 @@ from twisted.spread import jelly, pb
 from zope.interface import implementer
 
 from cmdserver.auth.portal import ANONYMOUS, Account, Realm
+from cmdserver.auth.tokens import secret_method
 from cmdserver.commands.account import LOGIN_FAILED, PASSWORD, TOO_MANY_FAILURES
 from cmdserver.commands.base import Command, Context, NullSink
 from cmdserver.core import (
@@ -289,10 +290,12 @@ class LoginRoot(pb.Referenceable):
         d = self.door.portal.login(UsernamePassword(user, secret),
                                    PBMind(self.broker, self.peer, mind, self.session.id),
                                    pb.IPerspective)
-        return d.addCallbacks(self._logged_in, self._login_failed,
+        method, token = secret_method(secret)
+        return d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(method, token),
                               errbackArgs=(user.decode("utf-8", "replace"),))
 
-    def _logged_in(self, result: tuple[Any, Any, Callable[[], None]]) -> pb.Referenceable:
+    def _logged_in(self, result: tuple[Any, Any, Callable[[], None]], method: str = PASSWORD,
+                   token: str | None = None) -> pb.Referenceable:
         _, avatar, logout = result
         remote = pb.AsReferenceable(avatar, "perspective")
         once = [logout]
@@ -302,7 +305,8 @@ class LoginRoot(pb.Referenceable):
                 once.pop()()
 
         self.broker.notifyOnDisconnect(maybe_logout)
-        self.door.core.login(self.session, getattr(avatar.account, "name", "?"), PASSWORD, "ok")
+        self.door.core.login(self.session, getattr(avatar.account, "name", "?"), method, "ok",
+                             token=token)
         return remote
 
     def _login_failed(self, failure: Failure, user: str) -> Failure:
@@ -403,7 +407,8 @@ class DoorBroker(pb.Broker, TimeoutMixin):
         self.call_sets: list[RunningCalls] = []
 
     def connectionMade(self) -> None:
-        self.audit_session = self.core.open_session(DOOR, format_peer(self.transport.getPeer()))
+        self.audit_session = self.core.open_session(DOOR, format_peer(self.transport.getPeer()),
+                                                    self.transport.loseConnection)
         super().connectionMade()
         self.setTimeout(self.idle_timeout)
 
