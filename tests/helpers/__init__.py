@@ -6,12 +6,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver
 from twisted.python.failure import Failure
 
 from cmdserver.audit import AuditFile
@@ -129,8 +130,9 @@ def capture_log(test: Any) -> list[dict]:
     from twisted.logger import globalLogPublisher
 
     events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    test.addCleanup(globalLogPublisher.removeObserver, events.append)
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    test.addCleanup(globalLogPublisher.removeObserver, observer)
     return events
 
 
@@ -140,8 +142,9 @@ def capture_audit(test: Any, events: list[dict] | None = None) -> list[dict]:
     from cmdserver.audit import audit_publisher
 
     events = [] if events is None else events
-    audit_publisher.addObserver(events.append)
-    test.addCleanup(audit_publisher.removeObserver, events.append)
+    observer = cast(ILogObserver, events.append)
+    audit_publisher.addObserver(observer)
+    test.addCleanup(audit_publisher.removeObserver, observer)
     return events
 
 
