@@ -50,7 +50,7 @@ class FakeProcess:
     def out(self, data: bytes, fd: int = 1) -> None:
         self.proto.childDataReceived(fd, data)
 
-    def exit(self, code: int = 0, signal: int | None = None) -> None:
+    def exit(self, code: int | None = 0, signal: int | None = None) -> None:
         self.ended = True
         if code == 0 and signal is None:
             reason = Failure(ProcessDone(0))
