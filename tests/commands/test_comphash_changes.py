@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 
 import pytest
 
@@ -33,7 +34,7 @@ class ChangesFileOnFirstCheck:
 
 
 @pytest.fixture
-def root() -> str:
+def root() -> Iterator[str]:
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "f.bin"), "wb") as f:
             f.write(os.urandom(3 * CHUNK + 5))
