@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import keys
@@ -78,7 +79,7 @@ class PortalTests(unittest.TestCase):
                              UnauthorizedLogin)
 
     def test_other_doors_register_their_avatar(self) -> None:
-        built = []
+        built: list[object] = []
 
         def factory(account, mind):
             built.append((account, mind))
@@ -104,10 +105,10 @@ class PortalTests(unittest.TestCase):
 
         from cmdserver.auth.credentials import BcryptChecker
 
-        pending: list[tuple[Deferred, object]] = []
+        pending: list[tuple[Deferred, Callable[[], object]]] = []
 
         def later(f):
-            d = Deferred()
+            d: Deferred = Deferred()
             pending.append((d, f))
             return d
 
@@ -196,10 +197,10 @@ class PortalTests(unittest.TestCase):
     def test_overlapping_reloads_run_again_after(self) -> None:
         from twisted.internet.defer import Deferred
 
-        pending: list[tuple[Deferred, object, tuple]] = []
+        pending: list[tuple[Deferred, Callable[..., object], tuple]] = []
 
         def later(f, *args):
-            d = Deferred()
+            d: Deferred = Deferred()
             pending.append((d, f, args))
             return d
 
