@@ -177,9 +177,13 @@ class PortalTests(unittest.TestCase):
         self.assertNotIn(secret_hash, flatten_events(events))
 
     def test_sighup_reloads(self) -> None:
-        clock = task.Clock()
-        called = []
-        clock.callFromThread = lambda f, *a: called.append(f(*a))  # type: ignore[attr-defined]
+        called: list[object] = []
+
+        class ThreadClock(task.Clock):
+            def callFromThread(self, f: Callable[..., object], *args: object) -> None:
+                called.append(f(*args))
+
+        clock = ThreadClock()
         service = ReloadService(self.credentials, 0, clock=clock, reactor=clock)
         previous = signal.getsignal(signal.SIGHUP)
         service.startService()

@@ -9,6 +9,7 @@ import tempfile
 import threading
 
 from twisted.internet import reactor, task, threads
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
@@ -43,13 +44,12 @@ def flood(port: int, stop: threading.Event, progress: list[int]) -> None:
         sock.close()
 
 
-def unsent(transport: object) -> int:
+def unsent(transport: FileDescriptor) -> int:
     """Bytes the server's TCP transport holds that the kernel has not taken yet.
 
     (Twisted's FileDescriptor keeps them in dataBuffer past offset, plus _tempDataBuffer.)
     """
-    return (len(transport.dataBuffer) - transport.offset  # type: ignore[attr-defined]
-            + transport._tempDataLen)  # type: ignore[attr-defined]
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 class SlowReaderTests(unittest.TestCase):

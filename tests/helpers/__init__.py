@@ -104,9 +104,11 @@ class OutsideTreeTempMixin:
     pytest, trial's own ``mktemp`` would create its directories below the cwd and
     keep them."""
 
+    addCleanup: Callable[..., None]  # the TestCase's it is mixed into
+
     def mktemp(self) -> str:
         base = tempfile.mkdtemp(prefix="cmdserver-test-")
-        self.addCleanup(shutil.rmtree, base, True)  # type: ignore[attr-defined]
+        self.addCleanup(shutil.rmtree, base, True)
         return os.path.join(base, "temp")
 
 

@@ -199,7 +199,7 @@ class PortScanTests(TestCase):
         def broken(*args: Any, **kwargs: Any) -> None:
             raise RuntimeError("resolver broke")
 
-        self.resolver.resolveHostName = broken  # type: ignore[method-assign]
+        self.patch(self.resolver, "resolveHostName", broken)
         d, _ = self.run_line("portscan localhost 22", ctx)
         self.assertEqual(self.successResultOf(d).lines,
                          ["Error: internal error (see the server log)"])

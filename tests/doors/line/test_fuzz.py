@@ -19,7 +19,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 
 from cmdserver.commands import default_registry
-from cmdserver.commands.base import Context
+from cmdserver.commands.base import Command, Context
 from cmdserver.commands.lastlog import LogSource
 from cmdserver.core import CommandCore, split_line
 from cmdserver.doors.limits import ConnectionLimits, LimitedFactory
@@ -148,12 +148,12 @@ COMMANDS = default_registry(LogSource("")).commands()
     st.sampled_from(["--", "--algo", "--algo=md5", "--algo=", "-x", "10", "0", "-1", "1001",
                      "99999999999999999999", "\x00", ".."]),
 ), max_size=5))
-def test_each_parser_refuses_cleanly_or_fits_run(command: object, argv: list[str]) -> None:
+def test_each_parser_refuses_cleanly_or_fits_run(command: Command, argv: list[str]) -> None:
     try:
-        kwargs = command.parse(argv)  # type: ignore[attr-defined]
+        kwargs = command.parse(argv)
     except CommandError as e:
         assert e.text and "\n" not in e.text
         return
     assert isinstance(kwargs, dict)
     # What parse gives is exactly what run accepts.
-    inspect.signature(command.run).bind(Context.__new__(Context), **kwargs)  # type: ignore[attr-defined]
+    inspect.signature(command.run).bind(Context.__new__(Context), **kwargs)
