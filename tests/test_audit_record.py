@@ -6,9 +6,11 @@ import errno
 import json
 import os
 import tempfile
+from typing import cast
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.logger import ILogObserver
 from twisted.trial import unittest
 
 from cmdserver.audit import (
@@ -102,15 +104,16 @@ class PublisherTests(unittest.TestCase):
 
     def test_other_observers_get_the_event_and_the_file_its_line(self) -> None:
         events: list[dict] = []
+        observer = cast(ILogObserver, events.append)
         self.publisher.addObserver(self.file)
-        self.publisher.addObserver(events.append)
+        self.publisher.addObserver(observer)
         self.publisher.record("s", "command", "u", "p", "pb", "portscan", {"host": "h"}, "ok",
                               0.5, None, {"open": 2})
         [event] = events
         self.assertEqual((event["log_namespace"], event["command"], event["result"]),
                          (NAMESPACE, "portscan", {"open": 2}))
         self.assertEqual(self.lines()[0]["result"], {"open": 2})
-        self.publisher.removeObserver(events.append)  # the file alone again
+        self.publisher.removeObserver(observer)  # the file alone again
         self.publisher.record("s", "command", "u", "p", "pb", "ping", {}, "ok", 0.0, None)
         self.assertEqual([line["command"] for line in self.lines()], ["portscan", "ping"])
         self.assertEqual(len(events), 1)

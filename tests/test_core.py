@@ -87,8 +87,10 @@ class CoreTests(unittest.SynchronousTestCase):
     def test_audit_event_fields(self) -> None:
         self.run_line("ping")
         [event] = self.audit()
-        for key, value in {"user": "tester", "peer": "127.0.0.1:5555", "door": "line",
-                           "command": "ping", "args": {}, "outcome": "ok", "error": None}.items():
+        expected: dict[str, object] = {"user": "tester", "peer": "127.0.0.1:5555", "door": "line",
+                                       "command": "ping", "args": {}, "outcome": "ok",
+                                       "error": None}
+        for key, value in expected.items():
             self.assertEqual(event[key], value)
         self.assertIsInstance(event["duration"], float)
 

@@ -4,11 +4,11 @@ command is really still running."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel
+from twisted.logger import ILogObserver, LogLevel
 from twisted.trial import unittest
 
 from cmdserver.audit import NAMESPACE, audit_publisher, discard
@@ -79,8 +79,9 @@ class FastPathTests(unittest.TestCase):
         self.core = CommandCore(self.registry, Policy(["/"]), self.reactor)
         self.ctx = Context(self.core, user="u", peer="p", door="test")
         self.events: list[dict] = []
-        audit_publisher.addObserver(self.events.append)
-        self.addCleanup(audit_publisher.removeObserver, self.events.append)
+        self.observer = cast(ILogObserver, self.events.append)
+        audit_publisher.addObserver(self.observer)
+        self.addCleanup(audit_publisher.removeObserver, self.observer)
 
     def test_sync_command_gives_reply_itself(self) -> None:
         reply = self.core.run_text(self.ctx, "ping")
@@ -103,7 +104,7 @@ class FastPathTests(unittest.TestCase):
 
     def test_pending_command_gives_deferred(self) -> None:
         d = self.core.run_text(self.ctx, "later")
-        self.assertIsInstance(d, Deferred)
+        assert isinstance(d, Deferred)
         self.assertNoResult(d)
         self.assertEqual(self.core.stats.in_flight, 1)
         self.assertEqual(self.events, [])  # audited when it ends, not before
@@ -114,13 +115,14 @@ class FastPathTests(unittest.TestCase):
 
     def test_fired_deferred_waiting_on_another_is_pending(self) -> None:
         d = self.core.run_text(self.ctx, "chained")
-        self.assertIsInstance(d, Deferred)
+        assert isinstance(d, Deferred)
         self.assertNoResult(d)
         self.chained.inner.callback("inner")
         self.assertEqual(self.successResultOf(d), TextReply(["inner"], True))
 
     def test_cancel_pending(self) -> None:
         d = self.core.run_text(self.ctx, "later")
+        assert isinstance(d, Deferred)
         d.cancel()
         self.assertEqual(self.successResultOf(d), TextReply(["Error: cancelled"], False))
         self.assertEqual(self.events[0]["outcome"], "cancelled")
@@ -151,18 +153,22 @@ class FastPathTests(unittest.TestCase):
     def test_not_found_and_refused_parse(self) -> None:
         self.assertEqual(self.core.run_text(self.ctx, "nope x"),
                          TextReply(["Command not found."], False))
-        self.assertEqual(self.core.run_text(self.ctx, "ping extra").ok, False)
+        reply = self.core.run_text(self.ctx, "ping extra")
+        assert isinstance(reply, TextReply)
+        self.assertEqual(reply.ok, False)
         self.assertEqual([e["outcome"] for e in self.events], ["not-found", "refused"])
         self.assertEqual(self.events[0]["args"], {"argv": ["x"]})
 
     def test_without_audit_observer_nothing_is_recorded(self) -> None:
         # --audit-log none: no record anywhere, not even in the main log.
-        audit_publisher.removeObserver(self.events.append)
-        self.addCleanup(audit_publisher.addObserver, self.events.append)
+        audit_publisher.removeObserver(self.observer)
+        self.addCleanup(audit_publisher.addObserver, self.observer)
         self.assertIs(audit_publisher.record, discard)
         logged = capture_log(self)
         self.assertEqual(self.core.run_text(self.ctx, "ping"), TextReply(["pong"], True))
-        self.assertEqual(self.core.run_text(self.ctx, "nope").ok, False)
+        reply = self.core.run_text(self.ctx, "nope")
+        assert isinstance(reply, TextReply)
+        self.assertEqual(reply.ok, False)
         session = self.core.open_session("line", "p")
         self.core.login(session, "u", "password", "failed")
         self.core.close_session(session)

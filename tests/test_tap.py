@@ -110,7 +110,7 @@ def test_make_service(tmp_path):
         ("line", "tcp:0:interface=127.0.0.1"), ("line", f"unix:{tmp_path}/sock"),
         ("ssh", "tcp:2222:interface=127.0.0.1"), ("pb", "tcp:9876:interface=127.0.0.1")]
     assert (service.limits.max_total, service.limits.max_per_host) == (5, 2)
-    assert service.audit.path == str(data / "audit.log")
+    assert service.audit is not None and service.audit.path == str(data / "audit.log")
     lastlog = service.core.registry.get("lastlog")
     assert isinstance(lastlog, LastLog) and lastlog.source.path == "/var/log/x"
     # Every door shares the one core and the one set of limits.
@@ -135,7 +135,8 @@ def test_audit_log_off_and_own_log_fallback(tmp_path, monkeypatch):
     service = tap.makeService(parse("--data-dir", str(tmp_path), "--audit-log", "none"))
     assert service.audit is None
     service = tap.makeService(parse("--data-dir", str(tmp_path)))
-    assert service.core.registry.get("lastlog").source.path == str(tmp_path / "audit.log")
+    command = service.core.registry.get("lastlog")
+    assert isinstance(command, LastLog) and command.source.path == str(tmp_path / "audit.log")
 
 
 def test_given_roots_are_used(tmp_path):

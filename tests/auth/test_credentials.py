@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import keys
@@ -78,7 +79,7 @@ class PortalTests(unittest.TestCase):
                              UnauthorizedLogin)
 
     def test_other_doors_register_their_avatar(self) -> None:
-        built = []
+        built: list[object] = []
 
         def factory(account, mind):
             built.append((account, mind))
@@ -104,10 +105,10 @@ class PortalTests(unittest.TestCase):
 
         from cmdserver.auth.credentials import BcryptChecker
 
-        pending: list[tuple[Deferred, object]] = []
+        pending: list[tuple[Deferred, Callable[[], object]]] = []
 
         def later(f):
-            d = Deferred()
+            d: Deferred = Deferred()
             pending.append((d, f))
             return d
 
@@ -176,9 +177,13 @@ class PortalTests(unittest.TestCase):
         self.assertNotIn(secret_hash, flatten_events(events))
 
     def test_sighup_reloads(self) -> None:
-        clock = task.Clock()
-        called = []
-        clock.callFromThread = lambda f, *a: called.append(f(*a))  # type: ignore[attr-defined]
+        called: list[object] = []
+
+        class ThreadClock(task.Clock):
+            def callFromThread(self, f: Callable[..., object], *args: object) -> None:
+                called.append(f(*args))
+
+        clock = ThreadClock()
         service = ReloadService(self.credentials, 0, clock=clock, reactor=clock)
         previous = signal.getsignal(signal.SIGHUP)
         service.startService()
@@ -196,10 +201,10 @@ class PortalTests(unittest.TestCase):
     def test_overlapping_reloads_run_again_after(self) -> None:
         from twisted.internet.defer import Deferred
 
-        pending: list[tuple[Deferred, object, tuple]] = []
+        pending: list[tuple[Deferred, Callable[..., object], tuple]] = []
 
         def later(f, *args):
-            d = Deferred()
+            d: Deferred = Deferred()
             pending.append((d, f, args))
             return d
 

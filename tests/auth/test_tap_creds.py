@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial import unittest
@@ -27,7 +29,7 @@ class MakeServiceTests(unittest.TestCase):
                               "--audit-log", "none", *argv])
         return options
 
-    def test_first_run_creates_admin_and_logs_password_once(self) -> None:
+    def test_first_run_creates_admin_and_logs_password_once(self) -> Deferred[Any]:
         events = capture_log(self)
         service = makeService(self.options())  # the real reactor: bcrypt runs in a thread
         path = os.path.join(self.data, INITIAL_PASSWORD_FILE)

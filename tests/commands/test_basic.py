@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.trial import unittest
 
 from cmdserver.commands.basic import format_duration
+from cmdserver.core import TextReply
 from tests.helpers import make_context, make_core
 
 
@@ -71,7 +72,9 @@ class BasicCommandTests(unittest.SynchronousTestCase):
 
     def test_stats_count_unknown_commands_file_operations_and_logins(self) -> None:
         self.lines("nosuch")
-        self.assertEqual(self.core.run_text(self.ctx, "nosuch either").ok, False)
+        reply = self.core.run_text(self.ctx, "nosuch either")
+        assert isinstance(reply, TextReply)
+        self.assertEqual(reply.ok, False)
         session = self.core.open_session("line", "10.0.0.1:2")
         self.core.login(session, "ops", "password", "ok")
         self.core.login(session, "ghost", "password", "failed")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
+from collections.abc import Iterator
+from typing import cast
 
 import pytest
 
@@ -33,7 +36,7 @@ class ChangesFileOnFirstCheck:
 
 
 @pytest.fixture
-def root() -> str:
+def root() -> Iterator[str]:
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "f.bin"), "wb") as f:
             f.write(os.urandom(3 * CHUNK + 5))
@@ -44,7 +47,7 @@ def root() -> str:
 def test_file_changed_while_hashed(root: str, change: str) -> None:
     event = ChangesFileOnFirstCheck(os.path.join(root, "f.bin"), change)
     with pytest.raises(CommandError, match="file changed while it was being hashed: f.bin"):
-        hash_file(Policy([root]), "f.bin", "sha256", event)  # type: ignore[arg-type]
+        hash_file(Policy([root]), "f.bin", "sha256", cast(threading.Event, event))
 
 
 def test_stable_file_hash(root: str) -> None:
@@ -54,4 +57,4 @@ def test_stable_file_hash(root: str) -> None:
 
     with open(os.path.join(root, "f.bin"), "rb") as f:
         expected = hashlib.sha256(f.read()).hexdigest()
-    assert hash_file(Policy([root]), "f.bin", "sha256", Never()) == expected  # type: ignore[arg-type]
+    assert hash_file(Policy([root]), "f.bin", "sha256", cast(threading.Event, Never())) == expected

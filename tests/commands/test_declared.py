@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet import defer
+from twisted.logger import ILogObserver
 from twisted.trial import unittest
 
 from cmdserver.audit import audit_publisher
@@ -22,6 +23,7 @@ from cmdserver.commands.declared import (
     DeclaredCommandsService,
     declared_commands,
 )
+from cmdserver.commands.params import Int
 from cmdserver.core import TextReply
 from cmdserver.errors import CommandError
 from tests.helpers import ProcessReactor, make_context, make_core
@@ -45,8 +47,9 @@ class DeclaredCommandTests(unittest.SynchronousTestCase):
         self.out = ListSink()
         self.ctx = make_context(self.core, out=self.out)
         self.events: list[dict] = []
-        audit_publisher.addObserver(self.events.append)
-        self.addCleanup(audit_publisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)
+        audit_publisher.addObserver(observer)
+        self.addCleanup(audit_publisher.removeObserver, observer)
 
     def add(self, name: str, table: dict[str, Any]) -> DeclaredCommand:
         command = DeclaredCommand(name, table)
@@ -131,7 +134,8 @@ class DeclaredCommandTests(unittest.SynchronousTestCase):
             ("diskfree a b", "Error: usage: diskfree PATH"),
         ]:
             self.assertEqual(self.successResultOf(self.line(line)).lines, [message], line)
-        for kwargs in [{"path": "-rf"}, {"path": "../.."}, {"path": 3}, {}]:
+        refused: list[dict[str, Any]] = [{"path": "-rf"}, {"path": "../.."}, {"path": 3}, {}]
+        for kwargs in refused:
             self.failureResultOf(self.core.call(self.ctx, "diskfree", **kwargs), CommandError)
         self.assertEqual(self.reactor.processes, [])
 
@@ -150,15 +154,18 @@ class DeclaredCommandTests(unittest.SynchronousTestCase):
         for line in ["pick 6", "pick 0", "pick -1", "pick x", "pick 1 green", "pick 1 red '*'",
                      "pick 1 red 'a b'", "pick 1 red -x", "pick 1 red ''"]:
             self.assertFalse(self.successResultOf(self.line(line)).ok, line)
-        for kwargs in [{"n": -1}, {"n": "1"}, {"n": True}, {"color": "green"}, {"word": "$x"},
-                       {"observer": None, "n": 1}]:
+        refused: list[dict[str, Any]] = [{"n": -1}, {"n": "1"}, {"n": True}, {"color": "green"},
+                                         {"word": "$x"}, {"observer": None, "n": 1}]
+        for kwargs in refused:
             self.failureResultOf(self.core.call(self.ctx, "pick", **kwargs), CommandError)
         self.assertEqual(len(self.reactor.processes), 2)
 
     def test_dash_rule_holds_for_numbers_given_as_values(self) -> None:
         command = self.add("num", {"summary": "n", "argv": ["/bin/echo", "{n}"],
                                    "args": {"n": {"type": "int"}}})
-        self.assertEqual(command.params[0].type.min, 0)  # no allow_dash: no negative numbers
+        int_type = command.params[0].type
+        assert isinstance(int_type, Int)
+        self.assertEqual(int_type.min, 0)  # no allow_dash: no negative numbers
         self.failureResultOf(self.core.call(self.ctx, "num", n=-1), CommandError)
         with self.assertRaises(CommandError):  # the last check, should a value get past bind
             command.run(self.ctx, n=-1)
@@ -266,7 +273,9 @@ class DeclaredCommandTests(unittest.SynchronousTestCase):
         self.assertIn("  diskfree  Free space of a filesystem inside the roots", lines)
         self.assertEqual(self.successResultOf(self.line("help diskfree")).lines,
                          ["Usage: diskfree PATH", "  Free space of a filesystem inside the roots"])
-        described = self.core.registry.get("diskfree").describe()
+        command = self.core.registry.get("diskfree")
+        assert command is not None
+        described = command.describe()
         self.assertEqual(described["params"][0]["type"], "path")
 
     def test_audited_like_every_command(self) -> None:
@@ -284,6 +293,7 @@ class DeclaredCommandTests(unittest.SynchronousTestCase):
 
     def test_shutdown_kills_what_runs(self) -> None:
         command = self.core.registry.get("diskfree")
+        assert isinstance(command, DeclaredCommand)
         service = DeclaredCommandsService([command], self.reactor)
         service.startService()
         d = self.line("diskfree .")
@@ -299,6 +309,7 @@ class DeclaredCommandTests(unittest.SynchronousTestCase):
 
     def test_shutdown_waits_for_the_children_a_few_seconds_at_most(self) -> None:
         command = self.core.registry.get("diskfree")
+        assert isinstance(command, DeclaredCommand)
         service = DeclaredCommandsService([command], self.reactor)
         service.startService()
         self.line("diskfree .")
@@ -311,7 +322,9 @@ class DeclaredCommandTests(unittest.SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_shutdown_with_nothing_running(self) -> None:
-        service = DeclaredCommandsService([self.core.registry.get("diskfree")], self.reactor)
+        command = self.core.registry.get("diskfree")
+        assert isinstance(command, DeclaredCommand)
+        service = DeclaredCommandsService([command], self.reactor)
         service.startService()
         self.successResultOf(service.stopService())
 

@@ -129,7 +129,7 @@ class ThreadedFileCommandTests(unittest.TestCase):
         self.core = make_core(self.root, reactor=reactor, run_in_thread=None)
         self.ctx = make_context(self.core)
 
-    def test_hash_runs_in_a_worker_thread(self) -> None:
+    def test_hash_runs_in_a_worker_thread(self) -> defer.Deferred[None]:
         seen: list[str] = []
         real = files.hash_file
 

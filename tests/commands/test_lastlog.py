@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 from cmdserver.commands import lastlog
@@ -171,7 +172,7 @@ class RealTailTests(unittest.TestCase):
         self.out = ListSink()
         self.ctx = make_context(self.core, out=self.out)
 
-    def test_tail(self) -> None:
+    def test_tail(self) -> Deferred[None]:
         d = self.core.run_line(self.ctx, "lastlog 3")
 
         def check(reply: TextReply) -> None:
@@ -180,7 +181,7 @@ class RealTailTests(unittest.TestCase):
 
         return d.addCallback(check)
 
-    def test_missing_source(self) -> None:
+    def test_missing_source(self) -> Deferred[None]:
         os.unlink(self.log)
         d = self.core.run_line(self.ctx, "lastlog 3")
 

@@ -174,6 +174,7 @@ class ContractTests(OutsideTreeTempMixin, unittest.TestCase):
         protocol = LineProtocol(self.core, LineSettings(greeting="", idle_timeout=0))
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         protocol.makeConnection(transport)
+        assert protocol.ctx is not None  # set in connectionMade
         protocol.ctx.user = "ops"  # as after a login
         protocol.dataReceived(" ".join(words).encode() + b"\r\n")
         if settle:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 from collections import defaultdict
 from typing import Any
 
@@ -33,7 +34,7 @@ SFTP = shutil.which("sftp")
 
 class AuditTrailTests(unittest.TestCase):
     @defer.inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]  # trial waits on a returned Deferred
         self.tmp = os.path.abspath(self.mktemp())
         data = os.path.join(self.tmp, "data")
         self.jail = os.path.join(self.tmp, "jail")
@@ -48,7 +49,7 @@ class AuditTrailTests(unittest.TestCase):
         with open(pub, "wb") as f:
             f.write(private.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                       serialization.PublicFormat.OpenSSH))
-        self.patch(os.sys, "stdin", io.StringIO(f"{PASSWORD}\n"))
+        self.patch(sys, "stdin", io.StringIO(f"{PASSWORD}\n"))
         self.assertEqual(cli(["useradd", "ops", "--password-stdin", "--cost", "4",
                               "--root", self.jail, "--data-dir", data]), 0)
         self.assertEqual(cli(["addkey", "ops", pub, "--data-dir", data]), 0)

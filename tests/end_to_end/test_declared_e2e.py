@@ -106,7 +106,7 @@ class DeclaredCase(unittest.TestCase):
     argv: tuple[str, ...] = ()
 
     @defer.inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]  # trial waits on a returned Deferred
         self.tmp = os.path.abspath(self.mktemp())
         os.makedirs(self.tmp)
         config = os.path.join(self.tmp, "cmdserver.toml")
@@ -298,7 +298,7 @@ class DeclaredDoorsTests(DeclaredCase):
             "--bcrypt-cost", "4")
 
     def before_start(self) -> None:
-        self.patch(os.sys, "stdin", io.StringIO(PASSWORD + "\n"))
+        self.patch(sys, "stdin", io.StringIO(PASSWORD + "\n"))
         data = os.path.join(self.tmp, "data")
         self.assertEqual(cli(["useradd", "ops", "--password-stdin", "--cost", "4",
                               "--data-dir", data]), 0)

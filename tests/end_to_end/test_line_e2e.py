@@ -13,6 +13,7 @@ import time
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from cmdserver.commands.lastlog import LastLog
 from tests.end_to_end.support import LineClient, RunningService, in_thread
 
 GREETING = "cmdserver 0.1.0 ready; type 'help' for the commands."
@@ -24,7 +25,7 @@ class ServiceCase(unittest.TestCase):
     argv: tuple[str, ...] = ()
 
     @defer.inlineCallbacks
-    def setUp(self):
+    def setUp(self):  # type: ignore[override]  # trial waits on a returned Deferred
         self.tmp = os.path.abspath(self.mktemp())
         os.makedirs(self.tmp)
         self.log = os.path.join(self.tmp, "syslog")
@@ -134,8 +135,9 @@ class LineDoorEndToEnd(ServiceCase):
     def test_disconnect_kills_the_running_tail(self):
         fifo = os.path.join(self.tmp, "fifo")
         os.mkfifo(fifo)  # tail blocks opening it: a command that never ends on its own
-        self.server.service.core.registry.get("lastlog").source = type(
-            self.server.service.core.registry.get("lastlog").source)(fifo)
+        lastlog = self.server.service.core.registry.get("lastlog")
+        assert isinstance(lastlog, LastLog)
+        lastlog.source = type(lastlog.source)(fifo)
 
         def tails():
             found = []

@@ -20,6 +20,7 @@ from twisted.trial import unittest
 
 from cmdserver import client
 from cmdserver.client import LoginError, RemoteCommandError, RemoteError
+from cmdserver.commands.lastlog import LastLog
 from cmdserver.commands.upload.key import BadKeyError
 from tests.end_to_end.pb_server import KEY, PBServer
 from tests.helpers import capture_audit
@@ -41,7 +42,7 @@ class PBDoorTestBase(unittest.TestCase):
     anonymous = False
 
     @defer.inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]  # trial waits on a returned Deferred
         tmp = self.tmp = tempfile.mkdtemp(prefix="cmdserver-pb-")
         self.addCleanup(shutil.rmtree, tmp, True)
         self.root = os.path.join(tmp, "files")
@@ -62,7 +63,7 @@ class PBDoorTestBase(unittest.TestCase):
         self.audit: list[dict] = capture_audit(self)
 
     @defer.inlineCallbacks
-    def tearDown(self) -> Any:
+    def tearDown(self) -> Any:  # type: ignore[override]  # trial waits on a returned Deferred
         for session in self.sessions:
             yield session.close()
         for factory in self.factories:
@@ -86,6 +87,7 @@ class PBDoorTestBase(unittest.TestCase):
 
     def disconnect(self, factory: pb.PBClientFactory) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
+        assert factory._broker is not None  # connected
         factory._broker.notifyOnDisconnect(lambda: d.callback(None))
         factory.disconnect()
         return d
@@ -326,6 +328,7 @@ class PBCancelTests(PBDoorTestBase):
         fifo = os.path.join(self.root, "fifo")
         os.mkfifo(fifo)
         lastlog = self.server.core.registry.get("lastlog")
+        assert isinstance(lastlog, LastLog)
         self.patch(lastlog, "source", type(lastlog.source)(fifo))  # tail blocks on it
         root = yield self.raw_root()
         avatar = yield root.callRemote("authenticate", "ops", "s3cret")

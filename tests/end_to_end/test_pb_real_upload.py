@@ -26,7 +26,7 @@ server_key = pytest.importorskip("cmdserver.commands.upload.key").server_key
 
 class RealUploadTests(unittest.TestCase):
     @defer.inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]  # trial waits on a returned Deferred
         self.tmp = tempfile.mkdtemp(prefix="cmdserver-pb-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.data = os.path.join(self.tmp, "data")
@@ -89,6 +89,7 @@ class RealUploadTests(unittest.TestCase):
         writer = yield avatar.callRemote("upload", "half.bin", 1000, "0" * 64)
         yield writer.callRemote("write", b"x" * 500)
         gone: defer.Deferred = defer.Deferred()
+        assert factory._broker is not None  # connected
         factory._broker.notifyOnDisconnect(lambda: gone.callback(None))
         factory.disconnect()
         yield gone

@@ -83,6 +83,7 @@ class RealScanTests(TestCase):
         result = yield self.core.call(ctx, "portscan", host="127.0.0.1", ports=spec)
         self.assertEqual(result["open"], listening)
         self.assertEqual(result["ports"], 6)
+        assert isinstance(ctx.out, ListSink)
         self.assertEqual(sorted(ctx.out.lines), sorted(f"Connected to port {p}"
                                                        for p in listening))
 
@@ -120,6 +121,7 @@ class RealScanTests(TestCase):
             yield deferLater(0.01)
         self.assertEqual(self.policy.scan.budget.in_flight, 5)
         self.assertEqual(open_fds(), baseline + 5)
+        assert isinstance(ctx.out, ListSink)
         self.assertEqual(len(ctx.out.lines), 2)
         d.cancel()
         self.assertEqual(open_fds(), baseline)  # at once, not within a second
@@ -158,7 +160,7 @@ class LineDoorTests(TestCase):
     """A person with netcat: the scan through the line door, and leaving mid-scan."""
 
     @defer.inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]  # trial waits on a returned Deferred
         self.ports = Ports()
         self.addCleanup(self.ports.close)
         self.policy = Policy([self.mktemp()], ScanPolicy(timeout=30.0))

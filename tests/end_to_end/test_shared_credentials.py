@@ -7,6 +7,7 @@ import hmac
 import io
 import os
 import socket
+import sys
 
 import paramiko
 from twisted.internet import defer, reactor, task
@@ -24,7 +25,7 @@ def free_port() -> int:
 
 class SharedCredentialsTests(unittest.TestCase):
     @defer.inlineCallbacks
-    def setUp(self):
+    def setUp(self):  # type: ignore[override]  # trial waits on a returned Deferred
         self.tmp = os.path.abspath(self.mktemp())
         data = os.path.join(self.tmp, "data")
         self.jail = os.path.join(self.tmp, "ops-jail")
@@ -35,7 +36,7 @@ class SharedCredentialsTests(unittest.TestCase):
         pub = os.path.join(self.tmp, "ops.pub")
         with open(pub, "w") as f:
             f.write(f"ssh-ed25519 {self.key.get_base64()} ops@test\n")
-        self.patch(os.sys, "stdin", io.StringIO("s3cret-pass\n"))
+        self.patch(sys, "stdin", io.StringIO("s3cret-pass\n"))
         self.assertEqual(cli(["useradd", "ops", "--password-stdin", "--cost", "4",
                               "--root", self.jail, "--data-dir", data]), 0)
         self.assertEqual(cli(["addkey", "ops", pub, "--data-dir", data]), 0)
@@ -178,8 +179,8 @@ class SharedCredentialsTests(unittest.TestCase):
         self.assertEqual(os.listdir(self.jail), ["only-ops.txt"])
         answer = yield in_thread(attempt, ("ops", "s3cret-pass"))
         self.assertTrue(answer.startswith("Upload OK report.txt 7 sha256="), answer)
-        with open(os.path.join(self.jail, "report.txt"), "rb") as f:
-            self.assertEqual(f.read(), b"report\n")
+        with open(os.path.join(self.jail, "report.txt"), "rb") as got:
+            self.assertEqual(got.read(), b"report\n")
 
     def test_same_user_on_the_line_door(self):
         def session():

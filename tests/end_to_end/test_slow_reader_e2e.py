@@ -9,12 +9,14 @@ import tempfile
 import threading
 
 from twisted.internet import reactor, task, threads
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
 from cmdserver.commands import default_registry
 from cmdserver.commands.lastlog import LogSource
-from cmdserver.core import CommandCore
+from cmdserver.core import CommandCore, TextReply
 from cmdserver.doors.limits import ConnectionLimits, LimitedFactory
 from cmdserver.doors.line.protocol import BATCH_LIMIT, TOO_MANY, LineFactory, LineSettings
 from cmdserver.policy import Policy
@@ -42,13 +44,12 @@ def flood(port: int, stop: threading.Event, progress: list[int]) -> None:
         sock.close()
 
 
-def unsent(transport: object) -> int:
+def unsent(transport: FileDescriptor) -> int:
     """Bytes the server's TCP transport holds that the kernel has not taken yet.
 
     (Twisted's FileDescriptor keeps them in dataBuffer past offset, plus _tempDataBuffer.)
     """
-    return (len(transport.dataBuffer) - transport.offset  # type: ignore[attr-defined]
-            + transport._tempDataLen)  # type: ignore[attr-defined]
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 class SlowReaderTests(unittest.TestCase):
@@ -61,13 +62,17 @@ class SlowReaderTests(unittest.TestCase):
         self.factory = LimitedFactory(LineFactory(self.core, LineSettings()),
                                       ConnectionLimits(10, 10), self.core.stats, "line",
                                       TOO_MANY)
-        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        # listenTCP takes any Factory (LimitedFactory wraps); its stub asks for a ServerFactory.
+        self.port = reactor.listenTCP(0, self.factory,  # type: ignore[arg-type]
+                                      interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
 
     @inlineCallbacks
     def test_never_reading_client_is_bounded(self):
         stop, progress = threading.Event(), [0]
-        client = threads.deferToThread(flood, self.port.getHost().port, stop, progress)
+        address = self.port.getHost()
+        assert isinstance(address, IPv4Address)
+        client = threads.deferToThread(flood, address.port, stop, progress)
         try:
             # Wait until the server has stopped reading and no more commands run.
             last, steady, peak = -1, 0, 0
@@ -84,7 +89,9 @@ class SlowReaderTests(unittest.TestCase):
             self.assertTrue(proto.paused)
             self.assertGreater(done, 0)
             self.assertLess(done * 5, len(BURST))  # far from all of it was taken
-            help_size = len("\r\n".join(self.core.run_text(proto.ctx, "help").lines)) + 2
+            help_reply = self.core.run_text(proto.ctx, "help")
+            assert isinstance(help_reply, TextReply)
+            help_size = len("\r\n".join(help_reply.lines)) + 2
             self.assertLessEqual(peak, 65536 + BATCH_LIMIT + help_size)
             self.assertLessEqual(len(proto._queue), 64)
             self.assertLessEqual(len(proto._buffer), 65536 + 4096)

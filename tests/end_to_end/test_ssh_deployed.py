@@ -12,6 +12,7 @@ import io
 import os
 import shutil
 import stat
+import sys
 from typing import Any
 
 import paramiko
@@ -52,7 +53,7 @@ class DeployedSSHBase(unittest.TestCase):
         pub = os.path.join(self.tmp, "ops.pub")
         with open(pub, "w") as f:
             f.write(f"ssh-ed25519 {self.pkey.get_base64()} ops@test\n")
-        self.patch(os.sys, "stdin", io.StringIO("s3cret-pass\n"))
+        self.patch(sys, "stdin", io.StringIO("s3cret-pass\n"))
         self.assertEqual(cli(["useradd", "ops", "--password-stdin", "--cost", "4",
                               "--data-dir", self.data]), 0)
         self.assertEqual(cli(["addkey", "ops", pub, "--data-dir", self.data]), 0)
@@ -150,7 +151,7 @@ class DeployedSSHTest(DeployedSSHBase):
     def test_sweep_covers_the_users_own_roots(self) -> Any:
         jail = os.path.join(self.tmp, "jail")
         os.makedirs(os.path.join(jail, "sub"))
-        self.patch(os.sys, "stdin", io.StringIO("other-pass\n"))
+        self.patch(sys, "stdin", io.StringIO("other-pass\n"))
         self.assertEqual(cli(["useradd", "jailed", "--password-stdin", "--cost", "4",
                               "--root", jail, "--data-dir", self.data]), 0)
         stale = os.path.join(jail, "sub", temp_name("put.bin", "0badf00d"))
@@ -207,7 +208,9 @@ class DeployedSSHTest(DeployedSSHBase):
         def run() -> tuple[bytes, bytes, int]:
             client = self.connect()
             try:
-                chan = client.get_transport().open_session()
+                transport = client.get_transport()
+                assert transport is not None
+                chan = transport.open_session()
                 chan.settimeout(10)
                 chan.invoke_shell()
                 chan.sendall(f"upload up.bin 5 {'ab' * 32}\nhello\n".encode())
@@ -297,8 +300,8 @@ class DeployedSSHTest(DeployedSSHBase):
             raise unittest.SkipTest("OpenSSH sftp not installed")
         yield self.serve()
         local = os.path.join(self.tmp, "script.sh")
-        with open(local, "wb") as f:
-            f.write(b"#!/bin/sh\n")
+        with open(local, "wb") as script:
+            script.write(b"#!/bin/sh\n")
         os.chmod(local, 0o755)
         batch = os.path.join(self.tmp, "batch")
 

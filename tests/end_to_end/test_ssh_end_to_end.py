@@ -12,7 +12,7 @@ import socket
 import stat
 import tempfile
 import time
-from typing import Any
+from typing import Any, cast
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
@@ -21,6 +21,7 @@ from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker
 from twisted.conch.ssh.keys import Key
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer, reactor, task, threads, utils
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.trial import unittest
 
 from cmdserver.auth.portal import Account, Realm, build_portal
@@ -30,6 +31,8 @@ from cmdserver.commands.lastlog import LastLog, LogSource
 from cmdserver.commands.upload.spool import TEMP_RE
 from cmdserver.core import CommandCore
 from cmdserver.doors.ssh.door import SSHSettings, add_ssh_door
+from cmdserver.doors.ssh.session import CommandSession
+from cmdserver.doors.ssh.shell import PipedCommands, ShellProtocol
 from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
 from cmdserver.service import CmdServerService, Limits
@@ -58,6 +61,18 @@ class Slow(Command):
         self.ctx = ctx
         self.running: defer.Deferred = defer.Deferred(lambda _: self.cancelled.callback(None))
         return self.running
+
+    def shell(self) -> ShellProtocol:
+        """The shell of the SSH session the command last ran in."""
+        session = self.ctx.session
+        assert isinstance(session, CommandSession) and session.shell is not None
+        return session.shell
+
+    def pipe(self) -> PipedCommands:
+        """The piped commands (a shell without a pty) the command last ran in."""
+        session = self.ctx.session
+        assert isinstance(session, CommandSession) and session.pipe is not None
+        return session.pipe
 
 
 class LongLog(LastLog):
@@ -93,18 +108,19 @@ class Count(Command):
     def run(self, ctx: Context) -> defer.Deferred:
         done: defer.Deferred = defer.Deferred()
         received = bytearray()
+        session = cast(CommandSession, ctx.session)  # served on the SSH door only
 
         class Consumer:
             def data_received(self, data: bytes) -> None:
                 received.extend(data)
                 # Exercise back-pressure: hold the client at the window for a turn.
-                ctx.session.pause_input()
-                ctx.reactor.callLater(0, ctx.session.resume_input)
+                session.pause_input()
+                ctx.reactor.callLater(0, session.resume_input)
 
             def eof_received(self) -> None:
                 done.callback(f"{len(received)} bytes")
 
-        if not ctx.session.read_input(Consumer()):
+        if not session.read_input(Consumer()):
             raise CommandError("no input here")
         return done
 
@@ -147,7 +163,7 @@ class ChannelReader:
 
 
 class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
-    def setUp(self) -> defer.Deferred:
+    def setUp(self) -> defer.Deferred:  # type: ignore[override]  # trial waits on a returned Deferred
         self.root = self.mktemp()
         os.makedirs(self.root)
         self.other_root = self.mktemp()
@@ -207,7 +223,9 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
         def run() -> tuple[bytes, bytes, int]:
             client = self.connect(**(auth or {"password": PASSWORD}))
             try:
-                _, stdout, stderr = client.exec_command(command, timeout=10)
+                # The stub says str; paramiko hands bytes to Channel.exec_command as they are.
+                _, stdout, stderr = client.exec_command(command,  # type: ignore[arg-type]
+                                                        timeout=10)
                 out, err = stdout.read(), stderr.read()
                 return out, err, stdout.channel.recv_exit_status()
             finally:
@@ -450,9 +468,10 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
                 until(b"started\r\n")
                 chan.send("ls café\r".encode())  # typed while slow runs
                 threads.blockingCallFromThread(  # the server has taken every key
-                    reactor, wait_for,
-                    lambda: len(self.slow.ctx.session.shell._typeahead) == 8, "type-ahead")
-                reactor.callFromThread(self.slow.running.callback, "slow done")
+                    IReactorFromThreads(reactor), wait_for,
+                    lambda: len(self.slow.shell()._typeahead) == 8, "type-ahead")
+                IReactorFromThreads(reactor).callFromThread(self.slow.running.callback,
+                                                            "slow done")
                 until("café\r\ncmdserver> ".encode())
                 return reader.seen[reader.seen.index(b"started\r\n"):]
             finally:
@@ -498,8 +517,9 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
                         seen += chan.recv(4096)
                     self.assertFalse(chan.exit_status_ready())
                     threads.blockingCallFromThread(  # the server has seen the EOF
-                        reactor, wait_for, lambda: self.slow.ctx.session.pipe.ended, "EOF")
-                    reactor.callFromThread(lambda: self.slow.running.cancel())
+                        IReactorFromThreads(reactor), wait_for, lambda: self.slow.pipe().ended,
+                        "EOF")
+                    IReactorFromThreads(reactor).callFromThread(lambda: self.slow.running.cancel())
                 status = chan.recv_exit_status()
                 out = b""
                 while data := chan.recv(4096):
@@ -638,8 +658,8 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
 
         listing = yield self.sftp(session)
         self.assertEqual(listing, ["renamed.bin"])
-        with open(fetched, "rb") as f:
-            self.assertEqual(f.read(), payload)
+        with open(fetched, "rb") as got:
+            self.assertEqual(got.read(), payload)
         self.assertEqual(sorted(os.listdir(self.root)), ["notes.txt"])
 
     def test_sftp_ends_at_eof_after_an_env_request(self) -> defer.Deferred:
@@ -703,7 +723,7 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
             sftp.mkdir("dir", 0o777)
             sftp.chmod("dir", 0o1777)
             modes.append(sftp.stat("dir").st_mode)
-            return [stat.S_IMODE(m) for m in modes]
+            return [stat.S_IMODE(cast(int, m)) for m in modes]  # every stat here has a mode
 
         modes = yield self.sftp(session)
         self.assertEqual(modes, [0o600, 0o600, 0o600, 0o600, 0o400, 0o755])
@@ -785,10 +805,11 @@ def _env_request(chan: paramiko.Channel, name: str, value: str) -> bool:
     m.add_boolean(True)
     m.add_string(name)
     m.add_string(value)
-    chan._event_pending()
-    chan.transport._send_user_message(m)
+    # env with want-reply needs paramiko's private request calls, which its stubs leave out.
+    chan._event_pending()  # type: ignore[attr-defined]
+    chan.get_transport()._send_user_message(m)  # type: ignore[attr-defined]
     try:
-        chan._wait_for_event()
+        chan._wait_for_event()  # type: ignore[attr-defined]
     except paramiko.SSHException:
         return False
     return True

@@ -7,12 +7,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from typing import Any
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from cmdserver import client
+from cmdserver.auth.credentials import ReloadService
 from cmdserver.auth.tokens import TokenStore
 from cmdserver.cli import main as cli
 from tests.end_to_end.support import LineClient, RunningService, in_thread
@@ -22,11 +24,11 @@ class TokenTests(unittest.TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]  # trial waits for a Deferred setUp
         self.tmp = os.path.abspath(self.mktemp())
         data = os.path.join(self.tmp, "data")
         for user in ("ops", "dev"):
-            self.patch(os.sys, "stdin", io.StringIO("a-good-password\n"))
+            self.patch(sys, "stdin", io.StringIO("a-good-password\n"))
             self.assertEqual(cli(["useradd", user, "--password-stdin", "--cost", "4",
                                   "--data-dir", data]), 0)
         self.store = TokenStore(data)
@@ -36,7 +38,8 @@ class TokenTests(unittest.TestCase):
                                      "--users-poll-interval", "0")
         yield self.server.start()
         self.addCleanup(self.server.stop)
-        self.credentials = self.server.service.portal.realm.lookup.__self__
+        [reloader] = [s for s in self.server.service if isinstance(s, ReloadService)]
+        self.credentials = reloader.credentials
         self.pb_port = self.server.ports[1].getHost().port
         checks: list[str] = []
         real = self.credentials.check_password
@@ -49,7 +52,9 @@ class TokenTests(unittest.TestCase):
         self.bcrypt_checks = checks
 
     def audit(self) -> list[dict[str, Any]]:
-        self.server.service.audit.flush()
+        audit = self.server.service.audit
+        assert audit is not None
+        audit.flush()
         with open(os.path.join(self.server.data_dir, "audit.log")) as f:
             return [json.loads(line) for line in f]
 
@@ -81,7 +86,7 @@ class TokenTests(unittest.TestCase):
             c = LineClient(self.server.address)
             try:
                 c.send(f"login ops {self.token}\nwhoami\n".encode())
-                lines = []
+                lines: list[str] = []
                 while not lines or lines[-1] != "ops":
                     lines.append(c.read_line())
                 return lines

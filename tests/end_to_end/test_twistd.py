@@ -97,6 +97,7 @@ def test_the_daemon_runs_serves_and_stops_on_sigterm():
              "--data-dir", os.path.join(tmp, "data")],
             cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
+        assert daemon.stdout is not None
         try:
             deadline = time.monotonic() + 60
             while not os.path.exists(sock):

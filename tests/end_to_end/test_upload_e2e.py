@@ -43,7 +43,7 @@ class Client:
 
 class ServiceTests(unittest.TestCase):
     @inlineCallbacks
-    def setUp(self):
+    def setUp(self):  # type: ignore[override]  # trial waits on a returned Deferred
         self.base = temp_dir(self)
         self.root = os.path.join(self.base, "root")
         os.mkdir(self.root)
@@ -187,10 +187,14 @@ class ServiceTests(unittest.TestCase):
         from cmdserver.commands.upload.engine import Upload
 
         data = os.urandom(DIRECT_MIN + 3 * BATCH + 12345)
-        copied = []
+        copied: list[int] = []
         write = Upload.write
-        self.patch(Upload, "write", lambda upload, chunk: (copied.append(len(chunk)),
-                                                           write(upload, chunk)))
+
+        def counted_write(upload: Upload, chunk: bytes) -> None:
+            copied.append(len(chunk))
+            write(upload, chunk)
+
+        self.patch(Upload, "write", counted_write)
 
         yield self.upload_then_ping("big.bin", data)
         self.assertLess(sum(copied), BATCH)  # at most what came with the command line
@@ -347,10 +351,14 @@ class TlsTests(unittest.TestCase):
             f.write(content)
         from cmdserver.commands.upload.engine import Upload
 
-        copied = []  # under TLS the decrypted bytes are copied into the blocks
+        copied: list[int] = []  # under TLS the decrypted bytes are copied into the blocks
         write = Upload.write
-        self.patch(Upload, "write", lambda upload, chunk: (copied.append(len(chunk)),
-                                                           write(upload, chunk)))
+
+        def counted_write(upload: Upload, chunk: bytes) -> None:
+            copied.append(len(chunk))
+            write(upload, chunk)
+
+        self.patch(Upload, "write", counted_write)
         out, err, code = yield getProcessOutputAndValue(
             sys.executable, ["-m", "cmdserver.cli", "upload", src, "--port", str(port),
                              "--tls", "--ca-file", cert_pem, "--key-file",
@@ -358,6 +366,6 @@ class TlsTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(out.decode(), f"Upload OK src.bin {len(content)} "
                                        f"sha256={hashlib.sha256(content).hexdigest()}\n")
-        with open(os.path.join(root, "src.bin"), "rb") as f:
-            self.assertEqual(f.read(), content)
+        with open(os.path.join(root, "src.bin"), "rb") as got:
+            self.assertEqual(got.read(), content)
         self.assertEqual(sum(copied), len(content))

@@ -6,9 +6,10 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, protocol, reactor, utils
+from twisted.internet.address import IPv4Address
 from twisted.trial import unittest
 
 from cmdserver.fanout import run as fanout
@@ -25,7 +26,7 @@ class FanOutTests(unittest.TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]  # trial waits for a Deferred setUp
         self.tmp = tempfile.mkdtemp(prefix="cmdserver-fleet-")
         self.servers = []
         for i in range(3):
@@ -35,11 +36,13 @@ class FanOutTests(unittest.TestCase):
             yield server.start()
             self.addCleanup(server.stop)
             self.servers.append(server)
-        silent = protocol.Factory.forProtocol(Silent)
+        silent: protocol.ServerFactory = protocol.ServerFactory()
+        silent.protocol = Silent
         self.silent = reactor.listenTCP(0, silent, interface="127.0.0.1")
         self.addCleanup(self.silent.stopListening)
-        closed = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
-        self.closed_port = closed.getHost().port
+        self.silent_port = cast(IPv4Address, self.silent.getHost()).port
+        closed = reactor.listenTCP(0, protocol.ServerFactory(), interface="127.0.0.1")
+        self.closed_port = cast(IPv4Address, closed.getHost()).port
         yield closed.stopListening()  # nothing listens there any more
 
     def hosts(self) -> list[Host]:
@@ -60,7 +63,7 @@ class FanOutTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_failed_and_unreachable_hosts(self) -> Any:
         hosts = [*self.hosts(), Host("gone", "127.0.0.1", self.closed_port),
-                 Host("mute", "127.0.0.1", self.silent.getHost().port)]
+                 Host("mute", "127.0.0.1", self.silent_port)]
         results = yield run_on(hosts, "ls", ["../.."], "ops", "s3cret", timeout=2)
         by_host = {r.host: r for r in results}
         self.assertEqual(by_host["h0"].status, FAILED)

@@ -6,12 +6,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver
 from twisted.python.failure import Failure
 
 from cmdserver.audit import AuditFile
@@ -49,7 +50,7 @@ class FakeProcess:
     def out(self, data: bytes, fd: int = 1) -> None:
         self.proto.childDataReceived(fd, data)
 
-    def exit(self, code: int = 0, signal: int | None = None) -> None:
+    def exit(self, code: int | None = 0, signal: int | None = None) -> None:
         self.ended = True
         if code == 0 and signal is None:
             reason = Failure(ProcessDone(0))
@@ -103,9 +104,11 @@ class OutsideTreeTempMixin:
     pytest, trial's own ``mktemp`` would create its directories below the cwd and
     keep them."""
 
+    addCleanup: Callable[..., None]  # the TestCase's it is mixed into
+
     def mktemp(self) -> str:
         base = tempfile.mkdtemp(prefix="cmdserver-test-")
-        self.addCleanup(shutil.rmtree, base, True)  # type: ignore[attr-defined]
+        self.addCleanup(shutil.rmtree, base, True)
         return os.path.join(base, "temp")
 
 
@@ -129,8 +132,9 @@ def capture_log(test: Any) -> list[dict]:
     from twisted.logger import globalLogPublisher
 
     events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
-    test.addCleanup(globalLogPublisher.removeObserver, events.append)
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    test.addCleanup(globalLogPublisher.removeObserver, observer)
     return events
 
 
@@ -140,8 +144,9 @@ def capture_audit(test: Any, events: list[dict] | None = None) -> list[dict]:
     from cmdserver.audit import audit_publisher
 
     events = [] if events is None else events
-    audit_publisher.addObserver(events.append)
-    test.addCleanup(audit_publisher.removeObserver, events.append)
+    observer = cast(ILogObserver, events.append)
+    audit_publisher.addObserver(observer)
+    test.addCleanup(audit_publisher.removeObserver, observer)
     return events
 
 

@@ -7,7 +7,8 @@ import hmac
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import Any
 
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -62,7 +63,8 @@ def listing(root: str) -> list[str]:
 
 
 @inlineCallbacks
-def wait_until(predicate: Callable[[], bool], limit: float = 20.0) -> Deferred:
+def wait_until(predicate: Callable[[], bool],
+               limit: float = 20.0) -> Generator[Deferred[Any], Any, None]:
     """Let the reactor run until ``predicate()`` holds (a safety net, not a timing test)."""
     waited = 0.0
     while not predicate():
@@ -73,6 +75,6 @@ def wait_until(predicate: Callable[[], bool], limit: float = 20.0) -> Deferred:
 
 
 @inlineCallbacks
-def settle(uploads: Uploads) -> Deferred:
+def settle(uploads: Uploads) -> Generator[Deferred[Any], Any, None]:
     """Wait until every upload in flight has finished and cleaned up."""
     yield wait_until(lambda: not uploads.active)

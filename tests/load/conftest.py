@@ -153,9 +153,12 @@ class Session:
 
     def stats(self) -> dict[str, int]:
         text = "\n".join(self.run("stats"))
+        connections = re.search(r"connections: (\d+) open", text)
+        in_flight = re.search(r"commands in flight: (\d+)", text)
+        assert connections is not None and in_flight is not None, text
         return {
-            "open": int(re.search(r"connections: (\d+) open", text).group(1)),
-            "in_flight": int(re.search(r"commands in flight: (\d+)", text).group(1)),
+            "open": int(connections.group(1)),
+            "in_flight": int(in_flight.group(1)),
         }
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import paramiko
 from conftest import PASSWORD, USER, Session, add_user, ssh_connect, wait_for
@@ -45,8 +46,9 @@ BAD = [b"nope", b"ls ../..", b"comphash", b"comphash nothere", b"comphash sub",
 CLOSING = [b"exit", b"quit", b"x" * 5000]
 SSH_GOOD = ["ping", "help", "help comphash", "stats", "ls", "ls sub", "comphash small.txt",
             "comphash --algo md5 sub/notes.txt", "lastlog 5"]
-SSH_BAD = ["nope", "ls ../..", "comphash", "comphash nothere", "lastlog x", "help nope",
-           "'unclosed", "ping \x1b[2J", "ping \x00", b"\xff\xfe", "ls a b", "exit now"]
+SSH_BAD: list[str | bytes] = [
+    "nope", "ls ../..", "comphash", "comphash nothere", "lastlog x", "help nope",
+    "'unclosed", "ping \x1b[2J", "ping \x00", b"\xff\xfe", "ls a b", "exit now"]
 IDLE = {"open": 1, "in_flight": 1}  # the watcher's own connection and its stats command
 
 
@@ -110,7 +112,7 @@ def abort_ssh(client: paramiko.SSHClient) -> None:
     """Vanish without an SSH disconnect message: a TCP reset under the transport."""
     transport = client.get_transport()
     assert transport is not None
-    sock = transport.sock
+    sock = cast(socket.socket, transport.sock)  # a direct connection, no proxy channel
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.shutdown(socket.SHUT_RDWR)
     client.close()
@@ -123,7 +125,9 @@ def ssh_client(port: int, key: paramiko.PKey, rng: random.Random, commands: int)
     for _ in range(commands):
         command = rng.choice(SSH_GOOD if rng.random() < 0.6 else SSH_BAD)
         if rng.random() < ABORT_CHANCE:
-            channel = client.get_transport().open_session()  # type: ignore[union-attr]
+            transport = client.get_transport()
+            assert transport is not None
+            channel = transport.open_session()
             channel.exec_command(command)
             if rng.random() < 0.5:
                 time.sleep(rng.random() / 100)
@@ -131,7 +135,8 @@ def ssh_client(port: int, key: paramiko.PKey, rng: random.Random, commands: int)
             seen["ssh aborted"] += 1
             client = ssh_connect(port, key)
             continue
-        _, stdout, stderr = client.exec_command(command, timeout=60)
+        # The stub says str; paramiko hands bytes through to Channel.exec_command as they are.
+        _, stdout, stderr = client.exec_command(command, timeout=60)  # type: ignore[arg-type]
         out, err = stdout.read(), stderr.read()
         status = stdout.channel.recv_exit_status()
         assert status in (0, 1), (command, status, out, err)

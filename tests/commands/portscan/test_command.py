@@ -86,6 +86,7 @@ class PortScanTests(TestCase):
     def test_open_ports_streamed_then_summary(self) -> None:
         d, ctx = self.run_line("portscan 127.0.0.1 20-100,8080")
         reply = self.finish(d)
+        assert isinstance(ctx.out, ListSink)
         self.assertEqual(ctx.out.lines, ["Connected to port 22", "Connected to port 80",
                                          "Connected to port 8080"])
         self.assertEqual(reply, TextReply(["Scanned 82 ports on 127.0.0.1 in 0.00s: 3 open"],
@@ -198,7 +199,7 @@ class PortScanTests(TestCase):
         def broken(*args: Any, **kwargs: Any) -> None:
             raise RuntimeError("resolver broke")
 
-        self.resolver.resolveHostName = broken  # type: ignore[method-assign]
+        self.patch(self.resolver, "resolveHostName", broken)
         d, _ = self.run_line("portscan localhost 22", ctx)
         self.assertEqual(self.successResultOf(d).lines,
                          ["Error: internal error (see the server log)"])

@@ -61,7 +61,7 @@ def test_refused_with_the_bad_part_named(spec: str, message: str) -> None:
 
 def test_not_a_string() -> None:
     with pytest.raises(PortSpecError, match="must be a string"):
-        parse_ports([22, 80])  # type: ignore[arg-type]
+        parse_ports([22, 80])  # type: ignore[arg-type]  # the wrong type on purpose
 
 
 def test_full_range_is_small_and_lazy() -> None:

@@ -36,7 +36,7 @@ class ScanTestsMixin:
         """
         for _ in range(times):
             now = self.reactor.seconds()
-            due = [c for c in self.reactor.getDelayedCalls() if c.getTime() <= now]
+            due = [c for c in self.reactor.calls if c.getTime() <= now]
             for call in due:
                 if call.active():
                     self.reactor.calls.remove(call)

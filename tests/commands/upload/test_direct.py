@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import socket
+from functools import partial
 
 from twisted.internet import main
 from twisted.internet.defer import inlineCallbacks
@@ -179,10 +180,10 @@ class HashThreadTests(unittest.TestCase):
         digest = hashlib.sha256()
         thread = HashThread(digest, "test-hash")
         self.addCleanup(thread.stop)
-        released = []
+        released: list[int] = []
         parts = [os.urandom(5000) for _ in range(20)]
         for i, part in enumerate(parts):
-            thread.start(memoryview(part), lambda i=i: released.append(i))
+            thread.start(memoryview(part), partial(released.append, i))
         thread.drain()
         self.assertEqual(released, list(range(20)))
         self.assertEqual(digest.hexdigest(), hashlib.sha256(b"".join(parts)).hexdigest())
@@ -196,8 +197,8 @@ class HashThreadTests(unittest.TestCase):
 
         thread = HashThread(Broken(), "test-hash")
         self.addCleanup(thread.stop)
-        released = []
+        released: list[int] = []
         for i in range(3):
-            thread.start(memoryview(b"x"), lambda i=i: released.append(i))
+            thread.start(memoryview(b"x"), partial(released.append, i))
         self.assertRaises(ValueError, thread.drain)
         self.assertEqual(released, [0, 1, 2])

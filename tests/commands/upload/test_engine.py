@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Generator
+from typing import Any
 
-from twisted.internet.defer import CancelledError, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.trial import unittest
 
 from cmdserver.commands.upload.engine import BATCH, HIGH_WATER, Upload, check_request
@@ -347,7 +349,8 @@ class RefusalTests(unittest.TestCase):
         self.ctx = context(self.core)
 
     @inlineCallbacks
-    def refused(self, name: str, size: int = 5, mac: str | None = None) -> str:
+    def refused(self, name: str, size: int = 5,
+                mac: str | None = None) -> Generator[Deferred[Any], Any, str]:
         try:
             yield self.uploads.begin(self.ctx, name, size, mac or mac_of(b"12345"))
         except CommandError as e:

@@ -34,7 +34,8 @@ class LineUploadTests(unittest.TestCase):
         self.clock = task.Clock()
         self.proto = LineProtocol(self.core, LineSettings(idle_timeout=idle_timeout,
                                                           greeting=""))
-        self.proto.callLater = self.clock.callLater  # the idle timer runs on a fake clock
+        # the idle timer runs on a fake clock
+        self.patch(self.proto, "callLater", self.clock.callLater)
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)
 

@@ -88,7 +88,7 @@ def test_parse_key():
 
 def test_file_hmac_matches_and_reports_progress():
     data = os.urandom(3 * (1 << 20) + 5)
-    seen = []
+    seen: list[int] = []
     assert file_hmac(io.BytesIO(data), KEY, len(data), seen.append) == mac_of(data)
     assert seen[-1] == len(data)
 

@@ -50,13 +50,14 @@ class PausingTransport(StringTransport):
         self.clear()
         if self.producer_paused:
             self.producer_paused = False
+            assert self.producer is not None  # it was paused
             self.producer.resumeProducing()
         return data
 
 
 def next_turn(reactor: MemoryReactorClock) -> None:
     """Run the calls due now, as one reactor turn does: not the ones they schedule."""
-    due = [c for c in reactor.getDelayedCalls() if c.getTime() <= reactor.seconds()]
+    due = [c for c in reactor.calls if c.getTime() <= reactor.seconds()]
     for call in due:
         reactor.calls.remove(call)
         call.called = 1
@@ -111,7 +112,7 @@ class BackPressureTests(unittest.TestCase):
             next_turn(self.reactor)
             delivered += self.feed(burst[delivered:])
         self.assertLess(delivered, len(burst) // 50)
-        one_help = len(self.proto.transport.value()) // max(1, self.core.stats.commands["help"])
+        one_help = len(self.transport.value()) // max(1, self.core.stats.commands["help"])
         self.assertLessEqual(self.transport.peak, SEND_BUFFER + BATCH_LIMIT + one_help)
         self.assertLessEqual(len(self.proto._queue), QUEUE_HIGH)
         self.assertLessEqual(len(self.proto._buffer), READ_SIZE)

@@ -6,18 +6,20 @@ from __future__ import annotations
 import inspect
 import os
 import tempfile
+from typing import cast
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 
 from cmdserver.commands import default_registry
-from cmdserver.commands.base import Context
+from cmdserver.commands.base import Command, Context
 from cmdserver.commands.lastlog import LogSource
 from cmdserver.core import CommandCore, split_line
 from cmdserver.doors.limits import ConnectionLimits, LimitedFactory
@@ -54,7 +56,7 @@ def build() -> tuple[CommandCore, LimitedFactory]:
     return core, LimitedFactory(factory, ConnectionLimits(3, 2), core.stats, "line", TOO_MANY)
 
 
-def connect(limited: LimitedFactory, port: int) -> tuple[object, StringTransport]:
+def connect(limited: LimitedFactory, port: int) -> tuple[IProtocol, StringTransport]:
     addr = IPv4Address("TCP", "127.0.0.1", port)
     proto = limited.buildProtocol(addr)
     transport = StringTransport(peerAddress=addr)
@@ -81,7 +83,7 @@ def test_line_door_holds(pieces: list[bytes], data: st.DataObject) -> None:
         if "log_failure" in event:
             failures.append(event)
 
-    globalLogPublisher.addObserver(observer)
+    globalLogPublisher.addObserver(cast(ILogObserver, observer))
     try:
         core, limited = build()
         blob = b"\n".join(pieces) + b"\n"
@@ -111,7 +113,7 @@ def test_line_door_holds(pieces: list[bytes], data: st.DataObject) -> None:
         assert limited.limits.total == 0 and not limited.limits.per_host
         assert failures == []
     finally:
-        globalLogPublisher.removeObserver(observer)
+        globalLogPublisher.removeObserver(cast(ILogObserver, observer))
 
 
 def test_limits_refuse_and_count_exactly() -> None:
@@ -146,12 +148,12 @@ COMMANDS = default_registry(LogSource("")).commands()
     st.sampled_from(["--", "--algo", "--algo=md5", "--algo=", "-x", "10", "0", "-1", "1001",
                      "99999999999999999999", "\x00", ".."]),
 ), max_size=5))
-def test_each_parser_refuses_cleanly_or_fits_run(command: object, argv: list[str]) -> None:
+def test_each_parser_refuses_cleanly_or_fits_run(command: Command, argv: list[str]) -> None:
     try:
-        kwargs = command.parse(argv)  # type: ignore[attr-defined]
+        kwargs = command.parse(argv)
     except CommandError as e:
         assert e.text and "\n" not in e.text
         return
     assert isinstance(kwargs, dict)
     # What parse gives is exactly what run accepts.
-    inspect.signature(command.run).bind(Context.__new__(Context), **kwargs)  # type: ignore[attr-defined]
+    inspect.signature(command.run).bind(Context.__new__(Context), **kwargs)

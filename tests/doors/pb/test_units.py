@@ -4,7 +4,7 @@ fake observers and a fake upload engine (no sockets, no threads)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer
@@ -16,6 +16,7 @@ from twisted.trial import unittest
 
 from cmdserver.auth.portal import Realm, build_portal
 from cmdserver.commands import default_registry
+from cmdserver.commands.base import Context
 from cmdserver.commands.lastlog import LogSource
 from cmdserver.core import CommandCore
 from cmdserver.doors.pb.calls import RemoteSink
@@ -43,7 +44,7 @@ class FakeObserver:
 class RemoteSinkTests(unittest.TestCase):
     def test_window_drops_and_reports(self) -> None:
         observer = FakeObserver()
-        sink = RemoteSink(observer, window=2)
+        sink = RemoteSink(cast(pb.RemoteReference, observer), window=2)
         for i in range(5):
             sink.line(f"l{i}")
         self.assertEqual([t for t, _ in observer.calls], ["l0", "l1"])
@@ -56,7 +57,7 @@ class RemoteSinkTests(unittest.TestCase):
 
     def test_failing_observer_is_left_alone(self) -> None:
         observer = FakeObserver()
-        sink = RemoteSink(observer)
+        sink = RemoteSink(cast(pb.RemoteReference, observer))
         sink.line("a")
         observer.calls[0][1].errback(pb.Error("observer broke"))
         sink.line("b")
@@ -64,7 +65,7 @@ class RemoteSinkTests(unittest.TestCase):
         self.assertTrue(sink.gone)
 
     def test_dead_observer(self) -> None:
-        sink = RemoteSink(FakeObserver(dead=True))
+        sink = RemoteSink(cast(pb.RemoteReference, FakeObserver(dead=True)))
         sink.line("a")
         sink.line("b")
         self.assertTrue(sink.gone)
@@ -203,6 +204,7 @@ class ConsumerEngineTests(unittest.TestCase):
         self.assertIsNone(engine.feed(b"ab"))
         upload.producer.pauseProducing()
         held = engine.feed(b"cd")
+        assert held is not None  # paused: the answer waits
         self.assertNoResult(held)
         upload.producer.resumeProducing()
         self.successResultOf(held)
@@ -227,6 +229,7 @@ class ConsumerEngineTests(unittest.TestCase):
         engine = ConsumerEngine(upload)
         upload.producer.pauseProducing()
         held = engine.feed(b"x")
+        assert held is not None  # paused: the answer waits
         engine.abort()
         self.successResultOf(held)  # nothing waits for ever
         self.failureResultOf(engine.finish(), defer.CancelledError)
@@ -234,5 +237,5 @@ class ConsumerEngineTests(unittest.TestCase):
     def test_consumer_starter(self) -> None:
         upload = FakeConsumerUpload()
         start = consumer_starter(lambda ctx, name, size, mac: defer.succeed(upload))
-        engine = self.successResultOf(start(None, "f", 1, "00"))
+        engine = self.successResultOf(start(cast(Context, None), "f", 1, "00"))  # never used
         self.assertIsInstance(engine, ConsumerEngine)

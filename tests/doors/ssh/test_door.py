@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import cast
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import connection
@@ -22,6 +23,7 @@ from cmdserver.doors.ssh.door import (
     CmdServerSSHFactory,
     CmdServerTransport,
     CmdServerUserAuth,
+    SSHAvatar,
     SSHSettings,
 )
 from cmdserver.doors.ssh.session import RefusingSSHSession
@@ -52,12 +54,13 @@ class TransportTest(unittest.TestCase):
         self.tcp = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         self.transport.makeConnection(self.tcp)
         self.disconnects: list[tuple[int, bytes]] = []
-        self.transport.sendDisconnect = lambda code, text: self.disconnects.append((code, text))
+        self.patch(self.transport, "sendDisconnect",
+                   lambda code, text: self.disconnects.append((code, text)))
         self.addCleanup(self.transport.connectionLost, None)
 
     def start_userauth(self) -> CmdServerUserAuth:
         service = CmdServerUserAuth()
-        self.transport.isEncrypted = lambda direction: True
+        self.patch(self.transport, "isEncrypted", lambda direction: True)
         self.transport.setService(service)
         return service
 
@@ -109,7 +112,7 @@ class TransportTest(unittest.TestCase):
 
     def test_running_command_is_not_idle(self) -> None:
         self.transport.stop_grace_timer()  # as once logged in
-        self.transport.avatar = FakeAvatar()
+        self.transport.avatar = cast(SSHAvatar, FakeAvatar())
         self.transport.logoutFunction = lambda: None
         self.transport.avatar.busy = 1
         self.clock.advance(300)
@@ -120,9 +123,13 @@ class TransportTest(unittest.TestCase):
 
     def test_tcp_nodelay_is_set(self) -> None:
         calls: list[bool] = []
-        self.tcp.setTcpNoDelay = calls.append
+
+        class TCPTransport(StringTransport):
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                calls.append(enabled)
+
         transport = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
-        transport.makeConnection(self.tcp)
+        transport.makeConnection(TCPTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40001)))
         self.addCleanup(transport.connectionLost, None)
         self.assertEqual(calls, [True])
 
@@ -174,9 +181,10 @@ class InputFlowControlTest(unittest.TestCase):
 
     def setUp(self) -> None:
         self.conn = CmdServerConnection()
-        self.conn.transport = FakeSSHTransport()
+        self.ssh_transport = FakeSSHTransport()
+        self.conn.transport = cast(CmdServerTransport, self.ssh_transport)
         self.channel = RefusingSSHSession(conn=self.conn, avatar=None)
-        self.channel.id = 0
+        self.channel.id = 0  # type: ignore[assignment]  # conch types it by its None default
         self.conn.channels[0] = self.channel
         self.conn.channelsToRemoteChannel[self.channel] = 7
         self.conn.localToRemoteChannel[0] = 7
@@ -187,7 +195,7 @@ class InputFlowControlTest(unittest.TestCase):
             self.conn.ssh_CHANNEL_DATA(struct.pack(">2L", 0, len(chunk)) + chunk)
 
     def adjustments(self) -> list[int]:
-        return [struct.unpack(">2L", data)[1] for kind, data in self.conn.transport.packets
+        return [struct.unpack(">2L", data)[1] for kind, data in self.ssh_transport.packets
                 if kind == connection.MSG_CHANNEL_WINDOW_ADJUST]
 
     def test_window_reopens_normally(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.conch.ssh.filetransfer import (
     FX_FILE_ALREADY_EXISTS,
@@ -20,13 +20,14 @@ from twisted.conch.ssh.filetransfer import (
     SFTPError,
 )
 from twisted.internet import defer, task
+from twisted.internet.protocol import connectionDone
 from twisted.trial import unittest
 
 from cmdserver.auth.portal import Account
 from cmdserver.commands.base import Registry
 from cmdserver.commands.upload.spool import TEMP_RE, remove_stale, temp_name
 from cmdserver.core import CommandCore
-from cmdserver.doors.ssh.door import SSHSettings
+from cmdserver.doors.ssh.door import SSHAvatar, SSHSettings
 from cmdserver.doors.ssh.sftp import JailedFileTransferServer, JailedSFTPServer
 from cmdserver.policy import Policy
 from tests.helpers import OutsideTreeTempMixin
@@ -60,7 +61,7 @@ class SFTPServerTestBase(OutsideTreeTempMixin, unittest.TestCase):
         policy = Policy([self.root])
         core = CommandCore(Registry(), policy, task.Clock(),
                            run_in_thread=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
-        self.server = JailedSFTPServer(FakeAvatar(core, policy))
+        self.server = JailedSFTPServer(cast(SSHAvatar, FakeAvatar(core, policy)))
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
@@ -172,7 +173,7 @@ class SFTPJailTest(SFTPServerTestBase):
         protocol = JailedFileTransferServer(self.server)
         upload = self.put(b"new.bin", b"partial")
         protocol.openFiles[b"1"] = upload
-        protocol.connectionLost(None)
+        protocol.connectionLost(connectionDone)
         self.assertFalse(os.path.exists(self.path("new.bin")))
         self.assertEqual(self.temps(), [])
 
@@ -294,7 +295,7 @@ class SFTPWriteIntoTest(SFTPServerTestBase):
         self.successResultOf(upload.close())
         protocol = JailedFileTransferServer(self.server)
         protocol.openFiles[b"1"] = self.put(b"a.txt", b"C", flags=FXF_WRITE)
-        protocol.connectionLost(None)  # the session died: the upload is dropped
+        protocol.connectionLost(connectionDone)  # the session died: the upload is dropped
         self.assertEqual(self.content(), b"B")
         self.assertEqual(self.temps(), [])
         self.assertEqual(self.open_fds(), fds)

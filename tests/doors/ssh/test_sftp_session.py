@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.conch.ssh import common, connection
 from twisted.conch.ssh.filetransfer import (
@@ -40,7 +40,12 @@ from cmdserver.auth.portal import Account
 from cmdserver.commands.base import Registry
 from cmdserver.commands.upload.spool import TEMP_RE
 from cmdserver.core import CommandCore
-from cmdserver.doors.ssh.door import CmdServerConnection, SSHAvatar, SSHSettings
+from cmdserver.doors.ssh.door import (
+    CmdServerConnection,
+    CmdServerTransport,
+    SSHAvatar,
+    SSHSettings,
+)
 from cmdserver.doors.ssh.session import RefusingSSHSession
 from cmdserver.doors.ssh.sftp import JailedFileTransferServer
 from cmdserver.policy import Policy
@@ -103,9 +108,10 @@ class SFTPSessionTest(OutsideTreeTempMixin, unittest.TestCase):
         core = CommandCore(Registry(), policy, task.Clock(), run_in_thread=self.threads)
         avatar = SSHAvatar(core, Account("ops"), SSHSettings(temp_run_id="0123abcd"))
         self.conn = CmdServerConnection()
-        self.conn.transport = FakeSSHTransport()
+        self.ssh_transport = FakeSSHTransport()
+        self.conn.transport = cast(CmdServerTransport, self.ssh_transport)
         self.channel = RefusingSSHSession(conn=self.conn, avatar=avatar)
-        self.channel.id = 0
+        self.channel.id = 0  # type: ignore[assignment]  # conch types it by its None default
         self.conn.channels[0] = self.channel
         self.conn.channelsToRemoteChannel[self.channel] = 7
         self.conn.localToRemoteChannel[0] = 7
@@ -114,7 +120,8 @@ class SFTPSessionTest(OutsideTreeTempMixin, unittest.TestCase):
         # OpenSSH's sftp and scp send LANG first: a session object exists.
         self.channel.requestReceived(b"env", common.NS(b"LANG") + common.NS(b"C.UTF-8"))
         self.assertTrue(self.channel.requestReceived(b"subsystem", common.NS(b"sftp")))
-        self.server = self.channel.client.transport.proto
+        assert self.channel.client is not None
+        self.server = getattr(self.channel.client.transport, "proto", None)  # conch's wrapper
         self.assertIsInstance(self.server, JailedFileTransferServer)
         self.send(struct.pack("!LBL", 5, FXP_INIT, 3))
         self.next_id = 1
@@ -138,7 +145,7 @@ class SFTPSessionTest(OutsideTreeTempMixin, unittest.TestCase):
         return common.getNS(payload)[0]
 
     def output(self) -> bytes:
-        return b"".join(common.getNS(data[4:])[0] for kind, data in self.conn.transport.packets
+        return b"".join(common.getNS(data[4:])[0] for kind, data in self.ssh_transport.packets
                         if kind == connection.MSG_CHANNEL_DATA)
 
     def replies(self) -> list[tuple[int, int, bytes]]:
@@ -158,7 +165,7 @@ class SFTPSessionTest(OutsideTreeTempMixin, unittest.TestCase):
     def channel_events(self) -> list[Any]:
         """The channel requests, EOF and close the server sent, in order."""
         events: list[Any] = []
-        for kind, data in self.conn.transport.packets:
+        for kind, data in self.ssh_transport.packets:
             if kind == connection.MSG_CHANNEL_REQUEST:
                 name, rest = common.getNS(data[4:])
                 events.append((name.decode(), struct.unpack(">L", rest[1:5])[0]))

@@ -79,6 +79,7 @@ class ShellTest(unittest.TestCase):
         self.terminal = insults.ServerProtocol(ShellProtocol, self.session)
         self.transport = StringTransport()
         self.terminal.makeConnection(self.transport)
+        assert isinstance(self.terminal.terminalProtocol, ShellProtocol)
         self.shell: ShellProtocol = self.terminal.terminalProtocol
 
     def type(self, data: bytes) -> None:
