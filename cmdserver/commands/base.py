@@ -18,8 +18,28 @@ from cmdserver.commands.params import Param
 from cmdserver.errors import MissingArgument, UsageError
 
 if TYPE_CHECKING:
-    from cmdserver.core import CommandCore
     from cmdserver.policy import Policy
+    from cmdserver.sessions import Session as CoreSession
+    from cmdserver.stats import Stats
+
+
+class CoreServices(Protocol):
+    """What a command may use of the core (``ctx.core``): commands see the core
+    through this, never the core's class, so no command imports it."""
+
+    registry: Registry
+    policy: Policy
+    stats: Stats
+    reactor: Any
+
+    def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred: ...
+
+    def in_thread_cancellable(self, f: Callable[..., Any], *args: Any) -> Deferred: ...
+
+    def session_for(self, ctx: Context) -> CoreSession: ...
+
+    def login(self, session: CoreSession, user: Any, method: str, outcome: str,
+              reason: str | None = None, token: str | None = None) -> None: ...
 
 
 class OutputSink(Protocol):
@@ -56,7 +76,7 @@ class ListSink:
 class Context:
     """Everything a handler may use: who runs it, from where, and the core's services."""
 
-    core: CommandCore
+    core: CoreServices
     user: str
     peer: str
     door: str
