@@ -1,0 +1,94 @@
+"""What fleet tools (Ansible, Fabric, parallel-ssh, ``xargs ssh``) meet on the SSH door:
+error lines on a terminal and a shell separator in an exec line.  The service as
+deployed, driven by paramiko and OpenSSH."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import defer
+
+from cmdserver.doors.ssh.session import ONE_COMMAND
+from tests.end_to_end.support import LineClient, RunningService, in_thread
+from tests.end_to_end.test_ssh_deployed import SSH, DeployedSSHBase
+
+OUTSIDE = b"Error: path outside allowed roots"
+
+
+class FleetEdgesTest(DeployedSSHBase):
+    def exec_(self, command: str, pty: bool = False) -> defer.Deferred:
+        """One exec channel (with a pty if asked): (stdout, stderr, status)."""
+        def run() -> tuple[bytes, bytes, int]:
+            client = self.connect()
+            try:
+                chan = client.get_transport().open_session()  # type: ignore[union-attr]
+                chan.settimeout(10)
+                if pty:
+                    chan.get_pty()
+                chan.exec_command(command)
+                status = chan.recv_exit_status()
+                return chan.makefile().read(), chan.makefile_stderr().read(), status
+            finally:
+                client.close()
+
+        return in_thread(run)
+
+    # -- a terminal has one output stream ----------------------------------
+
+    @defer.inlineCallbacks
+    def test_errors_come_on_the_terminal_with_a_pty(self) -> Any:
+        yield self.serve()
+        out, err, status = yield self.exec_("ls ..", pty=True)
+        self.assertEqual((out, err, status), (OUTSIDE + b"\r\n", b"", 1))
+        out, err, status = yield self.exec_("nosuch", pty=True)
+        self.assertEqual((out, err, status), (b"Command not found.\r\n", b"", 1))
+        # Without a terminal, stderr stays apart.
+        out, err, status = yield self.exec_("ls ..")
+        self.assertEqual((out, err, status), (b"", OUTSIDE + b"\n", 1))
+
+    @defer.inlineCallbacks
+    def test_openssh_tt_shows_the_error_on_stdout(self) -> Any:
+        yield self.serve()
+        out, err, status = yield self.openssh(SSH, "-tt", "ops@127.0.0.1", "ls ..")
+        self.assertEqual((status, out), (1, OUTSIDE + b"\r\n"), err)
+
+    # -- one command per exec ----------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_shell_separators_are_refused_in_one_line(self) -> Any:
+        yield self.serve()
+        for line in ("stats; ping", "ping && ping", "ping || ping", "ls | ls", "ping\nping",
+                     "ping;", "comphash a;b"):
+            out, err, status = yield self.exec_(line)
+            self.assertEqual((out, err, status), (b"", ONE_COMMAND.encode() + b"\n", 1), line)
+        out, err, status = yield self.exec_("ping && ping", pty=True)
+        self.assertEqual((out, err, status), (ONE_COMMAND.encode() + b"\r\n", b"", 1))
+
+    @defer.inlineCallbacks
+    def test_quoted_separators_are_part_of_a_word(self) -> Any:
+        yield self.serve()
+        for name in ("a;b", "x|y", "p&&q"):
+            with open(os.path.join(self.root, name), "w") as f:
+                f.write("x\n")
+        for line in ('comphash "a;b"', "comphash 'x|y'", "comphash a\\;b", 'comphash "p&&q"'):
+            out, err, status = yield self.exec_(line)
+            self.assertEqual((status, err), (0, b""), line)
+            self.assertTrue(out.startswith(b"File hash is : "), out)
+
+    @defer.inlineCallbacks
+    def test_the_line_door_keeps_its_answer(self) -> Any:
+        server = RunningService(self.tmp, "--line", "tcp:0:interface=127.0.0.1",
+                                "--ssh", "tcp:0:interface=127.0.0.1", "--bcrypt-cost", "4")
+        yield server.start()
+        self.addCleanup(server.stop)
+
+        def ask() -> list[str]:
+            client = LineClient(server.address)
+            try:
+                client.read_line()  # the greeting
+                return client.ask("ping; stats") + client.ask("ping")
+            finally:
+                client.close()
+
+        self.assertEqual((yield in_thread(ask)), ["Command not found.", "pong"])
