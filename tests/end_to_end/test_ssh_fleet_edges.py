@@ -1,17 +1,19 @@
 """What fleet tools (Ansible, Fabric, parallel-ssh, ``xargs ssh``) meet on the SSH door:
-error lines on a terminal and a shell separator in an exec line.  The service as
-deployed, driven by paramiko and OpenSSH."""
+error lines on a terminal, a shell separator in an exec line, and the main log of
+one ``ssh host ping``.  The service as deployed, driven by paramiko and OpenSSH."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 
 from cmdserver.doors.ssh.session import ONE_COMMAND
 from tests.end_to_end.support import LineClient, RunningService, in_thread
 from tests.end_to_end.test_ssh_deployed import SSH, DeployedSSHBase
+from tests.helpers import capture_log
 
 OUTSIDE = b"Error: path outside allowed roots"
 
@@ -92,3 +94,68 @@ class FleetEdgesTest(DeployedSSHBase):
                 client.close()
 
         self.assertEqual((yield in_thread(ask)), ["Command not found.", "pong"])
+
+    # -- the main log ------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def one_ping_logs(self, run: Any) -> Any:
+        """The main log's events while one client runs ``ping`` and leaves."""
+        events = capture_log(self)  # before the door starts, as twistd's log file is
+        yield self.serve()
+        start = len(events)
+        yield run()
+        for _ in range(500):  # the logout comes as the server sees the connection go
+            if any("logged out" in str(e.get("log_format")) for e in events[start:]):
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        yield deferLater(reactor, 0.05, lambda: None)
+        return [e for e in events[start:] if e.get("log_namespace") != "cmdserver.audit"]
+
+    def assert_two_info_lines(self, events: list[dict]) -> None:
+        shown = [(e.get("log_namespace"), e.get("log_level").name, e.get("log_format"))
+                 for e in events]
+        self.assertEqual([level for _, level, _ in shown], ["info", "info"], shown)
+        self.assertIn("logged in", shown[0][2])
+        self.assertIn("logged out", shown[1][2])
+
+    @defer.inlineCallbacks
+    def test_one_openssh_ping_logs_a_start_and_an_end(self) -> Any:
+        if SSH is None:
+            self.skipTest("OpenSSH client not installed")
+
+        @defer.inlineCallbacks
+        def run() -> Any:
+            out, err, status = yield self.openssh(SSH, "ops@127.0.0.1", "ping")
+            self.assertEqual((out, status), (b"pong\n", 0), err)
+
+        self.assert_two_info_lines((yield self.one_ping_logs(run)))
+
+    @defer.inlineCallbacks
+    def test_one_paramiko_ping_logs_a_start_and_an_end(self) -> Any:
+        def run() -> defer.Deferred:
+            return self.exec_("ping").addCallback(self.assertEqual, (b"pong\n", b"", 0))
+
+        self.assert_two_info_lines((yield self.one_ping_logs(run)))
+
+    @defer.inlineCallbacks
+    def test_sftp_packets_are_not_logged_one_by_one(self) -> Any:
+        def run() -> defer.Deferred:
+            def transfer() -> None:
+                client = self.connect()
+                try:
+                    sftp = client.open_sftp()
+                    for i in range(20):
+                        with sftp.open(f"f{i}", "wb") as f:
+                            f.write(b"x")
+                    sftp.listdir(".")
+                    sftp.close()
+                finally:
+                    client.close()
+
+            return in_thread(transfer)
+
+        events = yield self.one_ping_logs(run)
+        shown = [(e.get("log_level").name, e.get("log_format")) for e in events]
+        # the login, the SFTP session, the logout: not a line per packet
+        self.assertLessEqual(len(events), 4, shown)
+        self.assertEqual([level for level, _ in shown if level != "info"], [], shown)

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from cmdserver.auth.portal import Account
 from cmdserver.core import CommandCore
 from cmdserver.doors.limits import format_peer
+from cmdserver.doors.ssh import logfilter
 from cmdserver.doors.ssh.avatar import (
     DOOR,
     SSHAvatar,
@@ -248,6 +249,14 @@ class CmdServerSSHFactory(factory.SSHFactory):
 
     def getPrimes(self) -> None:
         return None
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        logfilter.install()  # conch's per-packet chatter stays out of the main log
+
+    def stopFactory(self) -> None:
+        logfilter.uninstall()
+        super().stopFactory()
 
     def buildProtocol(self, addr: Any) -> CmdServerTransport:
         # SSHFactory.buildProtocol logs on every connection that it drops the
