@@ -159,3 +159,19 @@ class FleetEdgesTest(DeployedSSHBase):
         # the login, the SFTP session, the logout: not a line per packet
         self.assertLessEqual(len(events), 4, shown)
         self.assertEqual([level for level, _ in shown if level != "info"], [], shown)
+
+    @defer.inlineCallbacks
+    def test_a_libssh2_keepalive_is_answered_without_a_log_line(self) -> Any:
+        def run() -> defer.Deferred:
+            def probe() -> Any:
+                client = self.connect()
+                try:
+                    t = client.get_transport()
+                    assert t is not None
+                    return t.global_request("keepalive@libssh2.org", wait=True)
+                finally:
+                    client.close()
+
+            return in_thread(probe).addCallback(self.assertIsNone)  # "no", as sshd says
+
+        self.assert_two_info_lines((yield self.one_ping_logs(run)))

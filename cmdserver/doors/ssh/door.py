@@ -44,6 +44,9 @@ from cmdserver.text import escape
 log = Logger()
 
 MAX_CHANNELS = 10  # open session channels per connection, like OpenSSH's MaxSessions
+# Liveness probes a client library sends on its own (libssh2, so parallel-ssh):
+# answered "no", as OpenSSH answers them, without a log line each time.
+KEEPALIVES = frozenset({b"keepalive@libssh2.org"})
 # SSH's names of the login methods, as the audit log names them.
 METHODS = {b"password": "password", b"publickey": "key"}
 
@@ -72,6 +75,10 @@ class CmdServerConnection(connection.SSHConnection):
             struct.pack(">2L", sender, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
             + common.NS(reason.encode()) + common.NS(b""))
 
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
+        if requestType in KEEPALIVES:
+            return 0
+        return super().gotGlobalRequest(requestType, data)
 
     def adjustWindow(self, channel: Any, bytesToAdd: int) -> None:
         # A paused channel keeps its window closed: the client stops sending until
