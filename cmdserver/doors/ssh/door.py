@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from cmdserver.auth.portal import Account
 from cmdserver.core import CommandCore
 from cmdserver.doors.limits import format_peer
+from cmdserver.doors.ssh import logfilter
 from cmdserver.doors.ssh.avatar import (
     DOOR,
     SSHAvatar,
@@ -43,6 +44,9 @@ from cmdserver.text import escape
 log = Logger()
 
 MAX_CHANNELS = 10  # open session channels per connection, like OpenSSH's MaxSessions
+# Liveness probes a client library sends on its own (libssh2, so parallel-ssh):
+# answered "no", as OpenSSH answers them, without a log line each time.
+KEEPALIVES = frozenset({b"keepalive@libssh2.org"})
 # SSH's names of the login methods, as the audit log names them.
 METHODS = {b"password": "password", b"publickey": "key"}
 
@@ -71,6 +75,10 @@ class CmdServerConnection(connection.SSHConnection):
             struct.pack(">2L", sender, connection.OPEN_ADMINISTRATIVELY_PROHIBITED)
             + common.NS(reason.encode()) + common.NS(b""))
 
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
+        if requestType in KEEPALIVES:
+            return 0
+        return super().gotGlobalRequest(requestType, data)
 
     def adjustWindow(self, channel: Any, bytesToAdd: int) -> None:
         # A paused channel keeps its window closed: the client stops sending until
@@ -248,6 +256,14 @@ class CmdServerSSHFactory(factory.SSHFactory):
 
     def getPrimes(self) -> None:
         return None
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        logfilter.install()  # conch's per-packet chatter stays out of the main log
+
+    def stopFactory(self) -> None:
+        logfilter.uninstall()
+        super().stopFactory()
 
     def buildProtocol(self, addr: Any) -> CmdServerTransport:
         # SSHFactory.buildProtocol logs on every connection that it drops the

@@ -7,7 +7,9 @@ succeeded and 1 when it failed, error lines on stderr; the shell itself lives in
 :mod:`cmdserver.doors.ssh.shell`.  The exec channel's stdin can be handed to a
 command (:meth:`CommandSession.read_input`), with back-pressure.  With a pty
 (``ssh -t HOST COMMAND``) lines end with CR LF, as a terminal's line discipline
-would make them, and Ctrl-C typed on that terminal cancels the command.
+would make them, error lines go to the terminal's one stream as sshd sends
+them, and Ctrl-C typed on that terminal cancels the command.  Exec takes one
+command: a line with a shell separator outside quotes is refused in one line.
 """
 
 from __future__ import annotations
@@ -38,6 +40,33 @@ QUIET_REQUESTS = frozenset({b"keepalive@openssh.com"})
 ALLOWED_ENV = ("LANG", "TERM")  # and LC_*
 INPUT_BUFFER_LIMIT = 1 << 20  # stdin bytes kept until the command says whether it reads them
 CTRL_C = b"\x03"
+ONE_COMMAND = "Error: one command per exec: ';', '&&', '||', '|' and newlines are not supported"
+
+
+def shell_separator(line: str) -> str | None:
+    """The first shell separator (``;``, ``&&``, ``||``, ``|``, newline) outside quotes.
+
+    Quotes and backslashes are read as :func:`cmdserver.core.split_line` reads
+    them, so ``comphash "a;b"`` and ``comphash a\\;b`` name a file and have none.
+    """
+    quote = ""
+    i, n = 0, len(line)
+    while i < n:
+        c = line[i]
+        if quote == "'":
+            if c == "'":
+                quote = ""
+        elif c == "\\":
+            i += 1  # the next character is quoted (inside "…" too)
+        elif quote == '"':
+            if c == '"':
+                quote = ""
+        elif c in "'\"":
+            quote = c
+        elif c in ";\n|" or line.startswith("&&", i):
+            return line[i:i + 2] if line.startswith(("||", "&&"), i) else c
+        i += 1
+    return None
 
 
 class InputConsumer(Protocol):
@@ -241,6 +270,10 @@ class CommandSession:
             self._exec_done(TextReply([f"Error: line too long (the limit is {limit} bytes)"],
                                       False))
             return
+        if shell_separator(cmd.decode("utf-8", "replace")) is not None:
+            # `ssh host 'stats; ping'` is two commands for a shell; there is none here.
+            self._exec_done(TextReply([ONE_COMMAND], False))
+            return
         text, error = command_text(cmd)
         if error is not None:
             self._exec_done(TextReply([error], False))
@@ -276,7 +309,11 @@ class CommandSession:
             self.proto.write(data)
 
     def write_err(self, data: bytes) -> None:
-        if not self._closed:
+        if self._closed:
+            return
+        if self.pty:  # a terminal has one output stream: sshd sends stderr there too
+            self.proto.write(data)
+        else:
             self.proto.session.writeExtended(connection.EXTENDED_DATA_STDERR, data)
 
     # -- stdin: the seam for commands that read the exec channel's input ----
