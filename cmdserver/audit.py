@@ -24,6 +24,7 @@ main log.  With no observer at all (``--audit-log none``) ``record`` is
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -179,6 +180,11 @@ class AuditFile:
 
     ``reactor`` schedules the write of each batch; without one every event is
     written at once.
+
+    A record is written whole or not at all: when a batch cannot be written in
+    full (the disk is full), the part of a line that did get written is cut
+    off again (``ftruncate``), so the next batch starts on a line of its own,
+    and the main log gets one line with the number of records lost.
     """
 
     def __init__(self, path: str, reactor: Any = None,
@@ -187,6 +193,7 @@ class AuditFile:
         self.reactor = reactor
         self.clock = clock  # the time of a record()
         self._fd: int | None = None
+        self._torn = False  # a partial line could not be cut off: start on a new line
         self._pending: list[str | tuple] = []  # lines, and record() fields not yet formatted
         self._flush_call: Any = None
         self._last_ms = -1
@@ -221,23 +228,59 @@ class AuditFile:
             return
         parts: list[str] = []
         line_parts = self._parts
+        lines = 0
         for entry in pending:
             if type(entry) is str:
                 parts.append(entry)
+                lines += 1
                 continue
             try:
                 parts.extend(line_parts(*entry))
+                lines += 1
             except Exception:  # one odd value must not cost the batch
                 _log.failure("audit record of {command} failed", command=entry[6])
-        lines = len(pending)
         pending.clear()
-        view = memoryview("".join(parts).encode("utf-8"))
+        if lines:
+            self._write_batch("".join(parts).encode("utf-8"), lines)
+
+    def _write_batch(self, data: bytes, lines: int) -> None:
+        """Write ``data`` (``lines`` whole lines); on a failure keep only whole lines."""
+        fd = self._fd
+        assert fd is not None
+        start = 0
+        if self._torn:  # the last batch left part of a line: end it first
+            data = b"\n" + data
+            start = 1
+        written = 0
         try:
-            while view:
-                view = view[os.write(self._fd, view):]
-        except OSError:  # the disk is full, say: the commands go on, the operator is told
-            _log.failure("audit log {path}: {lines} lines not written", path=self.path,
-                         lines=lines)
+            view = memoryview(data)
+            while written < len(data):
+                n = self._write(fd, view[written:])
+                if n <= 0:
+                    raise OSError(errno.EIO, "the write took no bytes")
+                written += n
+        except OSError as e:
+            self._lost(fd, data, start, written, lines, e)
+            return
+        self._torn = False
+
+    def _write(self, fd: int, data: memoryview) -> int:
+        return os.write(fd, data)  # tests put a failing writer here
+
+    def _lost(self, fd: int, data: bytes, start: int, written: int, lines: int,
+              error: OSError) -> None:
+        if written > start:
+            self._torn = False
+        whole = data.count(b"\n", start, written)  # records that did get written
+        partial = written - (data.rfind(b"\n", 0, written) + 1)
+        if partial:
+            try:  # cut off the partial line: we are the only writer, at the file's end
+                os.ftruncate(fd, os.fstat(fd).st_size - partial)
+            except OSError:  # not a regular file, say: the next batch starts a new line
+                self._torn = True
+        _log.error("audit log {path}: {lost} record(s) lost, {written} of this batch's "
+                   "{lines} written: {error}", path=self.path, lost=lines - whole,
+                   written=whole, lines=lines, error=error.strerror or str(error))
 
     def _timestamp(self, when: float) -> str:
         """ISO 8601 in UTC to the millisecond, as ``datetime.isoformat`` writes it.

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from cmdserver.audit import FIELDS, FLUSH_DELAY, FLUSH_LINES, NAMESPACE, AuditFile
@@ -105,3 +108,133 @@ def test_lines_are_exactly_json_dumps(fields: dict) -> None:
         with open(os.path.join(d, "audit.log"), encoding="utf-8") as f:
             line = f.read()
     assert line == reference_line(ev, "2025-11-21T08:03:43.500+00:00")
+
+
+class DiskFullTests(unittest.TestCase):
+    """A record is whole or absent, and the main log counts the lost ones exactly."""
+
+    def setUp(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(lambda: shutil.rmtree(self.dir, True))
+        self.path = os.path.join(self.dir, "audit.log")
+        self.clock = Clock()
+        self.audit = AuditFile(self.path, self.clock, clock=lambda: 1000.0)
+        self.audit.open()
+        self.addCleanup(self.audit.close)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def batch(self, *commands: str) -> None:
+        for command in commands:
+            self.audit.record("s1", "command", "u", "p", "line", command, {}, "ok", 0.0, None)
+        self.clock.advance(FLUSH_DELAY)
+
+    def disk_fills_after(self, room: int) -> None:
+        """The next writes take ``room`` bytes in all, then the disk is full."""
+        state = {"room": room}
+
+        def write(fd: int, data: memoryview) -> int:
+            if state["room"] <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            n = os.write(fd, data[:state["room"]])
+            state["room"] -= n
+            return n
+
+        self.audit._write = write
+
+    def lost(self) -> list[dict]:
+        return [e for e in self.events if "lost" in e.get("log_format", "")]
+
+    def read(self) -> str:
+        with open(self.path, encoding="utf-8") as f:
+            return f.read()
+
+    def test_a_torn_batch_keeps_its_whole_lines_only(self) -> None:
+        self.batch("one")
+        line = len(self.read())
+        self.disk_fills_after(2 * line + line // 2)  # two lines and a half of four
+        self.batch("a", "b", "c", "d")
+        self.assertEqual([json.loads(r)["command"] for r in self.read().splitlines()],
+                         ["one", "a", "b"])
+        self.assertTrue(self.read().endswith("\n"))
+        [lost] = self.lost()
+        self.assertEqual((lost["lost"], lost["written"], lost["lines"]), (2, 2, 4))
+        self.assertEqual(lost["error"], "No space left on device")
+        self.assertFalse(lost.get("log_failure"))  # one line, no traceback
+        # Space again: the next batch is whole lines of its own.
+        self.audit._write = os.write
+        self.batch("e")
+        self.assertEqual([json.loads(r)["command"] for r in self.read().splitlines()],
+                         ["one", "a", "b", "e"])
+
+    def test_nothing_written_loses_the_whole_batch(self) -> None:
+        self.disk_fills_after(0)
+        self.batch("a", "b", "c")
+        self.assertEqual(self.read(), "")
+        self.assertEqual(self.lost()[0]["lost"], 3)
+
+    def test_a_partial_line_that_cannot_be_cut_ends_before_the_next_batch(self) -> None:
+        def no_truncate(fd: int, length: int) -> None:
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        self.patch(os, "ftruncate", no_truncate)
+        self.disk_fills_after(10)
+        self.batch("a", "b")
+        self.assertEqual(self.lost()[0]["lost"], 2)
+        self.audit._write = os.write
+        self.batch("c")
+        rows = self.read().split("\n")
+        self.assertEqual(len(rows[0]), 10)  # the torn part, on a line of its own
+        self.assertEqual(json.loads(rows[1])["command"], "c")
+        self.assertEqual(rows[2:], [""])
+
+
+def test_disk_full_on_a_real_tiny_filesystem(tmp_path) -> None:
+    """A real 64 KiB tmpfs (mounting needs root: skipped otherwise)."""
+    import subprocess
+
+    import pytest
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; DiskFullTests covers it with a fake writer")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            clock = Clock()
+            audit = AuditFile(str(mount / "audit.log"), clock)
+            audit.open()
+            sent = 0
+
+            def lost() -> list[dict]:
+                return [e for e in events if "lost" in e.get("log_format", "")]
+
+            while len(lost()) < 3:  # batches of seven lines until three could not be written
+                for _ in range(7):
+                    audit.record("s1", "command", "u", "p", "line", f"c{sent}",
+                                 {"pad": "x" * 97}, "ok", 0.0, None)
+                    sent += 1
+                clock.advance(FLUSH_DELAY)
+                assert sent < 10_000, "the tmpfs never filled up"
+            audit.close()
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        text = (mount / "audit.log").read_text()
+        rows = text.splitlines()
+        assert text.endswith("\n")  # no partial line
+        assert [json.loads(r)["command"] for r in rows] == [f"c{i}" for i in range(len(rows))]
+        assert sum(e["lost"] for e in lost()) == sent - len(rows)
+        assert 0 < len(rows) < sent
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
