@@ -110,6 +110,89 @@ def test_lines_are_exactly_json_dumps(fields: dict) -> None:
     assert line == reference_line(ev, "2025-11-21T08:03:43.500+00:00")
 
 
+class FollowTests(unittest.TestCase):
+    """The file follows its path: SIGHUP reopens it, and a file renamed away or
+    deleted is noticed at a batch, at most once a second."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(lambda: shutil.rmtree(self.dir, True))
+        self.path = os.path.join(self.dir, "audit.log")
+        self.now = 1000.0
+        self.audit = AuditFile(self.path, clock=lambda: self.now)  # no reactor: at once
+        self.audit.open()
+        self.addCleanup(self.audit.close)
+
+    def commands(self, path: str) -> list[str]:
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line)["command"] for line in f]
+
+    def record(self, command: str) -> None:
+        self.audit.record("s1", "command", "u", "p", "line", command, {}, "ok", 0.0, None)
+
+    def test_sighup_after_a_rotation_writes_to_the_new_file(self) -> None:
+        self.record("before")
+        os.rename(self.path, self.path + ".1")
+        self.record("rotated, no signal yet")  # within the second: the old file
+        self.audit.reopen()
+        self.record("after")
+        self.assertEqual(self.commands(self.path + ".1"), ["before", "rotated, no signal yet"])
+        self.assertEqual(self.commands(self.path), ["after"])
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+
+    def test_a_file_renamed_away_is_left_after_a_second(self) -> None:
+        self.record("before")
+        os.rename(self.path, self.path + ".1")
+        with open(self.path, "w"):  # logrotate's create mode: a new empty file
+            pass
+        self.now += 0.5
+        self.record("half a second later")  # not checked yet: still the old file
+        self.now += 0.5
+        self.record("a second later")
+        self.assertEqual(self.commands(self.path + ".1"), ["before", "half a second later"])
+        self.assertEqual(self.commands(self.path), ["a second later"])
+
+    def test_a_deleted_file_is_created_again(self) -> None:
+        events: list[dict] = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.record("before")
+        os.unlink(self.path)
+        self.now += 1
+        self.record("after")
+        self.assertEqual(self.commands(self.path), ["after"])
+        self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
+        [reopened] = [e for e in events if "reopened" in e.get("log_format", "")]
+        self.assertEqual(reopened["why"], "the file was moved or deleted")
+
+    def test_the_path_is_checked_at_most_once_a_second(self) -> None:
+        stats: list[str] = []
+        real_stat = os.stat
+        self.patch(os, "stat", lambda p, *a, **k: stats.append(p) or real_stat(p, *a, **k))
+        for _ in range(80):  # 16 batches a second for 5 s: checked at +1, +2, +3 and +4 s
+            self.record("x")
+            self.now += 1 / 16
+        self.assertEqual(len(stats), 4)
+
+    def test_a_path_that_cannot_be_reopened_is_said_once(self) -> None:
+        events: list[dict] = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        moved = self.dir + ".moved"
+        os.rename(self.dir, moved)  # the whole directory went away
+        self.addCleanup(lambda: os.path.exists(moved) and os.rename(moved, self.dir))
+        for i in range(3):
+            self.now += 1
+            self.record(f"r{i}")
+        errors = [e for e in events if "cannot reopen" in e.get("log_format", "")]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(self.commands(os.path.join(moved, "audit.log")), ["r0", "r1", "r2"])
+
+
 class DiskFullTests(unittest.TestCase):
     """A record is whole or absent, and the main log counts the lost ones exactly."""
 
