@@ -1,17 +1,24 @@
-"""The one service: the command core, the connection limits and every door."""
+"""The one service: the command core, the connection limits and every door.
+
+:class:`Hangup` is the daemon's one SIGHUP handler: the credentials reload and
+the audit log reopens from it.
+"""
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from cmdserver.audit import AuditFile, audit_publisher
 from cmdserver.auth.portal import Realm, build_portal
@@ -21,6 +28,52 @@ from cmdserver.doors.limits import ConnectionLimits, LimitedFactory
 log = Logger()
 
 SHUTDOWN = "the server is shutting down"
+
+
+class Hangup:
+    """The daemon's one SIGHUP handler; every listener runs on the reactor thread.
+
+    Installed while the service runs.  A handler that was there before (a
+    Python one) still runs first, so nothing that relied on it loses it.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.listeners: list[Callable[[], Any]] = []
+        self._previous: Any = None
+        self._installed = False
+
+    def add(self, listener: Callable[[], Any]) -> None:
+        self.listeners.append(listener)
+
+    def install(self) -> None:
+        if self._installed or not hasattr(signal, "SIGHUP"):
+            return
+        try:
+            self._previous = signal.signal(signal.SIGHUP, self._signal)
+        except ValueError:  # not the main thread: no signals to install
+            return
+        self._installed = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            previous, self._previous = self._previous, None
+            signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
+            self._installed = False
+
+    def _signal(self, signum: int, frame: Any) -> None:
+        if callable(self._previous):
+            self._previous(signum, frame)
+        self.reactor.callFromThread(self.fire)
+
+    def fire(self) -> None:
+        """What SIGHUP does: each listener in turn, one's failure not stopping the next."""
+        for listener in list(self.listeners):
+            maybeDeferred(listener).addErrback(self._failed, listener)
+
+    @staticmethod
+    def _failed(failure: Failure, listener: Callable[[], Any]) -> None:
+        log.failure("SIGHUP: {listener} failed", failure, listener=listener)
 
 
 class DoorService(Service):
@@ -97,6 +150,9 @@ class CmdServerService(MultiService):
         self.realm = cast(Realm, self.portal.realm)
         self.limits = ConnectionLimits(limits.max_clients, limits.max_per_ip)
         self.audit = AuditFile(audit_log, core.reactor) if audit_log else None
+        self.hangup = Hangup(core.reactor)
+        if self.audit is not None:
+            self.hangup.add(self.audit.reopen)
         self.doors: list[DoorService] = []
 
     def add_door(self, door: str, description: str, factory: Factory[Any],
@@ -118,6 +174,7 @@ class CmdServerService(MultiService):
     def startService(self) -> None:
         self._open_audit()
         super().startService()
+        self.hangup.install()
 
     def _open_audit(self) -> None:
         if self.audit is not None and not self.audit.is_open:
@@ -125,6 +182,7 @@ class CmdServerService(MultiService):
             audit_publisher.addObserver(self.audit)
 
     def stopService(self) -> Deferred:
+        self.hangup.uninstall()
         d = super().stopService()
 
         def close_audit(result: Any) -> Any:

@@ -369,8 +369,9 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     uploads.user_keys = credentials.hmac_key  # a user's own key beats the server's
     service = CmdServerService(core, Limits(options["max-clients"], options["max-per-ip"]),
                                audit_log, portal)
-    ReloadService(credentials, options["users-poll-interval"], reactor=reactor
-                  ).setServiceParent(service)
+    reloader = ReloadService(credentials, options["users-poll-interval"], clock=reactor)
+    reloader.setServiceParent(service)
+    service.hangup.add(reloader.on_sighup)
     core.registry.add(Login(PasswordLogin(portal, reactor)))
     declared = options.get(COMMANDS) or []
     for command in declared:

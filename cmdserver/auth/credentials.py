@@ -2,15 +2,15 @@
 
 :class:`Credentials` keeps the users and keys in memory (so a login never
 touches the disk on the reactor thread) and swaps in a fresh copy when the
-files change: a cheap stat poll on a ``LoopingCall`` and SIGHUP both trigger
-a reload, which runs in a thread.  Open sessions are never touched by a reload.
+files change: a cheap stat poll on a ``LoopingCall`` and SIGHUP (the service's
+one hook, :class:`cmdserver.service.Hangup`) both trigger a reload, which runs
+in a thread.  Open sessions are never touched by a reload.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -231,21 +231,20 @@ def build_checkers(credentials: Credentials, run_in_thread: Runner | None = None
 
 
 class ReloadService(Service):
-    """Polls the store's stat signature every ``interval`` seconds and reloads on SIGHUP."""
+    """Polls the store's stat signature every ``interval`` seconds (0: never).
+
+    :meth:`on_sighup` is for the service's SIGHUP hook (makeService adds it).
+    """
 
     name = "credentials-reload"
 
-    def __init__(self, credentials: Credentials, interval: float, clock: Any = None,
-                 reactor: Any = None, install_signal: bool = True) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, credentials: Credentials, interval: float, clock: Any = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.credentials = credentials
         self.interval = interval
-        self.reactor = reactor
-        self.clock = clock or reactor
-        self.install_signal = install_signal
+        self.clock = clock
         self._loop: task.LoopingCall | None = None
-        self._previous_handler: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -254,14 +253,6 @@ class ReloadService(Service):
             self._loop.clock = self.clock
             self._loop.start(self.interval, now=False).addErrback(
                 lambda f: log.failure("credentials polling stopped", f))
-        if self.install_signal and hasattr(signal, "SIGHUP"):
-            try:
-                self._previous_handler = signal.signal(signal.SIGHUP, self._sighup)
-            except ValueError:  # not the main thread: no signals to install
-                self._previous_handler = None
-
-    def _sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.on_sighup)
 
     def on_sighup(self) -> Deferred:
         log.info("SIGHUP: rereading the users file and keys")
@@ -272,9 +263,6 @@ class ReloadService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGHUP, self._previous_handler)
-            self._previous_handler = None
 
 
 def open_credentials(data_dir: str, cost: int, core: Any) -> tuple[Credentials, Portal]:

@@ -133,8 +133,7 @@ class PortalTests(unittest.TestCase):
 
     def reload_service(self, **kwargs):
         clock = task.Clock()
-        service = ReloadService(self.credentials, 2.0, clock=clock, reactor=clock,
-                                install_signal=False, **kwargs)
+        service = ReloadService(self.credentials, 2.0, clock=clock, **kwargs)
         service.startService()
         self.addCleanup(service.stopService)
         return clock, service
@@ -175,13 +174,18 @@ class PortalTests(unittest.TestCase):
         self.assertIn("line 3: not a JSON object", errors[0]["error"])
         self.assertNotIn(secret_hash, flatten_events(events))
 
-    def test_sighup_reloads(self) -> None:
+    def test_sighup_reloads_through_the_services_hook(self) -> None:
+        from cmdserver.service import Hangup
+
         clock = task.Clock()
         called = []
         clock.callFromThread = lambda f, *a: called.append(f(*a))  # type: ignore[attr-defined]
-        service = ReloadService(self.credentials, 0, clock=clock, reactor=clock)
+        service = ReloadService(self.credentials, 0, clock=clock)
+        hangup = Hangup(clock)
+        hangup.add(service.on_sighup)
         previous = signal.getsignal(signal.SIGHUP)
         service.startService()
+        hangup.install()
         try:
             self.assertNotEqual(signal.getsignal(signal.SIGHUP), previous)
             with self.store.locked() as users:
@@ -189,6 +193,7 @@ class PortalTests(unittest.TestCase):
             os.kill(os.getpid(), signal.SIGHUP)
             self.assertEqual(len(called), 1)
         finally:
+            hangup.uninstall()
             service.stopService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
         self.successResultOf(self.login(UsernamePassword(b"new", b"new pw")))
