@@ -1,11 +1,19 @@
 """The one service: the command core, the connection limits and every door.
 
+Start-up either opens everything it was asked for or stops the daemon: the
+audit log and every door's endpoint.  If one of them fails, what was already
+open is closed again, the main log gets one line naming what failed and why
+(no traceback), and the process exits with status 1 (:class:`StartupError`,
+:class:`StartupExit`).
+
 :class:`Hangup` is the daemon's one SIGHUP handler: the credentials reload and
 the audit log reopens from it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,8 +21,9 @@ from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -28,6 +37,34 @@ from cmdserver.doors.limits import ConnectionLimits, LimitedFactory
 log = Logger()
 
 SHUTDOWN = "the server is shutting down"
+
+
+class StartupError(Exception):
+    """Something the daemon must have cannot be opened; the message is one line."""
+
+
+class StartupExit(SystemExit, Exception):
+    """Ends the process with status 1 once a start-up failure has been logged.
+
+    A SystemExit, so Python exits with status 1 and prints nothing (no
+    traceback); an Exception too, so that twistd, started without ``-n``,
+    passes the line to its waiting parent process (which prints it and exits
+    1) and removes its pidfile.  A plain SystemExit would leave that parent
+    waiting for ever.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 1
+
+
+def reason(error: BaseException) -> str:
+    """The why of an OS-level failure, as a person reads it (``Address already in use``)."""
+    if isinstance(error, CannotListenError) and isinstance(error.socketError, BaseException):
+        error = error.socketError
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
 
 
 class Hangup:
@@ -77,7 +114,12 @@ class Hangup:
 
 
 class DoorService(Service):
-    """Listens on one endpoint string for one door; ``listening`` fires with the port."""
+    """Listens on one endpoint string for one door; ``listening`` fires with the port.
+
+    A failure to listen is kept in ``failure``; the parent service reports it
+    and stops the daemon.  One that comes after the start (an endpoint that
+    listens asynchronously) is reported here and stops the reactor.
+    """
 
     def __init__(self, door: str, description: str, factory: LimitedFactory,
                  reactor: Any, endpoint: Any = None) -> None:
@@ -87,12 +129,14 @@ class DoorService(Service):
         self.factory = factory
         self.reactor = reactor
         self.port: IListeningPort | None = None
+        self.failure: Failure | None = None
         self.listening: Deferred = Deferred()
         self._listen_called = False
+        self._starting = False
         self.setName(f"{door} {description}")
 
     def privilegedStartService(self) -> None:
-        # Listen before twistd drops privileges (ports below 1024), fail loudly if we cannot.
+        # Listen before twistd drops privileges (ports below 1024).
         self._listen()
         super().privilegedStartService()
 
@@ -104,8 +148,16 @@ class DoorService(Service):
         if self._listen_called:
             return
         self._listen_called = True
-        endpoint = self.endpoint or serverFromString(self.reactor, self.description)
-        endpoint.listen(self.factory).addCallbacks(self._listening, self._failed)
+        self._starting = True  # a failure now is the parent's to report
+        try:
+            try:
+                endpoint = self.endpoint or serverFromString(self.reactor, self.description)
+                d = endpoint.listen(self.factory)
+            except Exception:
+                d = fail()
+            d.addCallbacks(self._listening, self._failed)
+        finally:
+            self._starting = False
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
@@ -114,13 +166,38 @@ class DoorService(Service):
         log.info("{door} door listening on {where}", door=self.door, where=where)
         self.listening.callback(port)
 
-    def _failed(self, failure: Any) -> None:
-        log.failure("{door} door cannot listen on {description}", failure,
-                    door=self.door, description=self.description)
+    @property
+    def error(self) -> str:
+        """The one line that says why the door could not listen."""
+        error = self.failure.value if self.failure is not None else None
+        return (f"{self.door} door {self.description}: cannot listen: "
+                f"{reason(error) if error is not None else 'unknown'}")
+
+    def _failed(self, failure: Failure) -> None:
+        self.failure = failure
         self.listening.errback(failure)
+        if self._starting:
+            return  # CmdServerService reports it and stops the start
+        log.critical("{error}; stopping", error=self.error)
+        self.listening.addErrback(lambda _: None)  # reported: not an unhandled error too
         # A daemon that cannot open a door it was asked for must not run half-open.
         if self.reactor.running:
             self.reactor.stop()
+
+    def abandon(self) -> None:
+        """Stop listening at once: the start failed (see CmdServerService)."""
+        if self.failure is not None:
+            self.listening.addErrback(lambda _: None)  # reported by the parent
+        if self.port is None:
+            return
+        port, self.port = self.port, None
+        path = getattr(port.getHost(), "name", None)
+        port.stopListening()
+        if isinstance(path, str | bytes) and path and not getattr(self.reactor, "running", True):
+            # The reactor will not run to close the port and remove its socket
+            # file, and a stale socket file would keep the next start from listening.
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def stopService(self) -> Deferred | None:
         super().stopService()
@@ -168,18 +245,42 @@ class CmdServerService(MultiService):
         return service
 
     def privilegedStartService(self) -> None:
-        self._open_audit()
-        super().privilegedStartService()
+        self._start(super().privilegedStartService)
 
     def startService(self) -> None:
-        self._open_audit()
-        super().startService()
+        self._start(super().startService)
         self.hangup.install()
+
+    def _start(self, start_children: Callable[[], None]) -> None:
+        """The audit log, then the children (the doors listen): all of it or exit 1."""
+        try:
+            self._open_audit()
+            start_children()
+            failed = [door.error for door in self.doors if door.failure is not None]
+            if failed:
+                raise StartupError("; ".join(failed))
+        except StartupError as e:
+            self._abandon()
+            log.critical("cannot start: {error}", error=str(e))
+            raise StartupExit(f"cannot start: {e}") from None
 
     def _open_audit(self) -> None:
         if self.audit is not None and not self.audit.is_open:
-            self.audit.open()
+            try:
+                self.audit.open()
+            except OSError as e:
+                raise StartupError(f"audit log {self.audit.path}: {reason(e)}") from None
             audit_publisher.addObserver(self.audit)
+
+    def _abandon(self) -> None:
+        """Undo a start that failed: no door left listening, nothing left open."""
+        for door in self.doors:
+            door.abandon()
+        if self.running:
+            super().stopService()
+        if self.audit is not None and self.audit.is_open:
+            audit_publisher.removeObserver(self.audit)
+            self.audit.close()
 
     def stopService(self) -> Deferred:
         self.hangup.uninstall()

@@ -31,7 +31,7 @@ from cmdserver.core import DEFAULT_MAX_OUTPUT, DEFAULT_TIMEOUT, CommandCore
 from cmdserver.doors import BUILDERS, DoorEnv, builder
 from cmdserver.doors.pb.door import DEFAULT_ENDPOINT as PB_ENDPOINT
 from cmdserver.policy import DEFAULT_SCAN_ALLOW, Policy, ScanPolicy, default_max_in_flight
-from cmdserver.service import CmdServerService, Limits
+from cmdserver.service import CmdServerService, Limits, reason
 
 log = Logger()
 
@@ -341,12 +341,28 @@ def prepare_data_dir(path: str) -> None:
         os.chmod(path, 0o700)
 
 
+def open_data_dir(path: str) -> None:
+    """The daemon's data directory, made ready; one line and exit if it cannot be."""
+    try:
+        prepare_data_dir(path)
+    except OSError as e:
+        raise SystemExit(f"cmdserver: --data-dir {path}: {reason(e)}") from None
+
+
+def check_audit_log(path: str) -> None:
+    """Stop with one line now if the audit log cannot be opened for appending."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    except OSError as e:
+        raise SystemExit(f"cmdserver: --audit-log {path}: {reason(e)}") from None
+
+
 def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     """Build the whole daemon from parsed options."""
     if reactor is None:
         from twisted.internet import reactor
     data_dir = options["data-dir"]
-    prepare_data_dir(data_dir)
+    open_data_dir(data_dir)
     roots = options["root"]
     if not roots:
         roots = [os.path.join(data_dir, "files")]
@@ -356,6 +372,8 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
         audit_log = os.path.join(data_dir, "audit.log")
     elif audit_log.lower() == NONE:
         audit_log = None
+    if audit_log is not None:
+        check_audit_log(audit_log)
     source = choose_source(options["log-source"], audit_log)
     log.info("lastlog reads {source}", source=source.describe())
 

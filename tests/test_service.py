@@ -1,17 +1,154 @@
-"""The one SIGHUP hook of the service."""
+"""Start-up of the one service: all of it (audit log, every door) or exit 1 with
+one line; the one SIGHUP hook."""
 
 from __future__ import annotations
 
+import errno
+import gc
 import os
 import signal
 from typing import Any
 
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent
 from twisted.trial import unittest
 
+from cmdserver.audit import audit_publisher
 from cmdserver.service import CmdServerService, Hangup, Limits
 from tests.helpers import capture_log, make_core
 from tests.helpers.creds import temp_dir
+
+IN_USE = CannotListenError("127.0.0.1", 9999, OSError(errno.EADDRINUSE,
+                                                      "Address already in use"))
+
+
+class FakePort:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stopped = False
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", self.port)
+
+    def stopListening(self) -> None:
+        self.stopped = True
+
+
+class Endpoint:
+    """Listens at once (a port), fails at once (``error``), or when the test says."""
+
+    def __init__(self, port: int = 0, error: Exception | None = None,
+                 later: bool = False) -> None:
+        self.port, self.error, self.later = port, error, later
+        self.ports: list[FakePort] = []
+        self.pending: defer.Deferred | None = None
+
+    def listen(self, factory: Any) -> defer.Deferred:
+        if self.later:
+            self.pending = defer.Deferred()
+            return self.pending
+        if self.error is not None:
+            return defer.fail(self.error)
+        self.ports.append(FakePort(self.port))
+        return defer.succeed(self.ports[-1])
+
+
+def lines(events: list[dict], level: str) -> list[str]:
+    return [formatEvent(e) for e in events if getattr(e.get("log_level"), "name", "") == level]
+
+
+class StartTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = temp_dir(self)
+        self.reactor = MemoryReactorClock()
+        self.events = capture_log(self)
+
+    def service(self, audit: str | None = "audit.log") -> CmdServerService:
+        core = make_core(self.dir, self.reactor)
+        service = CmdServerService(core, Limits(), os.path.join(self.dir, audit)
+                                   if audit else None)
+        self.addCleanup(lambda: service.running and service.stopService())
+        return service
+
+    def assert_stopped_with(self, service: CmdServerService, line: str) -> None:
+        with self.assertRaises(SystemExit) as e:
+            service.privilegedStartService()
+        self.assertEqual(e.exception.code, 1)
+        self.assertEqual(lines(self.events, "critical"), [f"cannot start: {line}"])
+        self.assertFalse([e for e in self.events if e.get("log_failure")])  # no traceback
+        # Nothing stays open: the audit log is closed.
+        if service.audit is not None:
+            self.assertFalse(service.audit.is_open)
+            self.assertNotIn(service.audit, audit_publisher._listening)
+
+    def test_a_door_that_cannot_listen_stops_the_start_and_closes_the_others(self) -> None:
+        service = self.service()
+        first, second, third = Endpoint(4001), Endpoint(error=IN_USE), Endpoint(4003)
+        service.add_door("line", "tcp:4001", Factory(), endpoint=first)
+        service.add_door("line", "tcp:9999:interface=127.0.0.1", Factory(), endpoint=second)
+        service.add_door("pb", "tcp:4003", Factory(), endpoint=third)
+        self.assert_stopped_with(
+            service, "line door tcp:9999:interface=127.0.0.1: cannot listen: "
+                     "Address already in use")
+        self.assertTrue(first.ports[0].stopped)
+        self.assertTrue(third.ports[0].stopped)
+        self.assertEqual([door.port for door in service.doors], [None, None, None])
+        # The failure was reported once: it is no unhandled error in a Deferred either.
+        del service
+        gc.collect()
+        self.assertFalse([e for e in self.events if "Unhandled" in formatEvent(e)])
+
+    def test_the_start_without_privileges_stops_alike(self) -> None:
+        service = self.service(audit=None)
+        service.add_door("line", "unix:/nonexistent/s", Factory(), endpoint=Endpoint(
+            error=CannotListenError(None, "/nonexistent/s",
+                                    OSError(errno.ENOENT, "No such file or directory"))))
+        with self.assertRaises(SystemExit):
+            service.startService()
+        self.assertEqual(lines(self.events, "critical"),
+                         ["cannot start: line door unix:/nonexistent/s: cannot listen: "
+                          "No such file or directory"])
+        self.assertFalse(service.running)
+
+    def test_a_real_endpoint_in_use(self) -> None:
+        from twisted.internet import reactor
+
+        taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        port = taken.getHost().port
+        core = make_core(self.dir, reactor)
+        service = CmdServerService(core, Limits())
+        service.add_door("line", f"tcp:{port}:interface=127.0.0.1", Factory())
+        with self.assertRaises(SystemExit):
+            service.privilegedStartService()
+        [line] = lines(self.events, "critical")
+        self.assertEqual(line, f"cannot start: line door tcp:{port}:interface=127.0.0.1: "
+                               "cannot listen: Address already in use")
+
+    def test_a_door_failing_after_the_start_stops_the_reactor_with_one_line(self) -> None:
+        service = self.service()
+        late = Endpoint(later=True)
+        service.add_door("line", "tcp:9999", Factory(), endpoint=late)
+        service.privilegedStartService()
+        service.startService()
+        self.reactor.running = True
+        assert late.pending is not None
+        late.pending.errback(IN_USE)
+        self.assertTrue(self.reactor.hasStopped)
+        self.assertEqual(lines(self.events, "critical"),
+                         ["line door tcp:9999: cannot listen: Address already in use; stopping"])
+        self.assertFalse([e for e in self.events if e.get("log_failure")])
+
+    def test_an_audit_log_that_cannot_be_opened(self) -> None:
+        service = self.service(audit="no/such/dir/audit.log")
+        service.add_door("line", "tcp:4001", Factory(), endpoint=Endpoint(4001))
+        path = os.path.join(self.dir, "no/such/dir/audit.log")
+        self.assert_stopped_with(service, f"audit log {path}: No such file or directory")
+        self.assertEqual(service.doors[0].port, None)
 
 
 class HangupTests(unittest.TestCase):

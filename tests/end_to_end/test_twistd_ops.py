@@ -1,5 +1,6 @@
-"""Operations against real ``twistd -n cmdserver`` processes: the audit log under
-rotation and deletion.  UNIX sockets only; each test stops the daemons it started."""
+"""Start-up and operations against real ``twistd -n cmdserver`` processes: doors
+that cannot listen, the audit log under rotation and deletion, bad start-up
+input.  Loopback and UNIX sockets only; each test stops the daemons it started."""
 
 from __future__ import annotations
 
@@ -96,6 +97,13 @@ def daemons() -> Iterator[list[Daemon]]:
         daemon.stop()
 
 
+def run_twistd(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """A daemon expected to stop at start (the timeout only bounds a hang)."""
+    return subprocess.run([sys.executable, *TWISTD, "-n", "--pidfile=", "cmdserver", *args],
+                          cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=60)
+
+
 def audit_commands(path: Path) -> list[str]:
     try:
         text = path.read_text()
@@ -103,6 +111,67 @@ def audit_commands(path: Path) -> list[str]:
         return []
     return [record["command"] for record in map(json.loads, text.splitlines())
             if record["event"] == "command" and record["command"] != "exit"]
+
+
+def test_a_door_that_cannot_listen_stops_the_daemon(workdir: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    sock = workdir / "first.sock"
+    try:
+        done = run_twistd(workdir, "--line", f"unix:{sock}", "--line-auth", "off",
+                          "--line", f"tcp:{port}:interface=127.0.0.1", "--ssh", "none",
+                          "--pb", "none", "--data-dir", str(workdir / "data"))
+    finally:
+        taken.close()
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    problems = [row for row in output.splitlines()
+                if "#critical]" in row or "#error]" in row or "cannot" in row]
+    assert len(problems) == 1, output
+    assert problems[0].endswith(f"cannot start: line door tcp:{port}:interface=127.0.0.1: "
+                                "cannot listen: Address already in use")
+    assert "Traceback" not in output
+    assert done.stderr == ""
+    # The first door had listened: it was closed again, its socket file removed.
+    assert "line door listening on" in output
+    assert not sock.exists()
+
+
+def test_without_n_the_waiting_parent_says_why_and_exits_1(workdir: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    log, pidfile = workdir / "twistd.log", workdir / "twistd.pid"
+    try:  # twistd forks: the parent waits for the daemon to report its start
+        done = subprocess.run(
+            [sys.executable, *TWISTD, f"--pidfile={pidfile}", "-l", str(log), "cmdserver",
+             "--line", f"tcp:{port}:interface=127.0.0.1", "--ssh", "none", "--pb", "none",
+             "--data-dir", str(workdir / "data")],
+            cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    assert done.returncode == 1
+    assert done.stderr.startswith("An error has occurred: b'cmdserver.service.StartupExit: "
+                                  f"cannot start: line door tcp:{port}")
+    # The daemon answers its parent first, then removes the pidfile.
+    wait_for(lambda: not pidfile.exists(), "the pidfile to be removed")
+    [line] = [row for row in log.read_text().splitlines() if "cannot" in row]
+    assert line.endswith(f"cannot start: line door tcp:{port}:interface=127.0.0.1: "
+                         "cannot listen: Address already in use")
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_unix_door_in_a_missing_directory(workdir: Path) -> None:
+    done = run_twistd(workdir, "--line", f"unix:{workdir}/missing/s", "--ssh", "none",
+                      "--pb", "none", "--data-dir", str(workdir / "data"))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stdout + done.stderr
+    [line] = [row for row in done.stdout.splitlines() if "cannot" in row]
+    assert line.endswith(f"cannot start: line door unix:{workdir}/missing/s: cannot listen: "
+                         "No such file or directory")
 
 
 def test_the_audit_log_is_reopened_on_sighup_after_a_rotation(
@@ -141,3 +210,15 @@ def test_a_deleted_audit_log_is_created_again_without_a_signal(
 
     wait_for(recorded, "records in a new audit.log")
     assert "before-delete" not in audit_commands(audit)
+
+
+@pytest.mark.parametrize("where", ["missing/audit.log", "."])
+def test_an_audit_log_that_cannot_be_opened_is_one_line(workdir: Path, where: str) -> None:
+    path = workdir / where
+    done = run_twistd(workdir, "--line", f"unix:{workdir}/s", "--ssh", "none", "--pb", "none",
+                      "--data-dir", str(workdir / "data"), "--audit-log", str(path))
+    assert done.returncode == 1
+    reason = "No such file or directory" if where != "." else "Is a directory"
+    assert done.stderr == f"cmdserver: --audit-log {path}: {reason}\n"
+    assert done.stdout == ""
+    assert not (workdir / "s").exists()
