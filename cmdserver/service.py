@@ -1,10 +1,10 @@
 """The one service: the command core, the connection limits and every door.
 
 Start-up either opens everything it was asked for or stops the daemon: the
-audit log and every door's endpoint.  If one of them fails, what was already
-open is closed again, the main log gets one line naming what failed and why
-(no traceback), and the process exits with status 1 (:class:`StartupError`,
-:class:`StartupExit`).
+data directory's lock (:class:`DataDirLock`), the audit log and every door's
+endpoint.  If one of them fails, what was already open is closed again, the
+main log gets one line naming what failed and why (no traceback), and the
+process exits with status 1 (:class:`StartupError`, :class:`StartupExit`).
 
 :class:`Hangup` is the daemon's one SIGHUP handler: the credentials reload and
 the audit log reopens from it.
@@ -13,6 +13,8 @@ the audit log reopens from it.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import signal
 from collections.abc import Callable
@@ -37,6 +39,7 @@ from cmdserver.doors.limits import ConnectionLimits, LimitedFactory
 log = Logger()
 
 SHUTDOWN = "the server is shutting down"
+LOCK_FILE = "cmdserver.lock"  # in the data directory: held by the running daemon
 
 
 class StartupError(Exception):
@@ -65,6 +68,70 @@ def reason(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or type(error).__name__
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``DATA-DIR/cmdserver.lock``, held while the daemon runs.
+
+    The file holds the pid of the daemon that has the lock, so a second daemon
+    on the same directory can say whose it is.  ``flock`` locks go with the
+    open file, not the process: a daemon that forks keeps it, and the kernel
+    drops it when the process ends however it ends (the file stays).
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.path = os.path.join(directory, LOCK_FILE)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock (or, if held, write our pid again); StartupError if another has it."""
+        if self._fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise StartupError(f"data directory {self.directory}: cannot open "
+                                   f"{LOCK_FILE}: {reason(e)}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = self._holder(fd)
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise StartupError(f"data directory {self.directory}: cannot lock "
+                                       f"{LOCK_FILE}: {reason(e)}") from None
+                raise StartupError(
+                    f"data directory {self.directory} is in use by another cmdserver"
+                    + (f" (pid {holder})" if holder else "")) from None
+            self._fd = fd
+        # The pid of the process that serves (twistd forks after makeService).
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode("ascii"), 0)
+
+    @staticmethod
+    def _holder(fd: int) -> int | None:
+        try:
+            text = os.pread(fd, 32, 0).decode("ascii").strip()
+            return int(text) if text.isdigit() else None
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # the file stays: removing it would race the next daemon's lock
+
+    def check(self) -> None:
+        """Fail now if another daemon holds the directory (the lock is not kept)."""
+        held = self.held
+        self.acquire()
+        if not held:
+            self.release()
 
 
 class Hangup:
@@ -216,10 +283,14 @@ class Limits:
 
 
 class CmdServerService(MultiService):
-    """Owns the core, the shared connection limits, the audit log and the doors."""
+    """Owns the core, the shared connection limits, the audit log and the doors.
+
+    ``lock`` (makeService gives one) is the data directory's lock, taken first
+    at start and released at the end of the stop.
+    """
 
     def __init__(self, core: CommandCore, limits: Limits, audit_log: str | None = None,
-                 portal: Portal | None = None) -> None:
+                 portal: Portal | None = None, lock: DataDirLock | None = None) -> None:
         super().__init__()
         self.core = core
         self.portal = portal or build_portal(Realm())
@@ -227,6 +298,7 @@ class CmdServerService(MultiService):
         self.realm = cast(Realm, self.portal.realm)
         self.limits = ConnectionLimits(limits.max_clients, limits.max_per_ip)
         self.audit = AuditFile(audit_log, core.reactor) if audit_log else None
+        self.lock = lock
         self.hangup = Hangup(core.reactor)
         if self.audit is not None:
             self.hangup.add(self.audit.reopen)
@@ -252,8 +324,10 @@ class CmdServerService(MultiService):
         self.hangup.install()
 
     def _start(self, start_children: Callable[[], None]) -> None:
-        """The audit log, then the children (the doors listen): all of it or exit 1."""
+        """Lock, audit log, then the children (the doors listen): all of it or exit 1."""
         try:
+            if self.lock is not None:
+                self.lock.acquire()
             self._open_audit()
             start_children()
             failed = [door.error for door in self.doors if door.failure is not None]
@@ -281,6 +355,8 @@ class CmdServerService(MultiService):
         if self.audit is not None and self.audit.is_open:
             audit_publisher.removeObserver(self.audit)
             self.audit.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def stopService(self) -> Deferred:
         self.hangup.uninstall()
@@ -291,6 +367,8 @@ class CmdServerService(MultiService):
             if self.audit is not None:
                 audit_publisher.removeObserver(self.audit)
                 self.audit.close()
+            if self.lock is not None:
+                self.lock.release()
             return result
 
         return d.addBoth(close_audit)

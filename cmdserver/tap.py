@@ -31,7 +31,7 @@ from cmdserver.core import DEFAULT_MAX_OUTPUT, DEFAULT_TIMEOUT, CommandCore
 from cmdserver.doors import BUILDERS, DoorEnv, builder
 from cmdserver.doors.pb.door import DEFAULT_ENDPOINT as PB_ENDPOINT
 from cmdserver.policy import DEFAULT_SCAN_ALLOW, Policy, ScanPolicy, default_max_in_flight
-from cmdserver.service import CmdServerService, Limits, reason
+from cmdserver.service import CmdServerService, DataDirLock, Limits, StartupError, reason
 
 log = Logger()
 
@@ -342,11 +342,17 @@ def prepare_data_dir(path: str) -> None:
 
 
 def open_data_dir(path: str) -> None:
-    """The daemon's data directory, made ready; one line and exit if it cannot be."""
+    """The daemon's data directory, made ready; one line and exit if it cannot be
+    made, or if another daemon runs on it (the lock is taken for good when the
+    service starts: twistd may fork after makeService)."""
     try:
         prepare_data_dir(path)
     except OSError as e:
         raise SystemExit(f"cmdserver: --data-dir {path}: {reason(e)}") from None
+    try:
+        DataDirLock(path).check()
+    except StartupError as e:
+        raise SystemExit(f"cmdserver: {e}") from None
 
 
 def check_audit_log(path: str) -> None:
@@ -386,7 +392,7 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     credentials, portal = open_credentials(data_dir, options["bcrypt-cost"], core)
     uploads.user_keys = credentials.hmac_key  # a user's own key beats the server's
     service = CmdServerService(core, Limits(options["max-clients"], options["max-per-ip"]),
-                               audit_log, portal)
+                               audit_log, portal, DataDirLock(data_dir))
     reloader = ReloadService(credentials, options["users-poll-interval"], clock=reactor)
     reloader.setServiceParent(service)
     service.hangup.add(reloader.on_sighup)

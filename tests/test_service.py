@@ -1,5 +1,5 @@
-"""Start-up of the one service: all of it (audit log, every door) or exit 1 with
-one line; the one SIGHUP hook."""
+"""Start-up of the one service: all of it (lock, audit log, every door) or exit 1
+with one line; the data directory's lock; the one SIGHUP hook."""
 
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ from twisted.logger import formatEvent
 from twisted.trial import unittest
 
 from cmdserver.audit import audit_publisher
-from cmdserver.service import CmdServerService, Hangup, Limits
+from cmdserver.service import (
+    LOCK_FILE,
+    CmdServerService,
+    DataDirLock,
+    Hangup,
+    Limits,
+    StartupError,
+)
 from tests.helpers import capture_log, make_core
 from tests.helpers.creds import temp_dir
 
@@ -70,7 +77,7 @@ class StartTests(unittest.TestCase):
     def service(self, audit: str | None = "audit.log") -> CmdServerService:
         core = make_core(self.dir, self.reactor)
         service = CmdServerService(core, Limits(), os.path.join(self.dir, audit)
-                                   if audit else None)
+                                   if audit else None, lock=DataDirLock(self.dir))
         self.addCleanup(lambda: service.running and service.stopService())
         return service
 
@@ -80,7 +87,10 @@ class StartTests(unittest.TestCase):
         self.assertEqual(e.exception.code, 1)
         self.assertEqual(lines(self.events, "critical"), [f"cannot start: {line}"])
         self.assertFalse([e for e in self.events if e.get("log_failure")])  # no traceback
-        # Nothing stays open: the audit log is closed.
+        # Nothing stays open: the lock is free again and the audit log closed.
+        other = DataDirLock(self.dir)
+        other.acquire()
+        other.release()
         if service.audit is not None:
             self.assertFalse(service.audit.is_open)
             self.assertNotIn(service.audit, audit_publisher._listening)
@@ -149,6 +159,70 @@ class StartTests(unittest.TestCase):
         path = os.path.join(self.dir, "no/such/dir/audit.log")
         self.assert_stopped_with(service, f"audit log {path}: No such file or directory")
         self.assertEqual(service.doors[0].port, None)
+
+    def test_a_data_directory_in_use(self) -> None:
+        holder = DataDirLock(self.dir)
+        holder.acquire()
+        self.addCleanup(holder.release)
+        service = self.service()
+        endpoint = Endpoint(4001)
+        service.add_door("line", "tcp:4001", Factory(), endpoint=endpoint)
+        with self.assertRaises(SystemExit):
+            service.privilegedStartService()
+        self.assertEqual(lines(self.events, "critical"),
+                         [f"cannot start: data directory {self.dir} is in use by another "
+                          f"cmdserver (pid {os.getpid()})"])
+        self.assertEqual(endpoint.ports, [])  # refused before any door listened
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "audit.log")))
+
+    def test_the_lock_is_held_while_running_and_released_at_stop(self) -> None:
+        service = self.service()
+        service.add_door("line", "tcp:4001", Factory(), endpoint=Endpoint(4001))
+        service.privilegedStartService()
+        service.startService()
+        with open(os.path.join(self.dir, LOCK_FILE)) as f:
+            self.assertEqual(f.read(), f"{os.getpid()}\n")
+        with self.assertRaises(StartupError):
+            DataDirLock(self.dir).acquire()
+        self.successResultOf(service.stopService())
+        DataDirLock(self.dir).check()
+
+
+class DataDirLockTests(unittest.TestCase):
+    def test_second_lock_names_the_directory_and_the_holder(self) -> None:
+        directory = temp_dir(self)
+        first = DataDirLock(directory)
+        first.acquire()
+        with self.assertRaises(StartupError) as e:
+            DataDirLock(directory).check()
+        self.assertEqual(str(e.exception), f"data directory {directory} is in use by "
+                                           f"another cmdserver (pid {os.getpid()})")
+        first.release()
+        second = DataDirLock(directory)
+        second.check()
+        self.assertFalse(second.held)  # a check does not keep it
+        second.acquire()
+        self.assertTrue(second.held)
+        second.release()
+        self.assertEqual(os.stat(second.path).st_mode & 0o777, 0o600)
+
+    def test_a_holder_that_wrote_no_pid_yet(self) -> None:
+        directory = temp_dir(self)
+        first = DataDirLock(directory)
+        first.acquire()
+        self.addCleanup(first.release)
+        os.truncate(first.path, 0)
+        with self.assertRaises(StartupError) as e:
+            DataDirLock(directory).acquire()
+        self.assertEqual(str(e.exception),
+                         f"data directory {directory} is in use by another cmdserver")
+
+    def test_a_directory_that_cannot_hold_the_lock(self) -> None:
+        missing = os.path.join(temp_dir(self), "missing")
+        with self.assertRaises(StartupError) as e:
+            DataDirLock(missing).acquire()
+        self.assertEqual(str(e.exception), f"data directory {missing}: cannot open "
+                                           f"{LOCK_FILE}: No such file or directory")
 
 
 class HangupTests(unittest.TestCase):

@@ -1,6 +1,7 @@
 """Start-up and operations against real ``twistd -n cmdserver`` processes: doors
-that cannot listen, the audit log under rotation and deletion, bad start-up
-input.  Loopback and UNIX sockets only; each test stops the daemons it started."""
+that cannot listen, two daemons on one data directory, the audit log under
+rotation and deletion, bad start-up input.  Loopback and UNIX sockets only;
+each test stops the daemons it started."""
 
 from __future__ import annotations
 
@@ -172,6 +173,28 @@ def test_a_unix_door_in_a_missing_directory(workdir: Path) -> None:
     [line] = [row for row in done.stdout.splitlines() if "cannot" in row]
     assert line.endswith(f"cannot start: line door unix:{workdir}/missing/s: cannot listen: "
                          "No such file or directory")
+
+
+def test_a_second_daemon_on_the_same_data_directory_refuses_to_start(
+        workdir: Path, daemons: list[Daemon]) -> None:
+    data = workdir / "data"
+    first = Daemon(workdir, data, name="first").start()
+    daemons.append(first)
+    assert first.proc is not None
+    with open(data / "cmdserver.lock") as f:
+        assert f.read() == f"{first.proc.pid}\n"
+    done = run_twistd(workdir, "--line", f"unix:{workdir}/second.sock", "--ssh", "none",
+                      "--pb", "none", "--data-dir", str(data))
+    assert done.returncode == 1
+    assert done.stderr == (f"cmdserver: data directory {data} is in use by another cmdserver "
+                           f"(pid {first.proc.pid})\n")
+    assert done.stdout == ""
+    assert not (workdir / "second.sock").exists()
+    assert first.ask("ping").endswith(b"pong\r\nbye !\r\n")  # the first one is untouched
+    first.stop()
+    again = Daemon(workdir, data, name="again").start()  # the lock went with the process
+    daemons.append(again)
+    assert again.ask("ping").endswith(b"pong\r\nbye !\r\n")
 
 
 def test_the_audit_log_is_reopened_on_sighup_after_a_rotation(
