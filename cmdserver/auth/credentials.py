@@ -4,7 +4,8 @@
 touches the disk on the reactor thread) and swaps in a fresh copy when the
 files change: a cheap stat poll on a ``LoopingCall`` and SIGHUP (the service's
 one hook, :class:`cmdserver.service.Hangup`) both trigger a reload, which runs
-in a thread.  Open sessions are never touched by a reload.
+in a thread.  Open sessions are never touched by a reload.  Files that cannot
+be read are reported once per change of them, and the last good users stay.
 """
 
 from __future__ import annotations
@@ -64,14 +65,25 @@ def store_signature(store: UserStore) -> Signature:
     return (_stat(store.users_path), key_stats)
 
 
+class UnreadableStore(CredentialError):
+    """The users file or a key file cannot be used; ``signature`` is what was read."""
+
+    def __init__(self, message: str, signature: Signature) -> None:
+        super().__init__(message)
+        self.signature = signature
+
+
 def read_store(store: UserStore, previous: Signature | None) -> tuple[Any, ...] | None:
     """Blocking: (signature, users, SSH keys, upload HMAC keys), or None if nothing
-    changed since ``previous``."""
+    changed since ``previous``; UnreadableStore if a file is broken."""
     signature = store_signature(store)
     if signature == previous:
         return None
-    users = store.load()
-    return signature, users, store.load_keys(set(users)), store.load_hmac_keys(set(users))
+    try:
+        users = store.load()
+        return signature, users, store.load_keys(set(users)), store.load_hmac_keys(set(users))
+    except CredentialError as e:
+        raise UnreadableStore(str(e), signature) from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -90,7 +102,10 @@ class Credentials:
         self.users: dict[str, UserRecord] = {}
         self.keys: dict[str, list[keys.Key]] = {}
         self.hmac_keys: dict[str, bytes] = {}
+        # The files as last read, good or broken: a broken file is reported once,
+        # and read again only when it changes.
         self._signature: Signature | None = None
+        self._loaded = False
         self._run = run_in_thread or threads.deferToThread
         self._reloading: Deferred | None = None
         self._again = False
@@ -103,7 +118,7 @@ class Credentials:
         if result is None:
             return
         signature, users, found_keys, hmac_keys = result
-        changed = self._signature is not None
+        changed, self._loaded = self._loaded, True
         self._signature, self.users, self.keys = signature, users, found_keys
         self.hmac_keys = hmac_keys
         log.info("{action} credentials: {users} user(s), {keys} SSH key(s)",
@@ -118,7 +133,8 @@ class Credentials:
         d = self._run(read_store, self.store, self._signature)
 
         def failed(failure: Failure) -> None:
-            if failure.check(CredentialError):
+            if isinstance(failure.value, UnreadableStore):
+                self._signature = failure.value.signature  # said once for this version
                 log.error("credentials not reloaded, keeping the previous ones: {error}",
                           error=str(failure.value))
             else:

@@ -174,6 +174,31 @@ class PortalTests(unittest.TestCase):
         self.assertIn("line 3: not a JSON object", errors[0]["error"])
         self.assertNotIn(secret_hash, flatten_events(events))
 
+    def test_a_broken_file_is_reported_once_per_change(self) -> None:
+        events = capture_log(self)
+        clock, _ = self.reload_service()
+
+        def errors() -> list[dict]:
+            return [e for e in events if "not reloaded" in e.get("log_format", "")]
+
+        with open(self.store.users_path, "a") as f:
+            f.write("garbage\n")
+        for _ in range(5):  # five polls of one broken file: one line
+            clock.advance(2)
+        self.assertEqual(len(errors()), 1)
+        self.successResultOf(self.login(UsernamePassword(b"ops", b"right pw")))
+        with open(self.store.users_path, "w") as f:  # changed, still broken: one more
+            f.write('{"name": 1}\n')
+        for _ in range(5):
+            clock.advance(2)
+        self.assertEqual(len(errors()), 2)
+        self.assertIn("line 1: no user name", errors()[1]["error"])
+        # Repaired: read at the next poll.
+        self.store.save({"new": UserRecord("new", hash_password("new pw", TEST_COST))})
+        clock.advance(2)
+        self.successResultOf(self.login(UsernamePassword(b"new", b"new pw")))
+        self.assertEqual(len(errors()), 2)
+
     def test_sighup_reloads_through_the_services_hook(self) -> None:
         from cmdserver.service import Hangup
 

@@ -1,7 +1,7 @@
 """Start-up and operations against real ``twistd -n cmdserver`` processes: doors
 that cannot listen, two daemons on one data directory, the audit log under
-rotation and deletion, bad start-up input.  Loopback and UNIX sockets only;
-each test stops the daemons it started."""
+rotation and deletion, bad start-up input, a broken users file.  Loopback and
+UNIX sockets only; each test stops the daemons it started."""
 
 from __future__ import annotations
 
@@ -245,3 +245,23 @@ def test_an_audit_log_that_cannot_be_opened_is_one_line(workdir: Path, where: st
     assert done.stderr == f"cmdserver: --audit-log {path}: {reason}\n"
     assert done.stdout == ""
     assert not (workdir / "s").exists()
+
+
+def test_a_broken_users_file_is_reported_once_per_change(
+        workdir: Path, daemons: list[Daemon]) -> None:
+    daemon = Daemon(workdir, workdir / "data", "--users-poll-interval", "0.05").start()
+    daemons.append(daemon)
+    users = workdir / "data" / "users"
+
+    def reports() -> int:
+        return daemon.log().count("credentials not reloaded")
+
+    with open(users, "a") as f:
+        f.write("garbage\n")
+    wait_for(lambda: reports() == 1, "the broken file to be reported")
+    time.sleep(1)  # twenty polls of the same broken file
+    assert reports() == 1
+    users.write_text('{"name": 1}\n')  # changed, still broken
+    wait_for(lambda: reports() == 2, "the changed file to be reported")
+    assert daemon.ask("ping").endswith(b"pong\r\nbye !\r\n")  # the last good users still serve
+    assert "Traceback" not in daemon.log()
