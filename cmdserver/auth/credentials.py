@@ -124,6 +124,9 @@ class Credentials:
         log.info("{action} credentials: {users} user(s), {keys} SSH key(s)",
                  action="reloaded" if changed else "loaded", users=len(users),
                  keys=sum(map(len, found_keys.values())))
+        if not users:
+            log.warn("no users on file in {path}: password and key logins fail until "
+                     "one is added (cmdserver useradd)", path=self.store.users_path)
 
     def reload(self) -> Deferred:
         """Reread the files in a thread if they changed; a bad file keeps the old view."""
@@ -284,19 +287,19 @@ class ReloadService(Service):
 def open_credentials(data_dir: str, cost: int, core: Any) -> tuple[Credentials, Portal]:
     """Start-up: first-run admin, first load, and the shared portal (blocking, once).
 
-    A broken users or key file stops the daemon with a one-line message.
+    A broken users or key file stops the daemon with a one-line message.  The
+    first-run admin's password goes to its 0600 file only, never to a log.
     """
     store = UserStore(data_dir)
     try:
-        password = store.ensure_admin(cost)
+        created = store.ensure_admin(cost)
         credentials = Credentials(store, core.in_thread, cost)
         credentials.load_now()
     except (CredentialError, OSError) as e:
         raise SystemExit(f"cmdserver: {e}") from None
-    if password is not None:
-        log.warn(
-            "First run: created user admin with password {password} (also written to "
-            "{path}, mode 0600). Change it with: cmdserver passwd admin",
-            password=password, path=os.path.join(data_dir, INITIAL_PASSWORD_FILE))
+    if created:
+        log.warn("First run: created user admin; its password is in {path} (mode 0600). "
+                 "Change it with: cmdserver passwd admin, then delete that file",
+                 path=os.path.join(data_dir, INITIAL_PASSWORD_FILE))
     realm = Realm(credentials.account)
     return credentials, build_portal(realm, build_checkers(credentials, core.in_thread))

@@ -1,7 +1,7 @@
 """Start-up and operations against real ``twistd -n cmdserver`` processes: doors
 that cannot listen, two daemons on one data directory, the audit log under
-rotation and deletion, bad start-up input, a broken users file.  Loopback and
-UNIX sockets only; each test stops the daemons it started."""
+rotation and deletion, bad start-up input, a broken users file, the first-run
+admin.  Loopback and UNIX sockets only; each test stops the daemons it started."""
 
 from __future__ import annotations
 
@@ -265,3 +265,27 @@ def test_a_broken_users_file_is_reported_once_per_change(
     wait_for(lambda: reports() == 2, "the changed file to be reported")
     assert daemon.ask("ping").endswith(b"pong\r\nbye !\r\n")  # the last good users still serve
     assert "Traceback" not in daemon.log()
+
+
+def test_the_first_admin_is_for_a_new_data_directory_only(
+        workdir: Path, daemons: list[Daemon]) -> None:
+    data = workdir / "data"
+    first = Daemon(workdir, data, name="first").start()
+    daemons.append(first)
+    password_file = data / "initial-admin-password"
+    password = password_file.read_text().strip()
+    assert password_file.stat().st_mode & 0o777 == 0o600
+    assert "First run: created user admin" in first.log()
+    assert password not in first.log()
+    first.stop()
+    assert password not in first.log()
+    # Every user deleted, the password file too: the next start makes no admin.
+    subprocess.run([sys.executable, *CLI, "userdel", "--data-dir", str(data), "admin"],
+                   check=True, capture_output=True)
+    password_file.unlink()
+    second = Daemon(workdir, data, name="second").start()
+    daemons.append(second)
+    assert not password_file.exists()
+    assert (data / "users").read_text() == ""
+    assert "First run" not in second.log()
+    assert "no users on file" in second.log()
