@@ -6,6 +6,7 @@ admin.  Loopback and UNIX sockets only; each test stops the daemons it started."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -154,6 +155,8 @@ def test_without_n_the_waiting_parent_says_why_and_exits_1(workdir: Path) -> Non
             cwd=workdir, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     finally:
         taken.close()
+    if done.returncode == 0 and pidfile.exists():  # it did start: stop the daemon we made
+        os.kill(int(pidfile.read_text()), signal.SIGTERM)
     assert done.returncode == 1
     assert done.stderr.startswith("An error has occurred: b'cmdserver.service.StartupExit: "
                                   f"cannot start: line door tcp:{port}")
