@@ -24,6 +24,7 @@ main log.  With no observer at all (``--audit-log none``) ``record`` is
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -47,6 +48,7 @@ SESSION_START = "session-start"  # a connection began
 SESSION_END = "session-end"  # it ended
 FLUSH_DELAY = 0.01  # seconds a line may wait for its batch
 FLUSH_LINES = 512  # a batch this long is written at once
+CHECK_INTERVAL = 1.0  # seconds between checks that the path still names the open file
 STRING_CACHE = 4096  # encoded short strings kept (user names, peers, commands)
 STRING_CACHED_LEN = 128  # longer strings (odd input) are encoded every time
 
@@ -179,14 +181,29 @@ class AuditFile:
 
     ``reactor`` schedules the write of each batch; without one every event is
     written at once.
+
+    The file follows its path: :meth:`reopen` (on SIGHUP) opens it again, and
+    before a batch is written, at most once every :data:`CHECK_INTERVAL`
+    seconds of ``clock``, the path is compared with the open file (device and
+    inode): a file renamed away (logrotate's ``create`` mode) or deleted is
+    left and the path opened (created) anew.
+
+    A record is written whole or not at all: when a batch cannot be written in
+    full (the disk is full), the part of a line that did get written is cut
+    off again (``ftruncate``), so the next batch starts on a line of its own,
+    and the main log gets one line with the number of records lost.
     """
 
     def __init__(self, path: str, reactor: Any = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.reactor = reactor
-        self.clock = clock  # the time of a record()
+        self.clock = clock  # the time of a record(), and of the path checks
         self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
+        self._checked = 0.0  # when the path was last compared with the open file
+        self._reopen_failed = False  # said once in the main log, until it works again
+        self._torn = False  # a partial line could not be cut off: start on a new line
         self._pending: list[str | tuple] = []  # lines, and record() fields not yet formatted
         self._flush_call: Any = None
         self._last_ms = -1
@@ -197,8 +214,14 @@ class AuditFile:
         self._heads: dict[tuple[str, str, str, str, str, str | None], str] = {}  # see _head
 
     def open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                           0o600)
+        """Open (create) the file; OSError if that cannot be done."""
+        self._fd, self._identity = self._open_path()
+        self._checked = self.clock()
+
+    def _open_path(self) -> tuple[int, tuple[int, int]]:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        st = os.fstat(fd)
+        return fd, (st.st_dev, st.st_ino)
 
     @property
     def is_open(self) -> bool:
@@ -210,6 +233,40 @@ class AuditFile:
             os.close(self._fd)
             self._fd = None
 
+    def reopen(self) -> None:
+        """Open the path again (SIGHUP): the next batch goes to the file now there."""
+        if self._fd is not None:
+            self._reopen("SIGHUP")
+
+    def _reopen(self, why: str) -> None:
+        try:
+            fd, identity = self._open_path()
+        except OSError as e:
+            if not self._reopen_failed:
+                self._reopen_failed = True
+                _log.error("audit log {path}: cannot reopen ({why}): {error}; still writing "
+                           "to the file already open", path=self.path, why=why,
+                           error=e.strerror or str(e))
+            return
+        old, self._fd, self._identity = self._fd, fd, identity
+        self._torn = False  # a new file, a new line
+        self._reopen_failed = False
+        if old is not None:
+            os.close(old)
+        _log.info("audit log {path} reopened ({why})", path=self.path, why=why)
+
+    def _follow_path(self) -> None:
+        """Reopen if the path no longer names the open file (renamed away, deleted)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._reopen("the file was moved or deleted")
+            return
+        except OSError:
+            return  # cannot tell: keep writing where we are
+        if (st.st_dev, st.st_ino) != self._identity:
+            self._reopen("the file was replaced")
+
     def flush(self) -> None:
         """Write every pending line now."""
         if self._flush_call is not None:
@@ -219,25 +276,65 @@ class AuditFile:
         pending = self._pending
         if not pending or self._fd is None:
             return
+        now = self.clock()
+        if not self._checked <= now < self._checked + CHECK_INTERVAL:
+            self._checked = now
+            self._follow_path()
         parts: list[str] = []
         line_parts = self._parts
+        lines = 0
         for entry in pending:
             if type(entry) is str:
                 parts.append(entry)
+                lines += 1
                 continue
             try:
                 parts.extend(line_parts(*entry))
+                lines += 1
             except Exception:  # one odd value must not cost the batch
                 _log.failure("audit record of {command} failed", command=entry[6])
-        lines = len(pending)
         pending.clear()
-        view = memoryview("".join(parts).encode("utf-8"))
+        if lines:
+            self._write_batch("".join(parts).encode("utf-8"), lines)
+
+    def _write_batch(self, data: bytes, lines: int) -> None:
+        """Write ``data`` (``lines`` whole lines); on a failure keep only whole lines."""
+        fd = self._fd
+        assert fd is not None
+        start = 0
+        if self._torn:  # the last batch left part of a line: end it first
+            data = b"\n" + data
+            start = 1
+        written = 0
         try:
-            while view:
-                view = view[os.write(self._fd, view):]
-        except OSError:  # the disk is full, say: the commands go on, the operator is told
-            _log.failure("audit log {path}: {lines} lines not written", path=self.path,
-                         lines=lines)
+            view = memoryview(data)
+            while written < len(data):
+                n = self._write(fd, view[written:])
+                if n <= 0:
+                    raise OSError(errno.EIO, "the write took no bytes")
+                written += n
+        except OSError as e:
+            self._lost(fd, data, start, written, lines, e)
+            return
+        self._torn = False
+
+    def _write(self, fd: int, data: memoryview) -> int:
+        return os.write(fd, data)  # tests put a failing writer here
+
+    def _lost(self, fd: int, data: bytes, start: int, written: int, lines: int,
+              error: OSError) -> None:
+        if written > start:
+            self._torn = False
+        whole = data.count(b"\n", start, written)  # records that did get written
+        partial = written - (data.rfind(b"\n", 0, written) + 1)
+        if partial:
+            try:  # cut off the partial line: we are the only writer, at the file's end
+                os.ftruncate(fd, os.fstat(fd).st_size - partial)
+            except OSError:  # not a regular file, say: the next batch starts a new line
+                self._torn = True
+        _log.error("audit log {path}: {lost} record(s) lost, {written} of this batch's "
+                   "{lines} written: {error}", path=self.path, lost=lines - whole,
+                   written=whole, lines=lines, error=error.strerror or str(error))
 
     def _timestamp(self, when: float) -> str:
         """ISO 8601 in UTC to the millisecond, as ``datetime.isoformat`` writes it.

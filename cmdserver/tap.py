@@ -31,7 +31,7 @@ from cmdserver.core import DEFAULT_MAX_OUTPUT, DEFAULT_TIMEOUT, CommandCore
 from cmdserver.doors import BUILDERS, DoorEnv, builder
 from cmdserver.doors.pb.door import DEFAULT_ENDPOINT as PB_ENDPOINT
 from cmdserver.policy import DEFAULT_SCAN_ALLOW, Policy, ScanPolicy, default_max_in_flight
-from cmdserver.service import CmdServerService, Limits
+from cmdserver.service import CmdServerService, DataDirLock, Limits, StartupError, reason
 
 log = Logger()
 
@@ -341,12 +341,34 @@ def prepare_data_dir(path: str) -> None:
         os.chmod(path, 0o700)
 
 
+def open_data_dir(path: str) -> None:
+    """The daemon's data directory, made ready; one line and exit if it cannot be
+    made, or if another daemon runs on it (the lock is taken for good when the
+    service starts: twistd may fork after makeService)."""
+    try:
+        prepare_data_dir(path)
+    except OSError as e:
+        raise SystemExit(f"cmdserver: --data-dir {path}: {reason(e)}") from None
+    try:
+        DataDirLock(path).check()
+    except StartupError as e:
+        raise SystemExit(f"cmdserver: {e}") from None
+
+
+def check_audit_log(path: str) -> None:
+    """Stop with one line now if the audit log cannot be opened for appending."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    except OSError as e:
+        raise SystemExit(f"cmdserver: --audit-log {path}: {reason(e)}") from None
+
+
 def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     """Build the whole daemon from parsed options."""
     if reactor is None:
         from twisted.internet import reactor
     data_dir = options["data-dir"]
-    prepare_data_dir(data_dir)
+    open_data_dir(data_dir)
     roots = options["root"]
     if not roots:
         roots = [os.path.join(data_dir, "files")]
@@ -356,6 +378,8 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
         audit_log = os.path.join(data_dir, "audit.log")
     elif audit_log.lower() == NONE:
         audit_log = None
+    if audit_log is not None:
+        check_audit_log(audit_log)
     source = choose_source(options["log-source"], audit_log)
     log.info("lastlog reads {source}", source=source.describe())
 
@@ -369,9 +393,10 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     credentials.on_revoked = core.end_token_sessions  # a revoked token's sessions end
     uploads.user_keys = credentials.hmac_key  # a user's own key beats the server's
     service = CmdServerService(core, Limits(options["max-clients"], options["max-per-ip"]),
-                               audit_log, portal)
-    ReloadService(credentials, options["users-poll-interval"], reactor=reactor
-                  ).setServiceParent(service)
+                               audit_log, portal, DataDirLock(data_dir))
+    reloader = ReloadService(credentials, options["users-poll-interval"], clock=reactor)
+    reloader.setServiceParent(service)
+    service.hangup.add(reloader.on_sighup)
     core.registry.add(Login(PasswordLogin(portal, reactor)))
     declared = options.get(COMMANDS) or []
     for command in declared:

@@ -127,6 +127,20 @@ def test_existing_data_dir_is_tightened(tmp_path):
     assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
 
 
+def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    data = tmp_path / "file" / "data"
+    with pytest.raises(SystemExit) as e:
+        tap.makeService(parse("--data-dir", str(data), "--audit-log", "none"))
+    assert str(e.value) == f"cmdserver: --data-dir {data}: Not a directory"
+
+
+def test_an_audit_log_that_cannot_be_opened_is_one_line(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        tap.makeService(parse("--data-dir", str(tmp_path), "--audit-log", str(tmp_path)))
+    assert str(e.value) == f"cmdserver: --audit-log {tmp_path}: Is a directory"
+
+
 def test_audit_log_off_and_own_log_fallback(tmp_path, monkeypatch):
     from cmdserver.commands import lastlog
 

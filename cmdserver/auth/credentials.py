@@ -2,15 +2,16 @@
 
 :class:`Credentials` keeps the users and keys in memory (so a login never
 touches the disk on the reactor thread) and swaps in a fresh copy when the
-files change: a cheap stat poll on a ``LoopingCall`` and SIGHUP both trigger
-a reload, which runs in a thread.  Open sessions are never touched by a reload.
+files change: a cheap stat poll on a ``LoopingCall`` and SIGHUP (the service's
+one hook, :class:`cmdserver.service.Hangup`) both trigger a reload, which runs
+in a thread.  Open sessions are never touched by a reload.  Files that cannot
+be read are reported once per change of them, and the last good users stay.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -66,15 +67,26 @@ def store_signature(store: UserStore) -> Signature:
     return (_stat(store.users_path), key_stats, _stat(TokenStore(store.data_dir).path))
 
 
+class UnreadableStore(CredentialError):
+    """The users file or a key file cannot be used; ``signature`` is what was read."""
+
+    def __init__(self, message: str, signature: Signature) -> None:
+        super().__init__(message)
+        self.signature = signature
+
+
 def read_store(store: UserStore, previous: Signature | None) -> tuple[Any, ...] | None:
     """Blocking: (signature, users, SSH keys, upload HMAC keys, API tokens), or None
-    if nothing changed since ``previous``."""
+    if nothing changed since ``previous``; UnreadableStore if a file is broken."""
     signature = store_signature(store)
     if signature == previous:
         return None
-    users = store.load()
-    return (signature, users, store.load_keys(set(users)), store.load_hmac_keys(set(users)),
-            TokenStore(store.data_dir).load())
+    try:
+        users = store.load()
+        return (signature, users, store.load_keys(set(users)),
+                store.load_hmac_keys(set(users)), TokenStore(store.data_dir).load())
+    except CredentialError as e:
+        raise UnreadableStore(str(e), signature) from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -96,7 +108,10 @@ class Credentials:
         self.tokens: dict[str, TokenRecord] = {}
         # Called with the ids of tokens that went away (revoked): their sessions end.
         self.on_revoked: Callable[[set[str]], Any] | None = None
+        # The files as last read, good or broken: a broken file is reported once,
+        # and read again only when it changes.
         self._signature: Signature | None = None
+        self._loaded = False
         self._run = run_in_thread or threads.deferToThread
         self._reloading: Deferred | None = None
         self._again = False
@@ -109,7 +124,7 @@ class Credentials:
         if result is None:
             return
         signature, users, found_keys, hmac_keys, tokens = result
-        changed = self._signature is not None
+        changed, self._loaded = self._loaded, True
         revoked = set(self.tokens) - set(tokens)
         self._signature, self.users, self.keys = signature, users, found_keys
         self.hmac_keys, self.tokens = hmac_keys, tokens
@@ -118,6 +133,9 @@ class Credentials:
         log.info("{action} credentials: {users} user(s), {keys} SSH key(s)",
                  action="reloaded" if changed else "loaded", users=len(users),
                  keys=sum(map(len, found_keys.values())))
+        if not users:
+            log.warn("no users on file in {path}: password and key logins fail until "
+                     "one is added (cmdserver useradd)", path=self.store.users_path)
 
     def reload(self) -> Deferred:
         """Reread the files in a thread if they changed; a bad file keeps the old view."""
@@ -127,7 +145,8 @@ class Credentials:
         d = self._run(read_store, self.store, self._signature)
 
         def failed(failure: Failure) -> None:
-            if failure.check(CredentialError):
+            if isinstance(failure.value, UnreadableStore):
+                self._signature = failure.value.signature  # said once for this version
                 log.error("credentials not reloaded, keeping the previous ones: {error}",
                           error=str(failure.value))
             else:
@@ -256,21 +275,20 @@ def build_checkers(credentials: Credentials, run_in_thread: Runner | None = None
 
 
 class ReloadService(Service):
-    """Polls the store's stat signature every ``interval`` seconds and reloads on SIGHUP."""
+    """Polls the store's stat signature every ``interval`` seconds (0: never).
+
+    :meth:`on_sighup` is for the service's SIGHUP hook (makeService adds it).
+    """
 
     name = "credentials-reload"
 
-    def __init__(self, credentials: Credentials, interval: float, clock: Any = None,
-                 reactor: Any = None, install_signal: bool = True) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, credentials: Credentials, interval: float, clock: Any = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.credentials = credentials
         self.interval = interval
-        self.reactor = reactor
-        self.clock = clock or reactor
-        self.install_signal = install_signal
+        self.clock = clock
         self._loop: task.LoopingCall | None = None
-        self._previous_handler: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -279,14 +297,6 @@ class ReloadService(Service):
             self._loop.clock = self.clock
             self._loop.start(self.interval, now=False).addErrback(
                 lambda f: log.failure("credentials polling stopped", f))
-        if self.install_signal and hasattr(signal, "SIGHUP"):
-            try:
-                self._previous_handler = signal.signal(signal.SIGHUP, self._sighup)
-            except ValueError:  # not the main thread: no signals to install
-                self._previous_handler = None
-
-    def _sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.on_sighup)
 
     def on_sighup(self) -> Deferred:
         log.info("SIGHUP: rereading the users file and keys")
@@ -297,27 +307,24 @@ class ReloadService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGHUP, self._previous_handler)
-            self._previous_handler = None
 
 
 def open_credentials(data_dir: str, cost: int, core: Any) -> tuple[Credentials, Portal]:
     """Start-up: first-run admin, first load, and the shared portal (blocking, once).
 
-    A broken users or key file stops the daemon with a one-line message.
+    A broken users or key file stops the daemon with a one-line message.  The
+    first-run admin's password goes to its 0600 file only, never to a log.
     """
     store = UserStore(data_dir)
     try:
-        password = store.ensure_admin(cost)
+        created = store.ensure_admin(cost)
         credentials = Credentials(store, core.in_thread, cost)
         credentials.load_now()
     except (CredentialError, OSError) as e:
         raise SystemExit(f"cmdserver: {e}") from None
-    if password is not None:
-        log.warn(
-            "First run: created user admin with password {password} (also written to "
-            "{path}, mode 0600). Change it with: cmdserver passwd admin",
-            password=password, path=os.path.join(data_dir, INITIAL_PASSWORD_FILE))
+    if created:
+        log.warn("First run: created user admin; its password is in {path} (mode 0600). "
+                 "Change it with: cmdserver passwd admin, then delete that file",
+                 path=os.path.join(data_dir, INITIAL_PASSWORD_FILE))
     realm = Realm(credentials.account)
     return credentials, build_portal(realm, build_checkers(credentials, core.in_thread))

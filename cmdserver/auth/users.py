@@ -315,18 +315,28 @@ class UserStore:
             with _ignore_missing():
                 os.unlink(path)
 
-    def ensure_admin(self, cost: int = DEFAULT_COST) -> str | None:
-        """First run: with no users on file, create ``admin`` with a random password.
+    def is_new(self) -> bool:
+        """True for a data directory that has never had a users file: neither
+        ``users`` nor its lock file ``users.lock`` (every change to the users
+        file takes that lock first, and deleting the users file leaves it)."""
+        return not any(os.path.lexists(os.path.join(self.data_dir, name))
+                       for name in (USERS_FILE, LOCK_FILE))
 
-        The password is written to ``initial-admin-password`` (0600) and returned
-        (so the daemon can log it once); None if users already exist.
+    def ensure_admin(self, cost: int = DEFAULT_COST) -> bool:
+        """First run: in a new data directory (:meth:`is_new`), create ``admin``
+        with a random password, written only to ``initial-admin-password`` (0600).
+
+        True if it did.  A directory whose users were all deleted, or whose
+        users file was removed, is not new: it gets no admin.
         """
-        password = None
+        if not self.is_new():
+            return False
         with self.locked() as users:
-            if not users:
-                password = random_password()
-                users["admin"] = UserRecord("admin", hash_password(password, cost))
-        if password is not None:
+            if users or os.path.lexists(self.users_path):
+                return False  # another process was first
+            password = random_password()
+            # The password file first: an admin whose password is nowhere is no use.
             write_atomically(os.path.join(self.data_dir, INITIAL_PASSWORD_FILE),
                              (password + "\n").encode("ascii"))
-        return password
+            users["admin"] = UserRecord("admin", hash_password(password, cost))
+        return True

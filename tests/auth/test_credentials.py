@@ -134,8 +134,7 @@ class PortalTests(unittest.TestCase):
 
     def reload_service(self, **kwargs):
         clock = task.Clock()
-        service = ReloadService(self.credentials, 2.0, clock=clock, reactor=clock,
-                                install_signal=False, **kwargs)
+        service = ReloadService(self.credentials, 2.0, clock=clock, **kwargs)
         service.startService()
         self.addCleanup(service.stopService)
         return clock, service
@@ -176,17 +175,43 @@ class PortalTests(unittest.TestCase):
         self.assertIn("line 3: not a JSON object", errors[0]["error"])
         self.assertNotIn(secret_hash, flatten_events(events))
 
-    def test_sighup_reloads(self) -> None:
-        called: list[object] = []
+    def test_a_broken_file_is_reported_once_per_change(self) -> None:
+        events = capture_log(self)
+        clock, _ = self.reload_service()
 
-        class ThreadClock(task.Clock):
-            def callFromThread(self, f: Callable[..., object], *args: object) -> None:
-                called.append(f(*args))
+        def errors() -> list[dict]:
+            return [e for e in events if "not reloaded" in e.get("log_format", "")]
 
-        clock = ThreadClock()
-        service = ReloadService(self.credentials, 0, clock=clock, reactor=clock)
+        with open(self.store.users_path, "a") as f:
+            f.write("garbage\n")
+        for _ in range(5):  # five polls of one broken file: one line
+            clock.advance(2)
+        self.assertEqual(len(errors()), 1)
+        self.successResultOf(self.login(UsernamePassword(b"ops", b"right pw")))
+        with open(self.store.users_path, "w") as f:  # changed, still broken: one more
+            f.write('{"name": 1}\n')
+        for _ in range(5):
+            clock.advance(2)
+        self.assertEqual(len(errors()), 2)
+        self.assertIn("line 1: no user name", errors()[1]["error"])
+        # Repaired: read at the next poll.
+        self.store.save({"new": UserRecord("new", hash_password("new pw", TEST_COST))})
+        clock.advance(2)
+        self.successResultOf(self.login(UsernamePassword(b"new", b"new pw")))
+        self.assertEqual(len(errors()), 2)
+
+    def test_sighup_reloads_through_the_services_hook(self) -> None:
+        from cmdserver.service import Hangup
+
+        clock = task.Clock()
+        called = []
+        clock.callFromThread = lambda f, *a: called.append(f(*a))  # type: ignore[attr-defined]
+        service = ReloadService(self.credentials, 0, clock=clock)
+        hangup = Hangup(clock)
+        hangup.add(service.on_sighup)
         previous = signal.getsignal(signal.SIGHUP)
         service.startService()
+        hangup.install()
         try:
             self.assertNotEqual(signal.getsignal(signal.SIGHUP), previous)
             with self.store.locked() as users:
@@ -194,6 +219,7 @@ class PortalTests(unittest.TestCase):
             os.kill(os.getpid(), signal.SIGHUP)
             self.assertEqual(len(called), 1)
         finally:
+            hangup.uninstall()
             service.stopService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), previous)
         self.successResultOf(self.login(UsernamePassword(b"new", b"new pw")))

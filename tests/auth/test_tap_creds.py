@@ -18,7 +18,7 @@ from cmdserver.auth.users import INITIAL_PASSWORD_FILE, UserStore
 from cmdserver.doors.line.login import default_login_mode
 from cmdserver.tap import Options, makeService
 from tests.helpers import capture_log
-from tests.helpers.creds import temp_dir
+from tests.helpers.creds import flatten_events, temp_dir
 
 
 class MakeServiceTests(unittest.TestCase):
@@ -29,28 +29,51 @@ class MakeServiceTests(unittest.TestCase):
                               "--audit-log", "none", *argv])
         return options
 
-    def test_first_run_creates_admin_and_logs_password_once(self) -> Deferred[Any]:
+    def test_first_run_creates_admin_and_never_logs_its_password(self) -> Deferred[Any]:
         events = capture_log(self)
         service = makeService(self.options())  # the real reactor: bcrypt runs in a thread
         path = os.path.join(self.data, INITIAL_PASSWORD_FILE)
         password = open(path).read().strip()
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertEqual(list(UserStore(self.data).load()), ["admin"])
-        mentions = [e for e in events if e.get("password") == password]
-        self.assertEqual(len(mentions), 1)
-        self.assertEqual(mentions[0]["log_level"].name, "warn")
+        self.assertNotIn(password, flatten_events(events))
+        [first_run] = [e for e in events if "First run" in e.get("log_format", "")]
+        self.assertEqual(first_run["log_level"].name, "warn")
+        self.assertEqual(first_run["path"], path)
         self.assertTrue(any(isinstance(s, ReloadService) for s in service))
         self.assertIn("login", service.core.registry)
         self.assertIn("whoami", service.core.registry)
-        # The next start keeps the admin and says nothing about passwords.
+        # The next start keeps the admin and says nothing about a first run.
         events.clear()
         makeService(self.options(), MemoryReactorClock())
-        self.assertFalse([e for e in events if "password" in e])
+        self.assertFalse([e for e in events if "First run" in e.get("log_format", "")])
         # The admin can log in through the service's portal with that password.
         d = service.portal.login(UsernamePassword(b"admin", password.encode()), None,
                                  IAccount)
         d.addCallback(lambda result: self.assertEqual(result[1], Account("admin")))
         return d
+
+    def test_no_admin_once_every_user_is_deleted(self) -> None:
+        makeService(self.options(), MemoryReactorClock())
+        os.unlink(os.path.join(self.data, INITIAL_PASSWORD_FILE))
+        store = UserStore(self.data)
+        with store.locked() as users:  # what cmdserver userdel admin does
+            users.clear()
+        events = capture_log(self)
+        makeService(self.options(), MemoryReactorClock())
+        self.assertEqual(store.load(), {})
+        self.assertFalse(os.path.exists(os.path.join(self.data, INITIAL_PASSWORD_FILE)))
+        self.assertFalse([e for e in events if "First run" in e.get("log_format", "")])
+        [warning] = [e for e in events if "no users on file" in e.get("log_format", "")]
+        self.assertEqual(warning["log_level"].name, "warn")
+
+    def test_no_admin_when_the_users_file_was_removed(self) -> None:
+        makeService(self.options(), MemoryReactorClock())
+        os.unlink(os.path.join(self.data, INITIAL_PASSWORD_FILE))
+        os.unlink(os.path.join(self.data, "users"))
+        makeService(self.options(), MemoryReactorClock())
+        self.assertEqual(UserStore(self.data).load(), {})
+        self.assertFalse(os.path.exists(os.path.join(self.data, INITIAL_PASSWORD_FILE)))
 
     def test_broken_users_file_stops_with_one_line(self) -> None:
         options = self.options()

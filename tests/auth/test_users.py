@@ -156,13 +156,35 @@ def test_private_key_refused(tmp_path):
 
 def test_first_run_creates_admin_once(tmp_path):
     store = UserStore(str(tmp_path))
-    password = store.ensure_admin(TEST_COST)
-    assert password
+    assert store.is_new()
+    assert store.ensure_admin(TEST_COST) is True
     users = store.load()
     assert list(users) == ["admin"]
-    assert verify_password(password, users["admin"].hash)
     initial = tmp_path / INITIAL_PASSWORD_FILE
-    assert initial.read_text() == password + "\n"
+    password = initial.read_text().removesuffix("\n")
+    assert verify_password(password, users["admin"].hash)
     assert stat.S_IMODE(initial.stat().st_mode) == 0o600
-    assert store.ensure_admin(TEST_COST) is None
+    assert not store.is_new()
+    assert store.ensure_admin(TEST_COST) is False
     assert store.load() == users
+
+
+def test_first_run_admin_only_in_a_new_data_directory(tmp_path):
+    store = UserStore(str(tmp_path))
+    store.ensure_admin(TEST_COST)
+    (tmp_path / INITIAL_PASSWORD_FILE).unlink()
+    with store.locked() as users:  # every user deleted: an empty users file
+        users.clear()
+    assert store.ensure_admin(TEST_COST) is False
+    (tmp_path / "users").unlink()  # the users file removed by hand: its lock file stays
+    assert store.ensure_admin(TEST_COST) is False
+    assert store.load() == {}
+    assert not (tmp_path / INITIAL_PASSWORD_FILE).exists()
+
+
+def test_users_added_before_the_first_start_mean_no_admin(tmp_path):
+    store = UserStore(str(tmp_path))
+    with store.locked() as users:
+        users["ops"] = UserRecord("ops", hash_password("pw", TEST_COST))
+    assert store.ensure_admin(TEST_COST) is False
+    assert list(store.load()) == ["ops"]
