@@ -2,9 +2,10 @@
 
 Every operation on a descriptor runs in a thread, one after the other in the
 order the requests came, and is answered in that order; closing waits for the
-reads or writes before it.  An upload is a temporary file in the target
-directory that :meth:`UploadFile.close` fsyncs and renames over the target,
-and :meth:`UploadFile.abort` removes when the session ends first.  A file is
+reads or writes before it.  An upload is a :class:`cmdserver.jail.TempFile` in
+the target directory (unnamed where the filesystem allows) that
+:meth:`UploadFile.close` fsyncs and links into place, and
+:meth:`UploadFile.abort` drops when the session ends first.  A file is
 audited (``get``, ``put``) when it is closed or abandoned, with the bytes read
 or written.
 """
@@ -37,6 +38,7 @@ from cmdserver.text import escape
 
 if TYPE_CHECKING:
     from cmdserver.doors.ssh.sftp import JailedSFTPServer
+    from cmdserver.jail import TempFile
 
 log = Logger()
 
@@ -67,22 +69,6 @@ def capped_mode(st_mode: int, requested: int) -> int:
     directories at most :data:`MAX_DIR_MODE`; set-id and sticky bits are dropped.
     """
     return requested & (MAX_DIR_MODE if stat.S_ISDIR(st_mode) else FILE_MODE)
-
-
-def chmod_capped(path: str, requested: int) -> None:
-    """Set ``path``'s mode to ``requested`` as :func:`capped_mode` allows.
-
-    The type is read from, and the mode set through, one descriptor (``O_PATH``,
-    without following a last-moment symlink), so an entry swapped for another
-    between the two steps cannot get a directory's mode on a file.
-    """
-    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        mode = capped_mode(os.fstat(fd).st_mode, requested)
-        # fchmod refuses O_PATH descriptors; the /proc link reaches the same inode.
-        os.chmod(f"/proc/self/fd/{fd}", mode)
-    finally:
-        os.close(fd)
 
 
 def unsupported(what: str) -> SFTPError:
@@ -193,7 +179,11 @@ class ReadFile(_OpenFile):
 
 @implementer(ISFTPFile)
 class UploadFile(_OpenFile):
-    """An upload: written to a temporary file, renamed into place on close.
+    """An upload: written to a temporary file, linked into place on close.
+
+    The temporary file (:class:`cmdserver.jail.TempFile`) holds its directory by
+    a descriptor: renaming the directory meanwhile neither loses the file nor
+    sends it elsewhere; it is published in that directory, under its new name.
 
     Opened on an existing file without truncating it (OpenSSH's ``scp`` does
     that), the upload starts as that file's content: ``base`` is the file, and
@@ -202,15 +192,14 @@ class UploadFile(_OpenFile):
     sets the size it wrote, as ``scp`` does.
     """
 
-    def __init__(self, server: JailedSFTPServer, fd: int, temp: str, target: str,
-                 exclusive: bool, name: bytes, base: int | None = None) -> None:
-        super().__init__(server, fd)
+    def __init__(self, server: JailedSFTPServer, temp: TempFile, exclusive: bool,
+                 name: bytes, base: int | None = None) -> None:
+        super().__init__(server, temp.fd)
         self.base = base  # until its bytes are copied in or cut off
         self.base_size = os.fstat(base).st_size if base is not None else 0
         self.prefix = 0  # the client wrote all of [0, prefix) (while base is kept)
         self.end = 0  # the end of the bytes the client wrote
         self.temp = temp
-        self.target = target
         self.mode = FILE_MODE  # an FSETSTAT may narrow it before close
         self.exclusive = exclusive
         self.name = name
@@ -320,40 +309,31 @@ class UploadFile(_OpenFile):
         return d
 
     def _commit(self, fd: int) -> None:
+        temp = self.temp
         if self.failed is not None:  # a file with a hole in it is never made visible
             self._drop_base()
-            os.close(fd)
-            _remove(self.temp)
+            temp.discard()
             raise SFTPError(FX_FAILURE, f"upload discarded: a write failed ({self.failed})")
         try:
             self._copy_base(fd)
             os.fchmod(fd, self.mode)
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
             if self.times is not None:
-                os.utime(self.temp, self.times)
-            if self.exclusive:
-                os.link(self.temp, self.target)  # fails if the name appeared meanwhile
-                os.unlink(self.temp)
-            else:
-                os.replace(self.temp, self.target)
+                os.utime(fd, self.times)
+            os.fsync(fd)
+            temp.publish(replace=not self.exclusive)  # exclusive: fails if the name appeared
         except OSError as e:
-            if fd >= 0:
-                os.close(fd)
-            _remove(self.temp)
+            temp.discard()
             raise os_error(e, os.fsdecode(self.name)) from None
 
     def abort(self) -> Deferred:
         """The session ended before close: drop the temporary file."""
         if self.fd is None:
             return defer.succeed(None)
-        fd, self.fd = self.fd, None
+        self.fd = None
 
         def drop() -> None:
             self._drop_base()
-            os.close(fd)
-            _remove(self.temp)
+            self.temp.discard()
 
         log.info("sftp: upload of {name} abandoned, temporary file removed",
                  name=escape(self.name))
@@ -385,13 +365,6 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
         if not copied:
             return  # the file got shorter meanwhile
         offset += copied
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _closed() -> None:

@@ -45,7 +45,14 @@ class FakeAvatar:
 
 
 class SFTPServerTestBase(OutsideTreeTempMixin, unittest.TestCase):
-    """A jailed SFTP server on a root with ``a.txt`` and a directory outside it."""
+    """A jailed SFTP server on a root with ``a.txt`` and a directory outside it.
+
+    Uploads are unnamed files (``O_TMPFILE``) where the filesystem has them;
+    with ``named_temps`` the tests run with the named temporary files that are
+    the fallback elsewhere.
+    """
+
+    named_temps = False
 
     def setUp(self) -> None:
         base = os.path.realpath(self.mktemp())
@@ -58,6 +65,8 @@ class SFTPServerTestBase(OutsideTreeTempMixin, unittest.TestCase):
         with open(os.path.join(self.root, "a.txt"), "w") as f:
             f.write("alpha")
         policy = Policy([self.root])
+        if self.named_temps:
+            policy.jail.use_tmpfile = False
         core = CommandCore(Registry(), policy, task.Clock(),
                            run_in_thread=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
         self.server = JailedSFTPServer(FakeAvatar(core, policy))
@@ -79,6 +88,7 @@ class SFTPServerTestBase(OutsideTreeTempMixin, unittest.TestCase):
 
 class SFTPJailTest(SFTPServerTestBase):
     def test_upload_temp_file_is_named_like_the_upload_engines(self) -> None:
+        self.server.jail.use_tmpfile = False  # where O_TMPFILE is missing
         self.put(b"new.bin", b"data")
         [temp] = self.temps()
         self.assertTrue(temp.startswith(".new.bin.cmdserver-upload-0123abcd-"), temp)
@@ -86,6 +96,21 @@ class SFTPJailTest(SFTPServerTestBase):
         # The start-up sweep of another run removes it; this run's sweep spares it.
         self.assertEqual(remove_stale([self.root], "0123abcd"), [])
         self.assertEqual(remove_stale([self.root], "ffffffff"), [self.path(temp)])
+
+    def test_an_unnamed_upload_leaves_no_name_at_all(self) -> None:
+        if self.named_temps:
+            raise unittest.SkipTest("this class runs with named temporary files")
+        if not self.server.jail.use_tmpfile:
+            raise unittest.SkipTest("no O_TMPFILE here")
+        upload = self.put(b"new.bin", b"data")
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt"])
+        self.successResultOf(upload.close())
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt", "new.bin"])
+        # Replacing a file links it under a temporary name, renamed over at once.
+        self.successResultOf(self.put(b"new.bin", b"more").close())
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt", "new.bin"])
+        with open(self.path("new.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"more")
 
     def test_temporary_file_names_are_reserved(self) -> None:
         reserved = temp_name("x", "deadbeef").encode()
@@ -95,6 +120,7 @@ class SFTPJailTest(SFTPServerTestBase):
                                                   ).message)
         self.assertEqual(sorted(os.listdir(self.root)), ["a.txt"])
         # Another session's upload in progress cannot be read, moved or removed.
+        self.server.jail.use_tmpfile = False  # so that it has a name
         self.put(b"b.txt", b"data")
         [temp] = [name.encode() for name in self.temps()]
         for attempt in (self.server.openFile(temp, FXF_READ, {}),
@@ -135,7 +161,7 @@ class SFTPJailTest(SFTPServerTestBase):
     def test_upload_is_invisible_until_close(self) -> None:
         upload = self.put(b"new.bin", b"data")
         self.assertFalse(os.path.exists(self.path("new.bin")))
-        self.assertEqual(len(self.temps()), 1)
+        self.assertEqual(len(self.temps()), 1 if self.named_temps else 0)
         listing = self.successResultOf(self.server.openDirectory(b"."))
         self.assertEqual([name for name, _, _ in listing], [b"a.txt"])
         self.successResultOf(upload.close())
@@ -222,6 +248,36 @@ class SFTPJailTest(SFTPServerTestBase):
     def test_nul_in_a_path_is_an_error(self) -> None:
         self.error(self.server.removeFile(b"a\0b"))
         self.error(self.server.getAttrs(b"a\0b", True))
+
+    def test_renaming_the_directory_of_an_open_upload_loses_nothing(self) -> None:
+        os.makedirs(self.path("sub"))
+        upload = self.put(b"sub/new.bin", b"data")
+        self.successResultOf(self.server.renameFile(b"sub", b"moved"))
+        self.successResultOf(upload.writeChunk(4, b" more"))
+        self.successResultOf(upload.close())
+        # Published in the directory it was opened in, under that directory's new name.
+        self.assertEqual(os.listdir(self.path("moved")), ["new.bin"])
+        with open(self.path("moved", "new.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"data more")
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt", "moved"])
+        # And one dropped after such a rename leaves nothing behind either.
+        upload = self.put(b"moved/other.bin", b"data")
+        self.successResultOf(self.server.renameFile(b"moved", b"again"))
+        protocol = JailedFileTransferServer(self.server)
+        protocol.openFiles[b"1"] = upload
+        protocol.connectionLost(None)
+        self.assertEqual(os.listdir(self.path("again")), ["new.bin"])
+
+    def test_the_mode_of_a_root_never_changes(self) -> None:
+        os.chmod(self.root, 0o755)
+        os.symlink(".", self.path("self"))
+        for path in (b".", os.fsencode(self.root), b"self", b"sub/.."):
+            os.makedirs(self.path("sub"), exist_ok=True)
+            error = self.error(self.server.setAttrs(path, {"permissions": 0o700}))
+            self.assertEqual((error.code, error.message),
+                             (FX_PERMISSION_DENIED, "the mode of a root cannot be changed"))
+        self.assertEqual(os.stat(self.root).st_mode & 0o777, 0o755)
+        self.successResultOf(self.server.setAttrs(b".", {"atime": 1000, "mtime": 2000}))
 
 
 class SFTPWriteIntoTest(SFTPServerTestBase):
@@ -311,6 +367,14 @@ class SFTPWriteIntoTest(SFTPServerTestBase):
                       self.error(self.server.openFile(b"pipe", FXF_WRITE, {})).message)
         self.assertEqual(self.temps(), [])
         self.assertEqual(self.content(), b"alpha")
+
+
+class SFTPJailNamedTempTest(SFTPJailTest):
+    named_temps = True
+
+
+class SFTPWriteIntoNamedTempTest(SFTPWriteIntoTest):
+    named_temps = True
 
 
 class SFTPModeTest(SFTPServerTestBase):
