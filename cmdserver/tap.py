@@ -165,7 +165,8 @@ class Options(usage.Options):
          "[default: tcp:2222:interface=127.0.0.1]"],
         ["pb", None, None, "Endpoint for the Perspective Broker door, or 'none'. "
          f"[default: {PB_ENDPOINT}]"],
-        ["max-upload", None, None, "Largest upload accepted. [default: 1G]"],
+        ["max-upload", None, None, "Largest upload accepted (upload and SFTP). "
+         "[default: 1G]"],
         ["command-timeout", None, None, "Seconds a command may run before it is stopped "
          "(0: no deadline); [command-limits.NAME] in the TOML file sets one command's. "
          f"[default: {DEFAULT_TIMEOUT:g}]"],

@@ -734,6 +734,39 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
         yield self.in_thread(client.get_transport().sock.close)  # the client dies
         yield wait_for(lambda: os.listdir(self.root) == ["notes.txt"], "temp file removed")
 
+    def limited_door(self, **limits: Any) -> defer.Deferred:
+        """A second SSH door on this service with these settings; connections made
+        by the helpers go to it from now on."""
+        settings = SSHSettings(idle_timeout=60, password_delay=0, **limits)
+        door = add_ssh_door(self.service, "tcp:0:interface=127.0.0.1:backlog=10", _KEY_DIR,
+                            settings)
+
+        def listening(port: Any) -> None:
+            self.port = port.getHost().port
+
+        return door.listening.addCallback(listening)
+
+    @defer.inlineCallbacks
+    def test_sftp_upload_limit(self) -> Any:
+        yield self.limited_door(max_upload=1000)
+
+        def session(sftp: paramiko.SFTPClient) -> tuple[str, list[str]]:
+            remote = sftp.open("big.bin", "wb")
+            try:
+                remote.write(b"x" * 2000)
+                remote.flush()  # waits for the answer to the write
+                too_large = ""
+            except OSError as e:
+                too_large = str(e)
+            remote.close()  # paramiko keeps the answer to a close to itself
+            sftp.putfo(io.BytesIO(b"y" * 1000), "fits.bin")
+            return too_large, sorted(sftp.listdir("."))
+
+        too_large, names = yield self.sftp(session)
+        self.assertIn("upload too large: 2000 bytes (the limit is 1000 bytes)", too_large)
+        self.assertEqual(names, ["fits.bin", "notes.txt"])
+        self.assertEqual(sorted(os.listdir(self.root)), ["fits.bin", "notes.txt"])
+
     # -- OpenSSH -------------------------------------------------------------
 
     def openssh(self, *args: str, program: str | None = SSH,

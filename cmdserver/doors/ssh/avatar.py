@@ -18,6 +18,7 @@ from twisted.python import components
 from cmdserver import __version__
 from cmdserver.auth.portal import Account
 from cmdserver.commands.base import Context, OutputSink
+from cmdserver.commands.upload.engine import DEFAULT_MAX_UPLOAD
 from cmdserver.commands.upload.spool import new_run_id
 from cmdserver.core import CommandCore
 from cmdserver.doors.limits import format_peer
@@ -46,6 +47,7 @@ class SSHSettings:
     # The run token in SFTP temporary file names; the start-up sweep of the upload
     # engine spares its own run's files, so makeService passes the engine's token.
     temp_run_id: str = field(default_factory=new_run_id)
+    max_upload: int = DEFAULT_MAX_UPLOAD  # --max-upload: the largest SFTP upload too
 
 
 class SSHAvatar(ConchUser):

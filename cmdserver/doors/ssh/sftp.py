@@ -8,7 +8,8 @@ and every file operation runs in a thread.  Uploads never show a partial file:
 bytes go to an unnamed file in the target directory (``O_TMPFILE``; where the
 filesystem has none, a hidden temporary file named and made like the upload
 engine's, which the start-up sweep removes after a crash) that is linked into
-place on close and dropped if the session dies first.
+place on close and dropped if the session dies first.  Uploads obey the upload
+engine's rules: ``--max-upload`` and the free space on the disk.
 
 Operations are audited through the core (:meth:`CommandCore.audit_operation`),
 in the SSH connection's session: ``get`` and ``put`` when the file is closed
@@ -86,7 +87,9 @@ class JailedSFTPServer:
         self.policy = avatar.policy
         self.jail = avatar.policy.jail
         self.core = avatar.core
-        self.run_id = avatar.settings.temp_run_id
+        settings = avatar.settings
+        self.run_id = settings.temp_run_id
+        self.max_upload = settings.max_upload
         self.ctx = Context(self.core, user=avatar.account.name, peer=avatar.peer, door=DOOR,
                            policy=self.policy, session_id=avatar.session_id)
 

@@ -5,9 +5,10 @@ order the requests came, and is answered in that order; closing waits for the
 reads or writes before it.  An upload is a :class:`cmdserver.jail.TempFile` in
 the target directory (unnamed where the filesystem allows) that
 :meth:`UploadFile.close` fsyncs and links into place, and
-:meth:`UploadFile.abort` drops when the session ends first.  A file is
-audited (``get``, ``put``) when it is closed or abandoned, with the bytes read
-or written.
+:meth:`UploadFile.abort` drops when the session ends first.  Writes past
+``--max-upload`` or past the free space on the disk fail and discard the
+upload.  A file is audited (``get``, ``put``) when it is closed or abandoned,
+with the bytes read or written.
 """
 
 from __future__ import annotations
@@ -218,9 +219,13 @@ class UploadFile(_OpenFile):
         if self.failed is not None:
             raise SFTPError(FX_FAILURE, f"an earlier write failed ({self.failed})")
         try:
+            self._check_room(fd, offset + len(data))
             if self.base is not None and offset > self.prefix:
                 self._copy_base(fd)  # the gap before offset keeps the file's bytes
             _pwrite_all(fd, data, offset)
+        except SFTPError as e:
+            self.failed = e.message
+            raise
         except OSError as e:
             error = os_error(e, os.fsdecode(self.name))
             self.failed = error.message
@@ -228,6 +233,24 @@ class UploadFile(_OpenFile):
         if self.base is not None:
             self.prefix = max(self.prefix, offset + len(data))
         self.end = max(self.end, offset + len(data))
+
+    def _check_room(self, fd: int, end: int) -> None:
+        """The upload engine's rules for a write that ends at ``end``: not past
+        ``--max-upload`` (so no write at a huge offset either), and not past the
+        free space on the disk (a hole counts as written, as an upload's whole
+        size does)."""
+        limit = self.server.max_upload
+        if end > limit:
+            raise SFTPError(FX_FAILURE, f"upload too large: {end} bytes "
+                                        f"(the limit is {limit} bytes)")
+        size = max(end, self.base_size if self.base is not None else 0)
+        grow = size - os.fstat(fd).st_size
+        if grow > 0:
+            fs = os.fstatvfs(fd)
+            free = fs.f_bavail * fs.f_frsize
+            if grow > free:
+                raise SFTPError(FX_FAILURE, f"not enough disk space: {grow} bytes needed, "
+                                            f"{free} available")
 
     def _copy_base(self, fd: int) -> None:
         """Copy the replaced file's bytes the client has not written (beyond the

@@ -280,6 +280,66 @@ class SFTPJailTest(SFTPServerTestBase):
         self.successResultOf(self.server.setAttrs(b".", {"atime": 1000, "mtime": 2000}))
 
 
+class SFTPUploadLimitsTest(SFTPServerTestBase):
+    """SFTP uploads obey the upload engine's rules: --max-upload and free space."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.server.max_upload = 10
+
+    def sizes(self, upload: Any) -> int:
+        return os.fstat(upload.temp.fd).st_size
+
+    def test_a_write_past_the_limit_fails_and_discards_the_upload(self) -> None:
+        upload = self.put(b"big.bin", b"12345678")
+        error = self.error(upload.writeChunk(8, b"9ab"))
+        self.assertEqual(error.message, "upload too large: 11 bytes (the limit is 10 bytes)")
+        self.assertEqual(self.sizes(upload), 8)  # nothing of it was written
+        self.assertIn("an earlier write failed", self.error(upload.writeChunk(8, b"9")).message)
+        self.assertEqual(self.error(upload.close()).message,
+                         "upload discarded: a write failed (upload too large: 11 bytes "
+                         "(the limit is 10 bytes))")
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt"])
+
+    def test_no_write_at_a_huge_offset(self) -> None:
+        upload = self.successResultOf(self.server.openFile(b"a.txt", PUT, {}))
+        for offset in (1 << 40, (1 << 64) - 2, 10):
+            upload.failed = None  # each on its own
+            self.assertIn("upload too large", self.error(upload.writeChunk(offset, b"x")).message)
+            self.assertEqual(self.sizes(upload), 0)  # no sparse file either
+        self.error(upload.close())
+        with open(self.path("a.txt")) as f:
+            self.assertEqual(f.read(), "alpha")  # the file it would have replaced stays
+        self.assertEqual(self.temps(), [])
+
+    def test_up_to_the_limit_is_fine(self) -> None:
+        upload = self.put(b"ten.bin", b"01234")
+        self.successResultOf(upload.writeChunk(5, b"56789"))
+        self.successResultOf(upload.writeChunk(0, b"X"))  # rewriting counts once
+        self.successResultOf(upload.close())
+        with open(self.path("ten.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"X123456789")
+
+    def test_a_write_the_disk_has_no_room_for_fails_first(self) -> None:
+        self.server.max_upload = 1 << 30
+        real = os.fstatvfs
+
+        def nearly_full(fd: int) -> Any:
+            st = real(fd)
+            return os.statvfs_result((st.f_bsize, 1024, st.f_blocks, 3, 3, *st[5:]))
+
+        upload = self.put(b"big.bin", b"x" * 2048)  # 3 KiB free: fits
+        self.patch(os, "fstatvfs", nearly_full)
+        self.successResultOf(upload.writeChunk(2048, b"y" * 1024))
+        self.successResultOf(upload.writeChunk(0, b"z" * 3072))  # grows nothing
+        error = self.error(upload.writeChunk(3072, b"w" * 4096))
+        self.assertEqual(error.message, "not enough disk space: 4096 bytes needed, "
+                                        "3072 available")
+        self.assertEqual(self.sizes(upload), 3072)
+        self.assertIn("not enough disk space", self.error(upload.close()).message)
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt"])
+
+
 class SFTPWriteIntoTest(SFTPServerTestBase):
     """Writing into an existing file without truncating it, as OpenSSH's scp does:
     the upload starts as the file's content and replaces it whole on close."""
