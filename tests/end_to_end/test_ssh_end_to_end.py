@@ -767,6 +767,27 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
         self.assertEqual(names, ["fits.bin", "notes.txt"])
         self.assertEqual(sorted(os.listdir(self.root)), ["fits.bin", "notes.txt"])
 
+    @defer.inlineCallbacks
+    def test_sftp_handle_cap(self) -> Any:
+        yield self.limited_door(sftp_max_handles=4)
+
+        def session(sftp: paramiko.SFTPClient) -> tuple[str, bytes]:
+            held = [sftp.open("notes.txt", "rb") for _ in range(4)]
+            try:
+                sftp.open("notes.txt", "rb")
+                refused = ""
+            except OSError as e:
+                refused = str(e)
+            for handle in held:
+                handle.close()
+            with sftp.open("notes.txt", "rb") as f:  # they were given back: it opens
+                return refused, f.read()
+
+        refused, again = yield self.sftp(session)
+        self.assertIn("too many open files and directories (the limit is 4 per session)",
+                      refused)
+        self.assertEqual(again, b"hello\n")
+
     # -- OpenSSH -------------------------------------------------------------
 
     def openssh(self, *args: str, program: str | None = SSH,

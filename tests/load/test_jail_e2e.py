@@ -1,10 +1,13 @@
 """The file jail against a real daemon, with real clients.
 
-The rename race end to end: one SFTP session (the attacker, a user like any
-other) swaps a directory of the root with a symlink in the root that leads
-out, by SFTP renames, in a loop; meanwhile another SFTP session and the line
-door read, list, upload, rename, remove and chmod through that directory.
-Nothing outside the jail is ever read, listed, created or changed.
+- The rename race end to end: one SFTP session (the attacker, a user like any
+  other) swaps a directory of the root with a symlink in the root that leads
+  out, by SFTP renames, in a loop; meanwhile another SFTP session and the line
+  door read, list, upload, rename, remove and chmod through that directory.
+  Nothing outside the jail is ever read, listed, created or changed.
+- One SFTP session cannot take the daemon's descriptors: past
+  ``--sftp-max-handles`` its opens are refused, the daemon's descriptors stay
+  bounded, other clients are served, and closing gives everything back.
 
 Bounded in count and time (each well under a minute), loopback only.
 """
@@ -19,7 +22,7 @@ import time
 from pathlib import Path
 
 import paramiko
-from conftest import Daemon, add_user, ssh_connect
+from conftest import Daemon, add_user, ssh_connect, wait_for
 
 from cmdserver.commands.upload.key import server_key
 from tests.helpers.race import INSIDE_SECRET, OUTSIDE_ONLY, OUTSIDE_SECRET, RaceLayout
@@ -118,5 +121,34 @@ def test_rename_race_end_to_end(start_daemon, tmp_path: Path) -> None:
     line.close()
     for client in (attacker_client, victim_client):
         client.close()
+    assert daemon.log_errors() == []
+    assert daemon.terminate() < 5
+
+
+def test_one_sftp_session_cannot_take_the_descriptors(start_daemon, tmp_path: Path,
+                                                     jail: Path) -> None:
+    key = add_user(tmp_path)
+    daemon = start_daemon(["--root", str(jail), "--sftp-max-handles", "64"])
+    client = ssh_connect(daemon.ports["ssh"], key)
+    sftp = client.open_sftp()
+    sftp.listdir(".")  # warm up: the worker threads and the session's own descriptors
+    before = daemon.fds()
+    held, refused = [], []
+    for n in range(500):
+        try:
+            held.append(sftp.open("small.txt" if n % 2 else "sub/notes.txt", "rb"))
+        except OSError as e:
+            refused.append(str(e))
+    assert len(held) == 64 and len(refused) == 436
+    assert "too many open files and directories (the limit is 64 per session)" in refused[0]
+    assert daemon.fds() - before <= 64 + 8  # the open files, and a few threads' worth
+    other = daemon.session()
+    assert other.run("ls") == ["medium.bin", "small.txt", "sub"]  # the others are served
+    other.close()
+    for handle in held:
+        handle.close()
+    wait_for(lambda: daemon.fds() <= before, what="descriptors given back")
+    assert sftp.open("small.txt").read() == b"hello\n"
+    client.close()
     assert daemon.log_errors() == []
     assert daemon.terminate() < 5

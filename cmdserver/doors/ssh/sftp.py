@@ -9,7 +9,8 @@ bytes go to an unnamed file in the target directory (``O_TMPFILE``; where the
 filesystem has none, a hidden temporary file named and made like the upload
 engine's, which the start-up sweep removes after a crash) that is linked into
 place on close and dropped if the session dies first.  Uploads obey the upload
-engine's rules: ``--max-upload`` and the free space on the disk.
+engine's rules: ``--max-upload`` and the free space on the disk.  A session
+holds at most ``--sftp-max-handles`` open files and directories.
 
 Operations are audited through the core (:meth:`CommandCore.audit_operation`),
 in the SSH connection's session: ``get`` and ``put`` when the file is closed
@@ -90,6 +91,8 @@ class JailedSFTPServer:
         settings = avatar.settings
         self.run_id = settings.temp_run_id
         self.max_upload = settings.max_upload
+        self.max_handles = settings.sftp_max_handles
+        self.handles = 0  # open files and directories, and opens under way
         self.ctx = Context(self.core, user=avatar.account.name, peer=avatar.peer, door=DOOR,
                            policy=self.policy, session_id=avatar.session_id)
 
@@ -141,6 +144,31 @@ class JailedSFTPServer:
         """
         return self.jail.entry(os.fsdecode(raw))
 
+    # -- open handles ---------------------------------------------------------
+
+    def _claim_handle(self) -> None:
+        """Count one more open file or directory; refuse past the session's cap."""
+        if self.handles >= self.max_handles:
+            raise SFTPError(FX_FAILURE, f"too many open files and directories (the limit "
+                                        f"is {self.max_handles} per session)")
+        self.handles += 1
+
+    def release_handle(self) -> None:
+        """An open file or directory was closed (each calls this once)."""
+        self.handles -= 1
+
+    def _open_handle(self, action: str, f: Callable[[], Any], path: bytes) -> Deferred:
+        try:
+            self._claim_handle()
+        except SFTPError:
+            return self._audited(action, defer.fail(), path)
+
+        def failed(failure: Failure) -> Failure:
+            self.release_handle()
+            return failure
+
+        return self._audited(action, self._run(action, f, path).addErrback(failed), path)
+
     # -- ISFTPServer ---------------------------------------------------------
 
     def gotVersion(self, otherVersion: int, extData: dict) -> dict:
@@ -169,18 +197,17 @@ class JailedSFTPServer:
             entries = [(os.fsencode(name), lsLine(name, st).encode("utf-8", "replace"),
                         stat_attrs(st))
                        for name, st in self.jail.scan_dir(os.fsdecode(path))]
-            return DirectoryListing(entries)
+            return DirectoryListing(entries, self)
 
-        return self._audited("ls", self._run("ls", listing, path), path)
+        return self._open_handle("ls", listing, path)
 
     def openFile(self, filename: bytes, flags: int, attrs: dict) -> Deferred:
         if flags & (FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC):
             if flags & (FXF_READ | FXF_APPEND):
                 return defer.fail(unsupported("reading and appending to an upload"))
-            d = self._run("put", lambda: self._open_upload(filename, flags, attrs), filename)
-            return self._audited("put", d, filename)
-        d = self._run("get", lambda: self._open_read(filename), filename)
-        return self._audited("get", d, filename)
+            return self._open_handle(
+                "put", lambda: self._open_upload(filename, flags, attrs), filename)
+        return self._open_handle("get", lambda: self._open_read(filename), filename)
 
     def _open_read(self, filename: bytes) -> ReadFile:
         return ReadFile(self, self.jail.open_file(os.fsdecode(filename)), filename)

@@ -8,7 +8,8 @@ the target directory (unnamed where the filesystem allows) that
 :meth:`UploadFile.abort` drops when the session ends first.  Writes past
 ``--max-upload`` or past the free space on the disk fail and discard the
 upload.  A file is audited (``get``, ``put``) when it is closed or abandoned,
-with the bytes read or written.
+with the bytes read or written.  Each open file or listing counts against the
+session's cap on handles until it is closed.
 """
 
 from __future__ import annotations
@@ -80,14 +81,19 @@ def unsupported(what: str) -> SFTPError:
 class DirectoryListing:
     """A directory's entries, read in full by a thread, handed out by conch."""
 
-    def __init__(self, entries: list[tuple[bytes, bytes, dict]]) -> None:
+    def __init__(self, entries: list[tuple[bytes, bytes, dict]],
+                 server: JailedSFTPServer | None = None) -> None:
         self.entries = entries
+        self.server = server
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes, dict]]:
         return iter(self.entries)
 
     def close(self) -> None:
         self.entries = []
+        server, self.server = self.server, None
+        if server is not None:
+            server.release_handle()
 
 
 class _OpenFile:
@@ -109,6 +115,13 @@ class _OpenFile:
         self._busy = False
         self.started = server.core.reactor.seconds()  # for the audit record's duration
         self.moved = 0  # bytes read or written
+        self._holds_handle = True
+
+    def _release(self) -> None:
+        """Give the session's handle back (once), when the file is closed or dropped."""
+        if self._holds_handle:
+            self._holds_handle = False
+            self.server.release_handle()
 
     def _op(self, f: Callable[..., Any], *args: Any) -> Deferred:
         """Run ``f(*args)`` in turn; a closed file fails in turn too."""
@@ -174,6 +187,7 @@ class ReadFile(_OpenFile):
         if self.fd is None:
             return defer.succeed(None)
         fd, self.fd = self.fd, None
+        self._release()
         self.server._audit("get", [self.name], "ok", None, self.started, {"bytes": self.moved})
         return self._in_turn(lambda: os.close(fd))
 
@@ -317,6 +331,7 @@ class UploadFile(_OpenFile):
         if self.fd is None:
             return defer.fail(SFTPError(FX_FAILURE, "file is closed"))
         fd, self.fd = self.fd, None
+        self._release()
         d = self._in_turn(lambda: self._commit(fd))
         server = self.server
 
@@ -353,6 +368,7 @@ class UploadFile(_OpenFile):
         if self.fd is None:
             return defer.succeed(None)
         self.fd = None
+        self._release()
 
         def drop() -> None:
             self._drop_base()

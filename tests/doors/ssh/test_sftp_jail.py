@@ -340,6 +340,52 @@ class SFTPUploadLimitsTest(SFTPServerTestBase):
         self.assertEqual(sorted(os.listdir(self.root)), ["a.txt"])
 
 
+class SFTPHandleCapTest(SFTPServerTestBase):
+    """At most ``sftp_max_handles`` open files and directories per session."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.server.max_handles = 3
+
+    def test_one_more_than_the_cap_is_refused_until_one_is_closed(self) -> None:
+        fds = len(os.listdir("/proc/self/fd"))
+        read = self.successResultOf(self.server.openFile(b"a.txt", FXF_READ, {}))
+        listing = self.successResultOf(self.server.openDirectory(b"."))
+        upload = self.put(b"new.bin", b"data")
+        for attempt in (self.server.openFile(b"a.txt", FXF_READ, {}),
+                        self.server.openDirectory(b"."),
+                        self.server.openFile(b"b.bin", PUT, {})):
+            self.assertEqual(self.error(attempt).message,
+                             "too many open files and directories (the limit is 3 per session)")
+        self.successResultOf(read.close())
+        again = self.successResultOf(self.server.openFile(b"a.txt", FXF_READ, {}))
+        self.error(self.server.openDirectory(b"."))
+        listing.close()
+        self.successResultOf(upload.close())
+        self.successResultOf(again.close())
+        self.assertEqual(self.server.handles, 0)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), fds)
+
+    def test_failed_opens_and_closes_give_the_handle_back(self) -> None:
+        for _ in range(10):
+            self.error(self.server.openFile(b"missing", FXF_READ, {}))
+            self.error(self.server.openDirectory(b"missing"))
+            self.error(self.server.openFile(b"../outside/x", PUT, {}))
+        upload = self.put(b"new.bin", b"data")
+        upload.failed = "a test"
+        self.error(upload.close())  # a close that fails still closes
+        dropped = self.put(b"other.bin", b"data")
+        protocol = JailedFileTransferServer(self.server)
+        protocol.openFiles[b"1"] = dropped
+        protocol.connectionLost(None)
+        self.assertEqual(self.server.handles, 0)
+        handles = [self.successResultOf(self.server.openFile(b"a.txt", FXF_READ, {}))
+                   for _ in range(3)]
+        self.error(self.server.openFile(b"a.txt", FXF_READ, {}))
+        for handle in handles:
+            self.successResultOf(handle.close())
+
+
 class SFTPWriteIntoTest(SFTPServerTestBase):
     """Writing into an existing file without truncating it, as OpenSSH's scp does:
     the upload starts as the file's content and replaces it whole on close."""
