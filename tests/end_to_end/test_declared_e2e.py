@@ -112,7 +112,7 @@ class DeclaredCase(unittest.TestCase):
         config = os.path.join(self.tmp, "cmdserver.toml")
         with open(config, "w") as f:
             f.write(CONFIG)
-        self.spawned: list[int] = []
+        self.spawned: list[int | None] = []
         spawn = declared.spawn_in_session
 
         def recording(*args: Any) -> Any:
@@ -136,6 +136,8 @@ class DeclaredCase(unittest.TestCase):
 
     def kill_leftovers(self) -> None:
         for pid in self.spawned:
+            if pid is None:  # ended and reaped before spawn returned: its group went with it
+                continue
             try:
                 os.killpg(pid, 9)
             except OSError:
