@@ -558,14 +558,18 @@ class Entry:
 
     def open_existing(self) -> int:
         """The regular file under this name, opened for reading; never through a
-        symlink (``ELOOP``), never a FIFO or device (``CommandError``)."""
-        fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=self.dir_fd)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        symlink (``ELOOP``), and a FIFO or device is refused (``CommandError``)
+        without being opened."""
+        fd = os.open(self.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISLNK(mode):
+                raise _error(errno.ELOOP)
+            if not stat.S_ISREG(mode):
+                raise CommandError(f"not a regular file: {self.path}")
+            return os.open(_proc(fd), os.O_RDONLY | os.O_CLOEXEC)
+        finally:
             os.close(fd)
-            raise CommandError(f"not a regular file: {self.path}")
-        os.set_blocking(fd, True)
-        return fd
 
     def directory(self) -> int:
         """A descriptor of the directory the caller owns, open for reading (so
