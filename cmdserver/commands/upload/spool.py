@@ -1,9 +1,10 @@
 """The file side of an upload: checks, the hidden temporary file, verification, publishing.
 
 Everything here touches the disk and runs in worker threads, never on the reactor.
-The target directory is opened once and every later step (temporary file, free
-space, link or rename) goes through that directory descriptor, so the file lands
-in the directory that was checked even if a path component is swapped meanwhile.
+The target directory is opened once, through the jail (:meth:`Jail.entry
+<cmdserver.jail.Jail.entry>`), and every later step (temporary file, free space,
+link or rename) goes through that directory descriptor, so the file lands in the
+directory that was checked even if a path component is swapped meanwhile.
 """
 
 from __future__ import annotations
