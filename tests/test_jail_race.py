@@ -6,10 +6,13 @@
   and time changes go through the jail on paths through that directory.  A
   fixed number of rounds, no timing: it asserts that nothing outside is ever
   read, listed, created or changed.
-- ``test_every_interleaving_*``: ``ls``, ``comphash`` and ``upload`` with the
-  swap made before each of their system calls in turn (and back before each
-  later one): deterministic, no threads.  The code before the jail (``realpath``,
-  then open the absolute name) got out of the jail in every one of them.
+- ``test_every_interleaving_*``: ``ls``, ``comphash`` and ``upload``, and each
+  operation of the jail itself, with the swap made before each of their system
+  calls in turn (and back before each later one): deterministic, no threads.
+  The code before the jail (``realpath``, then open the absolute name) got out
+  of the jail in every one of the commands.  The threads find wide windows
+  like that one; these find a window of a single system call (a check, then
+  an open by name, put back into one operation, is caught here at once).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -221,12 +225,22 @@ class Commands:
                 interleaver.run(lambda: results.append(operation(policy)), plan)
                 if (results and escaped(results[0])) or not layout.outside_unchanged():
                     return plan
-                for name in os.listdir(layout.real_dir):
-                    if name.startswith("up"):
-                        os.unlink(name, dir_fd=layout.real_dir)
+                self.reset(layout)
             return None
         finally:
             layout.close()
+
+    @staticmethod
+    def reset(layout: RaceLayout) -> None:
+        """Back to the start inside ``d``: what an operation made goes, what it
+        removed or renamed comes back."""
+        for name in os.listdir(layout.real_dir):
+            if name.startswith("up"):
+                st = os.stat(name, dir_fd=layout.real_dir, follow_symlinks=False)
+                remove = os.rmdir if stat.S_ISDIR(st.st_mode) else os.unlink
+                remove(name, dir_fd=layout.real_dir)
+        layout.put_inside("x", b"x")
+        layout.put_inside("victim", b"victim")
 
 
 def test_every_interleaving_of_the_file_commands(tmp_path: Any, resolver: str) -> None:
@@ -252,4 +266,62 @@ def test_every_interleaving_of_the_file_commands(tmp_path: Any, resolver: str) -
         "upload": commands.escapes(upload_command, lambda _: False),
     }
     # Each command that got out, with the first schedule that let it: {call: "link"}.
+    assert {name: plan for name, plan in escapes.items() if plan} == {}
+
+
+@pytest.mark.skipif(Jail is None, reason="the jail's own operations")
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["unnamed", "named"])
+def test_every_interleaving_of_the_jail_operations(tmp_path: Any, resolver: str,
+                                                   tmpfile: bool) -> None:
+    def jail_of(policy: Policy) -> Any:
+        policy.jail.use_tmpfile = tmpfile
+        return policy.jail
+
+    def read_secret(policy: Policy) -> bytes | None:
+        return read(jail_of(policy), "d/secret")
+
+    def real(policy: Policy) -> str:
+        return jail_of(policy).real_path("d/secret")
+
+    def existing(policy: Policy) -> bytes:
+        with jail_of(policy).entry("d/secret") as entry:
+            fd = entry.open_existing()
+        try:
+            return os.read(fd, 100)
+        finally:
+            os.close(fd)
+
+    def must_work(f: Callable[[Policy], Any]) -> Callable[[Policy], bool]:
+        def run(policy: Policy) -> bool:
+            f(policy)
+            return True
+        return run
+
+    commands = Commands(tmp_path)
+    inside = str(tmp_path)
+    escapes = {
+        "open_file": commands.escapes(read_secret, lambda data: data == OUTSIDE_SECRET),
+        "list_dir": commands.escapes(lambda p: jail_of(p).list_dir("d"),
+                                     lambda names: OUTSIDE_ONLY in names),
+        "scan_dir": commands.escapes(lambda p: [n for n, _ in jail_of(p).scan_dir("d")],
+                                     lambda names: OUTSIDE_ONLY in names),
+        "real_path": commands.escapes(real, lambda path: "/outside/" in path[len(inside):]),
+        "open_existing": commands.escapes(existing, lambda data: data == OUTSIDE_SECRET),
+        "upload": commands.escapes(must_work(lambda p: upload(jail_of(p), "d/up", True)),
+                                   lambda _: False),
+        "rename": commands.escapes(must_work(lambda p: rename(jail_of(p), "d/x", "d/up")),
+                                   lambda _: False),
+        "unlink": commands.escapes(
+            must_work(lambda p: on_entry(jail_of(p), "d/victim", lambda e: e.unlink())),
+            lambda _: False),
+        "mkdir": commands.escapes(
+            must_work(lambda p: on_entry(jail_of(p), "d/up", lambda e: e.mkdir(0o700))),
+            lambda _: False),
+        "chmod": commands.escapes(
+            must_work(lambda p: on_node(jail_of(p), "d/secret", lambda n: n.chmod(0o400))),
+            lambda _: False),
+        "utime": commands.escapes(
+            must_work(lambda p: on_node(jail_of(p), "d/secret", lambda n: n.utime((5, 5)))),
+            lambda _: False),
+    }
     assert {name: plan for name, plan in escapes.items() if plan} == {}
