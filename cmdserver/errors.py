@@ -42,11 +42,19 @@ class NotFound(CommandError):
     """No command has that name."""
 
 
-class PathOutsideRoots(CommandError):
+class Refused(CommandError):
+    """The file jail refused an operation (SFTP answers permission denied)."""
+
+
+class PathOutsideRoots(Refused):
     """A path resolves outside every allowed root."""
 
     def __init__(self) -> None:
         super().__init__("path outside allowed roots")
+
+
+class RootProtected(Refused):
+    """An operation would remove, rename or change the mode of a root itself."""
 
 
 class DeadlineExceeded(CommandError):

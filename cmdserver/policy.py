@@ -8,7 +8,7 @@ import resource
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING
 
-from cmdserver.errors import CommandError, PathOutsideRoots
+from cmdserver.jail import Jail
 
 if TYPE_CHECKING:
     from cmdserver.commands.portscan.scanner import Scan
@@ -20,30 +20,15 @@ DEFAULT_SCAN_ALLOW = ("127.0.0.0/8", "::1/128")
 class Policy:
     """Limits shared by every command and every door.
 
-    ``roots`` are the directories file commands may touch.  Paths are resolved
-    with :func:`os.path.realpath`, so ``..`` and symlinks that lead out of every
-    root are refused.  Resolution touches the filesystem: call it from a thread.
+    ``roots`` are the directories file commands may touch (their real paths);
+    ``jail`` (:class:`~cmdserver.jail.Jail`) is the one way to touch them: every
+    door and command opens, lists, creates and changes files through it.
     """
 
     def __init__(self, roots: Sequence[str], scan: ScanPolicy | None = None) -> None:
-        if not roots:
-            raise ValueError("at least one root is needed")
-        self.roots = [os.path.realpath(r) for r in roots]
+        self.jail = Jail(roots)
+        self.roots = self.jail.roots
         self.scan = scan if scan is not None else ScanPolicy()
-
-    def resolve(self, path: str | None) -> str:
-        """The real path for ``path`` if it lies inside a root; else raise.
-
-        Relative paths are relative to the first root; no path means the first root.
-        """
-        if not path:
-            return self.roots[0]
-        if "\0" in path:
-            raise CommandError("invalid path: NUL byte")
-        candidate = os.path.realpath(os.path.join(self.roots[0], path))
-        if not self.contains(candidate):
-            raise PathOutsideRoots()
-        return candidate
 
     def jail_path(self, path: str) -> str | None:
         """``path`` as the jail names it, for the audit log: relative to the first
@@ -64,13 +49,6 @@ class Policy:
                 continue
             return relative if n == 1 else f"root{n}:{relative}"
         return None
-
-    def contains(self, real_path: str) -> bool:
-        """True if the (already resolved) path is a root or lies below one."""
-        for root in self.roots:
-            if real_path == root or real_path.startswith(root.rstrip(os.sep) + os.sep):
-                return True
-        return False
 
 
 class ScanPolicy:

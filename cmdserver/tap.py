@@ -110,6 +110,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "scan-timeout": (1.0, positive_number),
     "scan-max-in-flight": (None, positive_int),
     "ssh": ("tcp:2222:interface=127.0.0.1", str),
+    "sftp-max-handles": (64, positive_int),
     # Perspective Broker door
     "pb": (PB_ENDPOINT, str),
     "pb-anonymous": (False, flag),
@@ -163,9 +164,12 @@ class Options(usage.Options):
          "[default: 4096, or half the open-files limit if lower]"],
         ["ssh", None, None, "Endpoint for the SSH door (shell, exec, SFTP), or 'none'. "
          "[default: tcp:2222:interface=127.0.0.1]"],
+        ["sftp-max-handles", None, None, "Files and directories one SFTP session may "
+         "have open at once. [default: 64]"],
         ["pb", None, None, "Endpoint for the Perspective Broker door, or 'none'. "
          f"[default: {PB_ENDPOINT}]"],
-        ["max-upload", None, None, "Largest upload accepted. [default: 1G]"],
+        ["max-upload", None, None, "Largest upload accepted (upload and SFTP). "
+         "[default: 1G]"],
         ["command-timeout", None, None, "Seconds a command may run before it is stopped "
          "(0: no deadline); [command-limits.NAME] in the TOML file sets one command's. "
          f"[default: {DEFAULT_TIMEOUT:g}]"],

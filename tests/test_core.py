@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet import defer
@@ -55,7 +56,9 @@ class SplitTests(unittest.SynchronousTestCase):
 
 class CoreTests(unittest.SynchronousTestCase):
     def setUp(self) -> None:
-        self.core = make_core(self.mktemp())
+        root = self.mktemp()
+        os.makedirs(root)  # the jail opens its root
+        self.core = make_core(root)
         self.events = capture_audit(self, capture_log(self))
         self.ctx = make_context(self.core)
 

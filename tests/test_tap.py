@@ -49,6 +49,7 @@ def test_repeatable_options(tmp_path):
     (["--line", "none", "--ssh", "none", "--pb", "none"], "no front door"),
     (["--pb", "bogus:1"], "--pb bogus:1"),
     (["--ssh", "tcp:x"], "--ssh tcp:x"),
+    (["--sftp-max-handles", "0"], "sftp-max-handles"),
     (["--root", "/nonexistent/dir"], "not an existing directory"),
     (["--config", "/nonexistent.toml"], "No such file"),
     (["--frobnicate"], "frobnicate"),
@@ -117,6 +118,16 @@ def test_make_service(tmp_path):
     line_doors = [d for d in service.doors if d.door == "line"]
     assert {d.factory.wrappedFactory.core for d in line_doors} == {service.core}
     assert {id(d.factory.limits) for d in service.doors} == {id(service.limits)}
+
+
+def test_the_ssh_door_gets_the_sftp_limits(tmp_path):
+    options = parse("--data-dir", str(tmp_path), "--line", "none", "--pb", "none",
+                    "--ssh", "tcp:0:interface=127.0.0.1", "--max-upload", "5M",
+                    "--sftp-max-handles", "16")
+    [door] = tap.makeService(options).doors
+    settings = door.factory.wrappedFactory.settings
+    assert (settings.max_upload, settings.sftp_max_handles) == (5 << 20, 16)
+    assert parse("--data-dir", str(tmp_path))["sftp-max-handles"] == 64
 
 
 def test_existing_data_dir_is_tightened(tmp_path):

@@ -19,8 +19,14 @@ caps it, and ``help`` shows it.  What keeps it safe:
 - Every value is checked by its declared type (``int``, ``choice``, ``word``,
   ``path``) before anything runs, and may not start with ``-`` (so it cannot
   pass for an option) unless the argument says ``allow_dash = true``.
-- A ``path`` is resolved inside the user's jail (:meth:`Policy.resolve`, in a
-  thread, never on the reactor) and the program gets the resolved real path.
+- A ``path`` is resolved inside the user's jail (:meth:`Jail.real_path
+  <cmdserver.jail.Jail.real_path>`, in a thread, never on the reactor) and the
+  program gets the resolved real path.  A program can only be given a name, and
+  it walks that name again when it opens it: a user who can rename inside the
+  jail meanwhile (SFTP) could swap a directory on that path for a symlink that
+  leads out.  So a declared program should treat its path as untrusted, or the
+  roots it is given should not be writable by the users who may run it
+  (docs/security.md, *Declared commands*).
 - The child has a minimal environment (``PATH=os.defpath``, ``LC_ALL=C``),
   runs in the first root of the user, and its stdin is closed.
 
@@ -69,6 +75,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cmdserver.commands.base import Command, Context, OutputSink
+from cmdserver.commands.files import os_error
 from cmdserver.commands.params import (
     PATH,
     SAFE_WORD,
@@ -400,7 +407,13 @@ class DeclaredCommand(Command):
 
 def resolve_paths(policy: Policy, paths: dict[str, str]) -> dict[str, str]:
     """The real path of each value inside the jail (in a thread: it touches the disk)."""
-    return {name: policy.resolve(value) for name, value in paths.items()}
+    real = {}
+    for name, value in paths.items():
+        try:
+            real[name] = policy.jail.real_path(value)
+        except OSError as e:
+            raise os_error(e, value) from None
+    return real
 
 
 class SessionProcess(Process):

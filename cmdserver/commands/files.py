@@ -1,6 +1,8 @@
 """File commands inside the jail: ``ls`` and ``comphash``.
 
-Both resolve the path and touch the disk in a thread, never on the reactor.
+Both go through the jail (:class:`cmdserver.jail.Jail`), in a thread, never on
+the reactor: the file is opened relative to its root, never by a checked name,
+and upload temporary files are neither listed nor read.
 """
 
 from __future__ import annotations
@@ -8,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import stat
 import threading
 from typing import Any
 
@@ -35,19 +36,13 @@ def os_error(e: OSError, path: str) -> CommandError:
     return CommandError(f"{reason}: {path}")
 
 
-def open_regular(real: str, shown: str) -> int:
-    """Open a regular file for reading without blocking on FIFOs or devices."""
+def open_regular(policy: Policy, path: str) -> int:
+    """Open a regular file of the jail for reading; FIFOs and devices are refused
+    without being opened."""
     try:
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return policy.jail.open_file(path)
     except OSError as e:
-        raise os_error(e, shown) from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        kind = "is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise CommandError(f"{kind}: {shown}")
-    os.set_blocking(fd, True)
-    return fd
+        raise os_error(e, path) from None
 
 
 def hash_file(policy: Policy, path: str, algo: str, cancelled: threading.Event) -> str:
@@ -56,7 +51,7 @@ def hash_file(policy: Policy, path: str, algo: str, cancelled: threading.Event) 
     A file that shrinks or grows while it is read has no one true hash: that is
     an error, not the hash of whatever bytes happened to be read.
     """
-    fd = open_regular(policy.resolve(path), path)
+    fd = open_regular(policy, path)
     digest = hashlib.new(algo)
     # An anonymous mapping rather than a bytearray: it goes back to the system at
     # once, where 1 MiB blocks freed by many pool threads fragment malloc's arenas.
@@ -80,9 +75,8 @@ def hash_file(policy: Policy, path: str, algo: str, cancelled: threading.Event) 
 
 
 def list_dir(policy: Policy, path: str | None, cancelled: threading.Event) -> list[str]:
-    real = policy.resolve(path)
     try:
-        return sorted(os.listdir(real))
+        return policy.jail.list_dir(path)
     except OSError as e:
         raise os_error(e, path or ".") from None
 

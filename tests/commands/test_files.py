@@ -11,6 +11,7 @@ from twisted.trial import unittest
 
 from cmdserver.commands import files
 from cmdserver.errors import CommandError
+from cmdserver.jail import temp_name
 from cmdserver.policy import Policy
 from tests.helpers import make_context, make_core
 
@@ -109,6 +110,16 @@ class FileCommandTests(unittest.SynchronousTestCase):
         self.assertEqual(self.lines("ls nope"), ["Error: no such file or directory: nope"])
         self.assertEqual(self.lines("ls blob"), ["Error: not a directory: blob"])
         self.assertEqual(self.lines("ls a b"), ["Error: usage: ls [PATH]"])
+
+    def test_upload_temporary_files_are_neither_listed_nor_read(self) -> None:
+        temp = temp_name("blob", "0123abcd")
+        with open(os.path.join(self.root, "sub", temp), "wb") as f:
+            f.write(b"half an upload")
+        os.symlink(temp, os.path.join(self.root, "sub", "alias"))
+        self.assertEqual(self.lines("ls sub"), ["alias"])
+        refusal = "Error: reserved name (upload temporary files look like it): "
+        self.assertEqual(self.lines(f"comphash sub/{temp}"), [refusal + f"sub/{temp}"])
+        self.assertEqual(self.lines("comphash sub/alias"), [refusal + "sub/alias"])
 
     def test_os_error_reasons(self) -> None:
         e = files.os_error(OSError(5, "Input/output error"), "p")

@@ -74,8 +74,8 @@ class FileEngines:
 
     def __call__(self, ctx: Context, name: str, size: int, mac_hex: str) -> Deferred:
         try:
-            target = ctx.policy.resolve(name)
-        except CommandError as e:
+            target = ctx.policy.jail.real_path(name)
+        except (CommandError, OSError) as e:
             return defer.fail(e)
         if os.path.exists(target):
             return defer.fail(CommandError(f"target exists: {name}"))

@@ -24,6 +24,7 @@ from twisted.trial import unittest
 
 from cmdserver.cli import main as cli
 from cmdserver.commands.upload.spool import TEMP_RE, temp_name
+from cmdserver.jail import Jail
 from tests.end_to_end.support import RunningService, in_thread
 
 SSH = shutil.which("ssh")
@@ -95,6 +96,9 @@ class DeployedSSHTest(DeployedSSHBase):
 
     @defer.inlineCallbacks
     def test_stale_sftp_temp_file_removed_at_start_current_run_kept(self) -> Any:
+        # SFTP uploads are unnamed files where the filesystem has O_TMPFILE (nothing
+        # to leave behind); elsewhere they are named temporary files, swept at start.
+        self.patch(Jail, "use_tmpfile", False)
         first = yield self.serve()
 
         def half_upload() -> tuple[paramiko.SSHClient, Any]:

@@ -751,9 +751,65 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
         yield self.in_thread(write_some)
         names = os.listdir(self.root)
         self.assertNotIn("big.bin", names)
-        self.assertEqual(len([n for n in names if TEMP_RE.match(n)]), 1)
+        # An unnamed file (O_TMPFILE) where the filesystem has it, else a hidden one.
+        named = 0 if self.core.policy.jail.use_tmpfile else 1
+        self.assertEqual(len([n for n in names if TEMP_RE.match(n)]), named)
         yield self.in_thread(client.get_transport().sock.close)  # the client dies
         yield wait_for(lambda: os.listdir(self.root) == ["notes.txt"], "temp file removed")
+
+    def limited_door(self, **limits: Any) -> defer.Deferred:
+        """A second SSH door on this service with these settings; connections made
+        by the helpers go to it from now on."""
+        settings = SSHSettings(idle_timeout=60, password_delay=0, **limits)
+        door = add_ssh_door(self.service, "tcp:0:interface=127.0.0.1:backlog=10", _KEY_DIR,
+                            settings)
+
+        def listening(port: Any) -> None:
+            self.port = port.getHost().port
+
+        return door.listening.addCallback(listening)
+
+    @defer.inlineCallbacks
+    def test_sftp_upload_limit(self) -> Any:
+        yield self.limited_door(max_upload=1000)
+
+        def session(sftp: paramiko.SFTPClient) -> tuple[str, list[str]]:
+            remote = sftp.open("big.bin", "wb")
+            try:
+                remote.write(b"x" * 2000)
+                remote.flush()  # waits for the answer to the write
+                too_large = ""
+            except OSError as e:
+                too_large = str(e)
+            remote.close()  # paramiko keeps the answer to a close to itself
+            sftp.putfo(io.BytesIO(b"y" * 1000), "fits.bin")
+            return too_large, sorted(sftp.listdir("."))
+
+        too_large, names = yield self.sftp(session)
+        self.assertIn("upload too large: 2000 bytes (the limit is 1000 bytes)", too_large)
+        self.assertEqual(names, ["fits.bin", "notes.txt"])
+        self.assertEqual(sorted(os.listdir(self.root)), ["fits.bin", "notes.txt"])
+
+    @defer.inlineCallbacks
+    def test_sftp_handle_cap(self) -> Any:
+        yield self.limited_door(sftp_max_handles=4)
+
+        def session(sftp: paramiko.SFTPClient) -> tuple[str, bytes]:
+            held = [sftp.open("notes.txt", "rb") for _ in range(4)]
+            try:
+                sftp.open("notes.txt", "rb")
+                refused = ""
+            except OSError as e:
+                refused = str(e)
+            for handle in held:
+                handle.close()
+            with sftp.open("notes.txt", "rb") as f:  # they were given back: it opens
+                return refused, f.read()
+
+        refused, again = yield self.sftp(session)
+        self.assertIn("too many open files and directories (the limit is 4 per session)",
+                      refused)
+        self.assertEqual(again, b"hello\n")
 
     # -- OpenSSH -------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """The file side of an upload: checks, the hidden temporary file, verification, publishing.
 
 Everything here touches the disk and runs in worker threads, never on the reactor.
-The target directory is opened once and every later step (temporary file, free
-space, link or rename) goes through that directory descriptor, so the file lands
-in the directory that was checked even if a path component is swapped meanwhile.
+The target directory is opened once, through the jail (:meth:`Jail.entry
+<cmdserver.jail.Jail.entry>`), and every later step (temporary file, free space,
+link or rename) goes through that directory descriptor, so the file lands in the
+directory that was checked even if a path component is swapped meanwhile.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import fcntl
 import hashlib
 import hmac
 import os
-import re
 import secrets
 import stat
 from collections.abc import Callable, Sequence
@@ -22,15 +22,18 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 
 from cmdserver.commands.upload.stream import Countdown, HashThread
-from cmdserver.errors import CommandError
+from cmdserver.errors import CommandError, RootProtected
+from cmdserver.jail import (  # noqa: F401 - the temporary files' names live with the jail
+    NAME_IN_TEMP,
+    TEMP_MARK,
+    TEMP_RE,
+    open_temp,
+    temp_name,
+)
 from cmdserver.policy import Policy
 
 log = Logger()
 
-TEMP_MARK = ".cmdserver-upload-"
-# .NAME.cmdserver-upload-RUNID-RANDOM: RUNID tells this run's files from a dead run's.
-TEMP_RE = re.compile(r"\A\..*\.cmdserver-upload-([0-9a-f]{8})-[0-9a-f]{8}\Z", re.DOTALL)
-NAME_IN_TEMP = 100  # characters of the target name kept in the temporary name
 IOV_MAX = 512  # buffers per writev call (the kernel's limit is 1024)
 FLUSH_STEP = 32 << 20  # bytes written between two writeback kicks
 PARALLEL_MIN = 8 << 20  # uploads this large hash in helper threads, beside the writes
@@ -59,31 +62,6 @@ class UploadResult:
 def new_run_id() -> str:
     """A token for this daemon run; temporary files carrying another one are stale."""
     return secrets.token_hex(4)
-
-
-def temp_name(name: str, run_id: str) -> str:
-    """``.NAME.cmdserver-upload-RUNID-RANDOM``, with NAME cut to keep it a legal name."""
-    short = os.fsencode(name)[:NAME_IN_TEMP].decode("utf-8", "ignore")
-    return f".{short}{TEMP_MARK}{run_id}-{secrets.token_hex(4)}"
-
-
-def open_temp(base: str, run_id: str, dir_fd: int) -> tuple[str, int]:
-    """Create a hidden temporary file for ``base`` in the directory ``dir_fd``.
-
-    Every door that spools a file before publishing it (upload, SFTP put) names
-    it with :func:`temp_name` through here, so the one start-up sweep
-    (:func:`remove_stale`) removes what a dead run left of either.  Returns the
-    name and a descriptor open for writing (mode 0600, never an existing file
-    or a symlink); raises ``OSError``.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-    for _ in range(5):
-        tmp = temp_name(base, run_id)
-        try:
-            return tmp, os.open(tmp, flags, 0o600, dir_fd=dir_fd)
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "too many name clashes")
 
 
 def write_all(fd: int, chunks: Sequence[Chunk], writer: Writer = os.writev) -> None:
@@ -313,17 +291,22 @@ def open_spool(policy: Policy, name: str, size: int, key: bytes, overwrite: bool
     """
     if name.endswith("/") or name.endswith("/.") or name.endswith("/.."):
         raise CommandError(f"not a file name: {name}")
-    real = policy.resolve(name)
-    if real in policy.roots:
-        raise CommandError(f"is a directory: {name}")
-    parent, base = os.path.split(real)
     try:
-        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        entry = policy.jail.entry(name)
+    except RootProtected:
+        raise CommandError(f"is a directory: {name}") from None
     except (FileNotFoundError, NotADirectoryError):
         raise CommandError(f"no such directory: {os.path.dirname(name) or '.'}") from None
     except OSError as e:
         raise CommandError(f"cannot open the directory of {name}: "
                            f"{(e.strerror or str(e)).lower()}") from None
+    with entry:
+        base = entry.name
+        try:
+            dir_fd = entry.directory()
+        except OSError as e:
+            raise CommandError(f"cannot open the directory of {name}: "
+                               f"{(e.strerror or str(e)).lower()}") from None
     try:
         return _create(name, size, dir_fd, base, key, overwrite, run_id, writer)
     except BaseException:
@@ -365,20 +348,23 @@ def _create(name: str, size: int, dir_fd: int, base: str, key: bytes, overwrite:
 def remove_stale(roots: Sequence[str], run_id: str) -> list[str]:
     """Delete temporary upload files left by an earlier run (a crash, kill -9).
 
-    Walks the roots without following symlinks; only regular files whose name
-    has the upload temporary form and another run's token are removed.
+    Walks the roots by directory descriptors (``os.fwalk``), without following
+    symlinks, and removes relative to them: a directory renamed meanwhile cannot
+    send the sweep outside the roots.  Only regular files whose name has the
+    upload temporary form and another run's token are removed.
     """
     removed = []
     for root in roots:
-        for dirpath, _dirs, files in os.walk(root):
+        for dirpath, _dirs, files, dir_fd in os.fwalk(root):
             for filename in files:
                 m = TEMP_RE.match(filename)
                 if m is None or m.group(1) == run_id:
                     continue
                 path = os.path.join(dirpath, filename)
                 try:
-                    if stat.S_ISREG(os.lstat(path).st_mode):
-                        os.unlink(path)
+                    if stat.S_ISREG(os.stat(filename, dir_fd=dir_fd,
+                                            follow_symlinks=False).st_mode):
+                        os.unlink(filename, dir_fd=dir_fd)
                         removed.append(path)
                 except OSError as e:
                     log.error("cannot remove stale upload file {path}: {error}",

@@ -18,6 +18,7 @@ from twisted.python import components
 from cmdserver import __version__
 from cmdserver.auth.portal import Account
 from cmdserver.commands.base import Context, OutputSink
+from cmdserver.commands.upload.engine import DEFAULT_MAX_UPLOAD
 from cmdserver.commands.upload.spool import new_run_id
 from cmdserver.core import CommandCore
 from cmdserver.doors.limits import format_peer
@@ -31,6 +32,7 @@ log = Logger()
 DOOR = "ssh"
 LOGIN_GRACE = 30.0  # seconds from the start of authentication to success
 MAX_AUTH_ATTEMPTS = 3
+SFTP_MAX_HANDLES = 64
 # Answered "no" without a log line: liveness probes and hints, not features we refuse.
 QUIET_REQUESTS = frozenset({b"keepalive@openssh.com", b"no-more-sessions@openssh.com"})
 
@@ -46,6 +48,8 @@ class SSHSettings:
     # The run token in SFTP temporary file names; the start-up sweep of the upload
     # engine spares its own run's files, so makeService passes the engine's token.
     temp_run_id: str = field(default_factory=new_run_id)
+    max_upload: int = DEFAULT_MAX_UPLOAD  # --max-upload: the largest SFTP upload too
+    sftp_max_handles: int = SFTP_MAX_HANDLES  # open files and directories per SFTP session
 
 
 class SSHAvatar(ConchUser):

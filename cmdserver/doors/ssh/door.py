@@ -300,7 +300,8 @@ def build(env: Any, endpoint: str) -> Any:
 
     options = env.options
     settings = SSHSettings(idle_timeout=options["idle-timeout"], max_line=options["max-line"],
-                           temp_run_id=env.uploads.run_id)
+                           temp_run_id=env.uploads.run_id, max_upload=options["max-upload"],
+                           sftp_max_handles=options["sftp-max-handles"])
     return Door(ssh_factory(env.service, options["data-dir"], settings))
 
 

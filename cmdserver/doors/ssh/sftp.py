@@ -1,13 +1,16 @@
 """The SFTP subsystem: ls, get, put, mkdir, rm, rename inside the user's jail.
 
 Conch's ``FileTransferServer`` speaks the protocol; :class:`JailedSFTPServer`
-is our ``ISFTPServer``.  Every path goes through :meth:`Policy.resolve` (or, for
-operations on a directory entry itself, through its parent), and every file
-operation runs in a thread.  Uploads never show a partial file: bytes go to a
-temporary file in the target directory that is renamed into place on close
-and removed if the session dies first.  The temporary file is named and made
-like the upload engine's (:func:`cmdserver.commands.upload.spool.open_temp`), so the
-start-up sweep removes those a killed daemon left behind.
+is our ``ISFTPServer``.  Every path goes through the jail
+(:class:`cmdserver.jail.Jail`): files are opened and changed relative to a
+descriptor of their root or their directory, never by a checked absolute name,
+and every file operation runs in a thread.  Uploads never show a partial file:
+bytes go to an unnamed file in the target directory (``O_TMPFILE``; where the
+filesystem has none, a hidden temporary file named and made like the upload
+engine's, which the start-up sweep removes after a crash) that is linked into
+place on close and dropped if the session dies first.  Uploads obey the upload
+engine's rules: ``--max-upload`` and the free space on the disk.  A session
+holds at most ``--sftp-max-handles`` open files and directories.
 
 Operations are audited through the core (:meth:`CommandCore.audit_operation`),
 in the SSH connection's session: ``get`` and ``put`` when the file is closed
@@ -55,18 +58,18 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cmdserver.commands.base import Context
-from cmdserver.commands.upload.spool import TEMP_RE, open_temp
 from cmdserver.doors.ssh.sftp_files import (
     MAX_DIR_MODE,
     DirectoryListing,
     ReadFile,
     UploadFile,
-    chmod_capped,
+    capped_mode,
     os_error,
     stat_attrs,
     unsupported,
 )
-from cmdserver.errors import CommandError, PathOutsideRoots
+from cmdserver.errors import CommandError, Refused
+from cmdserver.jail import Entry
 
 if TYPE_CHECKING:
     from cmdserver.doors.ssh.avatar import SSHAvatar
@@ -83,8 +86,13 @@ class JailedSFTPServer:
     def __init__(self, avatar: SSHAvatar) -> None:
         self.avatar = avatar
         self.policy = avatar.policy
+        self.jail = avatar.policy.jail
         self.core = avatar.core
-        self.run_id = avatar.settings.temp_run_id
+        settings = avatar.settings
+        self.run_id = settings.temp_run_id
+        self.max_upload = settings.max_upload
+        self.max_handles = settings.sftp_max_handles
+        self.handles = 0  # open files and directories, and opens under way
         self.ctx = Context(self.core, user=avatar.account.name, peer=avatar.peer, door=DOOR,
                            policy=self.policy, session_id=avatar.session_id)
 
@@ -95,10 +103,12 @@ class JailedSFTPServer:
         def call() -> Any:
             try:
                 return f()
-            except PathOutsideRoots as e:
+            except Refused as e:
                 raise SFTPError(FX_PERMISSION_DENIED, e.message) from None
             except CommandError as e:
                 raise SFTPError(FX_FAILURE, e.message) from None
+            except OSError as e:
+                raise os_error(e, _text(paths[0]) if paths else "") from None
 
         d = self.core.in_thread(call)
         d.addErrback(self._refused, action, paths, self.core.reactor.seconds())
@@ -124,32 +134,40 @@ class JailedSFTPServer:
         path = _text(raw)
         return self.policy.jail_path(path) or path
 
-    def _resolve(self, raw: bytes) -> str:
-        """The real path for ``raw``, following symlinks; inside the jail or refused."""
-        return self.policy.resolve(os.fsdecode(raw))
+    def _entry(self, raw: bytes) -> Entry:
+        """The directory entry ``raw`` names, held by its directory's descriptor.
 
-    def _entry(self, raw: bytes) -> str:
-        """The path of the directory entry ``raw`` names, without following it.
-
-        Used to remove, rename or create an entry: a symlink is acted on itself,
-        and only its parent directory must resolve inside the jail.
+        Used to create, remove or rename an entry: a symlink is acted on itself,
+        and only its parent directory must resolve inside the jail.  Names of
+        upload temporary files are refused: another session's upload in progress
+        is not a file yet, and a new one by that name would be swept.
         """
-        path = os.fsdecode(raw)
-        if "\0" in path:
-            raise CommandError("invalid path: NUL byte")
-        full = os.path.normpath(os.path.join(self.policy.roots[0], path))
-        head, name = os.path.split(full)
-        if name in ("", ".", ".."):
-            raise PathOutsideRoots()
-        return os.path.join(self.policy.resolve(head), name)
+        return self.jail.entry(os.fsdecode(raw))
 
-    @staticmethod
-    def _not_reserved(entry: str, raw: bytes) -> None:
-        """Refuse a file named like a temporary file: another session's upload in
-        progress is not a file yet, and a new one by that name would be swept."""
-        if TEMP_RE.match(os.path.basename(entry)):
-            raise SFTPError(FX_FAILURE, "reserved name (upload temporary files look like "
-                                        f"it): {os.fsdecode(raw)}")
+    # -- open handles ---------------------------------------------------------
+
+    def _claim_handle(self) -> None:
+        """Count one more open file or directory; refuse past the session's cap."""
+        if self.handles >= self.max_handles:
+            raise SFTPError(FX_FAILURE, f"too many open files and directories (the limit "
+                                        f"is {self.max_handles} per session)")
+        self.handles += 1
+
+    def release_handle(self) -> None:
+        """An open file or directory was closed (each calls this once)."""
+        self.handles -= 1
+
+    def _open_handle(self, action: str, f: Callable[[], Any], path: bytes) -> Deferred:
+        try:
+            self._claim_handle()
+        except SFTPError:
+            return self._audited(action, defer.fail(), path)
+
+        def failed(failure: Failure) -> Failure:
+            self.release_handle()
+            return failure
+
+        return self._audited(action, self._run(action, f, path).addErrback(failed), path)
 
     # -- ISFTPServer ---------------------------------------------------------
 
@@ -157,170 +175,109 @@ class JailedSFTPServer:
         return {}
 
     def realPath(self, path: bytes) -> Deferred:
-        return self._run("realpath", lambda: os.fsencode(self._resolve(path)), path)
+        return self._run("realpath", lambda: os.fsencode(self.jail.real_path(_text(path))),
+                         path)
 
     def getAttrs(self, path: bytes, followLinks: bool) -> Deferred:
         def stat_path() -> dict:
-            if followLinks:
-                real = self._resolve(path)
-                try:
-                    return stat_attrs(os.stat(real))
-                except OSError as e:
-                    raise os_error(e, os.fsdecode(path)) from None
-            entry = self._entry(path)
-            try:
-                return stat_attrs(os.lstat(entry))
-            except OSError as e:
-                raise os_error(e, os.fsdecode(path)) from None
+            name = os.fsdecode(path)
+            return stat_attrs(self.jail.stat(name) if followLinks else self.jail.lstat(name))
 
         return self._run("stat", stat_path, path)
 
     def setAttrs(self, path: bytes, attrs: dict) -> Deferred:
         def apply() -> None:
-            real = self._resolve(path)
-            try:
-                _apply_attrs(real, attrs)
-            except OSError as e:
-                raise os_error(e, os.fsdecode(path)) from None
+            with self.jail.node(os.fsdecode(path)) as node:
+                _apply_attrs(node, attrs)
 
         return self._run("setstat", apply, path)
 
     def openDirectory(self, path: bytes) -> Deferred:
         def listing() -> DirectoryListing:
-            real = self._resolve(path)
-            try:
-                names = sorted(os.listdir(real))
-            except OSError as e:
-                raise os_error(e, os.fsdecode(path)) from None
-            entries = []
-            for name in names:
-                if TEMP_RE.match(name):
-                    continue  # an upload in progress is not a file yet
-                try:
-                    st = os.lstat(os.path.join(real, name))
-                except OSError:
-                    continue  # removed meanwhile
-                entries.append((os.fsencode(name), lsLine(name, st).encode("utf-8", "replace"),
-                                stat_attrs(st)))
-            return DirectoryListing(entries)
+            entries = [(os.fsencode(name), lsLine(name, st).encode("utf-8", "replace"),
+                        stat_attrs(st))
+                       for name, st in self.jail.scan_dir(os.fsdecode(path))]
+            return DirectoryListing(entries, self)
 
-        return self._audited("ls", self._run("ls", listing, path), path)
+        return self._open_handle("ls", listing, path)
 
     def openFile(self, filename: bytes, flags: int, attrs: dict) -> Deferred:
         if flags & (FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC):
             if flags & (FXF_READ | FXF_APPEND):
                 return defer.fail(unsupported("reading and appending to an upload"))
-            d = self._run("put", lambda: self._open_upload(filename, flags, attrs), filename)
-            return self._audited("put", d, filename)
-        d = self._run("get", lambda: self._open_read(filename), filename)
-        return self._audited("get", d, filename)
+            return self._open_handle(
+                "put", lambda: self._open_upload(filename, flags, attrs), filename)
+        return self._open_handle("get", lambda: self._open_read(filename), filename)
 
     def _open_read(self, filename: bytes) -> ReadFile:
-        real = self._resolve(filename)
-        self._not_reserved(real, filename)
-        try:
-            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise os_error(e, os.fsdecode(filename)) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # FIFOs and devices could block a thread
-            os.close(fd)
-            raise SFTPError(FX_FAILURE, f"not a regular file: {os.fsdecode(filename)}")
-        return ReadFile(self, fd, filename)
+        return ReadFile(self, self.jail.open_file(os.fsdecode(filename)), filename)
 
     def _open_upload(self, filename: bytes, flags: int, attrs: dict) -> UploadFile:
-        target = self._entry(filename)
         shown = os.fsdecode(filename)
-        self._not_reserved(target, filename)
-        exists = os.path.lexists(target)
-        if exists and flags & FXF_EXCL:
-            raise SFTPError(FX_FILE_ALREADY_EXISTS, f"file exists: {shown}")
-        if exists and os.path.isdir(target):
-            raise SFTPError(FX_FAILURE, f"is a directory: {shown}")
-        if not exists and not flags & FXF_CREAT:
-            raise SFTPError(filetransfer.FX_NO_SUCH_FILE, f"no such file: {shown}")
-        replaced = None
-        if exists and not flags & FXF_TRUNC:
-            # Written into without truncating (OpenSSH's scp does): the upload
-            # starts as the file's content and still replaces it whole on close.
-            replaced = self._open_replaced(target, shown)
-        directory, base = os.path.split(target)
-        try:
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        with self._entry(filename) as entry:
+            st = entry.lstat()
+            if st is not None and flags & FXF_EXCL:
+                raise SFTPError(FX_FILE_ALREADY_EXISTS, f"file exists: {shown}")
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                raise SFTPError(FX_FAILURE, f"is a directory: {shown}")
+            if st is None and not flags & FXF_CREAT:
+                raise SFTPError(filetransfer.FX_NO_SUCH_FILE, f"no such file: {shown}")
+            replaced = None
+            if st is not None and not flags & FXF_TRUNC:
+                # Written into without truncating (OpenSSH's scp does): the upload
+                # starts as the file's content and still replaces it whole on close.
+                replaced = self._open_replaced(entry, shown)
             try:
-                name, fd = open_temp(base, self.run_id, dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as e:
-            if replaced is not None:
-                os.close(replaced)
-            raise os_error(e, shown) from None
-        temp = os.path.join(directory, name)
+                temp = entry.create_temp(self.run_id)
+            except BaseException:
+                if replaced is not None:
+                    os.close(replaced)
+                raise
         # The mode the client asks for (OpenSSH's sftp sends the local file's) is
         # ignored: an uploaded file is 0600, as with the upload command.
-        return UploadFile(self, fd, temp, target, exclusive=bool(flags & FXF_EXCL),
-                          name=filename, base=replaced)
+        return UploadFile(self, temp, exclusive=bool(flags & FXF_EXCL), name=filename,
+                          base=replaced)
 
     @staticmethod
-    def _open_replaced(target: str, shown: str) -> int:
+    def _open_replaced(entry: Entry, shown: str) -> int:
         """The file an upload writes into, for reading; never through a symlink."""
         try:
-            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            return entry.open_existing()
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise unsupported("writing into a symlink") from None
-            raise os_error(e, shown) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise SFTPError(FX_FAILURE, f"not a regular file: {shown}")
-        return fd
+            raise
 
     def removeFile(self, filename: bytes) -> Deferred:
         def remove() -> None:
-            entry = self._entry(filename)
-            self._not_reserved(entry, filename)
-            try:
-                if os.path.isdir(entry) and not os.path.islink(entry):
-                    raise SFTPError(FX_FAILURE, f"is a directory: {os.fsdecode(filename)}")
-                os.unlink(entry)
-            except OSError as e:
-                raise os_error(e, os.fsdecode(filename)) from None
+            with self._entry(filename) as entry:
+                entry.unlink()
 
         return self._audited("rm", self._run("rm", remove, filename), filename)
 
     def renameFile(self, oldpath: bytes, newpath: bytes) -> Deferred:
         def rename() -> None:
-            old, new = self._entry(oldpath), self._entry(newpath)
-            self._not_reserved(old, oldpath)
-            self._not_reserved(new, newpath)
-            if os.path.lexists(new):  # SFTP v3: renaming onto an existing name fails
-                raise SFTPError(FX_FILE_ALREADY_EXISTS, f"file exists: {os.fsdecode(newpath)}")
-            try:
-                os.rename(old, new)
-            except OSError as e:
-                raise os_error(e, os.fsdecode(oldpath)) from None
+            with self._entry(oldpath) as old, self._entry(newpath) as new:
+                try:
+                    old.rename_to(new)  # SFTP v3: renaming onto an existing name fails
+                except FileExistsError:
+                    raise SFTPError(FX_FILE_ALREADY_EXISTS,
+                                    f"file exists: {os.fsdecode(newpath)}") from None
 
         d = self._run("rename", rename, oldpath, newpath)
         return self._audited("rename", d, oldpath, newpath)
 
     def makeDirectory(self, path: bytes, attrs: dict) -> Deferred:
         def mkdir() -> None:
-            entry = self._entry(path)
-            try:
-                os.mkdir(entry, attrs.get("permissions", MAX_DIR_MODE) & MAX_DIR_MODE)
-            except OSError as e:
-                raise os_error(e, os.fsdecode(path)) from None
+            with self._entry(path) as entry:
+                entry.mkdir(attrs.get("permissions", MAX_DIR_MODE) & MAX_DIR_MODE)
 
         return self._audited("mkdir", self._run("mkdir", mkdir, path), path)
 
     def removeDirectory(self, path: bytes) -> Deferred:
         def rmdir() -> None:
-            entry = self._entry(path)
-            if entry in self.policy.roots:
-                raise SFTPError(FX_PERMISSION_DENIED, "a root cannot be removed")
-            try:
-                os.rmdir(entry)
-            except OSError as e:
-                raise os_error(e, os.fsdecode(path)) from None
+            with self._entry(path) as entry:
+                entry.rmdir()
 
         return self._audited("rmdir", self._run("rmdir", rmdir, path), path)
 
@@ -435,16 +392,18 @@ _REPLIES = frozenset({FXP_STATUS, FXP_HANDLE, FXP_DATA, FXP_NAME, FXP_ATTRS,
                       FXP_EXTENDED_REPLY})
 
 
-def _apply_attrs(path: str, attrs: dict) -> None:
+def _apply_attrs(node: Any, attrs: dict) -> None:
+    """SETSTAT on a resolved file or directory (a :class:`cmdserver.jail.Node`)."""
     if "uid" in attrs:
         raise unsupported("changing owner")
+    st = node.stat()
     # A file changes only by a whole upload; a size it already has changes nothing.
-    if "size" in attrs and attrs["size"] != os.stat(path).st_size:
+    if "size" in attrs and attrs["size"] != st.st_size:
         raise unsupported("changing the size of a file (upload it again)")
-    if "permissions" in attrs:  # narrowed, never widened: see capped_mode
-        chmod_capped(path, attrs["permissions"])
+    if "permissions" in attrs:  # narrowed, never widened; never a root's
+        node.chmod(capped_mode(st.st_mode, attrs["permissions"]))
     if "atime" in attrs:
-        os.utime(path, (attrs["atime"], attrs["mtime"]))
+        node.utime((attrs["atime"], attrs["mtime"]))
 
 
 def _text(value: Any) -> str:

@@ -2,11 +2,14 @@
 
 Every operation on a descriptor runs in a thread, one after the other in the
 order the requests came, and is answered in that order; closing waits for the
-reads or writes before it.  An upload is a temporary file in the target
-directory that :meth:`UploadFile.close` fsyncs and renames over the target,
-and :meth:`UploadFile.abort` removes when the session ends first.  A file is
-audited (``get``, ``put``) when it is closed or abandoned, with the bytes read
-or written.
+reads or writes before it.  An upload is a :class:`cmdserver.jail.TempFile` in
+the target directory (unnamed where the filesystem allows) that
+:meth:`UploadFile.close` fsyncs and links into place, and
+:meth:`UploadFile.abort` drops when the session ends first.  Writes past
+``--max-upload`` or past the free space on the disk fail and discard the
+upload.  A file is audited (``get``, ``put``) when it is closed or abandoned,
+with the bytes read or written.  Each open file or listing counts against the
+session's cap on handles until it is closed.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from cmdserver.text import escape
 
 if TYPE_CHECKING:
     from cmdserver.doors.ssh.sftp import JailedSFTPServer
+    from cmdserver.jail import TempFile
 
 log = Logger()
 
@@ -69,22 +73,6 @@ def capped_mode(st_mode: int, requested: int) -> int:
     return requested & (MAX_DIR_MODE if stat.S_ISDIR(st_mode) else FILE_MODE)
 
 
-def chmod_capped(path: str, requested: int) -> None:
-    """Set ``path``'s mode to ``requested`` as :func:`capped_mode` allows.
-
-    The type is read from, and the mode set through, one descriptor (``O_PATH``,
-    without following a last-moment symlink), so an entry swapped for another
-    between the two steps cannot get a directory's mode on a file.
-    """
-    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        mode = capped_mode(os.fstat(fd).st_mode, requested)
-        # fchmod refuses O_PATH descriptors; the /proc link reaches the same inode.
-        os.chmod(f"/proc/self/fd/{fd}", mode)
-    finally:
-        os.close(fd)
-
-
 def unsupported(what: str) -> SFTPError:
     """The status for what this server deliberately does not do."""
     return SFTPError(FX_OP_UNSUPPORTED, f"{what} is not supported here")
@@ -93,14 +81,19 @@ def unsupported(what: str) -> SFTPError:
 class DirectoryListing:
     """A directory's entries, read in full by a thread, handed out by conch."""
 
-    def __init__(self, entries: list[tuple[bytes, bytes, dict]]) -> None:
+    def __init__(self, entries: list[tuple[bytes, bytes, dict]],
+                 server: JailedSFTPServer | None = None) -> None:
         self.entries = entries
+        self.server = server
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes, dict]]:
         return iter(self.entries)
 
     def close(self) -> None:
         self.entries = []
+        server, self.server = self.server, None
+        if server is not None:
+            server.release_handle()
 
 
 class _OpenFile:
@@ -122,6 +115,13 @@ class _OpenFile:
         self._busy = False
         self.started = server.core.reactor.seconds()  # for the audit record's duration
         self.moved = 0  # bytes read or written
+        self._holds_handle = True
+
+    def _release(self) -> None:
+        """Give the session's handle back (once), when the file is closed or dropped."""
+        if self._holds_handle:
+            self._holds_handle = False
+            self.server.release_handle()
 
     def _op(self, f: Callable[..., Any], *args: Any) -> Deferred:
         """Run ``f(*args)`` in turn; a closed file fails in turn too."""
@@ -187,13 +187,18 @@ class ReadFile(_OpenFile):
         if self.fd is None:
             return defer.succeed(None)
         fd, self.fd = self.fd, None
+        self._release()
         self.server._audit("get", [self.name], "ok", None, self.started, {"bytes": self.moved})
         return self._in_turn(lambda: os.close(fd))
 
 
 @implementer(ISFTPFile)
 class UploadFile(_OpenFile):
-    """An upload: written to a temporary file, renamed into place on close.
+    """An upload: written to a temporary file, linked into place on close.
+
+    The temporary file (:class:`cmdserver.jail.TempFile`) holds its directory by
+    a descriptor: renaming the directory meanwhile neither loses the file nor
+    sends it elsewhere; it is published in that directory, under its new name.
 
     Opened on an existing file without truncating it (OpenSSH's ``scp`` does
     that), the upload starts as that file's content: ``base`` is the file, and
@@ -202,15 +207,14 @@ class UploadFile(_OpenFile):
     sets the size it wrote, as ``scp`` does.
     """
 
-    def __init__(self, server: JailedSFTPServer, fd: int, temp: str, target: str,
-                 exclusive: bool, name: bytes, base: int | None = None) -> None:
-        super().__init__(server, fd)
+    def __init__(self, server: JailedSFTPServer, temp: TempFile, exclusive: bool,
+                 name: bytes, base: int | None = None) -> None:
+        super().__init__(server, temp.fd)
         self.base = base  # until its bytes are copied in or cut off
         self.base_size = os.fstat(base).st_size if base is not None else 0
         self.prefix = 0  # the client wrote all of [0, prefix) (while base is kept)
         self.end = 0  # the end of the bytes the client wrote
         self.temp = temp
-        self.target = target
         self.mode = FILE_MODE  # an FSETSTAT may narrow it before close
         self.exclusive = exclusive
         self.name = name
@@ -229,9 +233,13 @@ class UploadFile(_OpenFile):
         if self.failed is not None:
             raise SFTPError(FX_FAILURE, f"an earlier write failed ({self.failed})")
         try:
+            self._check_room(fd, offset + len(data))
             if self.base is not None and offset > self.prefix:
                 self._copy_base(fd)  # the gap before offset keeps the file's bytes
             _pwrite_all(fd, data, offset)
+        except SFTPError as e:
+            self.failed = e.message
+            raise
         except OSError as e:
             error = os_error(e, os.fsdecode(self.name))
             self.failed = error.message
@@ -239,6 +247,24 @@ class UploadFile(_OpenFile):
         if self.base is not None:
             self.prefix = max(self.prefix, offset + len(data))
         self.end = max(self.end, offset + len(data))
+
+    def _check_room(self, fd: int, end: int) -> None:
+        """The upload engine's rules for a write that ends at ``end``: not past
+        ``--max-upload`` (so no write at a huge offset either), and not past the
+        free space on the disk (a hole counts as written, as an upload's whole
+        size does)."""
+        limit = self.server.max_upload
+        if end > limit:
+            raise SFTPError(FX_FAILURE, f"upload too large: {end} bytes "
+                                        f"(the limit is {limit} bytes)")
+        size = max(end, self.base_size if self.base is not None else 0)
+        grow = size - os.fstat(fd).st_size
+        if grow > 0:
+            fs = os.fstatvfs(fd)
+            free = fs.f_bavail * fs.f_frsize
+            if grow > free:
+                raise SFTPError(FX_FAILURE, f"not enough disk space: {grow} bytes needed, "
+                                            f"{free} available")
 
     def _copy_base(self, fd: int) -> None:
         """Copy the replaced file's bytes the client has not written (beyond the
@@ -305,6 +331,7 @@ class UploadFile(_OpenFile):
         if self.fd is None:
             return defer.fail(SFTPError(FX_FAILURE, "file is closed"))
         fd, self.fd = self.fd, None
+        self._release()
         d = self._in_turn(lambda: self._commit(fd))
         server = self.server
 
@@ -320,40 +347,32 @@ class UploadFile(_OpenFile):
         return d
 
     def _commit(self, fd: int) -> None:
+        temp = self.temp
         if self.failed is not None:  # a file with a hole in it is never made visible
             self._drop_base()
-            os.close(fd)
-            _remove(self.temp)
+            temp.discard()
             raise SFTPError(FX_FAILURE, f"upload discarded: a write failed ({self.failed})")
         try:
             self._copy_base(fd)
             os.fchmod(fd, self.mode)
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
             if self.times is not None:
-                os.utime(self.temp, self.times)
-            if self.exclusive:
-                os.link(self.temp, self.target)  # fails if the name appeared meanwhile
-                os.unlink(self.temp)
-            else:
-                os.replace(self.temp, self.target)
+                os.utime(fd, self.times)
+            os.fsync(fd)
+            temp.publish(replace=not self.exclusive)  # exclusive: fails if the name appeared
         except OSError as e:
-            if fd >= 0:
-                os.close(fd)
-            _remove(self.temp)
+            temp.discard()
             raise os_error(e, os.fsdecode(self.name)) from None
 
     def abort(self) -> Deferred:
         """The session ended before close: drop the temporary file."""
         if self.fd is None:
             return defer.succeed(None)
-        fd, self.fd = self.fd, None
+        self.fd = None
+        self._release()
 
         def drop() -> None:
             self._drop_base()
-            os.close(fd)
-            _remove(self.temp)
+            self.temp.discard()
 
         log.info("sftp: upload of {name} abandoned, temporary file removed",
                  name=escape(self.name))
@@ -385,13 +404,6 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
         if not copied:
             return  # the file got shorter meanwhile
         offset += copied
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _closed() -> None:

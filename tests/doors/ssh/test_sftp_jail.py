@@ -20,7 +20,9 @@ from twisted.conch.ssh.filetransfer import (
     SFTPError,
 )
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from cmdserver.auth.portal import Account
@@ -46,7 +48,14 @@ class FakeAvatar:
 
 
 class SFTPServerTestBase(OutsideTreeTempMixin, unittest.TestCase):
-    """A jailed SFTP server on a root with ``a.txt`` and a directory outside it."""
+    """A jailed SFTP server on a root with ``a.txt`` and a directory outside it.
+
+    Uploads are unnamed files (``O_TMPFILE``) where the filesystem has them;
+    with ``named_temps`` the tests run with the named temporary files that are
+    the fallback elsewhere.
+    """
+
+    named_temps = False
 
     def setUp(self) -> None:
         base = os.path.realpath(self.mktemp())
@@ -59,6 +68,8 @@ class SFTPServerTestBase(OutsideTreeTempMixin, unittest.TestCase):
         with open(os.path.join(self.root, "a.txt"), "w") as f:
             f.write("alpha")
         policy = Policy([self.root])
+        if self.named_temps:
+            policy.jail.use_tmpfile = False
         core = CommandCore(Registry(), policy, task.Clock(),
                            run_in_thread=lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw))
         self.server = JailedSFTPServer(cast(SSHAvatar, FakeAvatar(core, policy)))
@@ -80,6 +91,7 @@ class SFTPServerTestBase(OutsideTreeTempMixin, unittest.TestCase):
 
 class SFTPJailTest(SFTPServerTestBase):
     def test_upload_temp_file_is_named_like_the_upload_engines(self) -> None:
+        self.server.jail.use_tmpfile = False  # where O_TMPFILE is missing
         self.put(b"new.bin", b"data")
         [temp] = self.temps()
         self.assertTrue(temp.startswith(".new.bin.cmdserver-upload-0123abcd-"), temp)
@@ -87,6 +99,21 @@ class SFTPJailTest(SFTPServerTestBase):
         # The start-up sweep of another run removes it; this run's sweep spares it.
         self.assertEqual(remove_stale([self.root], "0123abcd"), [])
         self.assertEqual(remove_stale([self.root], "ffffffff"), [self.path(temp)])
+
+    def test_an_unnamed_upload_leaves_no_name_at_all(self) -> None:
+        if self.named_temps:
+            raise unittest.SkipTest("this class runs with named temporary files")
+        if not self.server.jail.use_tmpfile:
+            raise unittest.SkipTest("no O_TMPFILE here")
+        upload = self.put(b"new.bin", b"data")
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt"])
+        self.successResultOf(upload.close())
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt", "new.bin"])
+        # Replacing a file links it under a temporary name, renamed over at once.
+        self.successResultOf(self.put(b"new.bin", b"more").close())
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt", "new.bin"])
+        with open(self.path("new.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"more")
 
     def test_temporary_file_names_are_reserved(self) -> None:
         reserved = temp_name("x", "deadbeef").encode()
@@ -96,6 +123,7 @@ class SFTPJailTest(SFTPServerTestBase):
                                                   ).message)
         self.assertEqual(sorted(os.listdir(self.root)), ["a.txt"])
         # Another session's upload in progress cannot be read, moved or removed.
+        self.server.jail.use_tmpfile = False  # so that it has a name
         self.put(b"b.txt", b"data")
         [temp] = [name.encode() for name in self.temps()]
         for attempt in (self.server.openFile(temp, FXF_READ, {}),
@@ -136,7 +164,7 @@ class SFTPJailTest(SFTPServerTestBase):
     def test_upload_is_invisible_until_close(self) -> None:
         upload = self.put(b"new.bin", b"data")
         self.assertFalse(os.path.exists(self.path("new.bin")))
-        self.assertEqual(len(self.temps()), 1)
+        self.assertEqual(len(self.temps()), 1 if self.named_temps else 0)
         listing = self.successResultOf(self.server.openDirectory(b"."))
         self.assertEqual([name for name, _, _ in listing], [b"a.txt"])
         self.successResultOf(upload.close())
@@ -223,6 +251,142 @@ class SFTPJailTest(SFTPServerTestBase):
     def test_nul_in_a_path_is_an_error(self) -> None:
         self.error(self.server.removeFile(b"a\0b"))
         self.error(self.server.getAttrs(b"a\0b", True))
+
+    def test_renaming_the_directory_of_an_open_upload_loses_nothing(self) -> None:
+        os.makedirs(self.path("sub"))
+        upload = self.put(b"sub/new.bin", b"data")
+        self.successResultOf(self.server.renameFile(b"sub", b"moved"))
+        self.successResultOf(upload.writeChunk(4, b" more"))
+        self.successResultOf(upload.close())
+        # Published in the directory it was opened in, under that directory's new name.
+        self.assertEqual(os.listdir(self.path("moved")), ["new.bin"])
+        with open(self.path("moved", "new.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"data more")
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt", "moved"])
+        # And one dropped after such a rename leaves nothing behind either.
+        upload = self.put(b"moved/other.bin", b"data")
+        self.successResultOf(self.server.renameFile(b"moved", b"again"))
+        protocol = JailedFileTransferServer(self.server)
+        protocol.openFiles[b"1"] = upload
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(os.listdir(self.path("again")), ["new.bin"])
+
+    def test_the_mode_of_a_root_never_changes(self) -> None:
+        os.chmod(self.root, 0o755)
+        os.symlink(".", self.path("self"))
+        for path in (b".", os.fsencode(self.root), b"self", b"sub/.."):
+            os.makedirs(self.path("sub"), exist_ok=True)
+            error = self.error(self.server.setAttrs(path, {"permissions": 0o700}))
+            self.assertEqual((error.code, error.message),
+                             (FX_PERMISSION_DENIED, "the mode of a root cannot be changed"))
+        self.assertEqual(os.stat(self.root).st_mode & 0o777, 0o755)
+        self.successResultOf(self.server.setAttrs(b".", {"atime": 1000, "mtime": 2000}))
+
+
+class SFTPUploadLimitsTest(SFTPServerTestBase):
+    """SFTP uploads obey the upload engine's rules: --max-upload and free space."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.server.max_upload = 10
+
+    def sizes(self, upload: Any) -> int:
+        return os.fstat(upload.temp.fd).st_size
+
+    def test_a_write_past_the_limit_fails_and_discards_the_upload(self) -> None:
+        upload = self.put(b"big.bin", b"12345678")
+        error = self.error(upload.writeChunk(8, b"9ab"))
+        self.assertEqual(error.message, "upload too large: 11 bytes (the limit is 10 bytes)")
+        self.assertEqual(self.sizes(upload), 8)  # nothing of it was written
+        self.assertIn("an earlier write failed", self.error(upload.writeChunk(8, b"9")).message)
+        self.assertEqual(self.error(upload.close()).message,
+                         "upload discarded: a write failed (upload too large: 11 bytes "
+                         "(the limit is 10 bytes))")
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt"])
+
+    def test_no_write_at_a_huge_offset(self) -> None:
+        upload = self.successResultOf(self.server.openFile(b"a.txt", PUT, {}))
+        for offset in (1 << 40, (1 << 64) - 2, 10):
+            upload.failed = None  # each on its own
+            self.assertIn("upload too large", self.error(upload.writeChunk(offset, b"x")).message)
+            self.assertEqual(self.sizes(upload), 0)  # no sparse file either
+        self.error(upload.close())
+        with open(self.path("a.txt")) as f:
+            self.assertEqual(f.read(), "alpha")  # the file it would have replaced stays
+        self.assertEqual(self.temps(), [])
+
+    def test_up_to_the_limit_is_fine(self) -> None:
+        upload = self.put(b"ten.bin", b"01234")
+        self.successResultOf(upload.writeChunk(5, b"56789"))
+        self.successResultOf(upload.writeChunk(0, b"X"))  # rewriting counts once
+        self.successResultOf(upload.close())
+        with open(self.path("ten.bin"), "rb") as f:
+            self.assertEqual(f.read(), b"X123456789")
+
+    def test_a_write_the_disk_has_no_room_for_fails_first(self) -> None:
+        self.server.max_upload = 1 << 30
+        real = os.fstatvfs
+
+        def nearly_full(fd: int) -> Any:
+            st = real(fd)
+            return os.statvfs_result((st.f_bsize, 1024, st.f_blocks, 3, 3, *st[5:]))
+
+        upload = self.put(b"big.bin", b"x" * 2048)  # 3 KiB free: fits
+        self.patch(os, "fstatvfs", nearly_full)
+        self.successResultOf(upload.writeChunk(2048, b"y" * 1024))
+        self.successResultOf(upload.writeChunk(0, b"z" * 3072))  # grows nothing
+        error = self.error(upload.writeChunk(3072, b"w" * 4096))
+        self.assertEqual(error.message, "not enough disk space: 4096 bytes needed, "
+                                        "3072 available")
+        self.assertEqual(self.sizes(upload), 3072)
+        self.assertIn("not enough disk space", self.error(upload.close()).message)
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt"])
+
+
+class SFTPHandleCapTest(SFTPServerTestBase):
+    """At most ``sftp_max_handles`` open files and directories per session."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.server.max_handles = 3
+
+    def test_one_more_than_the_cap_is_refused_until_one_is_closed(self) -> None:
+        fds = len(os.listdir("/proc/self/fd"))
+        read = self.successResultOf(self.server.openFile(b"a.txt", FXF_READ, {}))
+        listing = self.successResultOf(self.server.openDirectory(b"."))
+        upload = self.put(b"new.bin", b"data")
+        for attempt in (self.server.openFile(b"a.txt", FXF_READ, {}),
+                        self.server.openDirectory(b"."),
+                        self.server.openFile(b"b.bin", PUT, {})):
+            self.assertEqual(self.error(attempt).message,
+                             "too many open files and directories (the limit is 3 per session)")
+        self.successResultOf(read.close())
+        again = self.successResultOf(self.server.openFile(b"a.txt", FXF_READ, {}))
+        self.error(self.server.openDirectory(b"."))
+        listing.close()
+        self.successResultOf(upload.close())
+        self.successResultOf(again.close())
+        self.assertEqual(self.server.handles, 0)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), fds)
+
+    def test_failed_opens_and_closes_give_the_handle_back(self) -> None:
+        for _ in range(10):
+            self.error(self.server.openFile(b"missing", FXF_READ, {}))
+            self.error(self.server.openDirectory(b"missing"))
+            self.error(self.server.openFile(b"../outside/x", PUT, {}))
+        upload = self.put(b"new.bin", b"data")
+        upload.failed = "a test"
+        self.error(upload.close())  # a close that fails still closes
+        dropped = self.put(b"other.bin", b"data")
+        protocol = JailedFileTransferServer(self.server)
+        protocol.openFiles[b"1"] = dropped
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.server.handles, 0)
+        handles = [self.successResultOf(self.server.openFile(b"a.txt", FXF_READ, {}))
+                   for _ in range(3)]
+        self.error(self.server.openFile(b"a.txt", FXF_READ, {}))
+        for handle in handles:
+            self.successResultOf(handle.close())
 
 
 class SFTPWriteIntoTest(SFTPServerTestBase):
@@ -312,6 +476,14 @@ class SFTPWriteIntoTest(SFTPServerTestBase):
                       self.error(self.server.openFile(b"pipe", FXF_WRITE, {})).message)
         self.assertEqual(self.temps(), [])
         self.assertEqual(self.content(), b"alpha")
+
+
+class SFTPJailNamedTempTest(SFTPJailTest):
+    named_temps = True
+
+
+class SFTPWriteIntoNamedTempTest(SFTPWriteIntoTest):
+    named_temps = True
 
 
 class SFTPModeTest(SFTPServerTestBase):
