@@ -362,7 +362,8 @@ class DeclaredCommand(Command):
             if not protocol.done.called:
                 protocol.done.errback(failure)
 
-        ctx.core.in_thread(resolve_paths, ctx.policy, paths).addCallbacks(resolved, failed)
+        ctx.core.in_thread(resolve_paths, ctx.policy, paths, ctx=ctx).addCallbacks(
+            resolved, failed)
         return protocol.done
 
     def child_argv(self, values: Mapping[str, Any]) -> list[str]:

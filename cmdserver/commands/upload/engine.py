@@ -322,11 +322,11 @@ class Uploads:
         cancelled = []
         outer: Deferred = Deferred(lambda _: cancelled.append(True))
         inner = ctx.core.in_thread(open_spool, ctx.policy, name, size, key,
-                                   self.settings.overwrite, self.run_id, self.writer)
+                                   self.settings.overwrite, self.run_id, self.writer, ctx=ctx)
 
         def opened(spool: Spool) -> None:
             if cancelled:  # nobody waits: remove the file we just made, off the reactor
-                ctx.core.in_thread(spool.discard).addErrback(
+                ctx.core.in_thread(spool.discard, ctx=ctx).addErrback(
                     lambda f: log.failure("discarding {name}", f, name=escape(name)))
                 return
             upload = Upload(spool, expected, ctx.reactor)

@@ -100,7 +100,7 @@ class JailedSFTPServer:
             except CommandError as e:
                 raise SFTPError(FX_FAILURE, e.message) from None
 
-        d = self.core.in_thread(call)
+        d = self.core.in_thread(call, ctx=self.ctx)
         d.addErrback(self._refused, action, paths, self.core.reactor.seconds())
         return d
 
