@@ -63,6 +63,7 @@ from cmdserver.doors.pb.errors import (
     to_remote,
 )
 from cmdserver.doors.pb.upload import PBUpload, UploadStarter, consumer_starter
+from cmdserver.doors.pb.wire import MESSAGE_LIMIT, BoundedBanana
 from cmdserver.errors import CommandError, MissingArgument, NotFound, UsageError
 from cmdserver.policy import Policy
 from cmdserver.sessions import Session
@@ -302,6 +303,8 @@ class LoginRoot(pb.Referenceable):
                 once.pop()()
 
         self.broker.notifyOnDisconnect(maybe_logout)
+        if isinstance(self.broker, DoorBroker):
+            self.broker.logged_in()
         self.door.core.login(self.session, getattr(avatar.account, "name", "?"), PASSWORD, "ok")
         return remote
 
@@ -389,9 +392,13 @@ class PBDoor:
         return avatar, avatar.logout
 
 
-class DoorBroker(pb.Broker, TimeoutMixin):
+class DoorBroker(BoundedBanana, pb.Broker, TimeoutMixin):
     """A server broker that hangs up on a client silent for the idle timeout,
-    unless one of its calls (a long lastlog, an upload) is still running."""
+    unless one of its calls (a long lastlog, an upload) is still running.
+
+    Messages are decoded within bounds (:mod:`cmdserver.doors.pb.wire`): at
+    most 64 KiB each before a login, 1 MiB after, lists nested at most 32 deep.
+    """
 
     transport: ITransport  # set in makeConnection, before any other callback
     core: CommandCore  # set by DoorFactory
@@ -410,6 +417,13 @@ class DoorBroker(pb.Broker, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         super().dataReceived(data)
+
+    def peer_text(self) -> str:
+        return format_peer(self.transport.getPeer())
+
+    def logged_in(self) -> None:
+        """A login succeeded on this connection: larger messages are fine now."""
+        self.message_limit = MESSAGE_LIMIT
 
     def timeoutConnection(self) -> None:
         if any(self.call_sets):
