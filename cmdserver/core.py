@@ -32,7 +32,7 @@ from cmdserver.audit import (
     audit_publisher,
 )
 from cmdserver.auth.portal import ANONYMOUS
-from cmdserver.commands.base import Command, Context, Registry
+from cmdserver.commands.base import Command, Context, Registry, register_producer
 from cmdserver.errors import (
     CommandError,
     DeadlineExceeded,
@@ -524,6 +524,16 @@ class CappedSink:
         self.reactor = reactor
         self.running: Deferred | None = None
         self.exceeded = False
+        self._unregister: Callable[[], None] | None = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """Back-pressure passes through to the door's sink."""
+        self._unregister = register_producer(self.out, producer)
+
+    def unregisterProducer(self) -> None:
+        if self._unregister is not None:
+            unregister, self._unregister = self._unregister, None
+            unregister()
 
     def line(self, text: str) -> None:
         if self.exceeded:

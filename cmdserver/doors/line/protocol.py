@@ -3,7 +3,9 @@
 Commands from one connection run one after another and their output never
 interleaves; lines that arrive meanwhile wait in a short queue, commands wait
 while the client is not reading our output (the protocol is the transport's
-push producer), and reading stops while the queue is full.  One connection runs
+push producer), and reading stops while the queue is full.  A running command's
+own output source (``lastlog``'s child, registered on its sink) is paused while
+the client does not read.  One connection runs
 at most ``LINES_PER_TURN`` lines per reactor turn, so a flood of short lines
 cannot starve the others.  A client that goes away cancels its running command.
 A command may take over the byte stream for a while (``receive_raw``: the bytes
@@ -84,6 +86,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._batch_size = 0
         self._turn_lines = 0  # lines taken since this reactor turn began
         self._yielding = False  # reading stopped until the next turn
+        self._out_producer: Any = None  # the running command's output source (a child)
 
     # -- connection life --------------------------------------------------
 
@@ -343,6 +346,16 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         for text in texts:
             self.line(text)
 
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """The running command's output source: paused while the client does not
+        read (``lastlog``'s child waits at its pipe), resumed when it does."""
+        self._out_producer = producer
+        if self._write_paused:
+            producer.pauseProducing()
+
+    def unregisterProducer(self) -> None:
+        self._out_producer = None
+
     def server_shutdown(self) -> None:
         """The daemon is stopping: cancel the running command, say why, close."""
         if not self._connected or self._shutting_down:
@@ -363,10 +376,14 @@ class LineProtocol(LineReceiver, TimeoutMixin):
 
     def pauseProducing(self) -> None:
         self._write_paused = True
+        if self._out_producer is not None:
+            self._out_producer.pauseProducing()
         self._update_reading()
 
     def resumeProducing(self) -> None:
         self._write_paused = False
+        if self._out_producer is not None:
+            self._out_producer.resumeProducing()
         if self._connected:
             self._drain()
 

@@ -28,7 +28,7 @@ from twisted.cred import error as cred_error
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ITransport
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -398,6 +398,9 @@ class DoorBroker(BoundedBanana, pb.Broker, TimeoutMixin):
 
     Messages are decoded within bounds (:mod:`cmdserver.doors.pb.wire`): at
     most 64 KiB each before a login, 1 MiB after, lists nested at most 32 deep.
+    A client that does not read its answers stops being read: no new call is
+    taken while the transport holds a full buffer of answers (so PB's pagers,
+    which register the broker as a pull producer, are not used here).
     """
 
     transport: ITransport  # set in makeConnection, before any other callback
@@ -411,6 +414,7 @@ class DoorBroker(BoundedBanana, pb.Broker, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.audit_session = self.core.open_session(DOOR, format_peer(self.transport.getPeer()))
+        cast(IConsumer, self.transport).registerProducer(_Reading(self.transport), True)
         super().connectionMade()
         self.setTimeout(self.idle_timeout)
 
@@ -440,6 +444,24 @@ class DoorBroker(BoundedBanana, pb.Broker, TimeoutMixin):
         session = getattr(self, "audit_session", None)
         if session is not None:
             self.core.close_session(session)
+
+
+@implementer(IPushProducer)
+class _Reading:
+    """The broker's input as its transport's producer: paused while the transport's
+    buffer of answers is full, so a client that does not read sends no more calls."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
 
 
 def watch_calls(broker: Any, calls: RunningCalls) -> None:

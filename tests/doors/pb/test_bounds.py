@@ -128,6 +128,16 @@ class MessageSizeTests(unittest.TestCase):
         self.assertEqual(brokers[0].message_limit, MESSAGE_LIMIT)
 
 
+class ReadingTests(unittest.TestCase):
+    def test_a_client_that_does_not_read_its_answers_is_not_read(self) -> None:
+        broker, transport = connected_broker()
+        self.assertTrue(transport.streaming)
+        transport.producer.pauseProducing()  # the transport's buffer of answers is full
+        self.assertEqual(transport.producerState, "paused")
+        transport.producer.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+
+
 class Collector(BoundedBanana):
     message_limit = 1 << 30
 
