@@ -110,6 +110,7 @@ class LineDoorTests(unittest.TestCase):
 class FakeChannel:
     def __init__(self) -> None:
         self.data: list[bytes] = []
+        self.resumed: list[bytes] = []
         self.input_paused = False
         self.conn = self
         self.closed = False
@@ -119,6 +120,10 @@ class FakeChannel:
 
     def resume_input(self) -> None:
         self.input_paused = False
+        self.resumed.append(self.kept())  # what the door still keeps, as it lets more in
+
+    def kept(self) -> bytes:
+        return b""
 
     def writeExtended(self, kind: int, data: bytes) -> None:
         self.data.append(data)
@@ -164,23 +169,27 @@ class SSHTests(unittest.TestCase):
         self.session.openShell(self.proto)
         pipe = self.session.pipe
         assert pipe is not None
-        self.proto.transport.write(b"later\n" * 500)
+        channel = self.proto.session
+        channel.kept = lambda: pipe._buffer  # type: ignore[method-assign]
+        self.proto.transport.write(b"later\n" * 500)  # more than a window's worth, at once
         self.assertEqual(len(self.later.pending), 1)
         self.assertLessEqual(len(pipe.queue), QUEUE_HIGH)
-        self.assertTrue(self.proto.session.input_paused)  # the client stops at the window
+        self.assertTrue(channel.input_paused)  # the client stops at the window
         self.proto.transport.write(b"later\n" * 100)  # what was already in flight
         self.assertLessEqual(len(pipe.queue), QUEUE_HIGH)
-        while len(pipe.queue) > QUEUE_LOW:
-            self.later.pending[-1].callback("ok")
-        self.later.pending[-1].callback("ok")
-        self.assertFalse(self.proto.session.input_paused)
-        ran = len(self.later.pending)
-        while len(self.later.pending) < 600:
+        # The window stays closed until every line kept as bytes is taken: not when
+        # the queue is short again (that would let a window more in each time).
+        while b"\n" in pipe._buffer:
+            self.assertTrue(channel.input_paused)
             self.later.pending[-1].callback("ok")
             self.assertLessEqual(len(pipe.queue), QUEUE_HIGH)
-        self.later.pending[-1].callback("ok")
-        self.assertGreater(ran, 1)
-        self.assertEqual(len(pipe.queue), 0)
+        while len(pipe.queue) > QUEUE_LOW:
+            self.later.pending[-1].callback("ok")
+        self.assertFalse(channel.input_paused)  # all taken: the client may send again
+        self.assertEqual(channel.resumed, [b""])
+        while pipe.queue or self.session.running is not None:
+            self.later.pending[-1].callback("ok")
+        self.assertEqual(len(self.later.pending), 600)
 
     def test_piped_shell_waits_while_the_client_does_not_read(self) -> None:
         self.session.openShell(self.proto)

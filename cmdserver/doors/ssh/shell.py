@@ -85,13 +85,28 @@ class PipedCommands(LineReceiver):
         self.status = 0
         self.ended = False
         self._draining = False
+        self._input_held = False
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if not self._busyReceiving:  # (else the outer call is still taking lines)
+            self._hold_input(self.paused)
 
     def lineReceived(self, line: bytes) -> None:
         self.queue.append(line)
-        if len(self.queue) >= QUEUE_HIGH and not self.paused:
+        if len(self.queue) >= QUEUE_HIGH:
             self.paused = True  # LineReceiver keeps the rest as bytes
-            self.session.pause_input()
         self._next()
+
+    def _hold_input(self, hold: bool) -> None:
+        """Keep the client's window closed while lines wait as bytes: it is reopened
+        only once they are all taken, so at most one window is ever kept."""
+        if hold != self._input_held:
+            self._input_held = hold
+            if hold:
+                self.session.pause_input()
+            else:
+                self.session.resume_input()
 
     def output_resumed(self) -> None:
         """The client reads again: run what waits."""
@@ -101,7 +116,6 @@ class PipedCommands(LineReceiver):
         line = self.queue.popleft()
         if self.paused and len(self.queue) <= QUEUE_LOW:
             self.paused = False
-            self.session.resume_input()
             self.dataReceived(b"")  # the lines kept as bytes meanwhile (queued, not run)
         return line
 
