@@ -32,18 +32,20 @@ from cmdserver.audit import (
     audit_publisher,
 )
 from cmdserver.auth.portal import ANONYMOUS
-from cmdserver.commands.base import Command, Context, Registry
+from cmdserver.commands.base import Command, Context, Registry, register_producer
 from cmdserver.errors import (
     CommandError,
     DeadlineExceeded,
     NotFound,
     OutputLimitExceeded,
+    TooManyCalls,
     UsageError,
 )
 from cmdserver.policy import Policy
 from cmdserver.sessions import Session, SessionIds
 from cmdserver.stats import Stats
 from cmdserver.text import escape
+from cmdserver.workers import DEFAULT_PER_ADDRESS, DEFAULT_THREADS, FairPool, address_of
 
 log = Logger()
 
@@ -52,6 +54,9 @@ DEFAULT_TIMEOUT = 3600.0  # seconds a command may run, unless configured otherwi
 DEFAULT_MAX_OUTPUT = 16 << 20  # bytes of output one command may write
 LOGIN_REQUIRED = "login required"
 INTERNAL_ERROR = "internal error (see the server log)"
+DEFAULT_MAX_CALLS_PER_ADDRESS = 32  # commands running at once from one client address
+DEFAULT_MAX_CALLS_PER_SESSION = 16  # and on one connection (PB pipelines calls)
+LOCAL = "local"  # the address of every UNIX-socket client: no per-address limit
 
 
 @final  # so that ``type(reply) is TextReply`` narrows run_text's result
@@ -97,6 +102,11 @@ class CommandCore:
         run_in_thread: Callable[..., Deferred] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         max_output: int = DEFAULT_MAX_OUTPUT,
+        max_calls_per_address: int = DEFAULT_MAX_CALLS_PER_ADDRESS,
+        max_calls_per_session: int = DEFAULT_MAX_CALLS_PER_SESSION,
+        worker_threads: int = DEFAULT_THREADS,
+        worker_threads_per_address: int = DEFAULT_PER_ADDRESS,
+        workers: FairPool | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -108,6 +118,12 @@ class CommandCore:
         self._run_in_thread = run_in_thread
         self.timeout = timeout  # 0: no deadline
         self.max_output = max_output  # 0: no cap
+        self.max_calls_per_address = max_calls_per_address  # 0: no limit
+        self.max_calls_per_session = max_calls_per_session  # per connection
+        self._held: dict[str, int] = {}  # commands still running, per client address
+        self._held_total = 0
+        self._workers = workers
+        self._worker_sizes = (worker_threads, worker_threads_per_address)
         self.sessions: dict[str, Session] = {}  # the open ones, by id
         self._session_ids = SessionIds()
 
@@ -209,22 +225,49 @@ class CommandCore:
 
     # -- commands ----------------------------------------------------------------
 
-    def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
-        """Run blocking work (file I/O, hashing) off the reactor thread."""
+    @property
+    def workers(self) -> FairPool:
+        """The threads for commands' file work, shared fairly between addresses
+        (:mod:`cmdserver.workers`); made on first use."""
+        if self._workers is None:
+            size, per_address = self._worker_sizes
+            self._workers = FairPool(self.reactor, size, per_address)
+        return self._workers
+
+    def in_thread(self, f: Callable[..., Any], *args: Any, ctx: Context | None = None,
+                  **kwargs: Any) -> Deferred:
+        """Run blocking work (file I/O, hashing) off the reactor thread.
+
+        With ``ctx`` (what every command and door passes) the work runs in the
+        file-work threads, within the share of ``ctx``'s client address
+        (:class:`FairPool`): an address that keeps them busy makes only its own
+        work wait.  Without it, in the reactor's own pool.  Cancelling the
+        Deferred before the work started means it never starts.
+        """
         if self._run_in_thread is not None:
             return self._run_in_thread(f, *args, **kwargs)
+        if ctx is not None:
+            return self.workers.submit(address_of(ctx.peer), f, *args, **kwargs)
         pool = self.reactor.getThreadPool()
         return threads.deferToThreadPool(self.reactor, pool, f, *args, **kwargs)
 
-    def in_thread_cancellable(self, f: Callable[..., Any], *args: Any) -> Deferred:
-        """Run ``f(*args, cancelled=event)`` off the reactor thread, cancellably.
+    def in_thread_cancellable(self, f: Callable[..., Any], *args: Any,
+                              ctx: Context | None = None) -> Deferred:
+        """Run ``f(*args, cancelled=event)`` off the reactor thread, cancellably
+        (``ctx``: as for :meth:`in_thread`).
 
         Cancelling the returned Deferred fails it at once with ``CancelledError``
         and sets ``event``; ``f`` checks it between chunks of work and gives up.
+        Work still waiting for a thread is dropped.
         """
         cancelled = threading.Event()
-        outer: Deferred = Deferred(lambda _: cancelled.set())
-        inner = self.in_thread(f, *args, cancelled=cancelled)
+
+        def cancel(_: Deferred) -> None:
+            cancelled.set()
+            inner.cancel()
+
+        outer: Deferred = Deferred(cancel)
+        inner = self.in_thread(f, *args, ctx=ctx, cancelled=cancelled)
 
         def relay(result: Any) -> None:
             # After a cancel nobody waits for the result, so it is dropped.
@@ -363,10 +406,16 @@ class CommandCore:
         can hand a plain value on (PB) call this; :func:`is_deferred` tells the
         cases apart.
         """
+        session = self.sessions.get(ctx.session_id)
+        if session is not None and session.running >= self.max_calls_per_session or (
+                self.max_calls_per_address and self._held_total >= self.max_calls_per_address):
+            # Else neither this connection nor any address is at its limit.
+            refusal = self._over_limit(ctx, session, command, kwargs)
+            if refusal is not None:
+                return refusal
         stats = self.stats
         stats.commands[command.name] += 1
         stats.in_flight += 1
-        session = self.sessions.get(ctx.session_id)
         if session is not None:
             session.commands += 1
         started = self._seconds()
@@ -390,6 +439,12 @@ class CommandCore:
             return result
         if kind is Deferred or isinstance(result, Deferred):
             if not result.called or result.paused or is_deferred(result.result):
+                address = address_of(ctx.peer)
+                self._held[address] = self._held.get(address, 0) + 1
+                self._held_total += 1
+                if session is not None:
+                    session.running += 1
+                result.addBoth(self._release, address, session)
                 timeout = command.timeout if command.timeout is not None else self.timeout
                 if timeout:
                     result.addTimeout(timeout, self.reactor, _deadline)
@@ -404,6 +459,36 @@ class CommandCore:
                 result.addErrback(lambda _: None)
             result = fired
         return self._done(result, ctx, command, kwargs, started)
+
+    def _over_limit(self, ctx: Context, session: Session | None, command: Command,
+                    kwargs: dict[str, Any]) -> Failure | None:
+        """The refusal of a command on a connection or from an address that has as
+        many commands running as it may, or None."""
+        limit = self.max_calls_per_session
+        if session is not None and session.running >= limit:
+            error = TooManyCalls("on this connection", limit)
+        else:
+            limit = self.max_calls_per_address
+            address = address_of(ctx.peer)
+            if not limit or address == LOCAL or self._held.get(address, 0) < limit:
+                return None
+            error = TooManyCalls("from this address", limit)
+        self._audit(ctx, command.name, command.audit_args(kwargs), "refused", str(error))
+        self.stats.errors += 1
+        return Failure(error)
+
+    def _release(self, result: Any, address: str, session: Session | None) -> Any:
+        """A command that was still running ended: its connection and its address
+        hold one less."""
+        self._held_total -= 1
+        count = self._held[address] - 1
+        if count:
+            self._held[address] = count
+        else:
+            del self._held[address]
+        if session is not None:
+            session.running -= 1
+        return result
 
     def _done(self, result: Any, ctx: Context, command: Command, kwargs: dict[str, Any],
               started: float) -> Any:
@@ -455,6 +540,16 @@ class CappedSink:
         self.reactor = reactor
         self.running: Deferred | None = None
         self.exceeded = False
+        self._unregister: Callable[[], None] | None = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """Back-pressure passes through to the door's sink."""
+        self._unregister = register_producer(self.out, producer)
+
+    def unregisterProducer(self) -> None:
+        if self._unregister is not None:
+            unregister, self._unregister = self._unregister, None
+            unregister()
 
     def line(self, text: str) -> None:
         if self.exceeded:

@@ -72,3 +72,12 @@ class OutputLimitExceeded(CommandError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"output limit exceeded: stopped after {limit} bytes")
         self.limit = limit
+
+
+class TooManyCalls(CommandError):
+    """A client has as many commands running as it may: this one was refused
+    before it ran (``where``: ``from this address``, ``on this connection``)."""
+
+    def __init__(self, where: str, limit: int) -> None:
+        super().__init__(f"too many calls in flight {where} (the limit is {limit})")
+        self.limit = limit

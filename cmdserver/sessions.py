@@ -36,6 +36,7 @@ class Session:
     commands: int = 0  # commands run (not those refused before they ran)
     file_operations: int = 0  # SFTP operations audited
     login_failures: int = 0
+    running: int = 0  # commands still running (the core's per-connection limit)
     closed: bool = False
     token: str | None = None  # the id of the API token it logged in with
     disconnect: Callable[[], object] | None = None  # how the core may end it (revocation)

@@ -27,11 +27,18 @@ from cmdserver.commands.upload.engine import (
     flag,
 )
 from cmdserver.commands.upload.key import server_key
-from cmdserver.core import DEFAULT_MAX_OUTPUT, DEFAULT_TIMEOUT, CommandCore
+from cmdserver.core import (
+    DEFAULT_MAX_CALLS_PER_ADDRESS,
+    DEFAULT_MAX_CALLS_PER_SESSION,
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_TIMEOUT,
+    CommandCore,
+)
 from cmdserver.doors import BUILDERS, DoorEnv, builder
 from cmdserver.doors.pb.door import DEFAULT_ENDPOINT as PB_ENDPOINT
 from cmdserver.policy import DEFAULT_SCAN_ALLOW, Policy, ScanPolicy, default_max_in_flight
 from cmdserver.service import CmdServerService, DataDirLock, Limits, StartupError, reason
+from cmdserver.workers import DEFAULT_PER_ADDRESS, DEFAULT_THREADS
 
 log = Logger()
 
@@ -80,6 +87,19 @@ def poll_interval(value: Any) -> float:
     return non_negative_number(value)
 
 
+def non_negative_int(value: Any) -> int:
+    """A whole number >= 0 (0 turns a limit off)."""
+    if isinstance(value, bool | float):
+        raise ValueError(f"{value!r} is not a whole number")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number") from None
+    if number < 0:
+        raise ValueError(f"{value!r} is not a whole number >= 0")
+    return number
+
+
 def positive_number(value: Any) -> float:
     number = non_negative_number(value)
     if number == 0:
@@ -117,6 +137,11 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     # every command: its deadline and output cap (per command: [command-limits.NAME])
     "command-timeout": (DEFAULT_TIMEOUT, non_negative_number),
     "max-output": (DEFAULT_MAX_OUTPUT, byte_size),
+    # work in flight: per client address and per PB connection; the file-work threads
+    "max-calls-per-ip": (DEFAULT_MAX_CALLS_PER_ADDRESS, non_negative_int),
+    "max-calls-per-connection": (DEFAULT_MAX_CALLS_PER_SESSION, positive_int),
+    "worker-threads": (DEFAULT_THREADS, positive_int),
+    "worker-threads-per-ip": (DEFAULT_PER_ADDRESS, positive_int),
     # uploads
     "max-upload": (1 << 30, byte_size),
     "overwrite": (False, flag),
@@ -175,6 +200,16 @@ class Options(usage.Options):
          f"[default: {DEFAULT_TIMEOUT:g}]"],
         ["max-output", None, None, "Bytes of output one command may write before it is "
          "stopped (0: no cap). [default: 16M]"],
+        ["max-calls-per-ip", None, None, "Commands running at once from one client "
+         "address, over every door; more are refused (0: no limit). [default: "
+         f"{DEFAULT_MAX_CALLS_PER_ADDRESS}]"],
+        ["max-calls-per-connection", None, None, "Commands running at once on one "
+         f"connection; more are refused. [default: {DEFAULT_MAX_CALLS_PER_SESSION}]"],
+        ["worker-threads", None, None, "Threads for file work (ls, comphash, uploads, "
+         f"SFTP). [default: {DEFAULT_THREADS}]"],
+        ["worker-threads-per-ip", None, None, "Of those, the most one client address "
+         "may hold; its further work waits its turn. [default: "
+         f"{DEFAULT_PER_ADDRESS}]"],
     ]
 
     def __init__(self) -> None:
@@ -392,7 +427,11 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
                       server_key(data_dir))
     registry.add(UploadCommand(uploads))
     core = CommandCore(registry, Policy(roots, options["scan-policy"]), reactor,
-                       timeout=options["command-timeout"], max_output=options["max-output"])
+                       timeout=options["command-timeout"], max_output=options["max-output"],
+                       max_calls_per_address=options["max-calls-per-ip"],
+                       max_calls_per_session=options["max-calls-per-connection"],
+                       worker_threads=options["worker-threads"],
+                       worker_threads_per_address=options["worker-threads-per-ip"])
     credentials, portal = open_credentials(data_dir, options["bcrypt-cost"], core)
     credentials.on_revoked = core.end_token_sessions  # a revoked token's sessions end
     uploads.user_keys = credentials.hmac_key  # a user's own key beats the server's

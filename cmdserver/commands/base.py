@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
 from cmdserver.commands.params import Param
 from cmdserver.errors import MissingArgument, UsageError
@@ -32,9 +34,11 @@ class CoreServices(Protocol):
     stats: Stats
     reactor: Any
 
-    def in_thread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred: ...
+    def in_thread(self, f: Callable[..., Any], *args: Any, ctx: Context | None = None,
+                  **kwargs: Any) -> Deferred: ...
 
-    def in_thread_cancellable(self, f: Callable[..., Any], *args: Any) -> Deferred: ...
+    def in_thread_cancellable(self, f: Callable[..., Any], *args: Any,
+                              ctx: Context | None = None) -> Deferred: ...
 
     def session_for(self, ctx: Context) -> CoreSession: ...
 
@@ -43,9 +47,58 @@ class CoreServices(Protocol):
 
 
 class OutputSink(Protocol):
-    """Where a command streams its text output, one line at a time."""
+    """Where a command streams its text output, one line at a time.
+
+    A sink that knows when its client stops reading (the line door, an SSH
+    channel, a PB observer) also has ``registerProducer(producer, streaming)``
+    and ``unregisterProducer()``, as a Twisted consumer does: it pauses the
+    producer while output cannot be delivered and resumes it after.  Commands
+    register through :func:`register_producer`, which works on any sink.
+    """
 
     def line(self, text: str) -> None: ...
+
+
+class ConsumerSink(OutputSink, Protocol):
+    """A sink with back-pressure (see :class:`OutputSink`)."""
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+
+def register_producer(out: OutputSink, producer: IPushProducer) -> Callable[[], None]:
+    """Let ``out`` pause ``producer`` (a child's stdout, say) while the client is
+    not reading; returns the function that unregisters it.  A sink that cannot
+    tell (``NullSink``, ``ListSink``) ignores it."""
+    if not hasattr(out, "registerProducer"):
+        return _nothing
+    sink = cast(ConsumerSink, out)
+    sink.registerProducer(producer, True)
+    return sink.unregisterProducer
+
+
+def _nothing() -> None:
+    pass
+
+
+@implementer(IPushProducer)
+class ChildOutput:
+    """A child process's output pipes as a producer for :func:`register_producer`:
+    while paused the daemon stops reading them, so the child blocks on its full
+    pipe instead of the daemon buffering what the client does not read."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport  # the IProcessTransport of spawnProcess
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass  # the client went away: the command is cancelled, which kills the child
 
 
 class Session(Protocol):

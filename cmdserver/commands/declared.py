@@ -61,7 +61,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +74,13 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cmdserver.commands.base import Command, Context, OutputSink
+from cmdserver.commands.base import (
+    ChildOutput,
+    Command,
+    Context,
+    OutputSink,
+    register_producer,
+)
 from cmdserver.commands.files import os_error
 from cmdserver.commands.params import (
     PATH,
@@ -369,7 +375,8 @@ class DeclaredCommand(Command):
             if not protocol.done.called:
                 protocol.done.errback(failure)
 
-        ctx.core.in_thread(resolve_paths, ctx.policy, paths).addCallbacks(resolved, failed)
+        ctx.core.in_thread(resolve_paths, ctx.policy, paths, ctx=ctx).addCallbacks(
+            resolved, failed)
         return protocol.done
 
     def child_argv(self, values: Mapping[str, Any]) -> list[str]:
@@ -385,6 +392,8 @@ class DeclaredCommand(Command):
             protocol.done.errback(CommandError(f"{self.name} failed: {e.strerror or e}"))
             return
         child.closeStdin()
+        # A client that does not read holds the child at its pipe, not in our memory.
+        protocol.unregister = register_producer(ctx.out, ChildOutput(child))
 
     def text(self, result: Any) -> list[str]:
         status = result["exit_status"]
@@ -457,6 +466,7 @@ class _ChildProtocol(ProcessProtocol):
         self.lines: list[str] = []
         self._partial = b""
         self._stderr = b""
+        self.unregister: Callable[[], None] | None = None  # the sink's back-pressure
 
     def connectionMade(self) -> None:
         self.command.running.add(self)
@@ -473,6 +483,7 @@ class _ChildProtocol(ProcessProtocol):
         ``setsid()`` has no group yet (``killpg`` finds none), and a child without
         a group of its own (not a POSIX reactor) can only be reached that way.
         """
+        self.stop_back_pressure()
         if self.group is not None:
             try:
                 os.killpg(self.group, signal.SIGKILL)
@@ -514,7 +525,17 @@ class _ChildProtocol(ProcessProtocol):
             self.kill()
             self.group = None  # the pid may be reused once the group is empty
 
+    def stop_back_pressure(self) -> None:
+        """Leave the sink; read the pipes again, so that the EOF of a killed group
+        is seen and the child reaped."""
+        if self.unregister is not None:
+            unregister, self.unregister = self.unregister, None
+            unregister()
+            if self.transport is not None:
+                ChildOutput(self.transport).resumeProducing()
+
     def processEnded(self, reason: Failure) -> None:
+        self.stop_back_pressure()
         self.command.running.discard(self)
         if not self.reaped.called:
             self.reaped.callback(None)

@@ -94,7 +94,8 @@ class ComputeHash(Command):
     def run(self, ctx: Context, path: str, algo: str = "sha256") -> Deferred:
         if not path:  # `comphash ""` would name the first root: "is a directory: "
             raise MissingArgument("Please provide a path.")
-        return ctx.core.in_thread_cancellable(hash_file, ctx.policy, path, algo)
+        return ctx.core.in_thread_cancellable(hash_file, ctx.policy, path, algo,
+                                               ctx=ctx)
 
     def text(self, result: Any) -> list[str]:
         return [f"File hash is : {result}"]
@@ -106,7 +107,7 @@ class ListDir(Command):
     params = (Param("path", PATH, default=None, help="the directory (default: the first root)"),)
 
     def run(self, ctx: Context, path: str | None = None) -> Deferred:
-        return ctx.core.in_thread_cancellable(list_dir, ctx.policy, path)
+        return ctx.core.in_thread_cancellable(list_dir, ctx.policy, path, ctx=ctx)
 
     def text(self, result: Any) -> list[str]:
         return list(result)

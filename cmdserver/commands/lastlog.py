@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,13 @@ from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from cmdserver.commands.base import Command, Context, OutputSink
+from cmdserver.commands.base import (
+    ChildOutput,
+    Command,
+    Context,
+    OutputSink,
+    register_producer,
+)
 from cmdserver.commands.params import Int, Param
 from cmdserver.errors import CommandError
 
@@ -77,10 +84,19 @@ class _TailProtocol(ProcessProtocol):
     def __init__(self, out: OutputSink, done: Deferred) -> None:
         self.out = out
         self.done = done
+        self.unregister: Callable[[], None] | None = None  # the sink's back-pressure
         self.lines: list[str] = []
         self._partial = b""
         self._stderr = b""
         self._begun = False
+
+    def stop_back_pressure(self) -> None:
+        """Leave the sink; read the pipes again (a paused pipe would hide the EOF
+        of a killed child, and it would never be reaped)."""
+        if self.unregister is not None:
+            unregister, self.unregister = self.unregister, None
+            unregister()
+            ChildOutput(self.transport).resumeProducing()
 
     def begin(self) -> None:
         if not self._begun:
@@ -104,6 +120,7 @@ class _TailProtocol(ProcessProtocol):
         self.out.line(text)
 
     def processEnded(self, reason: Failure) -> None:
+        self.stop_back_pressure()
         if self.done.called:
             return
         if self._partial:
@@ -150,6 +167,7 @@ class LastLog(Command):
         protocol: _TailProtocol
 
         def cancel(_: Deferred) -> None:
+            protocol.stop_back_pressure()
             try:
                 protocol.transport.signalProcess("KILL")
             except (error.ProcessExitedAlready, AttributeError):
@@ -162,6 +180,8 @@ class LastLog(Command):
         except OSError as e:
             raise CommandError(f"lastlog failed: {e.strerror or e}") from None
         protocol.transport.closeStdin()
+        # A client that does not read holds the child at its pipe, not in our memory.
+        protocol.unregister = register_producer(ctx.out, ChildOutput(protocol.transport))
         return done
 
     def text(self, result: Any) -> list[str]:

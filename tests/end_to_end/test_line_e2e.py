@@ -9,6 +9,8 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
+from typing import cast
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -157,6 +159,59 @@ class LineDoorEndToEnd(ServiceCase):
         c.reset()
         yield self.wait_for(lambda: not tails())
         yield self.wait_for(lambda: self.server.service.core.stats.in_flight == 0)
+
+
+    def fifo_log(self) -> tuple[str, Callable[[], list[str]]]:
+        """lastlog reads a FIFO: tail blocks until the test writes to it."""
+        fifo = os.path.join(self.tmp, "fifo")
+        os.mkfifo(fifo)
+        lastlog = cast(LastLog, self.server.service.core.registry.get("lastlog"))
+        lastlog.source = type(lastlog.source)(fifo)
+
+        def tails():
+            found = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if fifo.encode() in f.read():
+                            found.append(pid)
+                except OSError:
+                    pass
+            return found
+
+        return fifo, tails
+
+    @defer.inlineCallbacks
+    def test_fin_from_a_client_that_left_cancels_its_command(self):
+        # Ctrl-C in nc: a FIN, and the socket is closed; the command must not run on.
+        fifo, tails = self.fifo_log()
+        c = yield in_thread(self.client)
+        yield in_thread(c.read_line)
+        yield in_thread(c.send, b"lastlog\n")
+        yield self.wait_for(lambda: tails() and self.server.service.core.stats.in_flight == 1)
+        c.close()  # nothing unread: a FIN, not a reset
+        yield self.wait_for(lambda: self.server.service.core.stats.in_flight == 0)
+        yield self.wait_for(lambda: not tails())
+
+    @defer.inlineCallbacks
+    def test_fin_from_a_client_that_still_reads_gets_every_answer(self):
+        # printf 'lastlog\nping\n' | nc -N: a FIN, then the answers are read.
+        fifo, tails = self.fifo_log()
+        c = yield in_thread(self.client)
+        yield in_thread(c.read_line)
+        yield in_thread(c.send, b"lastlog\nping\n")
+        c.sock.shutdown(socket.SHUT_WR)
+        yield self.wait_for(lambda: tails() and self.server.service.core.stats.in_flight == 1)
+        yield task.deferLater(reactor, 0.2, lambda: None)  # the probe went out meanwhile
+        self.assertEqual(self.server.service.core.stats.in_flight, 1)
+
+        def feed():
+            with open(fifo, "wb") as f:
+                f.write(b"one\ntwo\n")
+
+        yield in_thread(feed)
+        received = yield in_thread(c.read_until_closed)
+        self.assertEqual(received, b"Begin lastlog\r\none\r\ntwo\r\nEnd lastlog\r\npong\r\n")
 
 
 class LimitsEndToEnd(ServiceCase):

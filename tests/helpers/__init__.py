@@ -37,6 +37,13 @@ class FakeProcess:
         self.signals: list[str] = []
         self.stdin_closed = False
         self.ended = False
+        self.paused = False  # reading its pipes stopped (back-pressure)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
 
     def closeStdin(self) -> None:
         self.stdin_closed = True

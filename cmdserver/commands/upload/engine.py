@@ -55,6 +55,7 @@ BATCH = 2 << 20
 HIGH_WATER = 12 << 20
 LOW_WATER = 6 << 20
 DEFAULT_MAX_UPLOAD = 1 << 30
+NO_THREAD = "upload failed: the server cannot start a thread now, upload discarded"
 _HEX_MAC = re.compile(r"\A[0-9a-fA-F]{64}\Z")
 _FINISH = object()
 
@@ -144,7 +145,7 @@ class Upload:
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"upload {self.name}",
                                         daemon=True)
-        self._thread.start()
+        self._thread.start()  # RuntimeError when the system is out of threads: see begin()
         if self.size == 0:
             self._inbox.put(_FINISH)
 
@@ -322,14 +323,20 @@ class Uploads:
         cancelled = []
         outer: Deferred = Deferred(lambda _: cancelled.append(True))
         inner = ctx.core.in_thread(open_spool, ctx.policy, name, size, key,
-                                   self.settings.overwrite, self.run_id, self.writer)
+                                   self.settings.overwrite, self.run_id, self.writer, ctx=ctx)
 
         def opened(spool: Spool) -> None:
-            if cancelled:  # nobody waits: remove the file we just made, off the reactor
-                ctx.core.in_thread(spool.discard).addErrback(
-                    lambda f: log.failure("discarding {name}", f, name=escape(name)))
+            if cancelled:  # nobody waits: remove the file we just made
+                discard(ctx, spool)
                 return
-            upload = Upload(spool, expected, ctx.reactor)
+            try:
+                upload = Upload(spool, expected, ctx.reactor)
+            except RuntimeError as e:  # "can't start new thread"
+                log.error("upload of {name}: no worker thread ({error}), upload discarded",
+                          name=escape(name), error=str(e))
+                discard(ctx, spool)
+                outer.errback(CommandError(NO_THREAD))
+                return
             self.active.add(upload)
             upload.closed.addCallback(lambda _: self.active.discard(upload))
             outer.callback(upload)
@@ -347,6 +354,19 @@ class Uploads:
         for upload in uploads:
             upload.abort()
         return defer.gatherResults([u.closed for u in uploads])
+
+
+def discard(ctx: Context, spool: Spool) -> None:
+    """Remove an upload's temporary file and close its descriptors, off the reactor;
+    on the reactor only when no thread can be had (the system is out of them)."""
+
+    def here(failure: Failure) -> None:
+        if failure.check(CommandError):  # the work never started: no thread for it
+            spool.discard()
+        else:
+            log.failure("discarding {name}", failure, name=escape(spool.name))
+
+    ctx.core.in_thread(spool.discard, ctx=ctx).addErrback(here)
 
 
 class UploadService(Service):

@@ -137,6 +137,10 @@ class HashThread:
     in parallel.  Each keeps its own queue of blocks: when one of the three
     (this hash, the other, the writer) is held up for a moment, the others go
     on with the blocks already received instead of waiting for it.
+
+    The thread starts with the first block, in the upload's worker thread: a
+    system out of threads then fails that upload's worker, which removes the
+    temporary file, rather than the spool's creation, which would leave it.
     """
 
     def __init__(self, digest: Any, label: str) -> None:
@@ -145,8 +149,7 @@ class HashThread:
         self._label = label
         self._inbox: queue.SimpleQueue[tuple[Any, Callable[[], None]] | None] = (
             queue.SimpleQueue())
-        self._thread = threading.Thread(target=self._run, name=label, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
         name_thread(self._label)
@@ -161,11 +164,18 @@ class HashThread:
                 then()
 
     def start(self, data: memoryview, then: Callable[[], None]) -> None:
-        """Hash ``data`` after the blocks before it, then call ``then``."""
+        """Hash ``data`` after the blocks before it, then call ``then``; raises
+        ``RuntimeError`` if the thread cannot start (nothing taken then)."""
+        if self._thread is None:
+            thread = threading.Thread(target=self._run, name=self._label, daemon=True)
+            thread.start()
+            self._thread = thread
         self._inbox.put((data, then))
 
     def drain(self) -> None:
         """Wait until every block given so far is hashed; raise what hashing raised."""
+        if self._thread is None:
+            return  # given nothing
         done = threading.Event()
         self._inbox.put((None, done.set))
         done.wait()

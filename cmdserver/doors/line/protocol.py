@@ -3,7 +3,9 @@
 Commands from one connection run one after another and their output never
 interleaves; lines that arrive meanwhile wait in a short queue, commands wait
 while the client is not reading our output (the protocol is the transport's
-push producer), and reading stops while the queue is full.  One connection runs
+push producer), and reading stops while the queue is full.  A running command's
+own output source (``lastlog``'s child, registered on its sink) is paused while
+the client does not read.  One connection runs
 at most ``LINES_PER_TURN`` lines per reactor turn, so a flood of short lines
 cannot starve the others.  A client that goes away cancels its running command.
 A command may take over the byte stream for a while (``receive_raw``: the bytes
@@ -12,17 +14,20 @@ of an upload), then lines resume.
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from cmdserver import __version__
@@ -33,9 +38,9 @@ from cmdserver.doors.limits import format_peer
 from cmdserver.text import shown
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IConsumer, ITransport
+    from twisted.internet.interfaces import IConsumer, ITCPTransport
 
-    class IStreamTransport(ITransport, IConsumer, IPushProducer):
+    class IStreamTransport(ITCPTransport, IConsumer, IPushProducer):
         """What the line door uses of its transport (TCP, TLS, UNIX all provide it)."""
 
 log = Logger()
@@ -45,6 +50,7 @@ QUEUE_HIGH = 64  # queued lines at which reading stops
 QUEUE_LOW = 16  # queued lines at which it starts again
 BATCH_LIMIT = 16384  # output bytes gathered before they are handed to the transport
 LINES_PER_TURN = 256  # lines one connection may run before the others get a turn
+INCOMPLETE = "upload incomplete: the client closed the stream early"
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._batch_size = 0
         self._turn_lines = 0  # lines taken since this reactor turn began
         self._yielding = False  # reading stopped until the next turn
+        self._out_producer: Any = None  # the running command's output source (a child)
+        self._probe: PeerProbe | None = None  # is a client that sent a FIN still there?
 
     # -- connection life --------------------------------------------------
 
@@ -105,6 +113,8 @@ class LineProtocol(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason: Any = None) -> None:
         self._connected = False
         self.setTimeout(None)
+        if self._probe is not None:
+            self._probe.stop()
         self._queue.clear()
         self._raw = None
         if self._running is not None:
@@ -114,18 +124,43 @@ class LineProtocol(LineReceiver, TimeoutMixin):
             self.core.close_session(self.audit_session)
 
     def readConnectionLost(self) -> None:
-        """The client sent all it will send: answer it all, then close."""
+        """The client sent all it will send (a FIN): answer it all, then close.
+
+        A FIN alone does not say whether the client still reads (``nc -N``,
+        ``shutdown(SHUT_WR)``) or is gone (Ctrl-C in ``nc``: it closed its
+        socket).  If there is still work to answer, the door asks the client's
+        TCP once (:class:`PeerProbe`): a closed socket answers with a reset,
+        which ends the connection and cancels the running command.
+        """
         self._eof = True
         if self._raw is not None:  # the raw bytes can never be complete now
             self._closing = True
-            self.line("Error: upload incomplete: the client closed the stream early")
+            self.line(f"Error: {INCOMPLETE}")
             self._close()  # connectionLost cancels the upload
             return
+        if self._running is None:
+            self._last_line()
+        # Else the bytes after the running command's line may be raw content it will
+        # ask for (`upload NAME SIZE HMAC`, the bytes, EOF): they wait for it (_reply).
+        self._close_if_done()
+        if not self._closing:
+            self._probe = PeerProbe.of(self.transport, self.core.reactor, self._peer_gone)
+            if self._probe is not None:
+                self._probe.start()
+
+    def _peer_gone(self) -> None:
+        """The client closed its socket after its FIN: nobody will read the answers."""
+        if self._connected:
+            log.info("line: {peer} closed its connection; cancelling what it still runs",
+                     peer=self.audit_session.peer)
+            self.transport.abortConnection()  # connectionLost cancels the running command
+
+    def _last_line(self) -> None:
+        """What the client sent is complete: a last line counts without its newline."""
         rest = self.clearLineBuffer()  # lines not delivered yet, while reading was stopped
         if rest and not rest.endswith(self.delimiter):
-            rest += self.delimiter  # a last line without its newline still counts
+            rest += self.delimiter
         self._receive(rest)  # delivered now, or when reading starts again
-        self._close_if_done()
 
     def writeConnectionLost(self) -> None:
         self.transport.loseConnection()
@@ -225,6 +260,13 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         consumer.registerProducer(_RawReading(self), True)
         self.setRawMode()
         self.dataReceived(b"")  # bytes that arrived with the command line
+        if self._raw is consumer and self._eof:
+            # The client closed its sending side (before `Ready`): no more can come.
+            self._raw = None
+            consumer.unregisterProducer()
+            self.setLineMode()
+            consumer.fail(INCOMPLETE)
+            return
         if self._raw is consumer:  # the socket's bytes go to the consumer from now on
             direct = None
             if hasattr(consumer, "read_into") and not self._buffer:
@@ -275,6 +317,8 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         if self._closing:
             self._close()
             return
+        if self._eof and self._raw is None:
+            self._last_line()  # what came after this command's line, if anything
         self._drain()
 
     def _close(self) -> None:
@@ -344,6 +388,16 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         for text in texts:
             self.line(text)
 
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """The running command's output source: paused while the client does not
+        read (``lastlog``'s child waits at its pipe), resumed when it does."""
+        self._out_producer = producer
+        if self._write_paused:
+            producer.pauseProducing()
+
+    def unregisterProducer(self) -> None:
+        self._out_producer = None
+
     def server_shutdown(self) -> None:
         """The daemon is stopping: cancel the running command, say why, close."""
         if not self._connected or self._shutting_down:
@@ -364,15 +418,85 @@ class LineProtocol(LineReceiver, TimeoutMixin):
 
     def pauseProducing(self) -> None:
         self._write_paused = True
+        if self._out_producer is not None:
+            self._out_producer.pauseProducing()
         self._update_reading()
 
     def resumeProducing(self) -> None:
         self._write_paused = False
+        if self._out_producer is not None:
+            self._out_producer.resumeProducing()
         if self._connected:
             self._drain()
 
     def stopProducing(self) -> None:
         self._write_paused = True
+
+
+class PeerProbe:
+    """Asks a TCP client that sent a FIN whether its socket is still open.
+
+    One byte of urgent data (``MSG_OOB``) goes out.  A client that still reads
+    never sees it (urgent data is kept out of the byte stream unless the client
+    asks for it with ``SO_OOBINLINE``; only one is ever sent, as a second could
+    push the first into the stream on Linux), and its TCP acknowledges it.  A
+    client that closed its socket (Ctrl-C in ``nc``) answers with a reset; the
+    reactor no longer reads the socket after the FIN, so the socket's error is
+    looked at a few times over ``CHECKS`` seconds, and ``gone()`` is called
+    when it has one.  Only on plain TCP: not through TLS, not on a UNIX socket.
+    """
+
+    CHECKS = (0.05, 0.2, 1.0, 4.0)  # seconds after the probe; a reset takes one round trip
+
+    def __init__(self, sock: socket.socket, reactor: Any, gone: Callable[[], None]) -> None:
+        self.sock = sock
+        self.reactor = reactor
+        self.gone = gone
+        self.call: Any = None
+
+    @classmethod
+    def of(cls, transport: Any, reactor: Any, gone: Callable[[], None]) -> PeerProbe | None:
+        """A probe for the TCP socket under ``transport`` (through the limits'
+        wrapper), or None where there is none to ask."""
+        hop = transport
+        while hop is not None:
+            if isinstance(hop, TLSMemoryBIOProtocol) or ISSLTransport.providedBy(hop):
+                return None
+            if isinstance(hop, tcp.Connection):
+                sock = hop.socket
+                if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    return None
+                return cls(sock, reactor, gone)
+            hop = getattr(hop, "transport", None)
+        return None
+
+    def start(self) -> None:
+        try:
+            self.sock.send(b"\0", socket.MSG_OOB)
+        except OSError:  # reset already
+            self.gone()
+            return
+        self._wait(0)
+
+    def stop(self) -> None:
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.call = None
+
+    def _wait(self, i: int) -> None:
+        before = self.CHECKS[i - 1] if i else 0.0
+        self.call = self.reactor.callLater(self.CHECKS[i] - before, self._check, i)
+
+    def _check(self, i: int) -> None:
+        self.call = None
+        try:
+            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            error = 1  # closed under us
+        if error:
+            self.gone()
+        elif i + 1 < len(self.CHECKS):
+            self._wait(i + 1)
 
 
 class _RawReading:

@@ -52,10 +52,14 @@ class RunningCalls:
 class RemoteSink:
     """An output sink that forwards lines to a client's observer, ``line(text)``.
 
-    At most ``window`` lines are unanswered at once; beyond that lines are
-    dropped and counted (a note says how many once it catches up), so a slow
-    observer cannot make the server buffer without bound.  An observer that
-    fails or disappears is left alone; the command runs on.
+    At most ``window`` lines are unanswered at once.  A command whose output
+    source can wait (``lastlog``'s child: ``registerProducer``) is paused at the
+    window and resumed once half of it is answered, so nothing is lost; lines
+    beyond ``window`` (from a source that cannot wait, or in the read that
+    filled the window, up to 4 windows then) are dropped and counted, and a
+    note says how many once the observer catches up.  A slow observer cannot
+    make the server buffer without bound.  An observer that fails or
+    disappears is left alone; the command runs on.
     """
 
     def __init__(self, observer: pb.RemoteReference, window: int = OBSERVER_WINDOW) -> None:
@@ -64,20 +68,46 @@ class RemoteSink:
         self.pending = 0
         self.dropped = 0
         self.gone = False
+        self.producer: Any = None
+        self.paused = False
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+        self._flow()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.paused = False
 
     def line(self, text: str) -> None:
         if self.gone:
             return
-        if self.pending >= self.window:
+        limit = self.window if self.producer is None else self.window * 4
+        if self.pending >= limit:
             self.dropped += 1
             return
         self._send(text)
+        self._flow()
+
+    def _flow(self) -> None:
+        """Pause the source at a full window, resume it at half (or when the
+        observer is gone: its lines are dropped, the command goes on)."""
+        producer = self.producer
+        if producer is None:
+            return
+        if not self.paused and self.pending >= self.window and not self.gone:
+            self.paused = True
+            producer.pauseProducing()
+        elif self.paused and (self.pending <= self.window // 2 or self.gone):
+            self.paused = False
+            producer.resumeProducing()
 
     def _send(self, text: str) -> None:
         try:
             d = self.observer.callRemote("line", text)
         except pb.DeadReferenceError:
             self.gone = True
+            self._flow()
             return
         self.pending += 1
         d.addCallbacks(self._answered, self._failed)
@@ -87,6 +117,7 @@ class RemoteSink:
         if self.dropped and not self.gone:
             dropped, self.dropped = self.dropped, 0
             self._send(f"[{dropped} lines dropped: the observer was too slow]")
+        self._flow()
 
     def _failed(self, failure: Failure) -> None:
         self.pending -= 1
@@ -94,6 +125,7 @@ class RemoteSink:
             self.gone = True
             log.info("pb: observer failed, streaming stopped: {error}",
                      error=escape(failure.getErrorMessage()))  # the client's words
+        self._flow()
 
 
 def check(value: Any, kind: type | tuple[type, ...], what: str) -> Any:

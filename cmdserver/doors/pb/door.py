@@ -28,7 +28,7 @@ from twisted.cred import error as cred_error
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ITransport
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -64,6 +64,7 @@ from cmdserver.doors.pb.errors import (
     to_remote,
 )
 from cmdserver.doors.pb.upload import PBUpload, UploadStarter, consumer_starter
+from cmdserver.doors.pb.wire import MESSAGE_LIMIT, BoundedBanana
 from cmdserver.errors import CommandError, MissingArgument, NotFound, UsageError
 from cmdserver.policy import Policy
 from cmdserver.sessions import Session
@@ -305,6 +306,8 @@ class LoginRoot(pb.Referenceable):
                 once.pop()()
 
         self.broker.notifyOnDisconnect(maybe_logout)
+        if isinstance(self.broker, DoorBroker):
+            self.broker.logged_in()
         self.door.core.login(self.session, getattr(avatar.account, "name", "?"), method, "ok",
                              token=token)
         return remote
@@ -393,9 +396,16 @@ class PBDoor:
         return avatar, avatar.logout
 
 
-class DoorBroker(pb.Broker, TimeoutMixin):
+class DoorBroker(BoundedBanana, pb.Broker, TimeoutMixin):
     """A server broker that hangs up on a client silent for the idle timeout,
-    unless one of its calls (a long lastlog, an upload) is still running."""
+    unless one of its calls (a long lastlog, an upload) is still running.
+
+    Messages are decoded within bounds (:mod:`cmdserver.doors.pb.wire`): at
+    most 64 KiB each before a login, 1 MiB after, lists nested at most 32 deep.
+    A client that does not read its answers stops being read: no new call is
+    taken while the transport holds a full buffer of answers (so PB's pagers,
+    which register the broker as a pull producer, are not used here).
+    """
 
     transport: ITransport  # set in makeConnection, before any other callback
     core: CommandCore  # set by DoorFactory
@@ -409,12 +419,20 @@ class DoorBroker(pb.Broker, TimeoutMixin):
     def connectionMade(self) -> None:
         self.audit_session = self.core.open_session(DOOR, format_peer(self.transport.getPeer()),
                                                     self.transport.loseConnection)
+        cast(IConsumer, self.transport).registerProducer(_Reading(self.transport), True)
         super().connectionMade()
         self.setTimeout(self.idle_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         super().dataReceived(data)
+
+    def peer_text(self) -> str:
+        return format_peer(self.transport.getPeer())
+
+    def logged_in(self) -> None:
+        """A login succeeded on this connection: larger messages are fine now."""
+        self.message_limit = MESSAGE_LIMIT
 
     def timeoutConnection(self) -> None:
         if any(self.call_sets):
@@ -431,6 +449,24 @@ class DoorBroker(pb.Broker, TimeoutMixin):
         session = getattr(self, "audit_session", None)
         if session is not None:
             self.core.close_session(session)
+
+
+@implementer(IPushProducer)
+class _Reading:
+    """The broker's input as its transport's producer: paused while the transport's
+    buffer of answers is full, so a client that does not read sends no more calls."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
 
 
 def watch_calls(broker: Any, calls: RunningCalls) -> None:

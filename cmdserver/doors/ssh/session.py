@@ -99,6 +99,19 @@ class RefusingSSHSession(session.SSHSession):
         if missing > 0 and self.conn is not None:
             self.conn.adjustWindow(self, missing)
 
+    # conch calls these when the client's window for our output closes and reopens
+    # (a client that does not read): the session stops its sources meanwhile.
+    def stopWriting(self) -> None:
+        self._output_blocked(True)
+
+    def startWriting(self) -> None:
+        self._output_blocked(False)
+
+    def _output_blocked(self, blocked: bool) -> None:
+        hook = getattr(self.session, "output_blocked", None)
+        if hook is not None:
+            hook(blocked)
+
     def requestReceived(self, requestType: bytes, data: bytes) -> int:
         name = "request_" + requestType.replace(b"-", b"_").decode("ascii", "replace")
         if getattr(self, name, None) is None:
@@ -149,6 +162,8 @@ class CommandSession:
         self._input_buffer: list[bytes] | None = []  # None once stdin is discarded
         self._input_size = 0
         self._input_eof = False
+        self.output_paused = False  # the client's window for our output is closed
+        self._output_producer: Any = None  # the running command's output source
 
     # -- ISession ----------------------------------------------------------
 
@@ -221,6 +236,29 @@ class CommandSession:
 
         d.addCallback(finished)
 
+    # -- output back-pressure: the channel's window -------------------------
+
+    def output_blocked(self, blocked: bool) -> None:
+        """The client stopped reading our output (its window closed), or reads again."""
+        self.output_paused = blocked
+        producer = self._output_producer
+        if producer is not None:
+            if blocked:
+                producer.pauseProducing()
+            else:
+                producer.resumeProducing()
+        if not blocked and self.pipe is not None:
+            self.pipe.output_resumed()
+
+    def register_output(self, producer: Any) -> None:
+        """A running command's output source, paused while the window is closed."""
+        self._output_producer = producer
+        if self.output_paused:
+            producer.pauseProducing()
+
+    def unregister_output(self) -> None:
+        self._output_producer = None
+
     def cancel(self) -> None:
         """Cancel the running command (Ctrl-C, channel closed)."""
         if self.running is not None:
@@ -278,7 +316,7 @@ class CommandSession:
         if error is not None:
             self._exec_done(TextReply([error], False))
             return
-        self.run(text, LineSink(self.write_out, self.eol), self._exec_done)
+        self.run(text, LineSink(self.write_out, self.eol, self), self._exec_done)
         if self._input is None:
             if self._reads_input(text):  # it will, once it is ready: hold the client
                 self.pause_input()

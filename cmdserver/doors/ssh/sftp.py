@@ -110,7 +110,7 @@ class JailedSFTPServer:
             except OSError as e:
                 raise os_error(e, _text(paths[0]) if paths else "") from None
 
-        d = self.core.in_thread(call)
+        d = self.core.in_thread(call, ctx=self.ctx)
         d.addErrback(self._refused, action, paths, self.core.reactor.seconds())
         return d
 

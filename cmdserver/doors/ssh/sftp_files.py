@@ -153,7 +153,7 @@ class _OpenFile:
                 d.callback(result)
             self._next()
 
-        self.server.core.in_thread(f).addBoth(answer)
+        self.server.core.in_thread(f, ctx=self.server.ctx).addBoth(answer)
 
     def getAttrs(self) -> Deferred:
         fd = self.fd

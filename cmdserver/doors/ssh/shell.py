@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from cmdserver.doors.ssh.session import CommandSession
 
 PROMPT = b"cmdserver> "
+QUEUE_HIGH = 64  # lines queued by the piped shell at which it stops reading
+QUEUE_LOW = 16  # and at which it starts again
 TYPEAHEAD_LIMIT = 4096  # keys kept while a command runs; more are dropped
 HISTORY_LIMIT = 500  # lines of history per session
 CTRL_A, CTRL_C, CTRL_D, CTRL_E, CTRL_L = b"\x01", b"\x03", b"\x04", b"\x05", b"\x0c"
@@ -36,14 +38,29 @@ def render(text: str, end: bytes) -> bytes:
 
 
 class LineSink:
-    """A command's output sink writing lines to the channel."""
+    """A command's output sink writing lines to the channel.
 
-    def __init__(self, write: Callable[[bytes], None], end: bytes) -> None:
+    A command's output source registered here (``registerProducer``) is paused
+    while the client's window for the channel is closed (see
+    :meth:`CommandSession.output_blocked`).
+    """
+
+    def __init__(self, write: Callable[[bytes], None], end: bytes,
+                 session: CommandSession | None = None) -> None:
         self.write = write
         self.end = end
+        self.session = session
 
     def line(self, text: str) -> None:
         self.write(render(text, self.end))
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self.session is not None:
+            self.session.register_output(producer)
+
+    def unregisterProducer(self) -> None:
+        if self.session is not None:
+            self.session.unregister_output()
 
 
 class PipedCommands(LineReceiver):
@@ -52,6 +69,11 @@ class PipedCommands(LineReceiver):
     Like exec, but for many lines: output on stdout, failures on stderr, no
     prompt and no echo.  Lines are queued and run one after another; at the end
     of input the channel closes with the exit status of the last command.
+
+    Bounded like the line door: while the client does not read our output (its
+    window is closed) no further command starts; at ``QUEUE_HIGH`` queued lines
+    the channel's window is held closed, so the client stops sending (at most
+    one window, kept as bytes), until the queue is down to ``QUEUE_LOW``.
     """
 
     delimiter = b"\n"
@@ -63,10 +85,39 @@ class PipedCommands(LineReceiver):
         self.status = 0
         self.ended = False
         self._draining = False
+        self._input_held = False
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if not self._busyReceiving:  # (else the outer call is still taking lines)
+            self._hold_input(self.paused)
 
     def lineReceived(self, line: bytes) -> None:
         self.queue.append(line)
+        if len(self.queue) >= QUEUE_HIGH:
+            self.paused = True  # LineReceiver keeps the rest as bytes
         self._next()
+
+    def _hold_input(self, hold: bool) -> None:
+        """Keep the client's window closed while lines wait as bytes: it is reopened
+        only once they are all taken, so at most one window is ever kept."""
+        if hold != self._input_held:
+            self._input_held = hold
+            if hold:
+                self.session.pause_input()
+            else:
+                self.session.resume_input()
+
+    def output_resumed(self) -> None:
+        """The client reads again: run what waits."""
+        self._next()
+
+    def _take(self) -> bytes:
+        line = self.queue.popleft()
+        if self.paused and len(self.queue) <= QUEUE_LOW:
+            self.paused = False
+            self.dataReceived(b"")  # the lines kept as bytes meanwhile (queued, not run)
+        return line
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.queue.clear()
@@ -84,17 +135,18 @@ class PipedCommands(LineReceiver):
             return
         self._draining = True
         try:
-            while self.session.running is None and not self.session.is_closed:
-                if self.session.closing or (self.ended and not self.queue):
+            while (self.session.running is None and not self.session.is_closed
+                   and not self.session.output_paused):
+                if self.session.closing or (self.ended and not self.queue and not self.paused):
                     self.session.finish(0 if self.session.closing else self.status)
                     return
                 if not self.queue:
                     return
-                text, error = command_text(self.queue.popleft().removesuffix(b"\r"))
+                text, error = command_text(self._take().removesuffix(b"\r"))
                 if error is not None:
                     self._done(TextReply([error], False))
                 elif text.strip():
-                    out = LineSink(self.session.write_out, b"\n")
+                    out = LineSink(self.session.write_out, b"\n", self.session)
                     self.session.run(text, out, self._done)
         finally:
             self._draining = False
@@ -233,7 +285,7 @@ class ShellProtocol(HistoricRecvLine):
         if not text:
             self.drawInputLine()
             return
-        self.session.run(text, LineSink(self.terminal.write, b"\n"), self._reply)
+        self.session.run(text, LineSink(self.terminal.write, b"\n", self.session), self._reply)
 
     def _reply(self, reply: TextReply) -> None:
         for text in reply.lines:

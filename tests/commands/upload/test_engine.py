@@ -11,10 +11,25 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.trial import unittest
 
-from cmdserver.commands.upload.engine import BATCH, HIGH_WATER, Upload, check_request
-from cmdserver.commands.upload.spool import FLUSH_STEP, remove_stale, temp_name
+from cmdserver.commands.upload.engine import (
+    BATCH,
+    HIGH_WATER,
+    NO_THREAD,
+    Upload,
+    check_request,
+)
+from cmdserver.commands.upload.spool import FLUSH_STEP, PARALLEL_MIN, remove_stale, temp_name
 from cmdserver.errors import CommandError
-from tests.helpers.upload import context, leftovers, listing, mac_of, make_core, settle, temp_dir
+from tests.helpers.upload import (
+    context,
+    leftovers,
+    listing,
+    mac_of,
+    make_core,
+    settle,
+    temp_dir,
+    wait_until,
+)
 
 
 class Producer:
@@ -476,3 +491,55 @@ class StaleFileTests(unittest.TestCase):
         for path in [mine] + others:
             self.assertTrue(os.path.exists(path))
         self.assertTrue(os.path.exists("/etc/passwd"))
+
+
+class NoThreadTests(unittest.TestCase):
+    """The system is out of threads: the upload fails with one line and leaves nothing
+    (no temporary file, no descriptor, no thread) behind."""
+
+    @inlineCallbacks
+    def setUp(self):  # type: ignore[override]  # trial waits on a returned Deferred
+        self.root = temp_dir(self)
+        self.core, self.uploads = make_core(self.root)
+        self.ctx = context(self.core)
+        yield self.core.in_thread(lambda: None, ctx=self.ctx)  # the reactor's waker is made
+        self.fds = len(os.listdir("/proc/self/fd"))
+        self.threads = threading.active_count()
+
+    def refuse_threads(self, prefix: str) -> None:
+        start = threading.Thread.start
+
+        def refusing(thread: threading.Thread) -> None:
+            if thread.name.startswith(prefix):
+                raise RuntimeError("can't start new thread")
+            start(thread)
+
+        self.patch(threading.Thread, "start", refusing)
+
+    def assertNothingLeft(self) -> None:
+        self.assertEqual(leftovers(self.root), [])
+        self.assertEqual(listing(self.root), [])
+        self.assertEqual(len(os.listdir("/proc/self/fd")), self.fds)
+
+    @inlineCallbacks
+    def test_the_upload_worker_cannot_start(self):
+        self.refuse_threads("upload ")
+        e = yield self.assertFailure(self.uploads.begin(self.ctx, "f", 3, mac_of(b"abc")),
+                                     CommandError)
+        self.assertEqual(str(e), NO_THREAD)
+        yield wait_until(lambda: len(os.listdir("/proc/self/fd")) <= self.fds)
+        self.assertNothingLeft()
+        self.assertEqual(self.uploads.active, set())
+
+    @inlineCallbacks
+    def test_a_hash_thread_cannot_start(self):
+        self.refuse_threads("upload-hmac")
+        data = os.urandom(PARALLEL_MIN + 4096)  # large enough for the hash threads
+        upload = yield self.uploads.begin(self.ctx, "big", len(data), mac_of(data))
+        feed(upload, data, 1 << 20)
+        e = yield self.assertFailure(upload.done, CommandError)
+        self.assertEqual(str(e), "upload failed (see the server log), upload discarded")
+        yield upload.closed
+        self.assertNothingLeft()
+        self.flushLoggedErrors(RuntimeError)
+        yield wait_until(lambda: threading.active_count() <= self.threads)

@@ -135,6 +135,35 @@ class LineUploadTests(unittest.TestCase):
         self.assertEqual(listing(self.root), [])
 
     @inlineCallbacks
+    def test_half_close_right_after_the_command_fails_at_once(self):
+        # `printf 'upload f 10 MAC\n' | nc -N`: the bytes can never come.
+        self.send(f"upload f 10 {mac_of(b'0123456789')}\n".encode())
+        self.proto.readConnectionLost()
+        yield self.wait_for("Error: ")
+        self.assertEqual(self.lines(), [
+            "Ready for 10 bytes",
+            "Error: upload incomplete: the client closed the stream early"])
+        self.assertTrue(self.transport.disconnecting)  # no wait for the idle timeout
+        self.proto.connectionLost(Failure(Exception("closed")))
+        yield settle(self.uploads)
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
+    def test_content_sent_with_the_command_then_half_close(self):
+        # `printf 'upload f 5 MAC\n12345' | nc -N`: everything came before the EOF.
+        data = b"12345"  # (a newline in it would end a command line: wait for Ready)
+        self.send(f"upload early {len(data)} {mac_of(data)}\n".encode() + data)
+        self.proto.readConnectionLost()
+        yield self.wait_until_closed()
+        digest = __import__("hashlib").sha256(data).hexdigest()
+        self.assertEqual(self.lines()[1:], [f"Upload OK early {len(data)} sha256={digest}"])
+        with open(os.path.join(self.root, "early"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    def wait_until_closed(self):
+        return wait_until(lambda: self.transport.disconnecting)
+
+    @inlineCallbacks
     def test_idle_timeout_in_the_middle(self):
         self.proto.connectionLost(Failure(Exception("replaced")))
         self.connect(idle_timeout=30)
