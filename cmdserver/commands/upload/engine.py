@@ -43,7 +43,7 @@ from cmdserver.commands.upload.spool import (
     write_error,
 )
 from cmdserver.commands.upload.stream import Block, name_thread
-from cmdserver.errors import CommandError
+from cmdserver.errors import CommandError, TooLarge
 from cmdserver.text import escape
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def check_request(name: str, size: int, mac_hex: str, max_upload: int) -> bytes:
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise CommandError(f"SIZE must be a whole number of bytes: {size}")
     if size > max_upload:
-        raise CommandError(f"upload too large: {size} bytes (the limit is {max_upload} bytes)")
+        raise TooLarge(f"upload too large: {size} bytes (the limit is {max_upload} bytes)")
     if not isinstance(mac_hex, str) or not _HEX_MAC.match(mac_hex):
         raise CommandError("HMAC must be 64 hex digits (HMAC-SHA256 of the content)")
     return bytes.fromhex(mac_hex)
