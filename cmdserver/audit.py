@@ -195,6 +195,8 @@ class AuditFile:
         self._second_text = ""
         self._strings: dict[str, str] = {}  # str -> its JSON encoding
         self._heads: dict[tuple[str, str, str, str, str, str | None], str] = {}  # see _head
+        self.write_errors = 0  # batches that could not be written (counted for /metrics)
+        self.lines_lost = 0  # the records they held
 
     def open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
@@ -236,6 +238,8 @@ class AuditFile:
             while view:
                 view = view[os.write(self._fd, view):]
         except OSError:  # the disk is full, say: the commands go on, the operator is told
+            self.write_errors += 1
+            self.lines_lost += lines
             _log.failure("audit log {path}: {lines} lines not written", path=self.path,
                          lines=lines)
 

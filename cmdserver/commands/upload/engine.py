@@ -302,6 +302,8 @@ class Uploads:
         self.run_id = new_run_id()
         self.writer = writer
         self.active: set[Upload] = set()
+        self.files = 0  # uploads published since start (counted for /metrics)
+        self.bytes = 0  # and their bytes
 
     def key_for(self, user: str) -> bytes:
         """The HMAC key uploads from ``user`` are checked against."""
@@ -332,6 +334,7 @@ class Uploads:
             upload = Upload(spool, expected, ctx.reactor)
             self.active.add(upload)
             upload.closed.addCallback(lambda _: self.active.discard(upload))
+            upload.done.addCallback(self._published)
             outer.callback(upload)
 
         def refused(failure: Failure) -> None:
@@ -340,6 +343,11 @@ class Uploads:
 
         inner.addCallbacks(opened, refused)
         return outer
+
+    def _published(self, result: UploadResult) -> UploadResult:
+        self.files += 1
+        self.bytes += result.size
+        return result
 
     def abort_all(self) -> Deferred:
         """Abort every upload in flight; fires once their temporary files are gone."""
