@@ -85,11 +85,13 @@ class Daemon:
 
     def start(self, timeout: float = 20.0) -> Daemon:
         audit = [] if self.audit else ["--audit-log", "none"]
+        # No fixed ports: other daemons may hold them (an older tree has no HTTP door).
+        others = ["--ssh", "none", "--pb", "none"]
+        if (Path(self.source or ROOT) / "cmdserver" / "doors" / "http").is_dir():
+            others += ["--http", "none"]
         cmd = [TWISTD, "-n", "--pidfile=", "-l", str(self.log_path), "cmdserver",
                "--line", self.endpoint, "--data-dir",
-               str(self.workdir / "data"), *audit,
-               "--ssh", "none", "--pb", "none",  # no fixed ports: other daemons may hold them
-               *self.args]
+               str(self.workdir / "data"), *audit, *others, *self.args]
         env = dict(os.environ, PYTHONPATH=self.source) if self.source else None
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdin=subprocess.DEVNULL,
                                      preexec_fn=raise_nofile, env=env)

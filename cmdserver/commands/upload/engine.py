@@ -43,7 +43,7 @@ from cmdserver.commands.upload.spool import (
     write_error,
 )
 from cmdserver.commands.upload.stream import Block, name_thread
-from cmdserver.errors import CommandError, TooLarge
+from cmdserver.errors import CommandError, TooLarge, UsageError
 from cmdserver.text import escape
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def check_request(name: str, size: int, mac_hex: str, max_upload: int) -> bytes:
     if size > max_upload:
         raise TooLarge(f"upload too large: {size} bytes (the limit is {max_upload} bytes)")
     if not isinstance(mac_hex, str) or not _HEX_MAC.match(mac_hex):
-        raise CommandError("HMAC must be 64 hex digits (HMAC-SHA256 of the content)")
+        raise UsageError("HMAC must be 64 hex digits (HMAC-SHA256 of the content)")
     return bytes.fromhex(mac_hex)
 
 
