@@ -129,6 +129,25 @@ class Daemon:
             return self.proc.wait()
 
 
+def machine() -> str:
+    """The CPU model, its count and whether it has SHA-NI (from /proc/cpuinfo)."""
+    model, flags, count = "unknown CPU", set(), 0
+    try:
+        with open("/proc/cpuinfo") as f:
+            for row in f:
+                key, _, value = row.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    model = value.strip()
+                    count += 1
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    sha = "SHA-NI" if "sha_ni" in flags else "no SHA-NI"
+    return f"{count} x {model}, {sha}; load average {os.getloadavg()[0]:.2f}"
+
+
 def wait_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
