@@ -85,11 +85,13 @@ class Daemon:
 
     def start(self, timeout: float = 20.0) -> Daemon:
         audit = [] if self.audit else ["--audit-log", "none"]
+        # No fixed ports: other daemons may hold them (an older tree has no HTTP door).
+        others = ["--ssh", "none", "--pb", "none"]
+        if (Path(self.source or ROOT) / "cmdserver" / "doors" / "http").is_dir():
+            others += ["--http", "none"]
         cmd = [TWISTD, "-n", "--pidfile=", "-l", str(self.log_path), "cmdserver",
                "--line", self.endpoint, "--data-dir",
-               str(self.workdir / "data"), *audit,
-               "--ssh", "none", "--pb", "none",  # no fixed ports: other daemons may hold them
-               *self.args]
+               str(self.workdir / "data"), *audit, *others, *self.args]
         env = dict(os.environ, PYTHONPATH=self.source) if self.source else None
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdin=subprocess.DEVNULL,
                                      preexec_fn=raise_nofile, env=env)
@@ -125,6 +127,25 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+def machine() -> str:
+    """The CPU model, its count and whether it has SHA-NI (from /proc/cpuinfo)."""
+    model, flags, count = "unknown CPU", set(), 0
+    try:
+        with open("/proc/cpuinfo") as f:
+            for row in f:
+                key, _, value = row.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    model = value.strip()
+                    count += 1
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    sha = "SHA-NI" if "sha_ni" in flags else "no SHA-NI"
+    return f"{count} x {model}, {sha}; load average {os.getloadavg()[0]:.2f}"
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

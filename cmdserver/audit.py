@@ -212,6 +212,8 @@ class AuditFile:
         self._second_text = ""
         self._strings: dict[str, str] = {}  # str -> its JSON encoding
         self._heads: dict[tuple[str, str, str, str, str, str | None], str] = {}  # see _head
+        self.write_errors = 0  # batches that could not be written (counted for /metrics)
+        self.lines_lost = 0  # the records they held
 
     def open(self) -> None:
         """Open (create) the file; OSError if that cannot be done."""
@@ -332,6 +334,8 @@ class AuditFile:
                 os.ftruncate(fd, os.fstat(fd).st_size - partial)
             except OSError:  # not a regular file, say: the next batch starts a new line
                 self._torn = True
+        self.write_errors += 1
+        self.lines_lost += lines - whole
         _log.error("audit log {path}: {lost} record(s) lost, {written} of this batch's "
                    "{lines} written: {error}", path=self.path, lost=lines - whole,
                    written=whole, lines=lines, error=error.strerror or str(error))

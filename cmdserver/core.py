@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shlex
 import threading
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeGuard, cast, final
@@ -43,7 +44,7 @@ from cmdserver.errors import (
 )
 from cmdserver.policy import Policy
 from cmdserver.sessions import Session, SessionIds
-from cmdserver.stats import Stats
+from cmdserver.stats import DURATION_BUCKETS, Stats
 from cmdserver.text import escape
 from cmdserver.workers import DEFAULT_PER_ADDRESS, DEFAULT_THREADS, FairPool, address_of
 
@@ -307,6 +308,8 @@ class CommandCore:
             # Input before login may be a password typed at the wrong prompt: only the
             # name of a known command is kept, never the words.
             self._audit(ctx, name if command else "?", {}, "refused", LOGIN_REQUIRED)
+            if command is not None:
+                self.stats.refused_commands[(name, ctx.door)] += 1
             return TextReply([f"Error: {LOGIN_REQUIRED}"], False)
         if command is None:
             self.stats.not_found += 1
@@ -317,6 +320,7 @@ class CommandCore:
         except CommandError as e:
             self._audit(ctx, name, command.audit_argv(args), "refused", str(e))
             self.stats.errors += 1
+            self.stats.refused_commands[(command.name, ctx.door)] += 1
             return TextReply([e.text], False)
         result = self.invoke(ctx, command, kwargs)
         if is_deferred(result):
@@ -357,6 +361,7 @@ class CommandCore:
             self._audit(ctx, command.name, {"args": sorted(map(str, kwargs))}, "refused",
                         str(e))
             self.stats.errors += 1
+            self.stats.refused_commands[(command.name, ctx.door)] += 1
             raise
 
     def call(self, ctx: Context, name: str, /, **kwargs: Any) -> Deferred:
@@ -378,6 +383,7 @@ class CommandCore:
         except CommandError as e:
             self._audit(ctx, command.name, command.audit_argv(words), "refused", str(e))
             self.stats.errors += 1
+            self.stats.refused_commands[(command.name, ctx.door)] += 1
             raise
 
     def run_command(self, ctx: Context, command: Command, /, **kwargs: Any) -> Deferred:
@@ -433,9 +439,13 @@ class CommandCore:
         if kind in _PLAIN:  # it finished at once, well: the common case, done here
             # What _done does for a success, without the call (5% of a ping).
             stats.in_flight -= 1
+            elapsed = self._seconds() - started
+            times = stats.durations[ctx.door][command.name]
+            times[0 if elapsed <= _FIRST_BUCKET else bisect_left(DURATION_BUCKETS, elapsed)] += 1
+            times[-1] += elapsed
             audit_publisher.record(ctx.session_id, COMMAND, ctx.user, ctx.peer, ctx.door,
                                    command.name, command.audit_args(kwargs), "ok",
-                                   self._seconds() - started, None, command.audit_result(result))
+                                   elapsed, None, command.audit_result(result))
             return result
         if kind is Deferred or isinstance(result, Deferred):
             if not result.called or result.paused or is_deferred(result.result):
@@ -493,15 +503,20 @@ class CommandCore:
     def _done(self, result: Any, ctx: Context, command: Command, kwargs: dict[str, Any],
               started: float) -> Any:
         """Count and audit a command that ended; gives its result (or Failure) back."""
-        self.stats.in_flight -= 1
+        stats = self.stats
+        stats.in_flight -= 1
         elapsed = self._seconds() - started
+        times = stats.durations[ctx.door][command.name]
+        times[bisect_left(DURATION_BUCKETS, elapsed)] += 1
+        times[-1] += elapsed
         if not isinstance(result, Failure):
             audit_publisher.record(ctx.session_id, COMMAND, ctx.user, ctx.peer, ctx.door,
                                    command.name, command.audit_args(kwargs), "ok", elapsed, None,
                                    command.audit_result(result))
             return result
-        self.stats.errors += 1
+        stats.errors += 1
         outcome, reason = _outcome(result)
+        stats.failed[(command.name, ctx.door, outcome)] += 1
         if outcome == "internal-error":
             log.failure("command {command} failed", result, command=command.name,
                         user=ctx.user, peer=ctx.peer)
@@ -525,6 +540,7 @@ def is_deferred(value: object) -> TypeGuard[Deferred[Any]]:
     return kind is Deferred or (kind not in _PLAIN and isinstance(value, Deferred))
 
 
+_FIRST_BUCKET = DURATION_BUCKETS[0]
 _PLAIN = frozenset({str, bytes, int, float, bool, list, tuple, dict, type(None)})
 
 

@@ -1,4 +1,8 @@
-"""Errors that reach users as one line of text (``Error: ...`` on the text doors)."""
+"""Errors that reach users as one line of text (``Error: ...`` on the text doors).
+
+The subclasses say what kind of refusal it is, for doors that have a word for
+it (the HTTP door's status codes); the text doors print them all alike.
+"""
 
 from cmdserver.text import escaped
 
@@ -43,7 +47,20 @@ class NotFound(CommandError):
 
 
 class Refused(CommandError):
-    """The file jail refused an operation (SFTP answers permission denied)."""
+    """Refused by policy: the file jail, the scan allowlist and limits (HTTP 403)."""
+
+
+class Conflict(CommandError):
+    """At odds with the state of things: an upload's target exists, a scan already
+    runs on the connection (HTTP 409)."""
+
+
+class TooLarge(CommandError):
+    """More than a size limit allows: an upload over ``--max-upload`` (HTTP 413)."""
+
+
+class Throttled(CommandError):
+    """Too many attempts: the client must wait or stop (HTTP 429)."""
 
 
 class PathOutsideRoots(Refused):

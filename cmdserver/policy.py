@@ -110,6 +110,7 @@ class ConnectBudget:
             raise ValueError("the connect budget needs at least one slot")
         self.limit = limit
         self.in_flight = 0
+        self.probed = 0  # ports probed by every scan since start (counted for /metrics)
         self._waiting: dict[Scan, None] = {}
 
     def acquire(self) -> None:

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from cmdserver.auth.credentials import ReloadService, open_credentials
-from cmdserver.auth.tls import is_tls, load_ca
+from cmdserver.auth.tls import check_host, is_tls, load_ca
 from cmdserver.auth.users import DEFAULT_COST, CredentialError
 from cmdserver.commands import default_registry
 from cmdserver.commands.account import Login, PasswordLogin
@@ -35,6 +35,7 @@ from cmdserver.core import (
     CommandCore,
 )
 from cmdserver.doors import BUILDERS, DoorEnv, builder
+from cmdserver.doors.http.door import DEFAULT_ENDPOINT as HTTP_ENDPOINT
 from cmdserver.doors.pb.door import DEFAULT_ENDPOINT as PB_ENDPOINT
 from cmdserver.policy import DEFAULT_SCAN_ALLOW, Policy, ScanPolicy, default_max_in_flight
 from cmdserver.service import CmdServerService, DataDirLock, Limits, StartupError, reason
@@ -134,6 +135,10 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     # Perspective Broker door
     "pb": (PB_ENDPOINT, str),
     "pb-anonymous": (False, flag),
+    # HTTP door: JSON API, XML-RPC, metrics
+    "http": ([HTTP_ENDPOINT], None),
+    "http-host": ([], None),
+    "metrics-public": (False, flag),
     # every command: its deadline and output cap (per command: [command-limits.NAME])
     "command-timeout": (DEFAULT_TIMEOUT, non_negative_number),
     "max-output": (DEFAULT_MAX_OUTPUT, byte_size),
@@ -146,7 +151,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "max-upload": (1 << 30, byte_size),
     "overwrite": (False, flag),
 }
-REPEATABLE = ("line", "root", "scan-allow")
+REPEATABLE = ("line", "root", "scan-allow", "http", "http-host")
 COMMANDS = "commands"  # the TOML file's [commands.NAME] tables (commands/declared.py)
 
 
@@ -217,6 +222,7 @@ class Options(usage.Options):
         for name in REPEATABLE:
             self[name] = []
         self["pb-anonymous"] = None  # so a TOML value applies unless the flag is given
+        self["metrics-public"] = None
         self["overwrite"] = None  # a flag the TOML file may set too
 
     def opt_overwrite(self) -> None:
@@ -225,6 +231,20 @@ class Options(usage.Options):
 
     def opt_line(self, endpoint: str) -> None:
         self["line"].append(endpoint)
+
+    def opt_http(self, endpoint: str) -> None:
+        """Endpoint for the HTTP door (JSON API, XML-RPC, /metrics), or 'none';
+        repeatable. [default: tcp:9898:interface=127.0.0.1]"""
+        self["http"].append(endpoint)
+
+    def opt_http_host(self, name: str) -> None:
+        """A name clients use for the HTTP door (its Host header); repeatable. localhost
+        and the endpoint's address are always allowed."""
+        self["http-host"].append(name)
+
+    def opt_metrics_public(self) -> None:
+        """Serve the HTTP door's /metrics without a login. [default: login required]"""
+        self["metrics-public"] = True
 
     def opt_root(self, path: str) -> None:
         self["root"].append(path)
@@ -272,10 +292,19 @@ class Options(usage.Options):
             self["ssh"] = None
         if self["pb"].lower() == NONE:
             self["pb"] = None
-        if not (self["line"] or self["ssh"] or self["pb"]):
-            raise usage.UsageError("no front door is open: give a --line, --ssh or --pb endpoint")
+        self["http"] = [e for e in self["http"] if e.lower() != NONE]
+        if not (self["line"] or self["ssh"] or self["pb"] or self["http"]):
+            raise usage.UsageError("no front door is open: give a --line, --ssh, --pb or "
+                                   "--http endpoint")
         for endpoint in self["line"]:
             check_endpoint("--line", endpoint)
+        for endpoint in self["http"]:
+            check_endpoint("--http", endpoint)
+        for name in self["http-host"]:
+            try:
+                check_host(name)
+            except CredentialError as e:
+                raise usage.UsageError(f"--http-host: {e}") from None
         if self["tls-client-ca"]:
             if not any(is_tls(e) for e in self["line"]):
                 raise usage.UsageError("--tls-client-ca needs an ssl: --line endpoint")

@@ -83,6 +83,15 @@ class AuditFileTests(unittest.TestCase):
         self.clock.advance(FLUSH_DELAY)
         self.assertEqual(self.read(), "")
 
+    def test_a_batch_that_cannot_be_written_is_counted(self) -> None:
+        assert self.audit._fd is not None
+        os.close(self.audit._fd)
+        self.audit._fd = os.open("/dev/full", os.O_WRONLY)  # closed by the cleanup's close
+        self.audit(event(command="ping"))
+        self.audit(event(command="ls"))
+        self.clock.advance(FLUSH_DELAY)
+        self.assertEqual((self.audit.write_errors, self.audit.lines_lost), (1, 2))
+
     def test_mode_0600(self) -> None:
         self.assertEqual(os.stat(self.path).st_mode & 0o777, 0o600)
 

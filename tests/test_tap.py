@@ -46,7 +46,7 @@ def test_repeatable_options(tmp_path):
     (["--max-line", "1.5"], "max-line"),
     (["--line", "tcp:notaport"], "--line tcp:notaport"),
     (["--line", "bogus:1"], "--line bogus:1"),
-    (["--line", "none", "--ssh", "none", "--pb", "none"], "no front door"),
+    (["--line", "none", "--ssh", "none", "--pb", "none", "--http", "none"], "no front door"),
     (["--pb", "bogus:1"], "--pb bogus:1"),
     (["--ssh", "tcp:x"], "--ssh tcp:x"),
     (["--sftp-max-handles", "0"], "sftp-max-handles"),
@@ -109,7 +109,8 @@ def test_make_service(tmp_path):
     assert service.core.policy.roots == [os.path.realpath(data / "files")]
     assert [(d.door, d.description) for d in service.doors] == [
         ("line", "tcp:0:interface=127.0.0.1"), ("line", f"unix:{tmp_path}/sock"),
-        ("ssh", "tcp:2222:interface=127.0.0.1"), ("pb", "tcp:9876:interface=127.0.0.1")]
+        ("ssh", "tcp:2222:interface=127.0.0.1"), ("pb", "tcp:9876:interface=127.0.0.1"),
+        ("http", "tcp:9898:interface=127.0.0.1")]
     assert (service.limits.max_total, service.limits.max_per_host) == (5, 2)
     assert service.audit is not None and service.audit.path == str(data / "audit.log")
     lastlog = service.core.registry.get("lastlog")
@@ -121,7 +122,7 @@ def test_make_service(tmp_path):
 
 
 def test_the_ssh_door_gets_the_sftp_limits(tmp_path):
-    options = parse("--data-dir", str(tmp_path), "--line", "none", "--pb", "none",
+    options = parse("--data-dir", str(tmp_path), "--line", "none", "--pb", "none", "--http", "none",
                     "--ssh", "tcp:0:interface=127.0.0.1", "--max-upload", "5M",
                     "--sftp-max-handles", "16")
     [door] = tap.makeService(options).doors
@@ -175,3 +176,24 @@ def test_help_documents_every_option():
     for name in tap.SETTINGS:
         assert f"--{name}" in text
     assert "--config" in text
+
+
+def test_http_options(tmp_path):
+    options = parse()
+    assert options["http"] == ["tcp:9898:interface=127.0.0.1"]
+    assert options["http-host"] == [] and options["metrics-public"] is False
+    options = parse("--http", "tcp:0:interface=127.0.0.1", "--http", f"unix:{tmp_path}/h",
+                    "--http-host", "cmd.example.org", "--metrics-public")
+    assert options["http"] == ["tcp:0:interface=127.0.0.1", f"unix:{tmp_path}/h"]
+    assert (options["http-host"], options["metrics-public"]) == (["cmd.example.org"], True)
+    assert parse("--http", "none")["http"] == []
+    config = tmp_path / "c.toml"
+    config.write_text('http = "tcp:0"\nhttp-host = ["a.example"]\nmetrics-public = true\n')
+    options = parse("--config", str(config))
+    assert (options["http"], options["http-host"], options["metrics-public"]) == (
+        ["tcp:0"], ["a.example"], True)
+    for argv, message in ((["--http", "bogus:1"], "--http bogus:1"),
+                          (["--http-host", "not a name"], "--http-host: invalid host name")):
+        with pytest.raises(usage.UsageError) as e:
+            parse(*argv)
+        assert message in str(e.value)

@@ -23,7 +23,7 @@ def parse_config(tmp_path, body: str, *argv: str) -> tap.Options:
     options = tap.Options()
     options.parseOptions(["--config", str(config), "--data-dir", str(tmp_path / "data"),
                           "--line", "tcp:0:interface=127.0.0.1", "--ssh", "none",
-                          "--pb", "none", *argv])
+                          "--pb", "none", "--http", "none", *argv])
     return options
 
 

@@ -201,6 +201,9 @@ class Command:
                 param = flags.get(name)
                 if param is None:
                     raise self.usage_error(f"unknown option {word}")
+                if not equals and not param.type.takes_value:
+                    values[name] = True  # a switch: --name alone
+                    continue
                 if not equals:
                     following = next(rest, None)
                     if following is None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json as _json
 from typing import Any
 
 from twisted.internet import defer
 
 from cmdserver.commands.base import Command, Context
-from cmdserver.commands.params import Param
+from cmdserver.commands.params import SWITCH, Param
 from cmdserver.errors import CommandError
 
 TEXT_DOORS = frozenset({"line", "ssh"})  # doors where a person types commands
@@ -59,11 +60,18 @@ class Ping(Command):
 class StatsCommand(Command):
     name = "stats"
     summary = "Show uptime, connections, command, file operation and login counters."
+    params = (Param("json", SWITCH, default=False, flag=True,
+                    help="the counters as one line of JSON"),)
 
-    def run(self, ctx: Context) -> defer.Deferred:
-        return defer.succeed(ctx.core.stats.snapshot(ctx.reactor.seconds()))
+    def run(self, ctx: Context, json: bool = False) -> defer.Deferred:
+        """The counters (:meth:`Stats.snapshot`); with ``json``, that dict as one line
+        of JSON text, which the text doors print as is."""
+        snapshot = ctx.core.stats.snapshot(ctx.reactor.seconds())
+        return defer.succeed(_json.dumps(snapshot, sort_keys=True) if json else snapshot)
 
     def text(self, result: Any) -> list[str]:
+        if isinstance(result, str):  # stats --json
+            return [result]
         doors = ", ".join(f"{k} {v}" for k, v in result["connections_by_door"].items())
         commands = ", ".join(f"{k} {v}" for k, v in result["commands"].items()) or "none"
         files = ", ".join(f"{k} {v}" for k, v in result["file_operations"].items()) or "none"

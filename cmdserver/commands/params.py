@@ -29,6 +29,7 @@ class ParamType:
     """A parameter's type: how a word or a value becomes the handler's argument."""
 
     name = "text"
+    takes_value = True  # a flag of this type is ``--name VALUE``; else ``--name`` alone
 
     def from_text(self, param: Param, word: str) -> Any:
         return self.check(param, word)
@@ -158,8 +159,32 @@ class PathParam(ParamType):
         return {"type": "string", "format": "path"}
 
 
+class Switch(ParamType):
+    """On or off: a flag given as ``--name`` alone on the text doors (``--name=false``
+    says off), true or false as a named value."""
+
+    name = "bool"
+    takes_value = False
+
+    def from_text(self, param: Param, word: str) -> Any:
+        value = {"true": True, "yes": True, "1": True,
+                 "false": False, "no": False, "0": False}.get(word.lower())
+        if value is None:
+            raise UsageError(f"{param.name} is true or false, not {word[:64]!r}")
+        return value
+
+    def from_value(self, param: Param, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise UsageError(f"{param.name} must be true or false")
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "boolean"}
+
+
 TEXT = Text()
 PATH = PathParam()
+SWITCH = Switch()
 
 
 @dataclass(frozen=True)
@@ -167,7 +192,8 @@ class Param:
     """One declared parameter of a command.
 
     ``flag`` parameters are given as ``--name VALUE`` (or ``--name=VALUE``) on
-    the text doors; the others are positional, in the order declared.
+    the text doors, a :class:`Switch` as ``--name`` alone; the others are
+    positional, in the order declared.
     ``missing`` is the whole line a text door prints when a required value is
     missing (``Please provide a path.``); without it, the usage is printed.
     ``dash`` lets a value start with ``-``, which could otherwise be taken for
@@ -192,7 +218,7 @@ class Param:
         """How the usage line names it: ``PATH``, ``[N]``, ``[--algo NAME]``."""
         word = self.metavar or self.name.upper()
         if self.flag:
-            word = f"--{self.name} {word}"
+            word = f"--{self.name} {word}" if self.type.takes_value else f"--{self.name}"
         return word if self.required else f"[{word}]"
 
     def from_text(self, word: str) -> Any:

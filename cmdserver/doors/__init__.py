@@ -47,6 +47,7 @@ BUILDERS: dict[str, str] = {
     "line": "cmdserver.doors.line.protocol:build",
     "ssh": "cmdserver.doors.ssh.door:build",
     "pb": "cmdserver.doors.pb.door:build",
+    "http": "cmdserver.doors.http.door:build",
 }
 
 

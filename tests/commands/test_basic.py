@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from twisted.trial import unittest
 
 from cmdserver.commands.basic import format_duration
@@ -95,6 +97,24 @@ class BasicCommandTests(unittest.SynchronousTestCase):
         self.assertEqual(value["in_flight"], 1)
         self.assertEqual((value["not_found"], value["logins"], value["login_failures"],
                           value["file_operations"]), (0, 0, 0, {}))
+
+    def test_stats_json_is_the_value_on_one_line(self) -> None:
+        self.core.stats.connection_opened("line")
+        [line] = self.lines("stats --json")
+        value = json.loads(line)
+        self.assertEqual(value["connections_by_door"], {"line": 1})
+        self.assertEqual(value["commands"], {"stats": 1})
+        self.assertEqual(set(value), set(self.successResultOf(
+            self.core.call(self.ctx, "stats"))))
+        self.assertEqual(self.lines("stats --json=false")[0], "uptime: 00:00:00")
+        self.assertEqual(self.lines("stats --json=maybe"),
+                         ["Error: json is true or false, not 'maybe'; usage: stats [--json]"])
+        self.assertEqual(self.lines("help stats")[0], "Usage: stats [--json]")
+        # Named values: a boolean, and the value is that line.
+        text = self.successResultOf(self.core.call(self.ctx, "stats", json=True))
+        self.assertEqual(json.loads(text)["commands"]["stats"], 4)  # refusals do not run
+        failure = self.failureResultOf(self.core.call(self.ctx, "stats", json="yes"))
+        self.assertEqual(failure.value.message, "json must be true or false")
 
     def test_exit_and_quit_end_the_session(self) -> None:
         self.assertEqual(self.lines("exit"), ["bye !"])

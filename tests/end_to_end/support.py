@@ -69,7 +69,8 @@ class RunningService:
         args = ["--data-dir", self.data_dir, *argv]
         if "--line" not in argv:
             args += ["--line", "tcp:0:interface=127.0.0.1"]
-        for door in ("--ssh", "--pb"):  # never a fixed default port: tests run side by side
+        # Never a fixed default port: tests run side by side.
+        for door in ("--ssh", "--pb", "--http"):
             if door not in argv:
                 args += [door, "none"]
         options.parseOptions(args)

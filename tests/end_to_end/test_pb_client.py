@@ -21,7 +21,7 @@ from cmdserver.cli.call import safe
 from tests.end_to_end.pb_server import PBServer
 
 # Doors other builds may open by default, kept off so these tests bind nothing fixed.
-OTHER_DOORS_OFF = [arg for name in ("ssh",) if name in tap.SETTINGS
+OTHER_DOORS_OFF = [arg for name in ("ssh", "http") if name in tap.SETTINGS
                    for arg in (f"--{name}", "none")]
 
 

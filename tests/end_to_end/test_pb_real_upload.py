@@ -34,7 +34,7 @@ class RealUploadTests(unittest.TestCase):
         os.makedirs(self.root)
         options = tap.Options()
         fast_bcrypt = ["--bcrypt-cost", "4"] if "bcrypt-cost" in tap.SETTINGS else []
-        other_doors_off = [arg for name in ("ssh",) if name in tap.SETTINGS
+        other_doors_off = [arg for name in ("ssh", "http") if name in tap.SETTINGS
                            for arg in (f"--{name}", "none")]
         options.parseOptions([*other_doors_off, "--data-dir", self.data, "--root", self.root,
                               "--line", "none",

@@ -54,7 +54,7 @@ class TLSDoorTests(unittest.TestCase):
                     f":certKey={quote(self.cert)}")
         options = Options()
         options.parseOptions(["--data-dir", self.data, "--line", endpoint, "--ssh", "none",
-                              "--pb", "none",
+                              "--pb", "none", "--http", "none",
                               "--bcrypt-cost",
                               "4", "--users-poll-interval", "0", *argv])
         service = makeService(options)

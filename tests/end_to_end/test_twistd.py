@@ -93,7 +93,7 @@ def test_the_daemon_runs_serves_and_stops_on_sigterm():
         sock = os.path.join(tmp, "line.sock")
         daemon = subprocess.Popen(
             [sys.executable, *TWISTD, "-n", "--pidfile=", "cmdserver", "--line",
-             f"unix:{sock}", "--ssh", "none", "--pb", "none",
+             f"unix:{sock}", "--ssh", "none", "--pb", "none", "--http", "none",
              "--data-dir", os.path.join(tmp, "data")],
             cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )

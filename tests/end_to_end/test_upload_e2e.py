@@ -54,7 +54,8 @@ class ServiceTests(unittest.TestCase):
         options = Options()
         options.parseOptions(["--line", "tcp:0:interface=127.0.0.1", "--data-dir", self.data,
                               "--root", self.root, "--audit-log", "none",
-                              "--max-upload", "64M", "--ssh", "none", "--pb", "none"])
+                              "--max-upload", "64M", "--ssh", "none", "--pb", "none",
+                              "--http", "none"])
         self.service = makeService(options, reactor)
         self.service.startService()
         self.addCleanup(lambda: self.service.running and self.service.stopService())
@@ -340,7 +341,7 @@ class TlsTests(unittest.TestCase):
         options.parseOptions([
             "--line", f"ssl:0:privateKey={key_pem}:certKey={cert_pem}:interface=127.0.0.1",
             "--data-dir", data, "--root", root, "--audit-log", "none", "--ssh", "none",
-            "--pb", "none"])
+            "--pb", "none", "--http", "none"])
         service = makeService(options, reactor)
         service.startService()
         self.addCleanup(service.stopService)

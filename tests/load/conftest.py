@@ -53,9 +53,9 @@ class Daemon:
         """Start on ephemeral loopback ports (every door, unless ``args`` says ``none``)."""
         cmd = [TWISTD, "-n", "--pidfile=", "-l", str(self.log_path), "cmdserver",
                "--line", "tcp:0:interface=127.0.0.1:backlog=1024",
-               "--ssh", LOOPBACK_ANY_PORT, "--pb", LOOPBACK_ANY_PORT,
+               "--ssh", LOOPBACK_ANY_PORT, "--pb", LOOPBACK_ANY_PORT, "--http", LOOPBACK_ANY_PORT,
                "--data-dir", str(self.workdir / "data"), *self.args]
-        doors = {"line", "ssh", "pb"} - {door for door in ("ssh", "pb")
+        doors = {"line", "ssh", "pb", "http"} - {door for door in ("ssh", "pb")
                                          if f"--{door}=none" in self.args or
                                          self._follows(f"--{door}", "none")}
         skip = len(LISTENING.findall(self.log()))  # a restart appends to the same log

@@ -25,7 +25,7 @@ from cmdserver.commands.base import Command, Context
 from cmdserver.commands.params import Param, Text
 from cmdserver.commands.portscan.portspec import PortSpecError, parse_ports
 from cmdserver.commands.portscan.scanner import Scan, SocketFactory
-from cmdserver.errors import CommandError, UsageError
+from cmdserver.errors import CommandError, Conflict, Refused, UsageError
 from cmdserver.policy import IPAddress, ScanPolicy
 
 # Letters, digits, hyphens and dots (and "_", seen in internal names); 253 at most.
@@ -87,7 +87,7 @@ def checked_target(policy: ScanPolicy, host: str, addresses: list[IPAddress]) ->
     if not addresses:
         raise CommandError(f"cannot resolve host: {host}")
     if not all(policy.allows(a) for a in addresses):
-        raise CommandError("target not allowed")
+        raise Refused("target not allowed")
     target = addresses[0]
     if isinstance(target, ipaddress.IPv6Address) and target.ipv4_mapped is not None:
         target = target.ipv4_mapped
@@ -149,12 +149,12 @@ class PortScan(Command):
         policy = ctx.core.policy.scan
         portset = parse_ports(ports)
         if len(portset) > policy.max_ports:
-            raise CommandError(
+            raise Refused(
                 f"too many ports: {len(portset)} (the limit is {policy.max_ports})")
         target = parse_host(host)
         key = connection_key(ctx)
         if not policy.begin(key):
-            raise CommandError("a scan is already running on this connection")
+            raise Conflict("a scan is already running on this connection")
         try:
             if isinstance(target, str):
                 d = resolve(self.resolver or ctx.reactor.nameResolver, target)

@@ -208,6 +208,7 @@ class Scan:
             if spare is not None:
                 spare.close()
         self.probed += started
+        self.budget.probed += started
         if self._finished:
             return
         if self._exhausted:

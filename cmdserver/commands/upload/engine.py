@@ -43,7 +43,7 @@ from cmdserver.commands.upload.spool import (
     write_error,
 )
 from cmdserver.commands.upload.stream import Block, name_thread
-from cmdserver.errors import CommandError
+from cmdserver.errors import CommandError, TooLarge, UsageError
 from cmdserver.text import escape
 
 if TYPE_CHECKING:
@@ -110,9 +110,9 @@ def check_request(name: str, size: int, mac_hex: str, max_upload: int) -> bytes:
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise CommandError(f"SIZE must be a whole number of bytes: {size}")
     if size > max_upload:
-        raise CommandError(f"upload too large: {size} bytes (the limit is {max_upload} bytes)")
+        raise TooLarge(f"upload too large: {size} bytes (the limit is {max_upload} bytes)")
     if not isinstance(mac_hex, str) or not _HEX_MAC.match(mac_hex):
-        raise CommandError("HMAC must be 64 hex digits (HMAC-SHA256 of the content)")
+        raise UsageError("HMAC must be 64 hex digits (HMAC-SHA256 of the content)")
     return bytes.fromhex(mac_hex)
 
 
@@ -303,6 +303,8 @@ class Uploads:
         self.run_id = new_run_id()
         self.writer = writer
         self.active: set[Upload] = set()
+        self.files = 0  # uploads published since start (counted for /metrics)
+        self.bytes = 0  # and their bytes
 
     def key_for(self, user: str) -> bytes:
         """The HMAC key uploads from ``user`` are checked against."""
@@ -339,6 +341,7 @@ class Uploads:
                 return
             self.active.add(upload)
             upload.closed.addCallback(lambda _: self.active.discard(upload))
+            upload.done.addCallback(self._published)
             outer.callback(upload)
 
         def refused(failure: Failure) -> None:
@@ -347,6 +350,11 @@ class Uploads:
 
         inner.addCallbacks(opened, refused)
         return outer
+
+    def _published(self, result: UploadResult) -> UploadResult:
+        self.files += 1
+        self.bytes += result.size
+        return result
 
     def abort_all(self) -> Deferred:
         """Abort every upload in flight; fires once their temporary files are gone."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 
 from cmdserver.commands.upload.stream import Countdown, HashThread
-from cmdserver.errors import CommandError, RootProtected
+from cmdserver.errors import CommandError, Conflict, RootProtected
 from cmdserver.jail import (  # noqa: F401 - the temporary files' names live with the jail
     NAME_IN_TEMP,
     TEMP_MARK,
@@ -234,7 +234,7 @@ class Spool:
                 return
             os.unlink(tmp, dir_fd=dfd)
         except FileExistsError:
-            raise CommandError(f"target exists: {self.name}, upload discarded") from None
+            raise Conflict(f"target exists: {self.name}, upload discarded") from None
         except IsADirectoryError:
             raise CommandError(f"is a directory: {self.name}, upload discarded") from None
         except OSError as e:
@@ -332,7 +332,7 @@ def _create(name: str, size: int, dir_fd: int, base: str, key: bytes, overwrite:
         if stat.S_ISDIR(st.st_mode):
             raise CommandError(f"is a directory: {name}")
         if not overwrite:
-            raise CommandError(f"target exists: {name}")
+            raise Conflict(f"target exists: {name}")
     fs = os.fstatvfs(dir_fd)
     free = fs.f_bavail * fs.f_frsize
     if size > free:

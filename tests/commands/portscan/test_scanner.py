@@ -59,6 +59,7 @@ class FastPathTests(ScanTestsMixin, TestCase):
         self.assertEqual(self.found, [22, 80, 443])
         self.assertEqual(net.open_sockets(), [])
         self.assertEqual(len(net.connects), 1000)
+        self.assertEqual(self.budget.probed, 1000)  # every scan's, for /metrics
 
     def test_refused_socket_reused_for_the_next_port(self) -> None:
         """One socket serves a run of closed ports; an open port's socket is not reused."""

@@ -78,6 +78,7 @@ class EngineTests(unittest.TestCase):
         self.assertEqual((result.name, result.size), ("good.bin", len(data)))
         self.assertEqual(leftovers(self.root), [])
         self.assertEqual(os.stat(os.path.join(self.root, "good.bin")).st_mode & 0o777, 0o600)
+        self.assertEqual((self.uploads.files, self.uploads.bytes), (1, len(data)))
 
     @inlineCallbacks
     def test_large_upload_uses_helper_threads_and_matches(self):
@@ -98,6 +99,7 @@ class EngineTests(unittest.TestCase):
         self.assertEqual(e.text, "Error: HMAC mismatch, upload discarded")
         yield upload.closed
         self.assertEqual(listing(self.root), [])
+        self.assertEqual((self.uploads.files, self.uploads.bytes), (0, 0))  # not published
 
     @inlineCallbacks
     def test_wrong_key_discards(self):

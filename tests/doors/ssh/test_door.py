@@ -155,7 +155,7 @@ class OptionsTest(OutsideTreeTempMixin, unittest.TestCase):
 
     def test_make_service_adds_the_door_and_keys(self) -> None:
         options = self.parse("--ssh", "tcp:0:interface=127.0.0.1", "--pb", "none",
-                             "--audit-log", "none")
+                             "--http", "none", "--audit-log", "none")
         service = makeService(options, MemoryReactorClock())
         self.assertEqual([d.door for d in service.doors], ["line", "ssh"])
         names = sorted(os.listdir(options["data-dir"]))
@@ -163,7 +163,8 @@ class OptionsTest(OutsideTreeTempMixin, unittest.TestCase):
         self.assertIn("ssh_host_rsa_key", names)
 
     def test_make_service_without_ssh(self) -> None:
-        options = self.parse("--ssh", "none", "--pb", "none", "--audit-log", "none")
+        options = self.parse("--ssh", "none", "--pb", "none", "--http", "none",
+                             "--audit-log", "none")
         service = makeService(options, MemoryReactorClock())
         self.assertEqual([d.door for d in service.doors], ["line"])
 

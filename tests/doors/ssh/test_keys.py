@@ -49,7 +49,7 @@ class HostKeyTest(OutsideTreeTempMixin, unittest.TestCase):
         events = capture_log(self)
         options = Options()
         options.parseOptions(["--data-dir", self.data_dir, "--line", "none", "--pb", "none",
-                              "--bcrypt-cost", "4"])
+                              "--http", "none", "--bcrypt-cost", "4"])
         makeService(options, MemoryReactorClock())
         logged = {e["key_type"]: e["fingerprint"] for e in events if "fingerprint" in e}
         self.assertEqual(logged, {"ssh-ed25519": fingerprint(self.keys[b"ssh-ed25519"]),
