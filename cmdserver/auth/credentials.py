@@ -206,7 +206,9 @@ class BcryptChecker:
 
     The others wait in a queue; a check cancelled while it waits (its client
     left) leaves the queue and never runs.  The bound keeps a flood of logins
-    from taking every thread and CPU.
+    from taking every thread and CPU.  Credentials that come through the
+    login gate carry a ticket (:class:`cmdserver.auth.gate.Ticket`), told when
+    the check starts and when it is over.
     """
 
     credentialInterfaces = (IUsernamePassword,)
@@ -218,9 +220,12 @@ class BcryptChecker:
         self._semaphore = defer.DeferredSemaphore(concurrency)
 
     def requestAvatarId(self, credentials: Any) -> Deferred:
+        ticket = getattr(credentials, "ticket", None)
         try:
             name = credentials.username.decode("utf-8")
         except (AttributeError, UnicodeDecodeError):
+            if ticket is not None:
+                ticket.finish()
             return defer.fail(UnauthorizedLogin())
         password = credentials.password
         if isinstance(password, str):
@@ -232,16 +237,22 @@ class BcryptChecker:
         answer: Deferred = Deferred(lambda _: None if slot.called else slot.cancel())
 
         def check(_: Any) -> None:
+            if ticket is not None:
+                ticket.start()
             self.credentials.check_password(name, password, self._run).addBoth(deliver)
 
         def deliver(result: Any) -> None:
             self._semaphore.release()
+            if ticket is not None:
+                ticket.finish(result if isinstance(result, bool) else None)
             if not answer.called:
                 answer.callback(result)  # a Failure goes down the errback chain
             elif isinstance(result, Failure):
                 log.failure("password check failed", result)
 
         def not_run(failure: Failure) -> None:
+            if ticket is not None:
+                ticket.finish()
             failure.trap(defer.CancelledError)
 
         slot.addCallbacks(check, not_run)

@@ -29,7 +29,7 @@ from cmdserver import __version__
 from cmdserver.commands.base import Context
 from cmdserver.commands.upload.stream import direct_reads, widen_reads
 from cmdserver.core import CommandCore, TextReply
-from cmdserver.doors.limits import format_peer
+from cmdserver.doors.limits import TOO_MANY_CONNECTIONS, format_peer
 from cmdserver.text import shown
 
 if TYPE_CHECKING:
@@ -40,11 +40,18 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-TOO_MANY = b"Too many connections. bye !\r\n"
 QUEUE_HIGH = 64  # queued lines at which reading stops
 QUEUE_LOW = 16  # queued lines at which it starts again
 BATCH_LIMIT = 16384  # output bytes gathered before they are handed to the transport
 LINES_PER_TURN = 256  # lines one connection may run before the others get a turn
+
+
+def refusal(reason: str) -> bytes:
+    """The one line a refused connection reads (the connection limits, a login penalty)."""
+    return f"{reason}. bye !\r\n".encode()
+
+
+TOO_MANY = refusal(TOO_MANY_CONNECTIONS)
 
 
 @dataclass(frozen=True)
@@ -399,7 +406,7 @@ def build(env: Any, endpoint: str) -> Any:
     settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"])
     settings, made = line_door_login(settings, endpoint, options["line-auth"],
                                      options["tls-client-ca"], env.credentials, env.reactor)
-    return Door(LineFactory(env.core, settings), TOO_MANY, made)
+    return Door(LineFactory(env.core, settings), refusal, made)
 
 
 class LineFactory(Factory):
