@@ -405,7 +405,7 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     hashing.setServiceParent(service)
     ReloadService(credentials, options["users-poll-interval"], reactor=reactor
                   ).setServiceParent(service)
-    core.registry.add(Login(PasswordLogin(portal, reactor)))
+    core.registry.add(Login(PasswordLogin(portal)))
     declared = options.get(COMMANDS) or []
     for command in declared:
         core.registry.add(command)

@@ -26,6 +26,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from cmdserver import __version__
+from cmdserver.auth.tls import handshake_failure
 from cmdserver.commands.base import Context
 from cmdserver.commands.upload.stream import direct_reads, widen_reads
 from cmdserver.core import CommandCore, TextReply
@@ -105,10 +106,28 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._peer_login = self.settings.peer_login
         self.transport.registerProducer(self, True)
         self.setTimeout(self.settings.idle_timeout or None)
+        if self.settings.login == "required":
+            self.core.gate.login_deadline(self.audit_session, self._login_expired)
         if self.settings.greeting:
             self.line(self.settings.greeting)
 
+    def _login_expired(self) -> None:
+        """The login deadline passed (the gate's grace time) without a login."""
+        if not self._connected or self._closing:
+            return
+        self._closing = True
+        self._queue.clear()
+        grace = self.core.gate.settings.login_grace
+        self.line(f"Timeout: not logged in within {grace:g} s, closing the connection.")
+        self._close()
+
     def connectionLost(self, reason: Any = None) -> None:
+        if self._peer_login is not None and self.ctx is not None:
+            # A TLS client-certificate door whose handshake never let a line through.
+            if handshake_failure(reason):
+                failed = getattr(self._peer_login, "handshake_failed", None)
+                if failed is not None:
+                    failed(self.ctx, reason)
         self._connected = False
         self.setTimeout(None)
         self._queue.clear()
