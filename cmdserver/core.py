@@ -8,6 +8,8 @@ It is also the one gate of the audit trail: every door opens a session here
 when a connection starts and closes it when it ends, reports each login
 (:meth:`CommandCore.login`) and each file operation
 (:meth:`CommandCore.audit_operation`); no door writes audit records of its own.
+Every door logs in through the core's :class:`LoginGate` (``core.gate``):
+login penalties per address, checks in flight, the login deadline.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ from cmdserver.audit import (
     COMMAND,
     FILE,
     LOGIN,
+    PENALTY,
+    REFUSED,
     SESSION_END,
     SESSION_START,
     audit_publisher,
 )
+from cmdserver.auth.gate import GateSettings, LoginGate
 from cmdserver.auth.portal import ANONYMOUS
 from cmdserver.commands.base import Command, Context, Registry, register_producer
 from cmdserver.errors import (
@@ -108,6 +113,7 @@ class CommandCore:
         worker_threads: int = DEFAULT_THREADS,
         worker_threads_per_address: int = DEFAULT_PER_ADDRESS,
         workers: FairPool | None = None,
+        gate: GateSettings | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -127,6 +133,7 @@ class CommandCore:
         self._worker_sizes = (worker_threads, worker_threads_per_address)
         self.sessions: dict[str, Session] = {}  # the open ones, by id
         self._session_ids = SessionIds()
+        self.gate = LoginGate(self, gate)  # every door's logins pass here
 
     # -- sessions: what the doors report --------------------------------------
 
@@ -151,6 +158,7 @@ class CommandCore:
             return
         session.closed = True
         self.sessions.pop(session.id, None)
+        self.gate.session_closed(session)  # its login deadline, a check still queued
         audit_publisher.record(
             session.id, SESSION_END, session.user, session.peer, session.door, None, {}, "ok",
             self._seconds() - session.started, reason,
@@ -173,9 +181,10 @@ class CommandCore:
 
     def login(self, session: Session, user: Any, method: str, outcome: str,
               reason: str | None = None, token: str | None = None) -> None:
-        """A login on ``session``: ``outcome`` ``ok`` or ``failed``, by ``method``
-        (``password``, ``key``, ``certificate``) as ``user``, the name as the
-        client gave it (control characters are escaped, a long name is cut).
+        """A login on ``session``: ``outcome`` ``ok``, ``failed`` or ``refused``
+        (not checked: see :class:`LoginGate`), by ``method`` (``password``,
+        ``key``, ``certificate``, ``token``) as ``user``, the name as the client
+        gave it (control characters are escaped, a long name is cut).
 
         Audited as a ``login`` record and written to the main log; counted in
         ``stats``.  A password never comes here; for a login by API token,
@@ -192,11 +201,15 @@ class CommandCore:
                      session=session.id)
         else:
             session.login_failures += 1
-            self.stats.login_failures += 1
-            log.info("{door}: failed login as {user} from {peer} by {method} ({count} on this "
-                     "connection; session {session})", door=session.door, user=name,
-                     peer=session.peer, method=method, count=session.login_failures,
-                     session=session.id)
+            if outcome == "refused":
+                self.stats.logins_refused += 1
+            else:
+                self.stats.login_failures += 1
+            log.info("{door}: {outcome} login as {user} from {peer} by {method} ({count} on "
+                     "this connection; session {session}){why}", door=session.door,
+                     outcome=outcome, user=name, peer=session.peer, method=method,
+                     count=session.login_failures, session=session.id,
+                     why=f": {reason}" if outcome == "refused" and reason else "")
         args = {"method": method} if token is None else {"method": method, "token": token}
         audit_publisher.record(session.id, LOGIN, name, session.peer, session.door, None,
                                args, outcome, 0.0, reason)
@@ -209,6 +222,30 @@ class CommandCore:
                          door=session.door, session=session.id, user=session.user)
                 self.close_session(session, "token revoked")
                 session.disconnect()
+
+    def audit_refusal(self, door: str, peer: str, reason: str,
+                      result: dict[str, Any] | None = None) -> None:
+        """Connections refused before any work (their address is penalised): a
+        ``refused`` record with no session (``result`` counts them), and a line
+        in the main log."""
+        log.info("{door}: refused {peer}: {reason}", door=door, peer=peer, reason=reason)
+        audit_publisher.record(None, REFUSED, ANONYMOUS, peer, door, None, {}, "refused",
+                               0.0, reason, result)
+
+    def audit_penalty(self, session: Session, user: Any, source: str, seconds: float,
+                      failures: int) -> None:
+        """A failed login on ``session`` penalised its ``source`` for ``seconds``:
+        a ``penalty`` record, a line in the main log, counted in ``stats``."""
+        self.stats.penalties += 1
+        name = escape(user)
+        seconds = round(seconds, 3)
+        log.info("{door}: {source} penalised for {seconds:g} s after {failures} failed "
+                 "login(s) (the last as {user} from {peer}; session {session})",
+                 door=session.door, source=source, seconds=seconds, failures=failures,
+                 user=name, peer=session.peer, session=session.id)
+        audit_publisher.record(session.id, PENALTY, name, session.peer, session.door, None,
+                               {"source": source}, "penalised", 0.0, None,
+                               {"seconds": seconds, "failures": failures})
 
     def audit_operation(self, ctx: Context, name: str, args: dict[str, Any], outcome: str,
                         duration: float, error: str | None = None, result: Any = None) -> None:

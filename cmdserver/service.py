@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from cmdserver.audit import AuditFile, audit_publisher
 from cmdserver.auth.portal import Realm, build_portal
 from cmdserver.core import CommandCore
-from cmdserver.doors.limits import ConnectionLimits, LimitedFactory
+from cmdserver.doors.limits import ConnectionLimits, LimitedFactory, Refusal
 
 log = Logger()
 
@@ -305,12 +305,14 @@ class CmdServerService(MultiService):
         self.doors: list[DoorService] = []
 
     def add_door(self, door: str, description: str, factory: Factory[Any],
-                 refusal: bytes | None = None, endpoint: Any = None) -> DoorService:
-        """Serve ``factory`` on the endpoint ``description``, under the shared limits.
+                 refusal: Refusal = None, endpoint: Any = None) -> DoorService:
+        """Serve ``factory`` on the endpoint ``description``, under the shared limits
+        and the login gate's refusal of penalised addresses.
 
         ``endpoint``, if given, is used instead of parsing ``description``.
         """
-        limited = LimitedFactory(factory, self.limits, self.core.stats, door, refusal)
+        limited = LimitedFactory(factory, self.limits, self.core.stats, door, refusal,
+                                 self.core.gate)
         service = DoorService(door, description, limited, self.core.reactor, endpoint)
         service.setServiceParent(self)
         self.doors.append(service)

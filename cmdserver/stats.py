@@ -42,13 +42,16 @@ class Stats:
         self.started = now
         self.connections: Counter[str] = Counter()  # open connections per door
         self.connections_total = 0  # accepted since start, all doors
-        self.refused = 0  # refused by a connection limit
+        self.refused = 0  # refused by a connection limit or a login penalty
+        self.refused_penalised = 0  # of those, refused because their address was penalised
         self.commands: Counter[str] = Counter()  # commands run, per name
         self.errors = 0  # commands that ended in an error
         self.in_flight = 0
         self.not_found = 0  # command names no door serves (typos, probes)
         self.logins = 0  # successful logins, every door
         self.login_failures = 0  # failed logins, every door
+        self.logins_refused = 0  # login attempts refused without a check
+        self.penalties = 0  # failed logins that penalised their address
         self.file_operations: Counter[str] = Counter()  # SFTP operations, per name
         # door -> command -> the duration counts of the commands that ended (Times);
         # the core updates them where a command ends (CommandCore.invoke).
@@ -87,11 +90,14 @@ class Stats:
             "connections_by_door": {k: v for k, v in sorted(self.connections.items()) if v},
             "connections_total": self.connections_total,
             "refused": self.refused,
+            "refused_penalised": self.refused_penalised,
             "commands": dict(sorted(self.commands.items())),
             "errors": self.errors,
             "in_flight": self.in_flight,
             "not_found": self.not_found,
             "logins": self.logins,
             "login_failures": self.login_failures,
+            "logins_refused": self.logins_refused,
+            "penalties": self.penalties,
             "file_operations": dict(sorted(self.file_operations.items())),
         }

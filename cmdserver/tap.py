@@ -11,7 +11,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from cmdserver.auth.credentials import ReloadService, open_credentials
+from cmdserver.auth.credentials import HashPool, ReloadService, open_credentials
+from cmdserver.auth.gate import CHECKS_PER_SOURCE, LOGIN_GRACE, GateSettings
+from cmdserver.auth.penalty import parse_exempt
 from cmdserver.auth.tls import check_host, is_tls, load_ca
 from cmdserver.auth.users import DEFAULT_COST, CredentialError
 from cmdserver.commands import default_registry
@@ -124,6 +126,11 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "bcrypt-cost": (DEFAULT_COST, bcrypt_cost),
     "users-poll-interval": (2.0, poll_interval),
     "tls-client-ca": (None, str),
+    "login-penalty": (1.0, non_negative_number),
+    "login-penalty-max": (60.0, non_negative_number),
+    "penalty-exempt": ([], None),
+    "login-grace": (LOGIN_GRACE, positive_number),
+    "login-threads": (2, positive_int),
     # portscan: targets and limits (see docs/security.md)
     "scan-allow": (list(DEFAULT_SCAN_ALLOW), None),
     "scan-max-ports": (65535, positive_int),
@@ -151,7 +158,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "max-upload": (1 << 30, byte_size),
     "overwrite": (False, flag),
 }
-REPEATABLE = ("line", "root", "scan-allow", "http", "http-host")
+REPEATABLE = ("line", "root", "scan-allow", "http", "http-host", "penalty-exempt")
 COMMANDS = "commands"  # the TOML file's [commands.NAME] tables (commands/declared.py)
 
 
@@ -186,6 +193,14 @@ class Options(usage.Options):
          "file or key file (SIGHUP reloads at once too). [default: 2]"],
         ["tls-client-ca", None, None, "PEM file of the CA whose client certificates the "
          "ssl: line doors require; the certificate's common name is the user."],
+        ["login-penalty", None, None, "Seconds the first failed login from an address "
+         "costs it; each further one doubles it; 0 turns penalties off. [default: 1]"],
+        ["login-penalty-max", None, None, "The longest an address is penalised at once, in "
+         "seconds. [default: 60]"],
+        ["login-grace", None, None, "Seconds a connection that must log in has to do so, "
+         f"on every door. [default: {LOGIN_GRACE:g}]"],
+        ["login-threads", None, None, "Threads that check passwords (bcrypt), apart from "
+         "those of file work. [default: 2]"],
         ["scan-max-ports", None, None, "Most ports one portscan may probe. [default: 65535]"],
         ["scan-concurrency", None, None, "Connects in flight per portscan. [default: "
          f"{ScanPolicy.DEFAULT_CONCURRENCY}]"],
@@ -251,6 +266,13 @@ class Options(usage.Options):
 
     def opt_scan_allow(self, cidr: str) -> None:
         self["scan-allow"].append(cidr)
+
+    def opt_penalty_exempt(self, cidr: str) -> None:
+        self["penalty-exempt"].append(cidr)
+
+    opt_penalty_exempt.__doc__ = (
+        "Network (CIDR), address or 'local' (UNIX sockets) never penalised for failed "
+        "logins nor held to the per-address bound on checks; repeatable. [default: none]")
 
     opt_scan_allow.__doc__ = (
         "Network (CIDR) portscan may target; repeatable; replaces the default. "
@@ -318,6 +340,12 @@ class Options(usage.Options):
                 self["scan-timeout"], self["scan-max-in-flight"] or default_max_in_flight())
         except ValueError as e:
             raise usage.UsageError(f"--scan-allow: {e}") from None
+        try:
+            parse_exempt(self["penalty-exempt"])
+        except ValueError as e:
+            raise usage.UsageError(f"--penalty-exempt: {e}") from None
+        if self["login-penalty-max"] < self["login-penalty"]:
+            raise usage.UsageError("--login-penalty-max is less than --login-penalty")
         if self["ssh"]:
             check_endpoint("--ssh", self["ssh"])
         if self["pb"]:
@@ -455,21 +483,27 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     uploads = Uploads(UploadSettings(options["max-upload"], options["overwrite"]),
                       server_key(data_dir))
     registry.add(UploadCommand(uploads))
+    gate = GateSettings(options["login-penalty"], options["login-penalty-max"],
+                        tuple(options["penalty-exempt"]), options["login-grace"],
+                        CHECKS_PER_SOURCE)
     core = CommandCore(registry, Policy(roots, options["scan-policy"]), reactor,
                        timeout=options["command-timeout"], max_output=options["max-output"],
                        max_calls_per_address=options["max-calls-per-ip"],
                        max_calls_per_session=options["max-calls-per-connection"],
                        worker_threads=options["worker-threads"],
-                       worker_threads_per_address=options["worker-threads-per-ip"])
-    credentials, portal = open_credentials(data_dir, options["bcrypt-cost"], core)
+                       worker_threads_per_address=options["worker-threads-per-ip"],
+                       gate=gate)
+    hashing = HashPool(options["login-threads"], reactor)
+    credentials, portal = open_credentials(data_dir, options["bcrypt-cost"], core, hashing)
     credentials.on_revoked = core.end_token_sessions  # a revoked token's sessions end
     uploads.user_keys = credentials.hmac_key  # a user's own key beats the server's
     service = CmdServerService(core, Limits(options["max-clients"], options["max-per-ip"]),
                                audit_log, portal, DataDirLock(data_dir))
+    hashing.setServiceParent(service)
     reloader = ReloadService(credentials, options["users-poll-interval"], clock=reactor)
     reloader.setServiceParent(service)
     service.hangup.add(reloader.on_sighup)
-    core.registry.add(Login(PasswordLogin(portal, reactor)))
+    core.registry.add(Login(PasswordLogin(portal)))
     declared = options.get(COMMANDS) or []
     for command in declared:
         core.registry.add(command)

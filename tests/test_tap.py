@@ -122,8 +122,8 @@ def test_make_service(tmp_path):
 
 
 def test_the_ssh_door_gets_the_sftp_limits(tmp_path):
-    options = parse("--data-dir", str(tmp_path), "--line", "none", "--pb", "none", "--http", "none",
-                    "--ssh", "tcp:0:interface=127.0.0.1", "--max-upload", "5M",
+    options = parse("--data-dir", str(tmp_path), "--line", "none", "--pb", "none",
+                    "--http", "none", "--ssh", "tcp:0:interface=127.0.0.1", "--max-upload", "5M",
                     "--sftp-max-handles", "16")
     [door] = tap.makeService(options).doors
     settings = door.factory.wrappedFactory.settings
@@ -197,3 +197,45 @@ def test_http_options(tmp_path):
         with pytest.raises(usage.UsageError) as e:
             parse(*argv)
         assert message in str(e.value)
+
+
+def test_login_gate_options(tmp_path):
+    from cmdserver.auth.credentials import HashPool
+    from cmdserver.auth.gate import GateSettings
+
+    data = str(tmp_path / "data")
+    defaults = parse("--data-dir", data)
+    assert (defaults["login-penalty"], defaults["login-penalty-max"],
+            defaults["penalty-exempt"], defaults["login-grace"],
+            defaults["login-threads"]) == (1.0, 60.0, [], 30.0, 2)
+    options = parse("--data-dir", data, "--login-penalty", "2", "--login-penalty-max", "90",
+                    "--penalty-exempt", "10.0.0.0/8", "--penalty-exempt", "local",
+                    "--login-grace", "45", "--login-threads", "3", "--audit-log", "none")
+    service = tap.makeService(options)
+    # One gate for every door: the core's, and the limits every door passes through.
+    assert service.core.gate.settings == GateSettings(2.0, 90.0, ("10.0.0.0/8", "local"),
+                                                      45.0, 2)
+    assert {d.factory.gate for d in service.doors} == {service.core.gate}
+    [pool] = [s for s in service if isinstance(s, HashPool)]
+    assert pool.size == 3
+
+
+def test_login_gate_options_in_toml(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('penalty-exempt = "192.0.2.0/24"\nlogin-penalty = 0\n')
+    options = parse("--config", str(config))
+    assert (options["penalty-exempt"], options["login-penalty"]) == (["192.0.2.0/24"], 0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--penalty-exempt", "10.0.0.0/33"], "--penalty-exempt"),
+    (["--penalty-exempt", "somewhere"], "--penalty-exempt"),
+    (["--login-penalty", "-1"], "login-penalty"),
+    (["--login-penalty", "10", "--login-penalty-max", "5"], "--login-penalty-max"),
+    (["--login-grace", "0"], "login-grace"),
+    (["--login-threads", "0"], "login-threads"),
+])
+def test_login_gate_bad_values(argv, message):
+    with pytest.raises(usage.UsageError) as e:
+        parse(*argv)
+    assert message in str(e.value)

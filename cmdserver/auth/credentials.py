@@ -11,7 +11,11 @@ be read are reported once per change of them, and the last good users stay.
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import os
+import secrets
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +31,7 @@ from twisted.internet import defer, task, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from cmdserver.auth.portal import Account, Realm, build_portal
@@ -89,10 +94,25 @@ def read_store(store: UserStore, previous: Signature | None) -> tuple[Any, ...] 
         raise UnreadableStore(str(e), signature) from None
 
 
-@functools.lru_cache(maxsize=4)
-def _decoy_hash(cost: int) -> bytes:
-    # Checked against for unknown users, so they cost the same time as known ones.
-    return bcrypt.hashpw(b"decoy password", bcrypt.gensalt(cost))
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+@functools.lru_cache(maxsize=32)
+def decoy_hash(cost: int) -> str:
+    """A bcrypt hash of cost ``cost`` that no password matches, made without hashing.
+
+    Checking a password against it costs what a check against a real hash of that
+    cost costs: it is checked against for names that are not users."""
+    digest = "".join(secrets.choice(_BCRYPT_ALPHABET) for _ in range(31))
+    return bcrypt.gensalt(cost).decode("ascii") + digest
+
+
+def hash_cost(hashed: str) -> int | None:
+    """The cost of a bcrypt hash (``$2b$12$…``: 12), or None if it is malformed."""
+    parts = hashed.split("$")
+    if len(parts) < 4 or not parts[2].isdigit():
+        return None
+    return int(parts[2])
 
 
 class Credentials:
@@ -115,6 +135,8 @@ class Credentials:
         self._run = run_in_thread or threads.deferToThread
         self._reloading: Deferred | None = None
         self._again = False
+        self._decoy_key = secrets.token_bytes(32)  # picks an unknown name's decoy cost
+        self._costs: list[int] = []  # the users' hash costs, in name order
 
     def load_now(self) -> None:
         """Blocking first load (before the reactor serves anyone); raises CredentialError."""
@@ -128,6 +150,8 @@ class Credentials:
         revoked = set(self.tokens) - set(tokens)
         self._signature, self.users, self.keys = signature, users, found_keys
         self.hmac_keys, self.tokens = hmac_keys, tokens
+        self._costs = [c for c in (hash_cost(users[n].hash) for n in sorted(users))
+                       if c is not None]
         if revoked and self.on_revoked is not None:
             self.on_revoked(revoked)
         log.info("{action} credentials: {users} user(s), {keys} SSH key(s)",
@@ -185,16 +209,30 @@ class Credentials:
             raise UnauthorizedLogin("bad token")
         return record.user
 
+    def decoy_cost(self, name: str) -> int:
+        """The bcrypt cost an unknown ``name`` is checked at.
+
+        The cost of one of the users, picked from the name with a key chosen at
+        start: a name always costs the same, and unknown names cost what the
+        users' checks cost, in the same mix, however their costs differ from
+        ``--bcrypt-cost`` and from each other.  With no users on file, the
+        daemon's own cost."""
+        if not self._costs:
+            return self.cost
+        digest = hmac.new(self._decoy_key, name.encode("utf-8", "surrogatepass"),
+                          hashlib.sha256).digest()
+        return self._costs[int.from_bytes(digest[:8], "big") % len(self._costs)]
+
     def check_password(self, name: str, password: bytes, run: Runner) -> Deferred:
-        """Fires with True if ``name`` exists and ``password`` matches (bcrypt in a thread)."""
+        """Fires with True if ``name`` exists and ``password`` matches (bcrypt in a thread).
+
+        A name that is not a user is checked against a decoy hash of the cost
+        :meth:`decoy_cost` picks, so that it takes as long as a user's check."""
         record = self.users.get(name)
-        cost = self.cost
+        hashed = record.hash if record is not None else decoy_hash(self.decoy_cost(name))
 
         def check() -> bool:
-            if record is None:
-                verify_password(password, _decoy_hash(cost).decode("ascii"))
-                return False
-            return verify_password(password, record.hash)
+            return verify_password(password, hashed) and record is not None
 
         return run(check)
 
@@ -203,7 +241,11 @@ class Credentials:
 class BcryptChecker:
     """Username and password against the bcrypt hashes; at most ``concurrency`` at once.
 
-    The bound keeps a flood of logins from taking every worker thread and CPU.
+    The others wait in a queue; a check cancelled while it waits (its client
+    left) leaves the queue and never runs.  The bound keeps a flood of logins
+    from taking every thread and CPU.  Credentials that come through the
+    login gate carry a ticket (:class:`cmdserver.auth.gate.Ticket`), told when
+    the check starts and when it is over.
     """
 
     credentialInterfaces = (IUsernamePassword,)
@@ -215,34 +257,54 @@ class BcryptChecker:
         self._semaphore = defer.DeferredSemaphore(concurrency)
 
     def requestAvatarId(self, credentials: Any) -> Deferred:
+        ticket = getattr(credentials, "ticket", None)
         try:
             name = credentials.username.decode("utf-8")
         except (AttributeError, UnicodeDecodeError):
+            if ticket is not None:
+                ticket.finish()
             return defer.fail(UnauthorizedLogin())
         password = credentials.password
         if isinstance(password, str):
             password = password.encode("utf-8")
-        if looks_like_token(password):  # an API token: a SHA-256, no bcrypt
+        if looks_like_token(password):  # an API token: a SHA-256, no bcrypt, no slot
+            if ticket is not None:
+                ticket.start()
             try:
-                return defer.succeed(self.credentials.check_token(name, password))
+                user = self.credentials.check_token(name, password)
             except UnauthorizedLogin:
+                if ticket is not None:
+                    ticket.finish(False)
                 return defer.fail(UnauthorizedLogin())
-        # Cancelling the answer (the client left) must not free the slot while bcrypt
-        # still runs in its thread, or connect-login-disconnect loops would pass the bound.
-        answer: Deferred = Deferred()
+            if ticket is not None:
+                ticket.finish(True)
+            return defer.succeed(user)
+        slot = self._semaphore.acquire()
+        # Cancelling the answer (the client left) takes a waiting check out of the
+        # queue, but must not free the slot while bcrypt still runs in its thread,
+        # or connect-login-disconnect loops would pass the bound.
+        answer: Deferred = Deferred(lambda _: None if slot.called else slot.cancel())
 
-        def check() -> Deferred | None:
-            if answer.called:  # cancelled while waiting for a slot: skip the work
-                return None
-            d = self.credentials.check_password(name, password, self._run)
-            return d.addBoth(deliver)
+        def check(_: Any) -> None:
+            if ticket is not None:
+                ticket.start()
+            self.credentials.check_password(name, password, self._run).addBoth(deliver)
 
         def deliver(result: Any) -> None:
+            self._semaphore.release()
+            if ticket is not None:
+                ticket.finish(result if isinstance(result, bool) else None)
             if not answer.called:
                 answer.callback(result)  # a Failure goes down the errback chain
+            elif isinstance(result, Failure):
+                log.failure("password check failed", result)
 
-        self._semaphore.run(check).addErrback(
-            lambda f: log.failure("password check failed", f))
+        def not_run(failure: Failure) -> None:
+            if ticket is not None:
+                ticket.finish()
+            failure.trap(defer.CancelledError)
+
+        slot.addCallbacks(check, not_run)
 
         def result(ok: bool) -> str:
             if not ok:
@@ -250,6 +312,40 @@ class BcryptChecker:
             return name
 
         return answer.addCallback(result)
+
+
+class HashPool(Service):
+    """The threads bcrypt runs in: ``size`` of its own, apart from the reactor's pool.
+
+    File work uses the reactor's pool; logins cannot take its threads, and file
+    work cannot hold up logins.  The pool starts with the first check and stops
+    with the service (its threads are daemon threads, so a pool nobody stopped
+    does not keep the process alive either).
+    """
+
+    name = "bcrypt-threads"
+
+    def __init__(self, size: int = 2, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.size = size
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=0, maxthreads=size, name="cmdserver-bcrypt")
+        self.pool.threadFactory = _daemon_thread  # type: ignore[assignment]  # a class attribute
+
+    def run(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        if not self.pool.started:
+            self.pool.start()
+        return threads.deferToThreadPool(self.reactor, self.pool, f, *args)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.pool.started:
+            self.pool.stop()
+
+
+def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
+    return threading.Thread(*args, daemon=True, **kwargs)
 
 
 @implementer(IAuthorizedKeysDB)
@@ -266,11 +362,11 @@ class KeyDB:
         return list(self.credentials.keys.get(name, ()))
 
 
-def build_checkers(credentials: Credentials, run_in_thread: Runner | None = None
-                   ) -> list[ICredentialsChecker]:
+def build_checkers(credentials: Credentials, run_in_thread: Runner | None = None,
+                   concurrency: int = 2) -> list[ICredentialsChecker]:
     """The portal's checkers: bcrypt passwords (and API tokens given as passwords),
     API tokens alone (``Authorization: Bearer``) and SSH public keys."""
-    return [BcryptChecker(credentials, run_in_thread), TokenChecker(credentials),
+    return [BcryptChecker(credentials, run_in_thread, concurrency), TokenChecker(credentials),
             SSHPublicKeyChecker(KeyDB(credentials))]
 
 
@@ -309,11 +405,14 @@ class ReloadService(Service):
         self._loop = None
 
 
-def open_credentials(data_dir: str, cost: int, core: Any) -> tuple[Credentials, Portal]:
+def open_credentials(data_dir: str, cost: int, core: Any, hashing: HashPool | None = None
+                     ) -> tuple[Credentials, Portal]:
     """Start-up: first-run admin, first load, and the shared portal (blocking, once).
 
-    A broken users or key file stops the daemon with a one-line message.  The
-    first-run admin's password goes to its 0600 file only, never to a log.
+    Password checks run in ``hashing``'s threads (a pool of two of its own if
+    none is given).  A broken users or key file stops the daemon with a
+    one-line message.  The first-run admin's password goes to its 0600 file
+    only, never to a log.
     """
     store = UserStore(data_dir)
     try:
@@ -327,4 +426,6 @@ def open_credentials(data_dir: str, cost: int, core: Any) -> tuple[Credentials, 
                  "Change it with: cmdserver passwd admin, then delete that file",
                  path=os.path.join(data_dir, INITIAL_PASSWORD_FILE))
     realm = Realm(credentials.account)
-    return credentials, build_portal(realm, build_checkers(credentials, core.in_thread))
+    hashing = hashing or HashPool(reactor=core.reactor)
+    checkers = build_checkers(credentials, hashing.run, hashing.size)
+    return credentials, build_portal(realm, checkers)

@@ -19,12 +19,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint
 
 from cmdserver.auth.portal import ANONYMOUS
 from cmdserver.auth.users import CredentialError, write_atomically
 from cmdserver.commands.account import log_in
+from cmdserver.text import escape
 
 TLS_DIR = "tls"
 _HOST = re.compile(r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+\Z")
@@ -222,7 +224,11 @@ class CertificateLogin:
     The certificate was verified against ``--tls-client-ca`` during the
     handshake; its common name must also be a user on file.  Either way the
     core audits the login (method ``certificate``): ok, or failed for a name
-    that is not a user (the connection then stays anonymous).
+    that is not a user (the connection then stays anonymous).  A failed
+    certificate login penalises the address like a wrong password (the login
+    gate), and so does a handshake that failed (no certificate, or one from
+    another CA); from a penalised address the certificate is not even looked at
+    (``refused``).
     """
 
     def __init__(self, lookup: Any) -> None:
@@ -235,11 +241,33 @@ class CertificateLogin:
         if name is None:
             return
         core = ctx.core
+        session = core.session_for(ctx)
+        refused = core.gate.refusal(session)
+        if refused is not None:
+            core.login(session, name, CERTIFICATE, "refused", refused)
+            return
         try:
             account = self.lookup(name)
         except Exception:
-            core.login(core.session_for(ctx), name, CERTIFICATE, "failed",
+            core.login(session, name, CERTIFICATE, "failed",
                        "the certificate's name is not a user")
+            core.gate.failure(session, name)
             return
         log_in(ctx, account)
-        core.login(core.session_for(ctx), account.name, CERTIFICATE, "ok")
+        core.login(session, account.name, CERTIFICATE, "ok")
+        core.gate.succeeded(session)
+
+    def handshake_failed(self, ctx: Any, reason: Any) -> None:
+        """The TLS handshake failed (no client certificate, an unknown CA, not TLS at
+        all): a failed certificate login."""
+        core = ctx.core
+        session = core.session_for(ctx)
+        error = escape(reason.getErrorMessage() if reason is not None else "", 200)
+        core.login(session, ANONYMOUS, CERTIFICATE, "failed",
+                   f"the TLS handshake failed: {error}")
+        core.gate.failure(session, ANONYMOUS)
+
+
+def handshake_failure(reason: Any) -> bool:
+    """True if a connection ended because its TLS handshake or stream failed."""
+    return reason is not None and bool(reason.check(SSL.Error))

@@ -1,11 +1,13 @@
 """``login`` and ``whoami``: password login for the text doors, through the shared portal.
 
-Failed logins all say the same thing (unknown user or wrong password), are
-answered after a delay that doubles with each consecutive failure from one
-address (:class:`LoginThrottle`), and the fifth failure on one connection
-closes it.  Every login, ok or failed, is reported to the core
-(:meth:`CommandCore.login`), which audits and logs it.  Passwords never reach a
-log: ``login`` records only the user name.
+Every attempt goes through the core's login gate (:class:`LoginGate`): an
+address with failed logins behind it is penalised (its attempts are refused,
+``Error: login refused: …``, until the penalty is over), and a failed check
+is answered when the penalty it caused is over.  Failed logins all say the
+same thing (unknown user or wrong password); the fifth failed or refused
+attempt on one connection closes it.  Every login, ok, failed or refused, is
+reported to the core (:meth:`CommandCore.login`), which audits and logs it.
+Passwords never reach a log: ``login`` records only the user name.
 """
 
 from __future__ import annotations
@@ -16,18 +18,19 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from cmdserver.auth.gate import refused_because
 from cmdserver.auth.portal import ANONYMOUS, Account, IAccount, policy_for
-from cmdserver.auth.throttle import LoginThrottle, peer_host
 from cmdserver.auth.tokens import secret_method
 from cmdserver.commands.base import Command, Context
 from cmdserver.commands.params import Param
 from cmdserver.errors import CommandError
 
 LOGIN_FAILED = "login failed"
+LOGIN_REFUSED = "login refused"
 PASSWORD = "password"  # the login method, as the audit log names it
 TOO_MANY_FAILURES = f"{LOGIN_FAILED}; too many failures, closing"
 MAX_FAILURES = 5  # per connection, then it is closed
@@ -41,44 +44,37 @@ def log_in(ctx: Context, account: Account) -> None:
 
 
 class PasswordLogin:
-    """Checks ``login USER PASSWORD`` through the portal, with the throttle."""
+    """Checks ``login USER PASSWORD`` through the portal, by way of the login gate."""
 
-    def __init__(self, portal: Portal, clock: Any, throttle: LoginThrottle | None = None,
-                 max_failures: int = MAX_FAILURES) -> None:
+    def __init__(self, portal: Portal, max_failures: int = MAX_FAILURES) -> None:
         self.portal = portal
-        self.clock = clock
-        self.throttle = throttle or LoginThrottle(clock)
         self.max_failures = max_failures
 
     def login(self, ctx: Context, user: str, password: str) -> Deferred:
-        host = peer_host(ctx.peer)
+        core = ctx.core
+        session = core.session_for(ctx)
         credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
-        d = task.deferLater(self.clock, self.throttle.wait(host), self.portal.login,
-                            credentials, None, IAccount)
+        d = core.gate.login(session, self.portal, credentials, None, IAccount)
 
         def succeeded(result: tuple[Any, Account, Any]) -> str:
             _, account, _ = result
-            self.throttle.success(host)
             log_in(ctx, account)
             method, token = secret_method(password)
-            ctx.core.login(ctx.core.session_for(ctx), account.name, method, "ok", token=token)
+            core.login(session, account.name, method, "ok", token=token)
             return f"Logged in as {account.name}"
 
-        def failed(failure: Failure) -> Deferred:
-            failure.trap(UnauthorizedLogin)
+        def failed(failure: Failure) -> None:
+            failure.trap(UnauthorizedLogin)  # a cancel (the client left) goes on as it is
             ctx.login_failures += 1
-            delay = self.throttle.failure(host)
             closing = ctx.login_failures >= self.max_failures
-            ctx.core.login(ctx.core.session_for(ctx), user, PASSWORD, "failed",
-                           TOO_MANY_FAILURES if closing else LOGIN_FAILED)
-
-            def answer() -> None:
-                if closing and ctx.session is not None:
-                    ctx.session.end_session()
-                    raise CommandError(TOO_MANY_FAILURES)
-                raise CommandError(LOGIN_FAILED)
-
-            return task.deferLater(self.clock, delay, answer)
+            refused = refused_because(failure)
+            core.login(session, user, PASSWORD, "failed" if refused is None else "refused",
+                       TOO_MANY_FAILURES if closing else refused or LOGIN_FAILED)
+            if closing and ctx.session is not None:
+                ctx.session.end_session()
+                raise CommandError(TOO_MANY_FAILURES)
+            raise CommandError(LOGIN_FAILED if refused is None
+                               else f"{LOGIN_REFUSED}: {refused}")
 
         return d.addCallbacks(succeeded, failed)
 

@@ -20,6 +20,7 @@ from cmdserver.commands.params import Param
 from cmdserver.errors import MissingArgument, UsageError
 
 if TYPE_CHECKING:
+    from cmdserver.auth.gate import LoginGate
     from cmdserver.policy import Policy
     from cmdserver.sessions import Session as CoreSession
     from cmdserver.stats import Stats
@@ -33,6 +34,7 @@ class CoreServices(Protocol):
     policy: Policy
     stats: Stats
     reactor: Any
+    gate: LoginGate
 
     def in_thread(self, f: Callable[..., Any], *args: Any, ctx: Context | None = None,
                   **kwargs: Any) -> Deferred: ...

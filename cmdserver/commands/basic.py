@@ -79,13 +79,16 @@ class StatsCommand(Command):
             f"uptime: {format_duration(result['uptime'])}",
             f"connections: {result['connections']} open"
             + (f" ({doors})" if doors else "")
-            + f", {result['connections_total']} since start, {result['refused']} refused",
+            + f", {result['connections_total']} since start, {result['refused']} refused"
+            + (f" ({result['refused_penalised']} for login penalties)"
+               if result["refused_penalised"] else ""),
             f"commands in flight: {result['in_flight']}",
             f"commands run: {commands}",
             f"command errors: {result['errors']}",
             f"commands not found: {result['not_found']}",
             f"file operations: {files}",
-            f"logins: {result['logins']} ok, {result['login_failures']} failed",
+            f"logins: {result['logins']} ok, {result['login_failures']} failed, "
+            f"{result['logins_refused']} refused; {result['penalties']} penalties",
         ]
 
 

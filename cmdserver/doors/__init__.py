@@ -35,10 +35,11 @@ class DoorEnv:
 @dataclass(frozen=True)
 class Door:
     """A door ready to listen: its factory, the words it says when a connection is
-    refused for the limits, and its endpoint if the builder made it itself."""
+    refused (for the limits or a login penalty: bytes, or a function of the
+    reason giving them), and its endpoint if the builder made it itself."""
 
     factory: Any
-    refusal: bytes | None = None
+    refusal: Any = None
     endpoint: Any = None
 
 

@@ -1,17 +1,28 @@
-"""Connection limits shared by every door: in total and per client address.
+"""Connection limits shared by every door: in total and per client address,
+and the refusal of penalised addresses.
 
 Twisted's ``LimitConnectionsByPeer`` indexes the address like a tuple, which
 today's ``IPv4Address`` does not support, so the count is kept here, keyed on
 ``addr.host``.  One :class:`ConnectionLimits` is shared by all doors, so an SSH
 connection and a line connection from one host count against the same limit.
+
+Every door's factory is wrapped in a :class:`LimitedFactory`, so this is also
+where a new connection from an address the login gate penalises is refused,
+before the door's protocol exists: no session, no banner, no protocol exchange.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, cast
 
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, ITransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IHalfCloseableProtocol,
+    INegotiated,
+    ITransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -20,6 +31,10 @@ from zope.interface import alsoProvides
 from cmdserver.stats import Stats
 
 log = Logger()
+
+TOO_MANY_CONNECTIONS = "Too many connections"
+# What a door says to a connection it refuses: fixed bytes, or words made from the reason.
+Refusal = bytes | Callable[[str], bytes] | None
 
 
 def peer_host(addr: IAddress | None) -> str | None:
@@ -62,7 +77,12 @@ class ConnectionLimits:
 
 
 class _Refusal(Protocol):
-    """Says why (if the door has words for it) and hangs up."""
+    """Says why (if the door has words for it) and hangs up.
+
+    On a TLS door (its transport is Twisted's TLS layer) it says nothing: words
+    could only go out after a TLS handshake, which is work a refused client does
+    not get.  Closed before the handshake, the client sees the connection end.
+    """
 
     transport: ITransport  # set in makeConnection, before connectionMade
 
@@ -70,9 +90,9 @@ class _Refusal(Protocol):
         self.message = message
 
     def connectionMade(self) -> None:
-        if self.message:
+        if self.message and not INegotiated.providedBy(self.transport):
             self.transport.write(self.message)
-        self.transport.loseConnection()
+        self.transport.loseConnection()  # TLS: aborted at once, no handshake
 
 
 class _Counted(ProtocolWrapper):
@@ -104,23 +124,33 @@ class LimitedFactory(WrappingFactory[_Counted]):
     noisy = False
 
     def __init__(self, wrapped: Factory[Any], limits: ConnectionLimits, stats: Stats,
-                 door: str, refusal: bytes | None = None) -> None:
+                 door: str, refusal: Refusal = None, gate: Any = None) -> None:
         super().__init__(wrapped)
         self.limits = limits
         self.stats = stats
         self.door = door
         self.refusal = refusal
+        self.gate = gate  # the core's LoginGate: refuses penalised addresses
+
+    def words(self, reason: str) -> bytes | None:
+        """What the door says when it refuses a connection for ``reason``."""
+        return self.refusal(reason) if callable(self.refusal) else self.refusal
 
     def logPrefix(self) -> str:
         return self.door
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         host = peer_host(addr)
+        if self.gate is not None:
+            why = self.gate.connection_refusal(self.door, host, format_peer(addr))
+            if why is not None:  # counted and audited by the gate
+                self.stats.refused += 1
+                return _Refusal(self.words(why[0].upper() + why[1:]))
         if not self.limits.acquire(host):
             self.stats.refused += 1
             log.info("{door}: refused {peer}: too many connections", door=self.door,
                      peer=format_peer(addr))
-            return _Refusal(self.refusal)
+            return _Refusal(self.words(TOO_MANY_CONNECTIONS))
         inner = self.wrappedFactory.buildProtocol(addr)
         if inner is None:  # the door declined the connection itself
             self.limits.release(host)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import keys
@@ -130,6 +131,84 @@ class PortalTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(second), "dev")
         self.assertEqual(pending, [])
 
+    def test_a_cancelled_check_that_waits_leaves_the_queue(self) -> None:
+        from twisted.internet.defer import CancelledError, Deferred
+
+        from cmdserver.auth.credentials import BcryptChecker
+
+        pending: list[tuple[Deferred, Any]] = []
+
+        def later(f: Any) -> Deferred:
+            d: Deferred = Deferred()
+            pending.append((d, f))
+            return d
+
+        checker = BcryptChecker(self.credentials, later, concurrency=1)
+        first = checker.requestAvatarId(UsernamePassword(b"ops", b"right pw"))
+        waiting = [checker.requestAvatarId(UsernamePassword(b"dev", b"x")) for _ in range(50)]
+        for d in waiting:
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+        self.assertEqual(len(checker._semaphore.waiting), 0)  # out of the queue at once
+        d, f = pending.pop()
+        d.callback(f())
+        self.assertEqual(self.successResultOf(first), "ops")
+        self.assertEqual(pending, [])  # none of the cancelled ones ran
+
+    # -- equal time for unknown names -----------------------------------------
+
+    def checked_costs(self, names: list[str]) -> list[int]:
+        """The bcrypt cost each name's password is checked at."""
+        from cmdserver.auth import credentials as module
+
+        costs: list[int] = []
+
+        def recording(password: Any, hashed: str) -> bool:
+            cost = module.hash_cost(hashed)
+            assert cost is not None
+            costs.append(cost)
+            return False
+
+        self.patch(module, "verify_password", recording)
+        for name in names:
+            self.failureResultOf(self.login(UsernamePassword(name.encode(), b"x")))
+        return costs
+
+    def test_unknown_names_cost_what_the_users_cost_not_the_daemon_cost(self) -> None:
+        # Users hashed at cost 5 and 6, the daemon's --bcrypt-cost 12: the decoy of
+        # an unknown name used to be cost 12, twice as slow per step as a user's.
+        with self.store.locked() as users:
+            users["ops"] = UserRecord("ops", hash_password("right pw", 5))
+            users["dev"] = UserRecord("dev", hash_password("dev pw", 6))
+        credentials = Credentials(self.store, run_now, 12)
+        credentials.load_now()
+        self.credentials = credentials
+        self.portal = build_portal(self.realm, build_checkers(credentials, run_now))
+        names = [f"ghost{i}" for i in range(200)]
+        costs = self.checked_costs(names)
+        self.assertEqual(set(costs), {5, 6})  # the users' costs, in their mix
+        self.assertTrue(60 < costs.count(5) < 140, costs.count(5))
+        self.assertEqual(self.checked_costs(names), costs)  # a name always costs the same
+        self.assertEqual(self.checked_costs(["ops", "dev"]), [5, 6])
+
+    def test_with_no_users_the_daemon_cost(self) -> None:
+        with self.store.locked() as users:
+            users.clear()
+        credentials = Credentials(self.store, run_now, 7)
+        credentials.load_now()
+        self.assertEqual(credentials.decoy_cost("ghost"), 7)
+
+    def test_the_decoy_hash_matches_nothing_and_has_its_cost(self) -> None:
+        from cmdserver.auth.credentials import decoy_hash, hash_cost
+        from cmdserver.auth.users import verify_password
+
+        decoy = decoy_hash(TEST_COST)
+        self.assertEqual(hash_cost(decoy), TEST_COST)
+        self.assertEqual(len(decoy), 60)
+        self.assertFalse(verify_password(b"decoy password", decoy))
+        self.assertFalse(verify_password(b"", decoy))
+        self.assertIsNone(hash_cost("garbage"))
+
     # -- reloading ------------------------------------------------------------
 
     def reload_service(self, **kwargs):
@@ -246,3 +325,40 @@ class PortalTests(unittest.TestCase):
         d, f, args = pending.pop(0)
         d.callback(f(*args))
         self.assertIn("new", self.credentials.users)
+
+
+class HashPoolTests(unittest.TestCase):
+    """bcrypt's own threads, on the real reactor."""
+
+    def setUp(self) -> None:
+        from cmdserver.auth.credentials import HashPool
+
+        self.pool = HashPool(2)
+        self.addCleanup(self.pool.stopService)
+
+    def test_checks_run_in_its_own_threads(self):
+        import threading
+
+        d = self.pool.run(lambda: threading.current_thread())
+        d.addCallback(lambda thread: self.assertEqual(
+            ("cmdserver-bcrypt" in thread.name, thread.daemon), (True, True)))
+        return d
+
+    def test_file_work_does_not_hold_up_logins(self):
+        import threading
+
+        from twisted.internet import defer, reactor, threads
+
+        # Every thread of the reactor's pool (file work) busy and waiting...
+        release = threading.Event()
+        busy = [threads.deferToThread(release.wait, 30)
+                for _ in range(reactor.getThreadPool().max)]  # type: ignore[attr-defined]
+        # ...and a password check still runs at once.
+        d = self.pool.run(lambda: "checked")
+
+        def done(result):
+            release.set()
+            self.assertEqual(result, "checked")
+            return defer.DeferredList(busy)
+
+        return d.addBoth(done)

@@ -69,7 +69,7 @@ class BasicCommandTests(unittest.SynchronousTestCase):
             "command errors: 0",
             "commands not found: 0",
             "file operations: none",
-            "logins: 0 ok, 0 failed",
+            "logins: 0 ok, 0 failed, 0 refused; 0 penalties",
         ])
 
     def test_stats_count_unknown_commands_file_operations_and_logins(self) -> None:
@@ -81,14 +81,20 @@ class BasicCommandTests(unittest.SynchronousTestCase):
         self.core.login(session, "ops", "password", "ok")
         self.core.login(session, "ghost", "password", "failed")
         self.core.login(session, "eve", "key", "failed")
+        self.core.login(session, "eve", "password", "refused", "too many logins at once")
+        self.core.audit_penalty(session, "eve", "10.0.0.1", 2.0, 2)
+        self.core.stats.refused, self.core.stats.refused_penalised = 3, 2
         for name in ("put", "get", "put"):
             self.core.audit_operation(self.ctx, name, {"path": "a"}, "ok", 0.0)
         lines = self.lines("stats")
         self.assertEqual(lines[5:], ["commands not found: 2", "file operations: get 1, put 2",
-                                     "logins: 1 ok, 2 failed"])
+                                     "logins: 1 ok, 2 failed, 1 refused; 1 penalties"])
+        self.assertTrue(lines[1].endswith("3 refused (2 for login penalties)"), lines[1])
         value = self.successResultOf(self.core.call(self.ctx, "stats"))
         self.assertEqual((value["not_found"], value["file_operations"], value["logins"],
-                          value["login_failures"]), (2, {"get": 1, "put": 2}, 1, 2))
+                          value["login_failures"], value["logins_refused"], value["penalties"],
+                          value["refused"], value["refused_penalised"]),
+                         (2, {"get": 1, "put": 2}, 1, 2, 1, 1, 3, 2))
 
     def test_stats_value(self) -> None:
         value = self.successResultOf(self.core.call(self.ctx, "stats"))

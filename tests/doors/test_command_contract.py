@@ -21,7 +21,6 @@ from twisted.test import iosim
 from twisted.trial import unittest
 
 from cmdserver.auth.portal import Account, Realm, build_portal
-from cmdserver.auth.throttle import LoginThrottle
 from cmdserver.commands.account import Login, PasswordLogin
 from cmdserver.commands.base import Command, Context
 from cmdserver.commands.params import Int, Param
@@ -143,7 +142,7 @@ class ContractTests(OutsideTreeTempMixin, unittest.TestCase):
         registry.add(self.slow)
         registry.add(self.chatty)
         portal = build_portal(Realm(), [InMemoryUsernamePasswordDatabaseDontUse(ops=b"pw")])
-        registry.add(Login(PasswordLogin(portal, self.reactor, LoginThrottle(self.reactor))))
+        registry.add(Login(PasswordLogin(portal)))
         uploads = Uploads(UploadSettings(max_upload=1000), b"k" * 32)
         registry.add(UploadCommand(uploads))
         server = pb_factory(core, portal, upload=consumer_starter(uploads.begin))

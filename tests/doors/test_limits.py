@@ -131,3 +131,58 @@ class HalfCloseTests(unittest.SynchronousTestCase):
         wrapper.readConnectionLost()
         wrapper.writeConnectionLost()
         self.assertEqual(HalfCloser.events, ["read", "write"])
+
+
+class PenaltyRefusalTests(unittest.SynchronousTestCase):
+    """A penalised address's connection is refused here, before the door builds anything."""
+
+    def setUp(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from cmdserver.commands.base import Registry
+        from cmdserver.core import CommandCore
+        from cmdserver.doors.line.protocol import refusal
+        from cmdserver.policy import Policy
+
+        self.core = CommandCore(Registry(), Policy(["/"]), MemoryReactorClock())
+        self.built: list[object] = []
+
+        class Door(Factory):
+            def buildProtocol(inner, addr):  # noqa: N805  (inner: the door's factory)
+                self.built.append(addr)
+                return Protocol()
+
+        self.factory = LimitedFactory(Door(), ConnectionLimits(10, 10), self.core.stats,
+                                      "line", refusal, self.core.gate)
+        session = self.core.open_session("line", "10.0.0.1:1")
+        self.core.gate.failure(session, "ops")  # penalised for 1 s
+
+    def connect(self, host: str, transport: StringTransport | None = None) -> StringTransport:
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", host, 1))
+        transport = transport or StringTransport()
+        protocol.makeConnection(transport)
+        return transport
+
+    def test_refused_with_the_doors_words_before_the_door_sees_it(self) -> None:
+        transport = self.connect("10.0.0.1")
+        self.assertEqual(transport.value(), b"Too many failed logins from your address; "
+                                            b"try again in 1 s. bye !\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.built, [])
+        self.assertEqual((self.core.stats.refused, self.core.stats.refused_penalised), (1, 1))
+        self.assertEqual(self.limits_total(), 0)  # not counted as open
+        self.assertFalse(self.connect("10.0.0.2").disconnecting)  # another address
+        self.assertEqual(len(self.built), 1)
+
+    def limits_total(self) -> int:
+        return self.factory.limits.total
+
+    def test_nothing_is_said_on_tls(self) -> None:
+        from twisted.internet.interfaces import INegotiated
+        from zope.interface import alsoProvides
+
+        tls = StringTransport()
+        alsoProvides(tls, INegotiated)  # what Twisted's TLS layer provides
+        transport = self.connect("10.0.0.1", tls)
+        self.assertEqual(transport.value(), b"")  # closed before any handshake
+        self.assertTrue(transport.disconnecting)

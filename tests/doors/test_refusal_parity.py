@@ -20,8 +20,8 @@ from twisted.spread import pb
 from twisted.test import iosim
 from twisted.trial import unittest
 
+from cmdserver.auth.gate import GateSettings, LoginGate
 from cmdserver.auth.portal import Realm, build_portal
-from cmdserver.auth.throttle import LoginThrottle
 from cmdserver.commands.account import Login, PasswordLogin
 from cmdserver.commands.upload.command import UploadCommand
 from cmdserver.commands.upload.engine import Uploads, UploadSettings
@@ -112,10 +112,12 @@ class RefusalParityTests(OutsideTreeTempMixin, unittest.TestCase):
         with open(os.path.join(base, "outside.txt"), "w") as f:
             f.write("outside")
         self.core = core = make_core(self.root)
+        # The words, not the penalties or the deadline (tests/auth/test_gate.py has those).
+        core.gate = LoginGate(core, GateSettings(penalty=0, login_grace=3600))
         core.policy = Policy([self.root], ScanPolicy(max_ports=100))
         self.clock = core.reactor
         portal = build_portal(Realm(), [InMemoryUsernamePasswordDatabaseDontUse(ops=b"s3cret")])
-        core.registry.add(Login(PasswordLogin(portal, self.clock, LoginThrottle(self.clock))))
+        core.registry.add(Login(PasswordLogin(portal)))
         uploads = Uploads(UploadSettings(max_upload=1000), b"k" * 32)
         core.registry.add(UploadCommand(uploads))
         server = pb_factory(core, portal, upload=consumer_starter(uploads.begin))
@@ -146,7 +148,7 @@ class RefusalParityTests(OutsideTreeTempMixin, unittest.TestCase):
         protocol.makeConnection(transport)
         protocol.dataReceived(line.encode() + b"\r\n")
         self.clock.advance(0)
-        self.clock.advance(60)  # the login throttle answers a failure later
+        self.clock.advance(60)  # a command that takes a while
         return transport.value().decode().splitlines()
 
     def test_same_refusal_same_words(self) -> None:

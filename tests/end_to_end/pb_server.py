@@ -17,6 +17,7 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
+from cmdserver.auth.gate import GateSettings
 from cmdserver.auth.portal import Account
 from cmdserver.commands import default_registry
 from cmdserver.commands.base import Context
@@ -93,7 +94,10 @@ class PBServer:
 
         self.root = root
         registry = default_registry(LogSource(log_file))
-        self.core = CommandCore(registry, Policy([root]), reactor)
+        # Loopback is exempt from login penalties here: these tests are about PB, and
+        # tests/end_to_end/test_login_gate_e2e.py about the penalties.
+        self.core = CommandCore(registry, Policy([root]), reactor,
+                                gate=GateSettings(exempt=("127.0.0.0/8",)))
         self.service = CmdServerService(self.core, Limits(max_clients=max_clients, max_per_ip=20))
         lookup = {"jailed": (jailed_root,)} if jailed_root else {}
 

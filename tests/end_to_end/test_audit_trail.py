@@ -131,6 +131,7 @@ class AuditTrailTests(unittest.TestCase):
         self.assertEqual(self.summary(one), [
             ("session-start", "line", "anonymous", None, "ok"),
             ("command", "line", "anonymous", "ls", "refused"),
+            ("penalty", "line", "ops", None, "penalised"),  # the address: 1 s
             ("login", "line", "ops", None, "failed"),
             ("command", "line", "anonymous", "login", "error"),
             ("login", "line", "ops", None, "ok"),
@@ -211,6 +212,7 @@ class AuditTrailTests(unittest.TestCase):
         self.assertNotEqual(failed[0]["session"], used[0]["session"])
         self.assertEqual(self.summary(failed), [
             ("session-start", "ssh", "anonymous", None, "ok"),
+            ("penalty", "ssh", "ops", None, "penalised"),  # the address: 1 s
             ("login", "ssh", "ops", None, "failed"),
             ("session-end", "ssh", "anonymous", None, "ok"),
         ])
@@ -297,6 +299,7 @@ class AuditTrailTests(unittest.TestCase):
         self.assertNotEqual(failed[0]["session"], used[0]["session"])
         self.assertEqual(self.summary(failed), [
             ("session-start", "pb", "anonymous", None, "ok"),
+            ("penalty", "pb", "ops", None, "penalised"),  # the address: 1 s
             ("login", "pb", "ops", None, "failed"),
             ("session-end", "pb", "anonymous", None, "ok"),
         ])
@@ -307,5 +310,7 @@ class AuditTrailTests(unittest.TestCase):
             ("command", "pb", "ops", "ls", "ok"),
             ("session-end", "pb", "ops", None, "ok"),
         ])
-        self.assertEqual(failed[1]["args"], {"method": "password"})
+        self.assertEqual(failed[2]["args"], {"method": "password"})
+        self.assertEqual((failed[1]["args"], failed[1]["result"]),
+                         ({"source": "127.0.0.1"}, {"seconds": 1.0, "failures": 1}))
         self.assertNotIn(PASSWORD, json.dumps(records))

@@ -24,6 +24,7 @@ from twisted.internet import defer, reactor, task, threads, utils
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.trial import unittest
 
+from cmdserver.auth.gate import GateSettings
 from cmdserver.auth.portal import Account, Realm, build_portal
 from cmdserver.commands import default_registry
 from cmdserver.commands.base import Command, Context
@@ -178,7 +179,10 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
         os.makedirs(bindir)
         tail, self.tail_pidfile = long_tail(bindir)
         registry.add(LongLog(LogSource("/dev/null"), tail=tail))
-        self.core = CommandCore(registry, Policy([self.root]), reactor)
+        # Loopback is exempt from login penalties here: these tests are about SSH, and
+        # tests/end_to_end/test_login_gate_e2e.py about the penalties.
+        self.core = CommandCore(registry, Policy([self.root]), reactor,
+                                gate=GateSettings(exempt=("127.0.0.0/8",)))
         self.service = CmdServerService(self.core, Limits(max_clients=20, max_per_ip=4),
                                         portal=build_portal(Realm()))
         passwords = InMemoryUsernamePasswordDatabaseDontUse()
@@ -190,7 +194,7 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
             SSHPublicKeyChecker(InMemorySSHKeyDB({b"ops": [public]})))
         self.service.realm.lookup = lambda name: Account(
             name, (self.other_root,) if name == "jailed" else None)
-        self.settings = SSHSettings(idle_timeout=60, password_delay=0)
+        self.settings = SSHSettings(idle_timeout=60)
         self.door = add_ssh_door(self.service, "tcp:0:interface=127.0.0.1", _KEY_DIR,
                                  self.settings)
         self.service.startService()
@@ -760,7 +764,7 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
     def limited_door(self, **limits: Any) -> defer.Deferred:
         """A second SSH door on this service with these settings; connections made
         by the helpers go to it from now on."""
-        settings = SSHSettings(idle_timeout=60, password_delay=0, **limits)
+        settings = SSHSettings(idle_timeout=60, **limits)
         door = add_ssh_door(self.service, "tcp:0:interface=127.0.0.1:backlog=10", _KEY_DIR,
                             settings)
 

@@ -82,7 +82,9 @@ class TLSDoorTests(unittest.TestCase):
         os.mkdir(elsewhere)
         stranger = make_client_cert(elsewhere, make_ca(elsewhere, "other-ca"), "ops")
         audit = capture_audit(self)
-        port = yield self.start("--line-auth", "required", "--tls-client-ca", ca[2])
+        # Loopback exempt: each failure here would penalise the next connection.
+        port = yield self.start("--line-auth", "required", "--tls-client-ca", ca[2],
+                                "--penalty-exempt", "127.0.0.1")
 
         received = yield threads.deferToThread(tls_session, port, self.cert,
                                                ["whoami", "ls"], ops)
@@ -102,11 +104,16 @@ class TLSDoorTests(unittest.TestCase):
                 continue
             self.assertEqual(received, [""])  # closed before the greeting
 
-        # Both certificate logins are audited, each in its connection's session.
+        # Every certificate login is audited, each in its connection's session; a
+        # failed handshake is a failed certificate login too.
         logins = [e for e in audit if e["event"] == "login"]
         self.assertEqual([(e["user"], e["args"], e["outcome"], e["door"]) for e in logins],
                          [("ops", {"method": "certificate"}, "ok", "line"),
-                          ("ghost", {"method": "certificate"}, "failed", "line")])
+                          ("ghost", {"method": "certificate"}, "failed", "line"),
+                          ("anonymous", {"method": "certificate"}, "failed", "line"),
+                          ("anonymous", {"method": "certificate"}, "failed", "line")])
+        self.assertTrue(all(e["error"].startswith("the TLS handshake failed: ")
+                            for e in logins[2:]), [e["error"] for e in logins[2:]])
         self.assertNotEqual(logins[0]["session"], logins[1]["session"])
         ran = [e for e in audit if e["event"] == "command" and e["command"] == "ls"]
         self.assertEqual([(e["user"], e["session"]) for e in ran],

@@ -31,10 +31,11 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from cmdserver import __version__
+from cmdserver.auth.tls import handshake_failure
 from cmdserver.commands.base import Context
 from cmdserver.commands.upload.stream import direct_reads, widen_reads
 from cmdserver.core import CommandCore, TextReply
-from cmdserver.doors.limits import format_peer
+from cmdserver.doors.limits import TOO_MANY_CONNECTIONS, format_peer
 from cmdserver.text import shown
 
 if TYPE_CHECKING:
@@ -45,12 +46,19 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-TOO_MANY = b"Too many connections. bye !\r\n"
 QUEUE_HIGH = 64  # queued lines at which reading stops
 QUEUE_LOW = 16  # queued lines at which it starts again
 BATCH_LIMIT = 16384  # output bytes gathered before they are handed to the transport
 LINES_PER_TURN = 256  # lines one connection may run before the others get a turn
 INCOMPLETE = "upload incomplete: the client closed the stream early"
+
+
+def refusal(reason: str) -> bytes:
+    """The one line a refused connection reads (the connection limits, a login penalty)."""
+    return f"{reason}. bye !\r\n".encode()
+
+
+TOO_MANY = refusal(TOO_MANY_CONNECTIONS)
 
 
 @dataclass(frozen=True)
@@ -107,10 +115,28 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._peer_login = self.settings.peer_login
         self.transport.registerProducer(self, True)
         self.setTimeout(self.settings.idle_timeout or None)
+        if self.settings.login == "required":
+            self.core.gate.login_deadline(self.audit_session, self._login_expired)
         if self.settings.greeting:
             self.line(self.settings.greeting)
 
+    def _login_expired(self) -> None:
+        """The login deadline passed (the gate's grace time) without a login."""
+        if not self._connected or self._closing:
+            return
+        self._closing = True
+        self._queue.clear()
+        grace = self.core.gate.settings.login_grace
+        self.line(f"Timeout: not logged in within {grace:g} s, closing the connection.")
+        self._close()
+
     def connectionLost(self, reason: Any = None) -> None:
+        if self._peer_login is not None and self.ctx is not None:
+            # A TLS client-certificate door whose handshake never let a line through.
+            if handshake_failure(reason):
+                failed = getattr(self._peer_login, "handshake_failed", None)
+                if failed is not None:
+                    failed(self.ctx, reason)
         self._connected = False
         self.setTimeout(None)
         if self._probe is not None:
@@ -524,7 +550,7 @@ def build(env: Any, endpoint: str) -> Any:
     settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"])
     settings, made = line_door_login(settings, endpoint, options["line-auth"],
                                      options["tls-client-ca"], env.credentials, env.reactor)
-    return Door(LineFactory(env.core, settings), TOO_MANY, made)
+    return Door(LineFactory(env.core, settings), refusal, made)
 
 
 class LineFactory(Factory):

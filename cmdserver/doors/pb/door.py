@@ -9,8 +9,13 @@ the same as on the text doors.  Errors come back as the ``pb.Error`` subclasses
 of :mod:`cmdserver.doors.pb.errors`, never as a server traceback.
 
 Each connection is one session in the core (opened by :class:`DoorBroker` when
-the connection is made, closed when it is lost); every ``authenticate`` is
-reported to the core (:meth:`CommandCore.login`), which audits it.
+the connection is made, closed when it is lost); every ``authenticate`` goes
+through the core's login gate (penalties per address, one check at a time per
+connection: a call made while one is being checked is refused at once) and is
+reported to the core (:meth:`CommandCore.login`), which audits it.  A
+connection that has not logged in within the gate's grace time is closed,
+whatever it sends (not with ``--pb-anonymous``, whose root serves without a
+login).
 
 Remote method names are looked up in explicit tables, never with
 ``getattr(self, "remote_" + name)``.  With ``--pb-anonymous`` the root object
@@ -27,7 +32,7 @@ from typing import Any, cast
 from twisted.cred import error as cred_error
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -36,9 +41,15 @@ from twisted.python.failure import Failure
 from twisted.spread import jelly, pb
 from zope.interface import implementer
 
+from cmdserver.auth.gate import refused_because
 from cmdserver.auth.portal import ANONYMOUS, Account, Realm
 from cmdserver.auth.tokens import secret_method
-from cmdserver.commands.account import LOGIN_FAILED, PASSWORD, TOO_MANY_FAILURES
+from cmdserver.commands.account import (
+    LOGIN_FAILED,
+    LOGIN_REFUSED,
+    PASSWORD,
+    TOO_MANY_FAILURES,
+)
 from cmdserver.commands.base import Command, Context, NullSink
 from cmdserver.core import (
     INTERNAL_ERROR,
@@ -288,9 +299,10 @@ class LoginRoot(pb.Referenceable):
             raise LoginFailed(TOO_MANY_FAILURES)
         user = _credential(username, "user name")
         secret = _credential(password, "password")
-        d = self.door.portal.login(UsernamePassword(user, secret),
-                                   PBMind(self.broker, self.peer, mind, self.session.id),
-                                   pb.IPerspective)
+        d = self.door.core.gate.login(self.session, self.door.portal,
+                                      UsernamePassword(user, secret),
+                                      PBMind(self.broker, self.peer, mind, self.session.id),
+                                      pb.IPerspective)
         method, token = secret_method(secret)
         return d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(method, token),
                               errbackArgs=(user.decode("utf-8", "replace"),))
@@ -313,21 +325,30 @@ class LoginRoot(pb.Referenceable):
         return remote
 
     def _login_failed(self, failure: Failure, user: str) -> Failure:
+        if failure.check(CancelledError):  # the connection closed: nobody reads this
+            return Failure(LoginFailed(LOGIN_FAILED))
         self.failures += 1
         reason = None
-        if failure.check(cred_error.UnhandledCredentials):
+        refused = refused_because(failure)
+        if refused is not None:
+            reason = refused
+        elif failure.check(cred_error.UnhandledCredentials):
             log.error("pb: no password checker is configured; login refused")
             reason = "no password checker is configured"
         elif not failure.check(cred_error.LoginFailed):
             log.failure("pb: login of {user} failed", failure, user=escape(user))
             reason = INTERNAL_ERROR
         closing = self.failures >= MAX_LOGIN_FAILURES
-        self.door.core.login(self.session, user, PASSWORD, "failed",
-                             reason or (TOO_MANY_FAILURES if closing else LOGIN_FAILED))
+        if closing:
+            reason = TOO_MANY_FAILURES
+        self.door.core.login(self.session, user, PASSWORD,
+                             "failed" if refused is None else "refused", reason or LOGIN_FAILED)
         if closing:
             # Closed once this answer is written, so the client reads why.
             self.door.core.reactor.callLater(0, self._hang_up)
             return Failure(LoginFailed(TOO_MANY_FAILURES))
+        if refused is not None:
+            return Failure(LoginFailed(f"{LOGIN_REFUSED}: {refused}"))
         return Failure(LoginFailed(LOGIN_FAILED))
 
     def _hang_up(self) -> None:
@@ -410,6 +431,7 @@ class DoorBroker(BoundedBanana, pb.Broker, TimeoutMixin):
     transport: ITransport  # set in makeConnection, before any other callback
     core: CommandCore  # set by DoorFactory
     audit_session: Session  # the connection's session in the core, from connectionMade
+    login_required = True  # False with --pb-anonymous: the root serves without a login
 
     def __init__(self, isClient: bool = False, security: Any = jelly.globalSecurity) -> None:
         super().__init__(isClient=isClient, security=security)
@@ -422,6 +444,14 @@ class DoorBroker(BoundedBanana, pb.Broker, TimeoutMixin):
         cast(IConsumer, self.transport).registerProducer(_Reading(self.transport), True)
         super().connectionMade()
         self.setTimeout(self.idle_timeout)
+        if self.login_required:
+            self.core.gate.login_deadline(self.audit_session, self._login_expired)
+
+    def _login_expired(self) -> None:
+        """No login within the gate's grace time: closed, whatever the client sent."""
+        log.info("pb: {peer} did not log in within {grace:g} s, disconnecting",
+                 peer=self.audit_session.peer, grace=self.core.gate.settings.login_grace)
+        self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
@@ -483,6 +513,7 @@ class DoorFactory(pb.PBServerFactory):
 
     def __init__(self, door: PBDoor, idle_timeout: float | None) -> None:
         super().__init__(door)
+        self.door = door
         self.core = door.core
         self.idle_timeout = idle_timeout or None
         self.reactor = door.core.reactor
@@ -491,6 +522,7 @@ class DoorFactory(pb.PBServerFactory):
         broker = super().buildProtocol(addr)
         broker.idle_timeout = self.idle_timeout
         broker.core = self.core
+        broker.login_required = not self.door.anonymous
         broker.callLater = self.reactor.callLater
         return broker
 

@@ -30,7 +30,6 @@ from cmdserver.text import escape
 log = Logger()
 
 DOOR = "ssh"
-LOGIN_GRACE = 30.0  # seconds from the start of authentication to success
 MAX_AUTH_ATTEMPTS = 3
 SFTP_MAX_HANDLES = 64
 # Answered "no" without a log line: liveness probes and hints, not features we refuse.
@@ -41,9 +40,7 @@ QUIET_REQUESTS = frozenset({b"keepalive@openssh.com", b"no-more-sessions@openssh
 class SSHSettings:
     idle_timeout: float = 300
     max_line: int = 4096  # longest command line, as on the line door
-    login_grace: float = LOGIN_GRACE
-    max_auth_attempts: int = MAX_AUTH_ATTEMPTS
-    password_delay: float = 1.0  # seconds before a wrong password is answered
+    max_auth_attempts: int = MAX_AUTH_ATTEMPTS  # refused ones count (the login gate)
     greeting: str = f"cmdserver {__version__} ready; type 'help' for the commands."
     # The run token in SFTP temporary file names; the start-up sweep of the upload
     # engine spares its own run's files, so makeService passes the engine's token.

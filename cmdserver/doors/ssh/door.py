@@ -1,7 +1,9 @@
 """The SSH door (twisted.conch): shell, exec and SFTP on the shared command core.
 
-Logins go through the shared portal (password and public key checkers); the
-realm builds an :class:`SSHAvatar` per login.  Each connection is one session
+Logins go through the shared portal (password and public key checkers), by
+way of the core's login gate (penalties per address, one check at a time per
+connection, the login deadline); the realm builds an :class:`SSHAvatar` per
+login.  Each connection is one session
 in the core, opened when the connection is made and closed when it is lost;
 its channels share it, and each login attempt is reported to the core
 (:meth:`CommandCore.login`), which audits it.  Everything a diagnostic server
@@ -9,7 +11,7 @@ does not need is refused and logged: port forwarding (global ``tcpip-forward``
 and ``direct-tcpip`` channels), agent and X11 forwarding, most environment
 variables and every subsystem but ``sftp``.  Limits: the shared connection
 limits (through :meth:`CmdServerService.add_door`), three authentication
-attempts, a login grace time and the idle timeout.
+attempts (refused ones count), the gate's login deadline and the idle timeout.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import _kex, common, connection, factory, transport, userauth
 from twisted.conch.ssh.keys import Key
 from twisted.internet import protocol
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import ISystemHandle, ITransport
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from cmdserver.auth.gate import refused_because
 from cmdserver.auth.portal import Account
 from cmdserver.core import CommandCore
 from cmdserver.doors.limits import format_peer
@@ -88,13 +92,32 @@ class CmdServerConnection(connection.SSHConnection):
         super().adjustWindow(channel, bytesToAdd)
 
 
+class GatedPortal:
+    """The portal as one connection's userauth sees it: every login goes through
+    the core's login gate, for that connection's session."""
+
+    def __init__(self, gate: Any, session: Session, portal: Any) -> None:
+        self.gate = gate
+        self.session = session
+        self.portal = portal
+
+    def login(self, credentials: Any, mind: Any, *interfaces: Any) -> Any:
+        return self.gate.login(self.session, self.portal, credentials, mind, *interfaces)
+
+    def listCredentialsInterfaces(self) -> list[Any]:
+        return list(self.portal.listCredentialsInterfaces())
+
+
 class CmdServerUserAuth(userauth.SSHUserAuthServer):
-    """``ssh-userauth`` with few attempts, a short grace time and the door's clock.
+    """``ssh-userauth`` with few attempts, through the login gate, on the door's clock.
 
     A client may request ``ssh-userauth`` again, which makes conch start a new
-    service; the failure count and the grace deadline live on the transport so
-    that this does not reset them.  The deadline is set when the connection is
-    made, so a client that stalls the key exchange is cut off as well.
+    service; the failure count lives on the transport so that this does not
+    reset it.  The login deadline is the gate's, set when the connection is
+    made, so a client that stalls the key exchange is cut off as well; conch's
+    own timer is not used.  A request that arrives while another is being
+    checked, or from a penalised address, is refused at once (it counts as an
+    attempt) without touching the state of the one being checked.
     """
 
     transport: CmdServerTransport  # set by the transport before the service starts
@@ -102,25 +125,43 @@ class CmdServerUserAuth(userauth.SSHUserAuthServer):
     def serviceStarted(self) -> None:
         settings: SSHSettings = self.transport.factory.settings
         self.clock = self.transport.factory.reactor
-        # conch infers int from its whole-second defaults; callLater takes a float.
-        self.loginTimeout = settings.login_grace  # type: ignore[assignment]
-        self.passwordDelay = settings.password_delay  # type: ignore[assignment]
         # Conch disconnects when failures exceed this number.
         self.attemptsBeforeDisconnect = settings.max_auth_attempts - 1
         super().serviceStarted()
-        # The grace time runs from the connection's start (see CmdServerTransport):
-        # take over the deadline instead of starting a fresh one.
         t = self.transport
-        t.stop_grace_timer()
-        self._cancelLoginTimeout.cancel()
-        self._cancelLoginTimeout = self.clock.callLater(
-            max(0.0, t.auth_deadline - self.clock.seconds()), self.timeoutAuthentication)
+        self._cancelLoginTimeout.cancel()  # the gate's deadline runs from the connection
+        # conch's serviceStopped cancels it again unless it is None (conch's own idiom).
+        self._cancelLoginTimeout = None  # type: ignore[assignment]
+        self.portal = GatedPortal(t.factory.core.gate, t.audit_session, self.portal)
         self.loginAttempts = t.auth_failures
 
-    def timeoutAuthentication(self) -> None:
-        log.info("ssh: {peer} did not authenticate within {grace:g} s",
-                 peer=self.transport.peer, grace=self.loginTimeout)
-        super().timeoutAuthentication()
+    def ssh_USERAUTH_REQUEST(self, packet: bytes) -> Any:
+        if self.loginAttempts > self.attemptsBeforeDisconnect:
+            return None  # disconnected already: the rest of a pipelined burst is dropped
+        user, _, method, _ = common.getNS(packet, 3)
+        if method != b"none":  # "none" asks which methods there are
+            t = self.transport
+            why = t.factory.core.gate.refusal(t.audit_session)
+            if why is not None:
+                self._refuse(user, method, why)
+                return None
+        return super().ssh_USERAUTH_REQUEST(packet)
+
+    def _refuse(self, user: bytes, method: bytes, why: str) -> None:
+        """Answer a request the gate refuses, as a failed attempt, without checking it."""
+        t = self.transport
+        t.factory.core.login(t.audit_session, user, _method(method), "refused", why)
+        self.loginAttempts += 1
+        t.auth_failures = self.loginAttempts
+        if self.loginAttempts > self.attemptsBeforeDisconnect:
+            t.sendDisconnect(transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+                             b"too many bad auths")
+            return
+        t.sendPacket(userauth.MSG_USERAUTH_FAILURE,
+                     common.NS(b",".join(self.supportedAuthentications)) + b"\x00")
+
+    def _ebPassword(self, f: Failure) -> Failure:
+        return f  # the gate answers a wrong password once the penalty it caused is over
 
     def _cbFinishedAuth(self, result: Any) -> None:
         _, avatar, _ = result
@@ -130,11 +171,15 @@ class CmdServerUserAuth(userauth.SSHUserAuthServer):
         super()._cbFinishedAuth(result)
 
     def _ebBadAuth(self, reason: Any) -> None:
+        if reason.check(CancelledError):  # the connection closed while it was checked
+            return
         # "none" is a client asking which methods there are, not a login attempt;
         # IgnoreAuthentication answers a key offered without a signature.
         if self.method != b"none" and not reason.check(IgnoreAuthentication):
             t = self.transport
-            t.factory.core.login(t.audit_session, self.user, _method(self.method), "failed")
+            refused = refused_because(reason)
+            t.factory.core.login(t.audit_session, self.user, _method(self.method),
+                                 "failed" if refused is None else "refused", refused)
         super()._ebBadAuth(reason)
         self.transport.auth_failures = self.loginAttempts
 
@@ -146,9 +191,7 @@ class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
     transport: ITransport  # set in makeConnection, before any other callback
     avatar: SSHAvatar  # set by userauth on a successful login
     audit_session: Session  # the connection's session in the core, from connectionMade
-    auth_deadline = 0.0  # when the login grace time runs out
     auth_failures = 0  # failed authentication attempts on this connection
-    _grace_timer: Any = None
 
     @property
     def peer(self) -> str:
@@ -168,23 +211,14 @@ class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
         self.audit_session = self.factory.core.open_session(DOOR, self.peer)
         super().connectionMade()
         self.setTimeout(self.factory.settings.idle_timeout or None)
-        grace = self.factory.settings.login_grace
-        self.auth_deadline = self.factory.reactor.seconds() + grace
-        self._grace_timer = self.factory.reactor.callLater(grace, self._grace_expired)
+        self.factory.core.gate.login_deadline(self.audit_session, self._grace_expired)
 
     def _grace_expired(self) -> None:
-        """No ``ssh-userauth`` service within the grace time (a stalled key exchange)."""
-        self._grace_timer = None
+        """No login within the gate's grace time (a stalled key exchange included)."""
         log.info("ssh: {peer} did not authenticate within {grace:g} s", peer=self.peer,
-                 grace=self.factory.settings.login_grace)
+                 grace=self.factory.core.gate.settings.login_grace)
         self.sendDisconnect(transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
                             b"you took too long")
-
-    def stop_grace_timer(self) -> None:
-        """The userauth service keeps the deadline from now on."""
-        if self._grace_timer is not None and self._grace_timer.active():
-            self._grace_timer.cancel()
-        self._grace_timer = None
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
@@ -208,7 +242,6 @@ class CmdServerTransport(transport.SSHServerTransport, TimeoutMixin):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)
-        self.stop_grace_timer()
         super().connectionLost(reason)
         session = getattr(self, "audit_session", None)
         if session is not None:

@@ -1,4 +1,4 @@
-"""Login on the line door: the gate, success, every failure path, throttling, audit."""
+"""Login on the line door: the gate, success, every failure path, penalties, audit."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from cmdserver.auth.credentials import Credentials, build_checkers
+from cmdserver.auth.penalty import peer_host
 from cmdserver.auth.portal import Realm, build_portal
-from cmdserver.auth.throttle import LoginThrottle, peer_host
 from cmdserver.auth.users import UserRecord, UserStore, hash_password
 from cmdserver.commands.account import Login, PasswordLogin, Whoami
 from cmdserver.commands.base import Registry
@@ -43,11 +43,10 @@ class LineLoginTests(unittest.TestCase):
         credentials.load_now()
         portal = build_portal(Realm(credentials.account), build_checkers(credentials, run_now))
         self.clock = MemoryReactorClock()
-        self.throttle = LoginThrottle(self.clock)
-        registry = Registry([Help(), Ping(), ListDir(), Whoami(),
-                             Login(PasswordLogin(portal, self.clock, self.throttle))])
+        registry = Registry([Help(), Ping(), ListDir(), Whoami(), Login(PasswordLogin(portal))])
         registry.add(Exit(), "quit")
         self.core = CommandCore(registry, Policy([self.shared]), self.clock, run_now)
+        self.penalties = self.core.gate.penalties
         self.events = capture_audit(self, capture_log(self))
 
     def connect(self, login: str = "required", host: str = "10.0.0.7"):
@@ -64,6 +63,18 @@ class LineLoginTests(unittest.TestCase):
         if advance:
             self.clock.advance(advance)
         return transport.value().decode().splitlines()
+
+    def count_checks(self) -> list[str]:
+        """The names whose passwords bcrypt checks from now on."""
+        checked: list[str] = []
+        check = self.credentials.check_password
+
+        def counting(name, password, run):
+            checked.append(name)
+            return check(name, password, run)
+
+        self.patch(self.credentials, "check_password", counting)
+        return checked
 
     def audit(self) -> list[dict]:
         return commands_audited(self.events)
@@ -97,7 +108,7 @@ class LineLoginTests(unittest.TestCase):
         self.assertEqual(self.send(conn, "ls ../shared"), ["Error: path outside allowed roots"])
         self.assertEqual([e["user"] for e in self.audit()], ["ops"] * 4)
         self.assertEqual(self.audit()[0]["args"], {"user": "ops"})
-        self.assertEqual(self.throttle.failures("10.0.0.7"), 0)
+        self.assertEqual(self.penalties.strikes("10.0.0.7"), 0)
 
     def test_user_without_own_roots_gets_the_default(self) -> None:
         conn = self.connect()
@@ -154,7 +165,8 @@ class LineLoginTests(unittest.TestCase):
         mine = [e for e in audit if e["session"] == conn[0].ctx.session_id]
         self.assertEqual([(e["event"], e["user"], e["outcome"]) for e in mine], [
             ("session-start", "anonymous", "ok"),
-            ("login", "ops", "failed"),
+            ("penalty", "ops", "penalised"),  # when the check failed
+            ("login", "ops", "failed"),  # when it was answered, once the penalty was over
             ("command", "anonymous", "error"),  # the login command, answered after a delay
             ("login", "ops", "ok"),
             ("command", "ops", "ok"),  # the login command
@@ -171,7 +183,7 @@ class LineLoginTests(unittest.TestCase):
     def test_overlong_password_is_a_plain_failure(self) -> None:
         conn = self.connect()
         for user in ("ops", "ghost"):
-            self.assertEqual(self.send(conn, f"login {user} {'x' * 100}", advance=30),
+            self.assertEqual(self.send(conn, f"login {user} {'x' * 100}", advance=5),
                              ["Error: login failed"])
 
     def test_delay_doubles_per_address(self) -> None:
@@ -190,21 +202,42 @@ class LineLoginTests(unittest.TestCase):
         self.assertEqual(self.send(other, "login ops wrong", advance=1),
                          ["Error: login failed"])
 
-    def test_attempt_waits_for_the_address_delay_before_checking(self) -> None:
+    def test_attempt_from_a_penalised_address_is_refused_unchecked(self) -> None:
         first, second = self.connect(), self.connect()
-        self.send(first, "login ops wrong")  # failure 1: next check not before t=1
-        self.assertEqual(self.send(second, f"login ops {PASSWORD!r}"), [])
+        self.send(first, "login ops wrong")  # failure 1: the address is penalised 1 s
+        checks = self.count_checks()
+        self.assertEqual(self.send(second, f"login ops {PASSWORD!r}"), [
+            "Error: login refused: too many failed logins from your address; "
+            "try again in 1 s"])
+        self.assertEqual(checks, [])  # not checked at all
+        self.assertEqual(self.logins()[-1]["outcome"], "refused")
         self.clock.advance(1)
-        self.assertEqual(second[1].value().decode().splitlines(), ["Logged in as ops"])
-        self.assertEqual(self.throttle.failures("10.0.0.7"), 0)  # a success clears it
+        self.assertEqual(first[1].value().decode().splitlines(), ["Error: login failed"])
+        self.assertEqual(self.send(second, f"login ops {PASSWORD!r}"), ["Logged in as ops"])
+        self.assertEqual(self.penalties.strikes("10.0.0.7"), 1)  # a success forgives nothing
+        self.assertEqual((self.core.stats.login_failures, self.core.stats.logins_refused,
+                          self.core.stats.penalties), (1, 1, 1))
+
+    def test_pipelined_logins_are_checked_one_at_a_time(self) -> None:
+        conn = self.connect(login="optional")  # no login deadline: 1+2+4+8+16 s > 30 s
+        checks = self.count_checks()
+        conn[0].dataReceived(b"login ops wrong\r\n" * 400)
+        self.clock.advance(0)
+        self.assertEqual(len(checks), 1)  # the others wait their turn on the connection
+        for _ in range(40):
+            self.clock.advance(1)
+        self.assertEqual(len(checks), 5)  # the fifth failure closes the connection
+        self.assertTrue(conn[1].disconnecting)
+        self.assertEqual(conn[1].value().decode().splitlines()[-1],
+                         "Error: login failed; too many failures, closing")
 
     def test_fifth_failure_disconnects(self) -> None:
-        conn = self.connect()
+        conn = self.connect(login="optional")  # no login deadline: 1+2+4+8+16 s > 30 s
         for n in range(1, 5):
-            self.assertEqual(self.send(conn, "login ops wrong", advance=30),
+            self.assertEqual(self.send(conn, "login ops wrong", advance=16),
                              ["Error: login failed"])
             self.assertFalse(conn[1].disconnecting, n)
-        self.assertEqual(self.send(conn, "login ops wrong", advance=30),
+        self.assertEqual(self.send(conn, "login ops wrong", advance=16),
                          ["Error: login failed; too many failures, closing"])
         self.assertTrue(conn[1].disconnecting)
 
@@ -215,19 +248,6 @@ class LineLoginTests(unittest.TestCase):
         conn[0].connectionLost(None)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.audit()[-1]["outcome"], "cancelled")
-
-    def test_throttle_forgets_and_is_bounded(self) -> None:
-        throttle = LoginThrottle(self.clock, forget=60, max_hosts=2)
-        self.assertEqual(throttle.failure("a"), 1)
-        self.assertEqual(throttle.failure("a"), 2)
-        self.clock.advance(61)
-        self.assertEqual(throttle.failures("a"), 0)
-        for host in "bcd":
-            throttle.failure(host)
-        self.assertEqual([throttle.failures(h) for h in "bcd"], [0, 1, 1])
-        for _ in range(10):
-            delay = throttle.failure("z")
-        self.assertEqual(delay, 30)
 
     def test_peer_host(self) -> None:
         self.assertEqual(peer_host("10.0.0.1:5"), "10.0.0.1")

@@ -44,7 +44,7 @@ class TransportTest(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         portal = build_portal(Realm(), [InMemoryUsernamePasswordDatabaseDontUse(ops=b"pw")])
-        self.settings = SSHSettings(idle_timeout=300, login_grace=30)
+        self.settings = SSHSettings(idle_timeout=300)
         self.core = CommandCore(Registry(), Policy(["/"]), self.clock)
         self.factory = CmdServerSSHFactory(self.core, portal, {b"ssh-ed25519": HOST_KEY},
                                            self.settings)
@@ -65,8 +65,8 @@ class TransportTest(unittest.TestCase):
         return service
 
     def test_login_grace_uses_the_door_clock(self) -> None:
-        service = self.start_userauth()
-        self.assertEqual(service.loginTimeout, 30)
+        self.start_userauth()
+        self.assertEqual(self.core.gate.settings.login_grace, 30)  # the gate's deadline
         self.clock.advance(29.9)
         self.assertEqual(self.disconnects, [])
         self.clock.advance(0.1)
@@ -85,7 +85,7 @@ class TransportTest(unittest.TestCase):
         self.clock.advance(19.9)
         self.assertEqual(self.disconnects, [])
         self.clock.advance(0.1)
-        self.assertEqual(len(self.disconnects), 1)  # once: the transport's timer is off
+        self.assertEqual(len(self.disconnects), 1)  # once: conch's own timer is off
 
     def test_requesting_userauth_again_keeps_the_deadline(self) -> None:
         self.start_userauth()
@@ -101,7 +101,7 @@ class TransportTest(unittest.TestCase):
         self.assertEqual(self.start_userauth().loginAttempts, 2)
 
     def test_idle_timeout_disconnects(self) -> None:
-        self.transport.stop_grace_timer()  # as once logged in
+        self.core.gate.cancel_deadline(self.transport.audit_session)  # as once logged in
         self.clock.advance(299)
         self.assertEqual(self.disconnects, [])
         self.transport.dataReceived(b"")  # activity resets the timer
@@ -111,7 +111,7 @@ class TransportTest(unittest.TestCase):
         self.assertEqual([text for _, text in self.disconnects], [b"Timeout: idle for 300 s"])
 
     def test_running_command_is_not_idle(self) -> None:
-        self.transport.stop_grace_timer()  # as once logged in
+        self.core.gate.cancel_deadline(self.transport.audit_session)  # as once logged in
         self.transport.avatar = cast(SSHAvatar, FakeAvatar())
         self.transport.logoutFunction = lambda: None
         self.transport.avatar.busy = 1

@@ -1,0 +1,191 @@
+"""Login penalties per source address, shared by every door.
+
+In the spirit of OpenSSH's ``PerSourcePenalties``: each failed login from a
+source adds penalty time to it, and while a source is penalised the doors
+refuse its new connections before any work and its login attempts without
+checking them (:class:`cmdserver.auth.gate.LoginGate` applies this).
+
+A source is an IPv4 address, an IPv6 /64 (one host usually owns a whole /64
+and its privacy addresses rotate inside it; an IPv4-mapped IPv6 address is the
+IPv4 address), or ``local`` for every UNIX-socket client.
+
+The n-th failure counted against a source adds ``step * 2**(n-1)`` seconds
+(1, 2, 4 … with the default step) to what is left of its penalty, which never
+exceeds ``cap``.  Failures are forgiven one per ``cap`` seconds without a
+failure, so an attacker at the cap stays there, while a user who mistyped a
+few times is back to a clean slate minutes later.  A success forgives nothing:
+otherwise an attacker with one valid account could clear their address between
+guesses at the others.  A source with nothing left to forgive and no penalty
+running is forgotten; at most ``max_sources`` are remembered (the one whose
+last failure is oldest goes first).  Sources in the exempt networks are never
+penalised.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+LOCAL = "local"  # the source of every UNIX-socket client
+IPV6_PREFIX = 64  # IPv6 sources are networks of this size
+MAX_SOURCES = 65536  # remembered at most (OpenSSH's max-sources default)
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def peer_host(peer: str) -> str:
+    """The address part of a session's peer (``1.2.3.4:5``, ``[::1]:5``, ``local``)."""
+    if peer.startswith("["):
+        return peer[1:].split("]", 1)[0]
+    return peer.rsplit(":", 1)[0] if ":" in peer else peer
+
+
+def _address(host: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if host is None or host == LOCAL:
+        return None
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # no IPv6 zone index
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def source_key(host: str | None) -> str:
+    """The source ``host`` is penalised under: ``10.0.0.7``, ``2001:db8:1:2::/64``, ``local``."""
+    ip = _address(host)
+    if ip is None:
+        return LOCAL if host is None or host == LOCAL else host
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
+    return str(ip)
+
+
+def parse_exempt(values: Iterable[str]) -> tuple[tuple[Network, ...], bool]:
+    """The exempt networks and whether ``local`` (UNIX sockets) is exempt.
+
+    Each value is a network (``10.0.0.0/8``, ``2001:db8::/48``), an address
+    (a network of one) or ``local``; raises ValueError naming a bad one."""
+    networks: list[Network] = []
+    local = False
+    for value in values:
+        if value.strip().lower() == LOCAL:
+            local = True
+            continue
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{value!r} is not a network (CIDR), an address or "
+                             f"'{LOCAL}'") from None
+    return tuple(networks), local
+
+
+@dataclass(slots=True)
+class Source:
+    """What is remembered of one source."""
+
+    strikes: int = 0  # failures not yet forgiven
+    last: float = 0.0  # time of the last failure (forgiveness counts from here)
+    until: float = 0.0  # penalised until then
+    refused: int = 0  # connections refused since the last report of them
+    reported: float = -math.inf  # when refused connections were last reported
+
+
+class Penalties:
+    """Penalty time per source (see the module's description)."""
+
+    def __init__(self, clock: Any, step: float = 1.0, cap: float = 60.0,
+                 exempt: Iterable[str] = (), max_sources: int = MAX_SOURCES) -> None:
+        self.clock = clock
+        self.step = step
+        self.cap = max(cap, step)
+        self.networks, self.local_exempt = parse_exempt(exempt)
+        self.max_sources = max_sources
+        # Enough failures for the cap, and one more so that it takes a while to leave it.
+        self.max_strikes = 2 + (math.ceil(math.log2(self.cap / step)) if step > 0 else 0)
+        self.sources: OrderedDict[str, Source] = OrderedDict()  # oldest last failure first
+
+    def key(self, host: str | None) -> str | None:
+        """The source of a client at ``host`` (None for a UNIX socket), or None if exempt."""
+        if self.networks or self.local_exempt:
+            ip = _address(host)
+            if ip is None:
+                if self.local_exempt and (host is None or host == LOCAL):
+                    return None
+            elif any(ip.version == net.version and ip in net for net in self.networks):
+                return None
+        return source_key(host)
+
+    def remaining(self, key: str) -> float:
+        """Seconds ``key`` stays penalised (0: not penalised)."""
+        source = self.sources.get(key)
+        if source is None:
+            return 0.0
+        return max(0.0, source.until - self.clock.seconds())
+
+    def strikes(self, key: str) -> int:
+        """Failures of ``key`` not forgiven yet."""
+        source = self._current(key)
+        return source.strikes if source is not None else 0
+
+    def failure(self, key: str) -> float:
+        """Count a failed login of ``key``; returns its penalty from now, in seconds."""
+        if self.step <= 0:
+            return 0.0
+        now = self.clock.seconds()
+        source = self._current(key) or Source()
+        source.strikes = min(source.strikes + 1, self.max_strikes)
+        source.last = now
+        added = min(self.cap, self.step * 2 ** min(source.strikes - 1, 62))
+        source.until = min(max(source.until, now) + added, now + self.cap)
+        self.sources[key] = source
+        self.sources.move_to_end(key)
+        self._trim(now)
+        return source.until - now
+
+    def refused(self, key: str, interval: float) -> int:
+        """Count a connection of ``key`` refused for its penalty.
+
+        Returns how many refusals to report now (this one and those not
+        reported yet), at most once per ``interval`` seconds; else 0."""
+        source = self.sources.get(key)
+        if source is None:
+            return 0
+        source.refused += 1
+        now = self.clock.seconds()
+        if now - source.reported < interval:
+            return 0
+        count, source.refused, source.reported = source.refused, 0, now
+        return count
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def _current(self, key: str) -> Source | None:
+        """``key``'s entry with what time forgave taken off (dropped if nothing is left)."""
+        source = self.sources.get(key)
+        if source is None:
+            return None
+        now = self.clock.seconds()
+        forgiven = int((now - source.last) // self.cap)
+        if forgiven > 0:
+            source.strikes = max(0, source.strikes - forgiven)
+            source.last += forgiven * self.cap
+            if not source.strikes and source.until <= now:
+                del self.sources[key]
+                return None
+        return source
+
+    def _trim(self, now: float) -> None:
+        """Forget sources that time forgave entirely, oldest first; keep at most max_sources."""
+        while self.sources:
+            oldest_key, oldest = next(iter(self.sources.items()))
+            over = len(self.sources) > self.max_sources
+            if not over and not (oldest.until <= now
+                                 and now - oldest.last >= oldest.strikes * self.cap):
+                break
+            del self.sources[oldest_key]
