@@ -25,9 +25,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cmdserver.auth.gate import refused_because
 from cmdserver.auth.portal import ANONYMOUS, Account, IAccount, policy_for
 from cmdserver.auth.tokens import TokenCredentials, secret_method
-from cmdserver.commands.account import LOGIN_FAILED, PASSWORD, TOO_MANY_FAILURES
+from cmdserver.commands.account import LOGIN_FAILED, LOGIN_REFUSED, PASSWORD, TOO_MANY_FAILURES
 from cmdserver.commands.base import Context
 from cmdserver.core import INTERNAL_ERROR, LOGIN_REQUIRED
 from cmdserver.doors.http import DOOR
@@ -103,7 +104,9 @@ def authenticate(channel: HTTPChannel, request: Any) -> Login | Deferred:
         raise HTTPError(TOO_MANY, TOO_MANY_FAILURES, close=True)
     credentials, user, method, token_id = parse_authorization(header[0])
     door = channel.door
-    d = door.portal.login(credentials, None, IAccount)
+    # Through the login gate every door shares: penalties per source address, one
+    # check in flight per connection, bcrypt in its own pool.
+    d = door.core.gate.login(channel.session, door.portal, credentials, None, IAccount)
 
     def succeeded(result: tuple[Any, Account, Any]) -> Login:
         _, account, _ = result
@@ -129,6 +132,11 @@ def authenticate(channel: HTTPChannel, request: Any) -> Login | Deferred:
             return Failure(HTTPError(INTERNAL, INTERNAL_ERROR))
         channel.login_failures += 1
         closing = channel.login_failures >= MAX_FAILURES
+        refused = refused_because(failure)
+        if refused is not None and not closing:  # the gate refused it unchecked
+            door.core.login(channel.session, user, method, "refused", refused,
+                            token=token_id)
+            return Failure(HTTPError(TOO_MANY, f"{LOGIN_REFUSED}: {refused}"))
         door.core.login(channel.session, user, method, "failed",
                         reason or (TOO_MANY_FAILURES if closing else LOGIN_FAILED),
                         token=token_id)

@@ -43,6 +43,8 @@ class HTTPServer(RunningService):
             args += ["--line", "none"]
         if "--http" not in args:
             args += ["--http", "tcp:0:interface=127.0.0.1"]
+        if "--login-penalty" not in args:  # tests log in wrongly on purpose, many times
+            args += ["--login-penalty", "0.01", "--login-penalty-max", "0.05"]
         super().__init__(tmp, *args, "--bcrypt-cost", "4", "--log-source", self.log_file)
         with open(os.path.join(self.data_dir, "initial-admin-password")) as f:
             self.password = f.read().strip()
