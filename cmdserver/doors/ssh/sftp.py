@@ -77,6 +77,7 @@ if TYPE_CHECKING:
 log = Logger()
 
 DOOR = "sftp"
+V3_LAST_STATUS = filetransfer.FX_OP_UNSUPPORTED  # 8: the last status code SFTP v3 defines
 
 
 @implementer(ISFTPServer)
@@ -321,6 +322,15 @@ class JailedFileTransferServer(filetransfer.FileTransferServer):
         self._unanswered: Counter[bytes] = Counter()  # request id -> requests
         self._waiting: list[Deferred] = []
         self._dispatching = False
+
+    def _sendStatus(self, requestId: bytes, code: int, message: bytes,
+                    lang: bytes = b"") -> None:
+        # The session speaks SFTP version 3 (conch's), which defines status codes
+        # 0 to 8: a later version's code (FILE_ALREADY_EXISTS, 11) reads as
+        # "Unknown status" in a v3 client such as OpenSSH's; its message says it all.
+        if code > V3_LAST_STATUS:
+            code = FX_FAILURE
+        super()._sendStatus(requestId, code, message, lang)
 
     def requests_answered(self) -> Deferred:
         """A Deferred that fires once every request received so far is answered."""

@@ -15,6 +15,7 @@ from typing import Any, cast
 from twisted.conch.ssh import common, connection
 from twisted.conch.ssh.filetransfer import (
     FX_BAD_MESSAGE,
+    FX_FAILURE,
     FX_OK,
     FXF_CREAT,
     FXF_READ,
@@ -29,6 +30,7 @@ from twisted.conch.ssh.filetransfer import (
     FXP_LSTAT,
     FXP_OPEN,
     FXP_READ,
+    FXP_RENAME,
     FXP_STATUS,
     FXP_VERSION,
     FXP_WRITE,
@@ -249,3 +251,16 @@ class SFTPSessionTest(OutsideTreeTempMixin, unittest.TestCase):
         self.threads.finish_newest_first()
         self.assertEqual(sorted(os.listdir(self.root)), ["big.bin"])
         self.assertNotIn(("exit-status", 0), self.channel_events())
+
+    def test_only_version_3_status_codes(self) -> None:
+        # Renaming onto an existing name: "file exists", as FX_FAILURE (4), not
+        # FILE_ALREADY_EXISTS (11), which v3 clients show as "Unknown status".
+        with open(os.path.join(self.root, "other.bin"), "wb") as f:
+            f.write(b"x")
+        request_id = self.request(FXP_RENAME, common.NS(b"big.bin") + common.NS(b"other.bin"))
+        self.threads.finish_newest_first()
+        [(kind, answered, payload)] = [r for r in self.replies() if r[1] == request_id]
+        self.assertEqual((kind, answered), (FXP_STATUS, request_id))
+        code = struct.unpack("!L", payload[:4])[0]
+        self.assertEqual(code, FX_FAILURE)
+        self.assertIn(b"file exists", common.getNS(payload[4:])[0])
