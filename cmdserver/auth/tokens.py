@@ -13,7 +13,6 @@ it expires or is revoked; revoking it ends the sessions it opened.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import json
@@ -32,7 +31,12 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface, implementer
 
-from cmdserver.auth.users import LOCK_FILE, CredentialError, check_name, write_atomically
+from cmdserver.auth.users import (
+    CredentialError,
+    check_name,
+    credentials_lock,
+    write_atomically,
+)
 
 TOKENS_FILE = "tokens"
 PREFIX = "cmdserver_"
@@ -167,18 +171,12 @@ class TokenStore:
     @contextmanager
     def locked(self) -> Iterator[dict[str, TokenRecord]]:
         """Read-modify-write under the data directory's credentials lock."""
-        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.data_dir, LOCK_FILE),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with credentials_lock(self.data_dir):
             records = self.load()
             before = dict(records)
             yield records
             if records != before:
                 self.save(records)
-        finally:
-            os.close(fd)
 
     def add(self, user: str, name: str = "", lifetime: float | None = None) -> tuple[str, str]:
         """A new token for ``user``: ``(id, token)``; the token is not kept."""

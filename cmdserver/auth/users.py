@@ -182,6 +182,19 @@ def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
 
 
 @contextmanager
+def credentials_lock(data_dir: str) -> Iterator[None]:
+    """The data directory's credentials lock (users, keys, tokens), held exclusively:
+    the ``cmdserver`` subcommands' read-modify-write of a file never interleave."""
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(data_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def _ignore_missing() -> Iterator[None]:
     try:
         yield
@@ -254,18 +267,12 @@ class UserStore:
     @contextmanager
     def locked(self) -> Iterator[dict[str, UserRecord]]:
         """Read-modify-write under an exclusive lock; the dict is saved if the block succeeds."""
-        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.data_dir, LOCK_FILE),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with credentials_lock(self.data_dir):
             users = self.load()
             before = dict(users)
             yield users
             if users != before:
                 self.save(users)
-        finally:
-            os.close(fd)
 
     def load_keys(self, names: set[str] | None = None) -> dict[str, list[keys.Key]]:
         """Every user's public keys; a broken key file is an error naming it."""
