@@ -228,7 +228,9 @@ def test_pipelined_ssh_password_requests(daemon: Daemon) -> None:
         time.sleep(1.0)
     latency = prober.check()
     figures = resources.check()
-    assert seen["closed by the server"], seen
+    # The server hangs up after the third refusal, often before the client has
+    # written all 400: what it wrote was pipelined all the same.
+    assert seen["closed by the server"] and seen["sent"] > 3, seen
     assert figures["penalties"] <= 1 and figures["logins_refused"] == 3, figures
     report("ssh-pipeline", seen=seen, latency=latency, **figures)
 
