@@ -49,16 +49,21 @@ NONE = "none"
 LINE_AUTH_MODES = ("required", "optional", "off")
 
 
-def positive_int(value: Any) -> int:
+def whole_number(value: Any, minimum: int, what: str) -> int:
+    """``value`` as an int of at least ``minimum`` (``what`` names the range in errors)."""
     if isinstance(value, bool | float):
         raise ValueError(f"{value!r} is not a whole number")
     try:
         number = int(value)
     except ValueError:
         raise ValueError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise ValueError(f"{value!r} is not a positive whole number")
+    if number < minimum:
+        raise ValueError(f"{value!r} is not {what}")
     return number
+
+
+def positive_int(value: Any) -> int:
+    return whole_number(value, 1, "a positive whole number")
 
 
 def non_negative_number(value: Any) -> float:
@@ -92,15 +97,7 @@ def poll_interval(value: Any) -> float:
 
 def non_negative_int(value: Any) -> int:
     """A whole number >= 0 (0 turns a limit off)."""
-    if isinstance(value, bool | float):
-        raise ValueError(f"{value!r} is not a whole number")
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a whole number") from None
-    if number < 0:
-        raise ValueError(f"{value!r} is not a whole number >= 0")
-    return number
+    return whole_number(value, 0, "a whole number >= 0")
 
 
 def positive_number(value: Any) -> float:
