@@ -135,23 +135,7 @@ class LineDoorEndToEnd(ServiceCase):
 
     @defer.inlineCallbacks
     def test_disconnect_kills_the_running_tail(self):
-        fifo = os.path.join(self.tmp, "fifo")
-        os.mkfifo(fifo)  # tail blocks opening it: a command that never ends on its own
-        lastlog = self.server.service.core.registry.get("lastlog")
-        assert isinstance(lastlog, LastLog)
-        lastlog.source = type(lastlog.source)(fifo)
-
-        def tails():
-            found = []
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        if fifo.encode() in f.read():
-                            found.append(pid)
-                except OSError:
-                    pass
-            return found
-
+        _, tails = self.fifo_log()  # tail blocks on it: a command that never ends alone
         c = yield in_thread(self.client)
         yield in_thread(c.read_line)
         yield in_thread(c.send, b"lastlog\n")
@@ -160,7 +144,6 @@ class LineDoorEndToEnd(ServiceCase):
         yield self.wait_for(lambda: not tails())
         yield self.wait_for(lambda: self.server.service.core.stats.in_flight == 0)
 
-
     def fifo_log(self) -> tuple[str, Callable[[], list[str]]]:
         """lastlog reads a FIFO: tail blocks until the test writes to it."""
         fifo = os.path.join(self.tmp, "fifo")
@@ -168,7 +151,7 @@ class LineDoorEndToEnd(ServiceCase):
         lastlog = cast(LastLog, self.server.service.core.registry.get("lastlog"))
         lastlog.source = type(lastlog.source)(fifo)
 
-        def tails():
+        def tails() -> list[str]:
             found = []
             for pid in filter(str.isdigit, os.listdir("/proc")):
                 try:

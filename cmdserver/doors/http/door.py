@@ -58,7 +58,7 @@ from cmdserver.doors.http.errors import (
     status_of,
 )
 from cmdserver.doors.http.login import Login, authenticate
-from cmdserver.doors.limits import format_peer
+from cmdserver.doors.limits import TOO_MANY_CONNECTIONS, format_peer
 from cmdserver.sessions import Session
 
 log = Logger()
@@ -68,10 +68,16 @@ MAX_BODY = 1 << 20  # bytes of a command's or an XML-RPC call's body
 EARLY_CLOSE = 5.0  # seconds a refused upload's sender may go on sending before we hang up
 JSON = b"application/json"
 COMMON_HEADERS = ((b"Cache-Control", b"no-store"), (b"X-Content-Type-Options", b"nosniff"))
-REFUSAL_BODY = encode({"error": "too many connections"})
-REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-           b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-           % (len(REFUSAL_BODY), REFUSAL_BODY))
+
+
+def refusal(reason: str) -> bytes:
+    """The whole answer a connection refused in the connection limits reads: 503
+    for too many connections, 429 for an address the login gate penalises."""
+    status = (b"503 Service Unavailable" if reason == TOO_MANY_CONNECTIONS
+              else b"429 Too Many Requests")
+    body = encode({"error": reason})
+    return (b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (status, len(body), body))
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -508,7 +514,7 @@ def build(env: Any, endpoint: str) -> Any:
              names="any" if names is None else ", ".join(sorted(names)) +
              (" and any IP address" if any_address else ""),
              public=", /metrics without login" if settings.metrics_public else "")
-    return Door(HTTPSite(door), REFUSAL)
+    return Door(HTTPSite(door), refusal)
 
 
 def deferred_answer(request: Any, d: Deferred, on_value: Callable[[Any], tuple[int, Any]],

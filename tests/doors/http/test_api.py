@@ -255,3 +255,35 @@ class APITests(OutsideTreeTempMixin, unittest.TestCase):
         answer = yield self.server.command("ping")  # a new connection: the token is gone
         self.assertEqual(answer.status, 401)
 
+
+    @defer.inlineCallbacks
+    def test_a_penalised_address_is_refused_by_the_login_gate(self) -> Any:
+        # The gate every door shares: an address penalised for a failure on any door
+        # gets its HTTP logins refused without a check, and its new connections
+        # refused before any work.
+        server = HTTPServer(self.mktemp(), "--login-penalty", "30", "--login-penalty-max", "60")
+        yield server.start()
+        self.addCleanup(server.stop)
+        conn = server.connection()
+        self.addCleanup(conn.close)
+        yield server.call("GET", "/healthz", connection=conn)  # connected, no login yet
+        gate = server.service.core.gate
+        key = gate.penalties.key("127.0.0.1")
+        assert key is not None
+        gate.penalties.failure(key)  # a failure on another door, say
+        checks: list[str] = []
+        real = server.credentials.check_password
+
+        def counted(name: str, *args: Any) -> Any:
+            checks.append(name)
+            return real(name, *args)
+
+        self.patch(server.credentials, "check_password", counted)
+        answer = yield server.command("ping", headers=server.basic(), connection=conn)
+        self.assertEqual(answer.status, 429)
+        self.assertTrue(answer.json["error"].startswith("login refused: "), answer.json)
+        self.assertEqual(checks, [])  # no bcrypt for a refused login
+        got = yield server.raw(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        # A new connection: refused in the connection limits, before the door exists.
+        self.assertTrue(got.startswith(b"HTTP/1.1 429 "), got)
+        self.assertIn(b"Too many failed logins from your address", got)

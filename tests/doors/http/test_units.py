@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 from twisted.cred.credentials import UsernamePassword
 
 from cmdserver.auth.tokens import TokenCredentials
-from cmdserver.doors.http.door import REFUSAL, host_names, split_host
+from cmdserver.doors.http.door import host_names, refusal, split_host
 from cmdserver.doors.http.errors import HTTPError, status_of
 from cmdserver.doors.http.files import byte_range
 from cmdserver.doors.http.login import parse_authorization
+from cmdserver.doors.limits import TOO_MANY_CONNECTIONS
 from cmdserver.errors import (
     CommandError,
     Conflict,
@@ -83,6 +85,10 @@ def test_statuses():
 
 
 def test_a_refused_connection_gets_an_http_answer():
-    head, _, body = REFUSAL.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 503 ")
-    assert f"Content-Length: {len(body)}".encode() in head
+    for reason, status in ((TOO_MANY_CONNECTIONS, b"503"),
+                           ("Too many failed logins from your address; try again in 3 s",
+                            b"429")):
+        head, _, body = refusal(reason).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 " + status + b" ")
+        assert f"Content-Length: {len(body)}".encode() in head
+        assert json.loads(body) == {"error": reason}
