@@ -15,7 +15,6 @@ of an upload), then lines resume.
 from __future__ import annotations
 
 import socket
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -77,29 +76,38 @@ class LineProtocol(LineReceiver, TimeoutMixin):
     door = "line"
     transport: IStreamTransport  # set in makeConnection, before any other callback
 
+    # State a connection rarely changes starts on the class: an instance gets its
+    # own value only once it changes, so an idle connection stays small.
+    ctx: Context | None = None
+    _running: Deferred | None = None  # the command being run
+    _draining = False
+    _write_paused = False
+    _reading = True
+    _closing = False
+    _connected = False
+    _eof = False  # the client closed its sending side (nc -N, shutdown(SHUT_WR))
+    _shutting_down = False  # the daemon is stopping: replies are no longer written
+    _peer_login: Callable[[Context, Any], None] | None = None
+    _raw: Any = None  # the consumer of raw bytes (an upload), if any
+    _raw_paused = False
+    _yielding = False  # reading stopped until the next turn
+    _out_producer: Any = None  # the running command's output source (a child)
+    _probe: PeerProbe | None = None  # is a client that sent a FIN still there?
+
     def __init__(self, core: CommandCore, settings: LineSettings) -> None:
         self.core = core
         self.settings = settings
         self.MAX_LENGTH = settings.max_line
-        self.ctx: Context | None = None
-        self._queue: deque[bytes] = deque()
-        self._running: Deferred | None = None
-        self._draining = False
-        self._write_paused = False
-        self._reading = True
-        self._closing = False
-        self._connected = False
-        self._eof = False  # the client closed its sending side (nc -N, shutdown(SHUT_WR))
-        self._shutting_down = False  # the daemon is stopping: replies are no longer written
-        self._peer_login: Callable[[Context, Any], None] | None = None
-        self._raw: Any = None  # the consumer of raw bytes (an upload), if any
-        self._raw_paused = False
+        # Lines waiting for the running command: at most QUEUE_HIGH, so a list.
+        self._queue: list[bytes] = []
+        # Set by every read, so set here: CPython shares one key table among a class's
+        # instances only for names its first instances set; a name first set after
+        # many connections opened gives each instance a dictionary of its own.
         self._batch: list[bytes] | None = None  # output gathered during one dataReceived
         self._batch_size = 0
         self._turn_lines = 0  # lines taken since this reactor turn began
-        self._yielding = False  # reading stopped until the next turn
-        self._out_producer: Any = None  # the running command's output source (a child)
-        self._probe: PeerProbe | None = None  # is a client that sent a FIN still there?
+        self._buffer = b""  # LineReceiver's
+        self._busyReceiving = False  # LineReceiver's
 
     # -- connection life --------------------------------------------------
 
@@ -359,7 +367,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         try:
             while (self._queue and self._running is None and not self._write_paused
                    and not self._closing and self._raw is None):
-                self._handle(self._queue.popleft())
+                self._handle(self._queue.pop(0))
         finally:
             self._draining = False
         self._update_reading()
