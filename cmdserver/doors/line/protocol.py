@@ -29,7 +29,6 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from cmdserver import __version__
 from cmdserver.auth.tls import handshake_failure
 from cmdserver.commands.base import Context
 from cmdserver.commands.upload.stream import direct_reads, widen_reads
@@ -64,7 +63,7 @@ TOO_MANY = refusal(TOO_MANY_CONNECTIONS)
 class LineSettings:
     max_line: int = 4096
     idle_timeout: float = 300
-    greeting: str = f"cmdserver {__version__} ready; type 'help' for the commands."
+    greeting: str = ""  # a line sent on connect, before any reply (--greeting); none if empty
     login: str = "off"  # "required", "optional" or "off" (see docs/security.md)
     # Called once, before the first command, with (ctx, transport): TLS client-cert login.
     peer_login: Callable[[Context, Any], None] | None = None
@@ -555,7 +554,8 @@ def build(env: Any, endpoint: str) -> Any:
     from cmdserver.doors.line.login import line_door_login
 
     options = env.options
-    settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"])
+    settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"],
+                            greeting=options["greeting"] or "")
     settings, made = line_door_login(settings, endpoint, options["line-auth"],
                                      options["tls-client-ca"], env.credentials, env.reactor)
     return Door(LineFactory(env.core, settings), refusal, made)
