@@ -40,6 +40,7 @@ from cmdserver.text import escape
 
 if TYPE_CHECKING:
     from cmdserver.doors.ssh.sftp import JailedSFTPServer
+    from cmdserver.doors.ssh.sftp_paths import Place
     from cmdserver.jail import TempFile
 
 log = Logger()
@@ -165,9 +166,9 @@ class _OpenFile:
 class ReadFile(_OpenFile):
     """A jailed file opened for ``get``."""
 
-    def __init__(self, server: JailedSFTPServer, fd: int, name: bytes) -> None:
+    def __init__(self, server: JailedSFTPServer, fd: int, place: Place) -> None:
         super().__init__(server, fd)
-        self.name = name
+        self.place = place
 
     def readChunk(self, offset: int, length: int) -> Deferred:
         fd = self.fd
@@ -188,7 +189,7 @@ class ReadFile(_OpenFile):
             return defer.succeed(None)
         fd, self.fd = self.fd, None
         self._release()
-        self.server._audit("get", [self.name], "ok", None, self.started, {"bytes": self.moved})
+        self.server._audit("get", [self.place], "ok", None, self.started, {"bytes": self.moved})
         return self._in_turn(lambda: os.close(fd))
 
 
@@ -208,7 +209,7 @@ class UploadFile(_OpenFile):
     """
 
     def __init__(self, server: JailedSFTPServer, temp: TempFile, exclusive: bool,
-                 name: bytes, base: int | None = None) -> None:
+                 place: Place, base: int | None = None) -> None:
         super().__init__(server, temp.fd)
         self.base = base  # until its bytes are copied in or cut off
         self.base_size = os.fstat(base).st_size if base is not None else 0
@@ -217,7 +218,7 @@ class UploadFile(_OpenFile):
         self.temp = temp
         self.mode = FILE_MODE  # an FSETSTAT may narrow it before close
         self.exclusive = exclusive
-        self.name = name
+        self.place = place
         self.times: tuple[int, int] | None = None
         self.failed: str | None = None  # why a write failed: the upload is discarded
 
@@ -241,7 +242,7 @@ class UploadFile(_OpenFile):
             self.failed = e.message
             raise
         except OSError as e:
-            error = os_error(e, os.fsdecode(self.name))
+            error = os_error(e, self.place.shown)
             self.failed = error.message
             raise error from None
         if self.base is not None:
@@ -318,7 +319,7 @@ class UploadFile(_OpenFile):
             try:
                 os.ftruncate(fd, self.end)
             except OSError as e:
-                error = os_error(e, os.fsdecode(self.name))
+                error = os_error(e, self.place.shown)
                 self.failed = error.message  # what is left of the file may be in it
                 raise error from None
         if "permissions" in attrs:
@@ -336,10 +337,10 @@ class UploadFile(_OpenFile):
         server = self.server
 
         def audit_ok(_: Any) -> None:
-            server._audit("put", [self.name], "ok", None, self.started, {"bytes": self.moved})
+            server._audit("put", [self.place], "ok", None, self.started, {"bytes": self.moved})
 
         def audit_error(f: Failure) -> Failure:
-            server._audit("put", [self.name], "error", f.getErrorMessage(), self.started,
+            server._audit("put", [self.place], "error", f.getErrorMessage(), self.started,
                           {"bytes": self.moved})
             return f
 
@@ -361,7 +362,7 @@ class UploadFile(_OpenFile):
             temp.publish(replace=not self.exclusive)  # exclusive: fails if the name appeared
         except OSError as e:
             temp.discard()
-            raise os_error(e, os.fsdecode(self.name)) from None
+            raise os_error(e, self.place.shown) from None
 
     def abort(self) -> Deferred:
         """The session ended before close: drop the temporary file."""
@@ -375,8 +376,8 @@ class UploadFile(_OpenFile):
             self.temp.discard()
 
         log.info("sftp: upload of {name} abandoned, temporary file removed",
-                 name=escape(self.name))
-        self.server._audit("put", [self.name], "error", "the session ended before the upload "
+                 name=escape(self.place.shown))
+        self.server._audit("put", [self.place], "error", "the session ended before the upload "
                            "was closed", self.started, {"bytes": self.moved})
         return self._in_turn(drop)
 
