@@ -124,3 +124,26 @@ class SeveralRootsTest(OpenSSHSFTPBase):
         self.assertEqual(os.listdir(self.roots[0]), ["f1.txt"])
         self.assertEqual(err.count("Permission denied"), 6, err)
         self.assertNotIn(self.tmp, (out + err).replace(self.local(""), "LOCAL/"))
+
+
+class ExtensionsTest(OpenSSHSFTPBase):
+    """OpenSSH's extensions as its sftp uses them: df (statvfs), rename onto an
+    existing name (posix-rename), put -f (fsync), ln (hardlink: not served)."""
+
+    @defer.inlineCallbacks
+    def test_df_rename_fsync_and_no_hard_links(self) -> Any:
+        yield self.serve()
+        old = self.local("old.txt", b"old\n")
+        new = self.local("new.txt", b"new\n")
+        out, err, status = yield self.batch(
+            "df", "df /", f"put {old} a.txt", f"put -f {new} b.txt", "rename b.txt a.txt",
+            "-ln a.txt hard.txt")
+        self.assertEqual(status, 0, err)
+        self.assertEqual(sorted(os.listdir(self.root)), ["a.txt"])
+        self.assertEqual(self.served("a.txt"), b"new\n")
+        st = os.statvfs(self.root)
+        sizes = [line.split() for line in out.splitlines() if line.strip().endswith("%")]
+        self.assertEqual(len(sizes), 2, out)
+        for size in sizes:  # in KiB, as OpenSSH's df prints them
+            self.assertEqual(int(size[0]), st.f_frsize * st.f_blocks // 1024)
+        self.assertIn("does not support hardlink@openssh.com", err)

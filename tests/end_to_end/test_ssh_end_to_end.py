@@ -669,6 +669,25 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
             self.assertEqual(got.read(), payload)
         self.assertEqual(sorted(os.listdir(self.root)), ["notes.txt"])
 
+    @defer.inlineCallbacks
+    def test_sftp_posix_rename_replaces(self) -> Any:
+        def session(sftp: paramiko.SFTPClient) -> tuple[str, list[str]]:
+            sftp.putfo(io.BytesIO(b"old"), "a.txt")
+            sftp.putfo(io.BytesIO(b"new"), "b.txt")
+            try:
+                sftp.rename("b.txt", "a.txt")  # SFTP v3: refused onto an existing name
+                refused = ""
+            except OSError as e:
+                refused = str(e)
+            sftp.posix_rename("b.txt", "a.txt")  # posix-rename@openssh.com
+            return refused, sorted(sftp.listdir("/"))
+
+        refused, names = yield self.sftp(session)
+        self.assertIn("file exists: a.txt", refused)
+        self.assertEqual(names, ["a.txt", "notes.txt"])
+        with open(os.path.join(self.root, "a.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"new")
+
     def test_sftp_ends_at_eof_after_an_env_request(self) -> defer.Deferred:
         # OpenSSH's sftp sends LANG first (SendEnv), then ends the session by EOF.
         def run() -> tuple[bool, list[str], bool]:

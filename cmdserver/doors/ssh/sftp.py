@@ -16,6 +16,10 @@ the session dies first.  Uploads obey the upload engine's rules:
 ``--max-upload`` and the free space on the disk.  A session holds at most
 ``--sftp-max-handles`` open files and directories.
 
+OpenSSH's extensions ``posix-rename@openssh.com``, ``statvfs@openssh.com``,
+``fstatvfs@openssh.com``, ``fsync@openssh.com`` and ``limits@openssh.com`` are
+served; ``hardlink@openssh.com`` is refused (and not advertised).
+
 Operations are audited through the core (:meth:`CommandCore.audit_operation`),
 in the SSH connection's session: ``get`` and ``put`` when the file is closed
 (with the bytes read or written), ``ls``, ``rm``, ``rename``, ``mkdir`` and
@@ -28,6 +32,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -35,11 +40,13 @@ from typing import TYPE_CHECKING, Any
 from twisted.conch.interfaces import ISFTPServer
 from twisted.conch.ls import lsLine
 from twisted.conch.ssh import filetransfer
+from twisted.conch.ssh.common import getNS
 from twisted.conch.ssh.filetransfer import (
     FX_BAD_MESSAGE,
     FX_FAILURE,
     FX_FILE_ALREADY_EXISTS,
     FX_NO_SUCH_FILE,
+    FX_OP_UNSUPPORTED,
     FX_PERMISSION_DENIED,
     FXF_APPEND,
     FXF_CREAT,
@@ -65,6 +72,9 @@ from zope.interface import implementer
 from cmdserver.commands.base import Context
 from cmdserver.doors.ssh.sftp_files import (
     MAX_DIR_MODE,
+    MAX_PACKET,
+    MAX_READ,
+    MAX_WRITE,
     DirectoryListing,
     ReadFile,
     UploadFile,
@@ -85,7 +95,19 @@ log = Logger()
 DOOR = "sftp"
 V3_LAST_STATUS = filetransfer.FX_OP_UNSUPPORTED  # 8: the last status code SFTP v3 defines
 
+# OpenSSH's extensions this server speaks, with their versions (OpenSSH's PROTOCOL).
+# hardlink@openssh.com is not among them: a client that asks anyway is refused.
+EXTENSIONS = {
+    b"posix-rename@openssh.com": b"1",
+    b"statvfs@openssh.com": b"2",
+    b"fstatvfs@openssh.com": b"2",
+    b"fsync@openssh.com": b"1",
+    b"limits@openssh.com": b"1",
+}
+STATVFS_ST_RDONLY = 0x1  # the f_flag bits of the statvfs reply
+STATVFS_ST_NOSUID = 0x2
 VIRTUAL_ROOT_READ_ONLY = "/ only lists the roots and cannot be changed"
+NO_HARD_LINKS = "hard links are not allowed in the jail"
 
 
 @implementer(ISFTPServer)
@@ -226,7 +248,7 @@ class JailedSFTPServer:
     # -- ISFTPServer ---------------------------------------------------------
 
     def gotVersion(self, otherVersion: int, extData: dict) -> dict:
-        return {}
+        return dict(EXTENSIONS)
 
     def realPath(self, path: bytes) -> Deferred:
         place = self.place(path)
@@ -359,12 +381,19 @@ class JailedSFTPServer:
         return self._audited("rm", self._run("rm", remove, place), place)
 
     def renameFile(self, oldpath: bytes, newpath: bytes) -> Deferred:
-        old, new = self.place(oldpath), self.place(newpath)
+        return self._rename(self.place(oldpath), self.place(newpath), replace=False)
 
+    def posix_rename(self, oldpath: bytes, newpath: bytes) -> Deferred:
+        """``posix-rename@openssh.com``: a rename that replaces an existing name, as
+        rename(2) does; the same checks and the same audit record as a rename."""
+        return self._rename(self.place(oldpath), self.place(newpath), replace=True)
+
+    def _rename(self, old: Place, new: Place, replace: bool) -> Deferred:
         def rename() -> None:
             with self._entry(old) as source, self._entry(new) as target:
                 try:
-                    source.rename_to(target)  # SFTP v3: renaming onto an existing name fails
+                    # SFTP v3: renaming onto an existing name fails; POSIX replaces it.
+                    source.rename_to(target, replace=replace)
                 except FileExistsError:
                     raise SFTPError(FX_FILE_ALREADY_EXISTS,
                                     f"file exists: {new.shown}") from None
@@ -422,7 +451,30 @@ class JailedSFTPServer:
     def makeLink(self, linkPath: bytes, targetPath: bytes) -> Deferred:
         return defer.fail(unsupported("symlink"))
 
+    def statvfs(self, path: bytes) -> Deferred:
+        """``statvfs@openssh.com``: the filesystem ``path`` lies on, through the
+        descriptor the jail resolves it to."""
+        place = self.place(path)
+
+        def look() -> bytes:
+            if place.in_virtual_root:
+                if place.rel:
+                    raise self._missing(place)
+                raise SFTPError(FX_FAILURE, "/ is on no filesystem: it lists the roots; "
+                                            "ask about a path inside one of them")
+            with self.jail.node(place.jail) as node:
+                return statvfs_reply(os.fstatvfs(node.fd))
+
+        return self._run("statvfs", look, place)
+
+    def limits(self) -> bytes:
+        """``limits@openssh.com``: the longest packet this server reads, the longest
+        read it answers and write it takes, and the session's cap on handles."""
+        return struct.pack("!4Q", MAX_PACKET, MAX_READ, MAX_WRITE, self.max_handles)
+
     def extendedRequest(self, extendedName: bytes, extendedData: bytes) -> Deferred:
+        if extendedName == b"hardlink@openssh.com":
+            return defer.fail(SFTPError(FX_OP_UNSUPPORTED, NO_HARD_LINKS))
         return defer.fail(unsupported(f"extension {_text(extendedName)}"))
 
     def _audited(self, action: str, d: Deferred, *places: Place) -> Deferred:
@@ -442,9 +494,20 @@ class JailedSFTPServer:
         return d.addBoth(done)
 
 
+def statvfs_reply(st: os.statvfs_result) -> bytes:
+    """The reply to ``statvfs@openssh.com`` and ``fstatvfs@openssh.com`` (OpenSSH's
+    PROTOCOL, 4.4): eleven uint64."""
+    flag = ((STATVFS_ST_RDONLY if st.f_flag & os.ST_RDONLY else 0)
+            | (STATVFS_ST_NOSUID if st.f_flag & os.ST_NOSUID else 0))
+    return struct.pack("!11Q", st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail,
+                       st.f_files, st.f_ffree, st.f_favail, st.f_fsid & (2**64 - 1), flag,
+                       st.f_namemax)
+
+
 class JailedFileTransferServer(filetransfer.FileTransferServer):
-    """Conch's SFTP protocol, except that a lost session aborts open uploads and
-    that it knows which requests are not answered yet.
+    """Conch's SFTP protocol, except that a lost session aborts open uploads, that
+    it knows which requests are not answered yet, that it serves OpenSSH's
+    extensions, and that a packet longer than :data:`MAX_PACKET` ends the session.
 
     The session ends at the client's EOF, but only once every request received
     before it is answered (:meth:`requests_answered`): a client may send its
@@ -453,9 +516,27 @@ class JailedFileTransferServer(filetransfer.FileTransferServer):
 
     def __init__(self, server: JailedSFTPServer) -> None:
         super().__init__(avatar=server)
+        self.server = server
         self._unanswered: Counter[bytes] = Counter()  # request id -> requests
         self._waiting: list[Deferred] = []
         self._dispatching = False
+        self._severed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._severed:
+            return
+        super().dataReceived(data)
+        if len(self.buf) >= 4:
+            (length,) = struct.unpack("!L", self.buf[:4])
+            if length > MAX_PACKET:
+                # OpenSSH's sftp-server does the same: limits@openssh.com says so.
+                self._severed = True
+                self.buf = b""
+                log.info("sftp: {user}@{peer} sent a packet of {length} bytes (the limit "
+                         "is {limit}): session closed", user=self.server.ctx.user,
+                         peer=self.server.ctx.peer, length=length, limit=MAX_PACKET)
+                if self.transport is not None:
+                    self.transport.loseConnection()
 
     def _sendStatus(self, requestId: bytes, code: int, message: bytes,
                     lang: bytes = b"") -> None:
@@ -465,6 +546,54 @@ class JailedFileTransferServer(filetransfer.FileTransferServer):
         if code > V3_LAST_STATUS:
             code = FX_FAILURE
         super()._sendStatus(requestId, code, message, lang)
+
+    # -- OpenSSH's extensions ---------------------------------------------------
+
+    def packet_EXTENDED(self, data: bytes) -> None:
+        """An extension request.  conch answers whatever the server returns as an
+        EXTENDED_REPLY; the extensions that answer a STATUS are handled here."""
+        request_id = data[:4]
+        name, payload = getNS(data[4:])
+        if name == b"posix-rename@openssh.com":
+            old, rest = getNS(payload)
+            new, _ = getNS(rest)
+            self._status(self.server.posix_rename(old, new), request_id, name)
+        elif name == b"fsync@openssh.com":
+            handle, _ = getNS(payload)
+            self._status(self._on_file(handle, "fsync"), request_id, name)
+        elif name == b"statvfs@openssh.com":
+            path, _ = getNS(payload)
+            self._reply(self.server.statvfs(path), request_id, name)
+        elif name == b"fstatvfs@openssh.com":
+            handle, _ = getNS(payload)
+            self._reply(self._on_file(handle, "statvfs"), request_id, name)
+        elif name == b"limits@openssh.com":
+            self._reply(defer.succeed(self.server.limits()), request_id, name)
+        else:  # hardlink@openssh.com and the unknown: refused
+            super().packet_EXTENDED(data)
+
+    def _on_file(self, handle: bytes, operation: str) -> Deferred:
+        """Run ``fsync`` or ``statvfs`` on an open file, in turn after the requests
+        on it before this one."""
+        open_file = self.openFiles.get(handle)
+        if not isinstance(open_file, (ReadFile, UploadFile)):
+            if handle in self.openDirs:
+                return defer.fail(SFTPError(FX_FAILURE, f"{operation} needs an open file, "
+                                                        f"not a directory listing"))
+            return defer.fail(SFTPError(FX_FAILURE, "invalid handle"))
+        if operation == "fsync":
+            return open_file.fsync()
+        return open_file.statvfs().addCallback(statvfs_reply)
+
+    def _status(self, d: Deferred, request_id: bytes, name: bytes) -> None:
+        d.addCallback(self._cbStatus, request_id)
+        d.addErrback(self._ebStatus, request_id, b"extended " + name + b" failed")
+
+    def _reply(self, d: Deferred, request_id: bytes, name: bytes) -> None:
+        d.addCallback(self._cbExtended, request_id)
+        d.addErrback(self._ebStatus, request_id, b"extended " + name + b" failed")
+
+    # -- answering every request ------------------------------------------------
 
     def requests_answered(self) -> Deferred:
         """A Deferred that fires once every request received so far is answered."""
@@ -518,7 +647,8 @@ class JailedFileTransferServer(filetransfer.FileTransferServer):
 
 
 def _counted(name: str) -> Callable[..., None]:
-    handler = getattr(filetransfer.FileTransferServer, name)
+    handler = (JailedFileTransferServer.__dict__.get(name)
+               or getattr(filetransfer.FileTransferServer, name))
 
     def handle(self: JailedFileTransferServer, data: bytes, *args: Any) -> None:
         self._dispatch(handler, data, *args)

@@ -45,7 +45,11 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-MAX_READ = 256 * 1024  # bytes per read request; clients ask for 32 KiB anyway
+# The bounds limits@openssh.com announces, as OpenSSH's sftp-server has them: a
+# longer packet ends the session; a read is answered with at most MAX_READ bytes.
+MAX_PACKET = 256 * 1024
+MAX_READ = MAX_PACKET - 1024  # room for the DATA reply's header
+MAX_WRITE = MAX_PACKET - 1024  # room for the WRITE request's header and handle
 FILE_MODE = 0o600  # every file SFTP creates, whatever mode the client asks for
 MAX_DIR_MODE = 0o755  # the most a directory may be given (mkdir's default)
 
@@ -160,6 +164,14 @@ class _OpenFile:
         fd = self.fd
         # _op refuses a closed file (fd None) before the lambda can run.
         return self._op(lambda: stat_attrs(os.fstat(cast(int, fd))))
+
+    def fsync(self) -> Deferred:
+        """``fsync@openssh.com``: in turn, after the writes before it."""
+        return self._op(os.fsync, self.fd)
+
+    def statvfs(self) -> Deferred:
+        """``fstatvfs@openssh.com``: the filesystem the file is on."""
+        return self._op(os.fstatvfs, self.fd)
 
 
 @implementer(ISFTPFile)

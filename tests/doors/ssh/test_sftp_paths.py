@@ -165,6 +165,7 @@ class SeveralRootsTest(OutsideTreeTempMixin, unittest.TestCase):
         # The roots themselves: not removed, renamed or replaced.
         for d in (self.server.removeFile(b"/root1"), self.server.removeDirectory(b"/root2"),
                   self.server.renameFile(b"/root2", b"/root1/moved"),
+                  self.server.posix_rename(b"/root1/sub", b"/root2"),
                   self.server.makeDirectory(b"/root1", {})):
             error = self.error(d)
             self.assertEqual(error.code, FX_PERMISSION_DENIED)
@@ -224,6 +225,7 @@ class NoServerPathTest(SFTPServerTestBase):
             server.makeDirectory(b"sub", {}),
             server.getAttrs(b"/nosuch/x", True),
             server.setAttrs(b"/", {"permissions": 0o700}),
+            server.statvfs(b"/out"),
         ]
         messages = [self.error(d).message for d in attempts]
         for message in messages:
