@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from tests.end_to_end.support import RunningService
 from tests.end_to_end.test_ssh_deployed import SFTP, DeployedSSHBase
+from tests.helpers import capture_audit
 
 
 class OpenSSHSFTPBase(DeployedSSHBase):
@@ -147,3 +148,59 @@ class ExtensionsTest(OpenSSHSFTPBase):
         for size in sizes:  # in KiB, as OpenSSH's df prints them
             self.assertEqual(int(size[0]), st.f_frsize * st.f_blocks // 1024)
         self.assertIn("does not support hardlink@openssh.com", err)
+
+
+class ResumeUploadTest(OpenSSHSFTPBase):
+    """reput and put -a: the remote file is appended to, within the upload rules,
+    and replaced whole on close."""
+
+    max_upload = "1048576"
+
+    def build(self) -> RunningService:
+        return RunningService(self.tmp, "--line", "none", "--ssh", "tcp:0:interface=127.0.0.1",
+                              "--bcrypt-cost", "4", "--max-upload", self.max_upload)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.audit = capture_audit(self)
+
+    def audited_puts(self) -> list[tuple[str, dict | None, str]]:
+        return [(r["args"]["path"], r.get("result"), r["outcome"]) for r in self.audit
+                if r["event"] == "file" and r["command"] == "put"]
+
+    @defer.inlineCallbacks
+    def test_reput_and_put_a_append_the_rest(self) -> Any:
+        yield self.serve()
+        payload = os.urandom(700_000)
+        local = self.local("big.bin", payload)
+        with open(os.path.join(self.root, "big.bin"), "wb") as f:
+            f.write(payload[:300_000])  # what a cut transfer left
+        with open(os.path.join(self.root, "other.bin"), "wb") as f:
+            f.write(payload[:1])
+        out, err, status = yield self.batch(f"reput {local} big.bin",
+                                            f"put -a {local} other.bin", "ls -l")
+        self.assertEqual((err, status), ("", 0))
+        self.assertEqual(self.served("big.bin"), payload)
+        self.assertEqual(self.served("other.bin"), payload)
+        self.assertEqual(sorted(os.listdir(self.root)), ["big.bin", "other.bin"])
+        self.assertEqual(self.audited_puts(), [("big.bin", {"bytes": 400_000}, "ok"),
+                                               ("other.bin", {"bytes": 699_999}, "ok")])
+
+    @defer.inlineCallbacks
+    def test_past_the_upload_limit_it_fails_and_leaves_the_file(self) -> Any:
+        yield self.serve()
+        payload = os.urandom(1_100_000)
+        local = self.local("big.bin", payload)
+        with open(os.path.join(self.root, "big.bin"), "wb") as f:
+            f.write(payload[:1_000_000])
+        out, err, status = yield self.batch(f"reput {local} big.bin")
+        self.assertEqual(status, 1)
+        self.assertIn("big.bin", err)
+        self.assertEqual(self.served("big.bin"), payload[:1_000_000])
+        self.assertEqual(os.listdir(self.root), ["big.bin"])
+        [(path, _, outcome)] = self.audited_puts()
+        self.assertEqual((path, outcome), ("big.bin", "error"))
+        # OpenSSH's sftp shows only the status ("Failure"); the message says why.
+        [record] = [r for r in self.audit if r.get("command") == "put"]
+        self.assertIn("upload too large: 1100000 bytes (the limit is 1048576 bytes)",
+                      record["error"])

@@ -322,8 +322,8 @@ class JailedSFTPServer:
     def openFile(self, filename: bytes, flags: int, attrs: dict) -> Deferred:
         place = self.place(filename)
         if flags & (FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC):
-            if flags & (FXF_READ | FXF_APPEND):
-                return defer.fail(unsupported("reading and appending to an upload"))
+            if flags & FXF_READ:
+                return defer.fail(unsupported("reading and writing one open file"))
             return self._open_handle(
                 "put", lambda: self._open_upload(place, flags), place)
         return self._open_handle("get", lambda: self._open_read(place), place)
@@ -347,8 +347,9 @@ class JailedSFTPServer:
                 raise SFTPError(FX_NO_SUCH_FILE, f"no such file: {shown}")
             replaced = None
             if st is not None and not flags & FXF_TRUNC:
-                # Written into without truncating (OpenSSH's scp does): the upload
-                # starts as the file's content and still replaces it whole on close.
+                # Written into without truncating (OpenSSH's scp does) or appended
+                # to (its sftp's reput): the upload starts as the file's content
+                # and still replaces it whole on close.
                 replaced = self._open_replaced(entry)
             try:
                 temp = entry.create_temp(self.run_id)
@@ -359,7 +360,7 @@ class JailedSFTPServer:
         # The mode the client asks for (OpenSSH's sftp sends the local file's) is
         # ignored: an uploaded file is 0600, as with the upload command.
         return UploadFile(self, temp, exclusive=bool(flags & FXF_EXCL), place=place,
-                          base=replaced)
+                          base=replaced, append=bool(flags & FXF_APPEND))
 
     @staticmethod
     def _open_replaced(entry: Entry) -> int:

@@ -7,9 +7,12 @@ the target directory (unnamed where the filesystem allows) that
 :meth:`UploadFile.close` fsyncs and links into place, and
 :meth:`UploadFile.abort` drops when the session ends first.  Writes past
 ``--max-upload`` or past the free space on the disk fail and discard the
-upload.  A file is audited (``get``, ``put``) when it is closed or abandoned,
-with the bytes read or written.  Each open file or listing counts against the
-session's cap on handles until it is closed.
+upload.  An upload opened to append (OpenSSH's ``reput``, ``put -a``) starts as
+the file it appends to and writes each chunk at its end; it too replaces the
+file whole on close, within the same limits.  A file is audited (``get``,
+``put``) when it is closed or abandoned, with the bytes read or written.  Each
+open file or listing counts against the session's cap on handles until it is
+closed.
 """
 
 from __future__ import annotations
@@ -217,11 +220,13 @@ class UploadFile(_OpenFile):
     that), the upload starts as that file's content: ``base`` is the file, and
     the bytes the client does not write come from it.  They are copied only
     when needed: not at all when the client writes from the start and then
-    sets the size it wrote, as ``scp`` does.
+    sets the size it wrote, as ``scp`` does.  Opened to ``append``, every write
+    lands at the end of the upload, whatever its offset says (OpenSSH's
+    ``reput`` sends the offsets from the file's size, which is that end).
     """
 
     def __init__(self, server: JailedSFTPServer, temp: TempFile, exclusive: bool,
-                 place: Place, base: int | None = None) -> None:
+                 place: Place, base: int | None = None, append: bool = False) -> None:
         super().__init__(server, temp.fd)
         self.base = base  # until its bytes are copied in or cut off
         self.base_size = os.fstat(base).st_size if base is not None else 0
@@ -230,6 +235,7 @@ class UploadFile(_OpenFile):
         self.temp = temp
         self.mode = FILE_MODE  # an FSETSTAT may narrow it before close
         self.exclusive = exclusive
+        self.append = append
         self.place = place
         self.times: tuple[int, int] | None = None
         self.failed: str | None = None  # why a write failed: the upload is discarded
@@ -245,6 +251,8 @@ class UploadFile(_OpenFile):
     def _write(self, fd: int, data: bytes, offset: int) -> None:
         if self.failed is not None:
             raise SFTPError(FX_FAILURE, f"an earlier write failed ({self.failed})")
+        if self.append:
+            offset = self._size(fd)
         try:
             self._check_room(fd, offset + len(data))
             if self.base is not None and offset > self.prefix:

@@ -219,8 +219,8 @@ class SFTPJailTest(SFTPServerTestBase):
         d = self.server.openFile(b"a.txt", FXF_WRITE | FXF_CREAT | FXF_EXCL, {})
         self.assertEqual(self.error(d).code, FX_FILE_ALREADY_EXISTS)
 
-    def test_read_write_and_append_refused(self) -> None:
-        for flags in (FXF_READ | PUT, FXF_WRITE | FXF_APPEND, FXF_WRITE | FXF_CREAT | FXF_APPEND):
+    def test_read_write_refused(self) -> None:
+        for flags in (FXF_READ | PUT, FXF_READ | FXF_WRITE, FXF_READ | FXF_APPEND):
             self.assertEqual(self.error(self.server.openFile(b"a.txt", flags, {})).code,
                              FX_OP_UNSUPPORTED)
         self.assertEqual(self.temps(), [])
@@ -488,7 +488,66 @@ class SFTPWriteIntoTest(SFTPServerTestBase):
         self.assertEqual(self.content(), b"alpha")
 
 
+class SFTPAppendTest(SFTPServerTestBase):
+    """Opened to append (OpenSSH's reput and put -a): the upload starts as the file,
+    each write lands at its end, and it replaces the file whole on close."""
+
+    APPEND = FXF_WRITE | FXF_CREAT | FXF_APPEND
+
+    def content(self, name: str = "a.txt") -> bytes:
+        with open(self.path(name), "rb") as f:
+            return f.read()
+
+    def test_writes_land_at_the_end(self) -> None:
+        before = os.stat(self.path("a.txt")).st_ino
+        upload = self.put(b"a.txt", b" beta", flags=self.APPEND)  # at 0: still at the end
+        self.successResultOf(upload.writeChunk(10, b" gamma"))  # reput's offsets: the end
+        self.assertEqual(self.content(), b"alpha")  # nothing visible before close
+        self.successResultOf(upload.close())
+        self.assertEqual(self.content(), b"alpha beta gamma")
+        self.assertNotEqual(os.stat(self.path("a.txt")).st_ino, before)  # replaced whole
+        self.assertEqual(self.temps(), [])
+        os.symlink("a.txt", self.path("link"))  # never appended to through a symlink
+        self.assertEqual(self.error(self.server.openFile(b"link", self.APPEND, {})).code,
+                         FX_OP_UNSUPPORTED)
+        self.assertEqual(self.content(), b"alpha beta gamma")
+
+    def test_a_new_file(self) -> None:
+        self.successResultOf(self.put(b"new.txt", b"new", flags=self.APPEND).close())
+        self.assertEqual(self.content("new.txt"), b"new")
+
+    def test_the_whole_file_counts_against_the_limit(self) -> None:
+        self.server.max_upload = 8
+        upload = self.put(b"a.txt", b"123", flags=self.APPEND)  # 5 + 3: fits
+        error = self.error(upload.writeChunk(8, b"4"))
+        self.assertEqual(error.message, "upload too large: 9 bytes (the limit is 8 bytes)")
+        self.assertIn("upload discarded", self.error(upload.close()).message)
+        self.assertEqual(self.content(), b"alpha")
+        self.assertEqual(self.temps(), [])
+
+    def test_and_against_the_free_space(self) -> None:
+        with open(self.path("a.txt"), "wb") as f:
+            f.write(b"x" * 4096)
+        real = os.fstatvfs
+
+        def nearly_full(fd: int) -> Any:
+            st = real(fd)
+            return os.statvfs_result((st.f_bsize, 1024, st.f_blocks, 4, 4, *st[5:]))
+
+        self.patch(os, "fstatvfs", nearly_full)
+        upload = self.successResultOf(self.server.openFile(b"a.txt", self.APPEND, {}))
+        error = self.error(upload.writeChunk(4096, b"y"))
+        self.assertEqual(error.message, "not enough disk space: 4097 bytes needed, "
+                                        "4096 available")
+        self.error(upload.close())
+        self.assertEqual(self.content(), b"x" * 4096)
+
+
 class SFTPJailNamedTempTest(SFTPJailTest):
+    named_temps = True
+
+
+class SFTPAppendNamedTempTest(SFTPAppendTest):
     named_temps = True
 
 
