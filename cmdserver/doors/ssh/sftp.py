@@ -273,9 +273,9 @@ class JailedSFTPServer:
                 if place.rel:
                     raise self._missing(place)
                 return self._virtual_root_attrs()
-            jail_path = place.jail
-            return stat_attrs(self.jail.stat(jail_path) if followLinks
-                              else self.jail.lstat(jail_path))
+            if followLinks:
+                return stat_attrs(self.jail.stat(place.jail))
+            return stat_attrs(self._link_sized(place, self.jail.lstat(place.jail)))
 
         return self._run("stat", stat_path, place)
 
@@ -301,12 +301,32 @@ class JailedSFTPServer:
                     raise self._missing(place)
                 found = self._roots_listing()
             else:
-                found = self.jail.scan_dir(place.jail)
+                found = [(name, self._link_sized(self.view.place(f"{place.virtual}/{name}"), st))
+                         for name, st in self.jail.scan_dir(place.jail)]
             entries = [(os.fsencode(name), lsLine(name, st).encode("utf-8", "replace"),
                         stat_attrs(st)) for name, st in found]
             return DirectoryListing(entries, self)
 
         return self._open_handle("ls", listing, place)
+
+    def _link_sized(self, place: Place, st: os.stat_result) -> os.stat_result:
+        """``st``, but for a symlink the size of its target as the client sees it
+        (0 if it is not shown): a symlink's size is its target's length, and the
+        length of a server path is not told either."""
+        if not stat.S_ISLNK(st.st_mode):
+            return st
+        try:
+            shown = self.view.link_target(self._read_link(place), place)
+        except (OSError, CommandError, SFTPError):
+            shown = None
+        size = len(os.fsencode(shown)) if shown is not None else 0
+        fields = tuple(st)
+        return os.stat_result((*fields[:6], size, *fields[7:]))
+
+    def _read_link(self, place: Place) -> str:
+        """The target of the symlink ``place`` names, as it is on disk."""
+        with self._entry(place) as entry:
+            return os.readlink(entry.name, dir_fd=entry.dir_fd)
 
     def _roots_listing(self) -> list[tuple[str, os.stat_result]]:
         """The virtual ``/`` of several roots: each root by its name (a root that
@@ -431,16 +451,13 @@ class JailedSFTPServer:
             if place.in_virtual_root and place.rel:
                 raise self._missing(place)
             try:
-                entry = self._entry(place)
+                target = self._read_link(place)
             except (RootProtected, SFTPError):  # a root, or the virtual /
                 raise not_a_link from None
-            with entry:
-                try:
-                    target = os.readlink(entry.name, dir_fd=entry.dir_fd)
-                except OSError as e:
-                    if e.errno == errno.EINVAL:
-                        raise not_a_link from None
-                    raise
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    raise not_a_link from None
+                raise
             shown = self.view.link_target(target, place)
             if shown is None:
                 raise SFTPError(FX_PERMISSION_DENIED,

@@ -292,3 +292,19 @@ class ReadLinkTest(SFTPServerTestBase):
                               (b"missing", "no such file or directory: missing")):
             error = self.failureResultOf(self.server.readLink(path), SFTPError).value
             self.assertEqual(error.message, message)
+
+    def test_a_symlinks_size_is_that_of_the_target_shown(self) -> None:
+        # A symlink's size is its target's length: not a server path's length either.
+        os.makedirs(self.path("d"))
+        self.link(self.path("d"), "abs")
+        self.link(self.outside, "out")
+        self.link("a.txt", "rel")
+        listing = self.successResultOf(self.server.openDirectory(b"/"))
+        sizes = {name.decode(): attrs["size"] for name, _, attrs in listing}
+        self.assertEqual(sizes, {"a.txt": 5, "abs": len("/d"), "out": 0, "rel": len("a.txt"),
+                                 "d": os.stat(self.path("d")).st_size})
+        for name, size in (("abs", 2), ("out", 0), ("rel", 5)):
+            attrs = self.successResultOf(self.server.getAttrs(name.encode(), False))
+            self.assertEqual(attrs["size"], size, name)
+        self.assertEqual(self.successResultOf(self.server.getAttrs(b"abs", True))["size"],
+                         os.stat(self.path("d")).st_size)
