@@ -57,7 +57,6 @@ class LineDoorTests(unittest.SynchronousTestCase):
 
     def connect(self, host: str = "10.1.2.3"):
         protocol = LineFactory(self.core, self.settings).buildProtocol(None)
-        self.patch(protocol, "callLater", self.clock.callLater)
         transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
         protocol.makeConnection(transport)
         return protocol, transport
