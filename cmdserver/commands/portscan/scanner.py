@@ -6,7 +6,7 @@ bookkeeping, and a full 1-65535 scan takes several times as long as nmap's
 (docs/benchmarks.md has the figures).
 Here a :class:`Scan` is one Deferred for the whole scan and a *pump*:
 
-- each reactor turn it starts up to :data:`BATCH` connects on raw non-blocking
+- each reactor turn it starts connects for up to :data:`TURN_SECONDS` on raw non-blocking
   sockets, never more than ``concurrency`` of its own (and the shared
   :class:`ConnectBudget`) in flight;
 - right after ``connect()`` says "in progress" it asks again: on loopback the
@@ -33,6 +33,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Iterable
+from time import perf_counter
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -43,9 +44,13 @@ from zope.interface import implementer
 from cmdserver.errors import CommandError
 from cmdserver.policy import ConnectBudget
 
-# Connects started per reactor turn: ~3 ms of work on loopback, so other
-# clients are served between batches while the per-turn overhead stays small.
-BATCH = 256
+# A reactor turn starts connects for at most TURN_SECONDS (looking at the clock
+# every CLOCK_EVERY connects), and at most BATCH of them: other clients wait at
+# most about that long for their turn (bench/responsive.py), while the per-turn
+# overhead stays small against the turn (bench/portscan).
+TURN_SECONDS = 0.001
+CLOCK_EVERY = 16
+BATCH = 512
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK})
@@ -162,15 +167,22 @@ class Scan:
         return (self.address, port)
 
     def _pump_batch(self) -> None:
-        """Start up to BATCH connects; most settle right here (the hot loop)."""
+        """Start connects for one turn (TURN_SECONDS, BATCH at most); most settle
+        right here (the hot loop)."""
         pending, budget, ports = self._pending, self.budget, self._ports
         family, new_socket, sockaddr = self.family, self._new_socket, self._sockaddr
         concurrency, reuse = self.concurrency, self.reuse_refused
         blocked_by_budget = False
         started = 0
+        turn_ends = perf_counter() + TURN_SECONDS
+        turn_over = False
         spare = None  # a socket whose connect was refused, ready for the next port
         try:
-            while started < BATCH:
+            while True:
+                if started % CLOCK_EVERY == 0 and started and (
+                        started == BATCH or perf_counter() > turn_ends):
+                    turn_over = True
+                    break
                 if len(pending) >= concurrency:
                     break
                 if budget.in_flight >= budget.limit:
@@ -216,8 +228,8 @@ class Scan:
                 self._finish()
         elif blocked_by_budget:
             budget.wait(self)
-        elif started == BATCH:
-            self._schedule()  # yield to the reactor, go on next turn
+        elif turn_over:
+            self._schedule()  # the turn's time is up: yield to the reactor, go on next turn
         # else: our own bound is full; a settling probe reschedules the pump.
 
     def _settled(self, sock: Any, port: int, err: int) -> None:

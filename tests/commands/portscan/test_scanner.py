@@ -11,6 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from cmdserver.commands.portscan import scanner
 from cmdserver.commands.portscan.scanner import BATCH, ConnectBudget, Scan, ScanError
 from tests.helpers.fakenet import FakeNetwork
 
@@ -121,6 +122,26 @@ class FastPathTests(ScanTestsMixin, TestCase):
             self.assertEqual(len(net.connects), turn * BATCH)
             self.assertEqual(net.open_sockets(), [])
         self.turn()
+        self.assertEqual(self.successResultOf(d), [])
+
+    def test_a_turn_ends_when_its_time_is_up(self) -> None:
+        """A turn whose connects are slow (a loaded machine) ends after TURN_SECONDS,
+        looking at the clock every CLOCK_EVERY connects, and the scan goes on."""
+        now = [100.0]
+
+        def clock() -> float:  # each look at the clock finds 0.4 ms more gone
+            now[0] += 0.0004
+            return now[0]
+
+        self.patch(scanner, "perf_counter", clock)
+        self.assertEqual(scanner.TURN_SECONDS, 0.001)
+        net = FakeNetwork()
+        d = self.scan(net, range(1, 201)).start()
+        self.turn()  # looks at 16 (0.4 ms), 32 (0.8), 48 (1.2 ms: over)
+        self.assertEqual(len(net.connects), 3 * scanner.CLOCK_EVERY)
+        for _ in range(4):
+            self.turn()
+        self.assertEqual(len(net.connects), 200)
         self.assertEqual(self.successResultOf(d), [])
 
     def test_no_ports(self) -> None:
