@@ -19,11 +19,14 @@ how many threads are really busy.
 
 The threads are started when needed and end after ``IDLE_TIMEOUT`` seconds
 without work; they are daemon threads, so a stopping daemon does not wait for
-a hash it has already cancelled.
+a hash it has already cancelled.  They run at a lower CPU priority than the
+reactor's thread (:func:`background`): on a busy machine the reactor, which
+answers every client, gets the CPU first.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections import deque
@@ -119,8 +122,30 @@ class Threads:
                             return
 
 
+BACKGROUND_NICE = 10  # how much nicer than the reactor's thread a worker thread is
+
+
+def lower_priority(by: int = BACKGROUND_NICE) -> None:
+    """Make the calling thread nicer by ``by`` (Linux keeps a nice value per
+    thread, and anyone may raise their own); elsewhere, nothing."""
+    try:
+        tid = threading.get_native_id()
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, now + by))
+    except (AttributeError, OSError):
+        pass
+
+
+def background(target: Callable[[], None]) -> Callable[[], None]:
+    """``target`` for a thread of its own, run at a lower priority than the reactor's."""
+    def run() -> None:
+        lower_priority()
+        target()
+    return run
+
+
 def _start_daemon_thread(target: Callable[[], None], name: str) -> None:
-    threading.Thread(target=target, name=name, daemon=True).start()
+    threading.Thread(target=background(target), name=name, daemon=True).start()
 
 
 class _Job:

@@ -3,6 +3,7 @@ across addresses, cancelled work that never starts, a thread that cannot start."
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -11,12 +12,13 @@ from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from cmdserver.auth.credentials import HashPool
 from cmdserver.commands.base import ListSink
 from cmdserver.commands.files import ComputeHash
 from cmdserver.core import CommandCore
 from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
-from cmdserver.workers import NO_THREAD, FairPool, Threads, address_of
+from cmdserver.workers import BACKGROUND_NICE, NO_THREAD, FairPool, Threads, address_of
 from tests.helpers import ProcessReactor, make_context
 
 
@@ -185,6 +187,36 @@ class RealThreadsTests(unittest.TestCase):
                 break
             threading.Event().wait(0.01)
         self.assertEqual(threads.live, 0)
+
+
+def own_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+class PriorityTests(unittest.TestCase):
+    """Worker and bcrypt threads run nicer than the reactor's thread, so that on a
+    busy machine the thread that answers every client gets the CPU first."""
+
+    def test_worker_threads_are_nicer_than_the_caller(self) -> None:
+        threads = Threads(idle_timeout=0.05)
+        done = threading.Event()
+        seen: list[int] = []
+
+        def report(ok: bool, result: Any) -> None:
+            seen.append(result)
+            done.set()
+
+        threads.run(own_nice, report)
+        self.assertTrue(done.wait(10))
+        self.assertEqual(seen, [min(19, own_nice() + BACKGROUND_NICE)])
+
+    def test_bcrypt_threads_are_nicer_than_the_reactor(self) -> Any:
+        pool = HashPool(size=1)
+        self.addCleanup(pool.stopService)
+        mine = own_nice()
+        d = pool.run(own_nice)
+        d.addCallback(self.assertEqual, min(19, mine + BACKGROUND_NICE))
+        return d
 
 
 class CoreInThreadTests(unittest.SynchronousTestCase):

@@ -46,6 +46,7 @@ from cmdserver.auth.users import (
     UserStore,
     verify_password,
 )
+from cmdserver.workers import background
 
 log = Logger()
 
@@ -344,8 +345,10 @@ class HashPool(Service):
             self.pool.stop()
 
 
-def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
-    return threading.Thread(*args, daemon=True, **kwargs)
+def _daemon_thread(target: Callable[[], None], name: str | None = None) -> threading.Thread:
+    """A bcrypt thread: a daemon thread, nicer than the reactor's (a login flood
+    then slows logins, not every client's answers)."""
+    return threading.Thread(target=background(target), name=name, daemon=True)
 
 
 @implementer(IAuthorizedKeysDB)
