@@ -151,6 +151,22 @@ class ServiceTests(unittest.TestCase):
                 self.assertEqual(f.read(), data)
 
     @inlineCallbacks
+    def test_cli_mac_the_server_does_not_take_is_refused_never_replaced(self):
+        from dataclasses import replace
+
+        self.assertEqual(self.uploads.settings.macs, ("hmac-sha256", "blake2b"))
+        self.uploads.settings = replace(self.uploads.settings, macs=("hmac-sha256",))
+        src = os.path.join(self.base, "f.txt")
+        with open(src, "wb") as f:
+            f.write(b"some content\n")
+        out, err, code = yield self.cli("upload", src, "--mac", "blake2b", "--port",
+                                        str(self.port), "--key-file",
+                                        os.path.join(self.data, "hmac.key"))
+        self.assertEqual((code, out, err), (1, "", "Error: MAC blake2b is not accepted here "
+                                                   "(this server accepts: hmac-sha256)\n"))
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
     def test_cli_refused_outside_the_jail(self):
         src = os.path.join(self.base, "f.txt")
         with open(src, "wb") as f:

@@ -114,6 +114,18 @@ def flag(value: Any) -> bool:
     return value
 
 
+def mac_names(value: Any) -> tuple[str, ...]:
+    """The MAC algorithms uploads may use: ``hmac-sha256,blake2b`` (or a TOML list)."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{value!r} is not a list of MAC names")
+    chosen = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+    unknown = [n for n in chosen if n not in ALGORITHMS]
+    if unknown or not chosen:
+        raise ValueError(f"{value!r}: give one or more of {', '.join(ALGORITHMS)}")
+    return chosen
+
+
 # usage.Options reads a coerce function's coerceDoc attribute for --help.
 byte_size.coerceDoc = "Bytes; K, M, G, T suffixes are powers of 1024."  # type: ignore[attr-defined]
 
