@@ -91,7 +91,8 @@ class UploadCommand(Command):
         # A door may stream bytes on some channels only (SSH: exec, not the shell):
         # it says why not before anything is created.
         unavailable = getattr(ctx.session, "raw_input_unavailable", None)
-        reason = unavailable(self.usage) if unavailable is not None else None
+        words = " ".join([self.name, *(p.shown for p in self.params if not p.flag)])
+        reason = unavailable(words) if unavailable is not None else None
         if reason is not None:
             raise CommandError(reason)
 
