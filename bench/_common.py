@@ -160,6 +160,20 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def greeting_lines(port: int, wait: float = 0.5) -> int:
+    """Lines a server sends on connect before any command: none from cmdserver's line
+    door unless it runs with ``--greeting``, one from an older tree's."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.settimeout(wait)
+        data = b""
+        try:
+            while chunk := s.recv(4096):
+                data += chunk
+        except TimeoutError:
+            pass
+    return data.count(b"\n")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ class Client(asyncio.Protocol):
         self.window = args.window
         self.chunk = args.chunk
         self.payload = (args.command.encode() + b"\n") * args.chunk
-        self.skip = args.greeting  # greeting lines before the first reply
+        self.skip = args.greeting  # lines the server sends on connect, before any reply
         self.ready = ready
         self.done = done
         self.latencies = latencies
@@ -112,7 +112,9 @@ def main() -> None:
     p.add_argument("--window", type=int, default=100, help="lines in flight per connection")
     p.add_argument("--chunk", type=int, default=25, help="lines per write")
     p.add_argument("--command", default="ping")
-    p.add_argument("--greeting", type=int, default=0, help="greeting lines to skip")
+    p.add_argument("--greeting", type=int, default=0,
+                   help="lines the server sends on connect, to skip (cmdserver: none "
+                        "unless it runs with --greeting)")
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-from _common import HERE, PYTHON, Daemon, cpu_seconds, raise_nofile
+from _common import HERE, PYTHON, Daemon, cpu_seconds, greeting_lines, raise_nofile
 
 CONNECTIONS = (1, 10, 100, 1000)
 
@@ -102,7 +102,8 @@ def main() -> None:
         try:
             for name, daemon in daemons.items():
                 daemon.start()
-                servers[name] = (daemon.port, 1, daemon.pid)
+                # None by default; a --compare tree from before --greeting greets.
+                servers[name] = (daemon.port, greeting_lines(daemon.port), daemon.pid)
             for c in args.connections:
                 for _ in range(args.repeat):
                     for name, (port, greeting, pid) in servers.items():

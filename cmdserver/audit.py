@@ -51,7 +51,7 @@ REFUSED = "refused"  # connections refused before any work (a penalised address)
 FLUSH_DELAY = 0.01  # seconds a line may wait for its batch
 FLUSH_LINES = 512  # a batch this long is written at once
 CHECK_INTERVAL = 1.0  # seconds between checks that the path still names the open file
-STRING_CACHE = 4096  # encoded short strings kept (user names, peers, commands)
+STRING_CACHE = 512  # encoded short strings and record heads kept (a few per busy session)
 STRING_CACHED_LEN = 128  # longer strings (odd input) are encoded every time
 
 _encode = json.JSONEncoder(default=str).encode

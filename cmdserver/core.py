@@ -137,14 +137,13 @@ class CommandCore:
 
     # -- sessions: what the doors report --------------------------------------
 
-    def open_session(self, door: str, peer: str,
-                     disconnect: Callable[[], object] | None = None) -> Session:
+    def open_session(self, door: str, peer: str, transport: Any = None) -> Session:
         """A connection started on ``door`` from ``peer``: its session, audited
         (``session-start``, as ``anonymous``: no one has logged in yet).
-        ``disconnect`` closes the connection, when the core must end it (its API
-        token was revoked)."""
+        ``transport`` is the connection's: the core closes it (``loseConnection``)
+        when it must end the session (its API token was revoked)."""
         session = Session(self._session_ids(), door, peer, self._seconds(),
-                          disconnect=disconnect)
+                          transport=transport)
         self.sessions[session.id] = session
         audit_publisher.record(session.id, SESSION_START, ANONYMOUS, peer, door, None, {},
                                "ok", 0.0, None)
@@ -217,11 +216,11 @@ class CommandCore:
     def end_token_sessions(self, token_ids: set[str]) -> None:
         """API tokens were revoked: end every session that logged in with one."""
         for session in list(self.sessions.values()):
-            if session.token in token_ids and session.disconnect is not None:
+            if session.token in token_ids and session.transport is not None:
                 log.info("{door}: ending session {session} of {user}: its token was revoked",
                          door=session.door, session=session.id, user=session.user)
                 self.close_session(session, "token revoked")
-                session.disconnect()
+                session.transport.loseConnection()
 
     def audit_refusal(self, door: str, peer: str, reason: str,
                       result: dict[str, Any] | None = None) -> None:

@@ -17,8 +17,8 @@ picked out by the prefix.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cmdserver.auth.portal import ANONYMOUS
 
@@ -39,7 +39,7 @@ class Session:
     running: int = 0  # commands still running (the core's per-connection limit)
     closed: bool = False
     token: str | None = None  # the id of the API token it logged in with
-    disconnect: Callable[[], object] | None = None  # how the core may end it (revocation)
+    transport: Any = None  # the connection's, which the core closes to end it (revocation)
 
 
 class SessionIds:

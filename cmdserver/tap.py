@@ -85,6 +85,18 @@ def line_auth_mode(value: Any) -> str:
     return value
 
 
+def greeting_text(value: Any) -> str:
+    """One line of printable text: a newline would split it, a control or format
+    character (ESC, bidi overrides) would act on the client's terminal."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    for i, c in enumerate(value):
+        if not c.isprintable():
+            raise ValueError(f"{value!r} is not one line of printable text "
+                             f"({c!r} at character {i + 1})")
+    return value
+
+
 def bcrypt_cost(value: Any) -> int:
     cost = positive_int(value)
     if not 4 <= cost <= 31:
@@ -117,6 +129,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     "max-per-ip": (10, positive_int),
     "idle-timeout": (300.0, non_negative_number),
     "max-line": (4096, positive_int),
+    "greeting": (None, greeting_text),
     "log-source": (None, str),
     "audit-log": (None, str),
     # credentials, login and TLS (docs/security.md)
@@ -180,6 +193,8 @@ class Options(usage.Options):
         ["idle-timeout", None, None, "Seconds of silence before a client is disconnected; "
          "0 turns it off. [default: 300]"],
         ["max-line", None, None, "Longest command line accepted, in bytes. [default: 4096]"],
+        ["greeting", None, None, "A line the line doors send on connect, before any reply; "
+         "one line of printable text. [default: none]"],
         ["log-source", None, None, "What lastlog reads: a log file, or 'journal'. [default: "
          "/var/log/syslog, /var/log/messages, the journal, else the audit log]"],
         ["audit-log", None, None, "File for the JSON-lines audit log, or 'none'. "

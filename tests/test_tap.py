@@ -239,3 +239,56 @@ def test_login_gate_bad_values(argv, message):
     with pytest.raises(usage.UsageError) as e:
         parse(*argv)
     assert message in str(e.value)
+
+
+def line_greetings(service: CmdServerService) -> list[str]:
+    return [d.factory.wrappedFactory.settings.greeting for d in service.doors
+            if d.door == "line"]
+
+
+def test_no_greeting_unless_given(tmp_path):
+    options = parse("--data-dir", str(tmp_path / "a"), "--line", "tcp:0:interface=127.0.0.1",
+                    "--ssh", "none", "--pb", "none", "--http", "none")
+    assert options["greeting"] is None
+    assert line_greetings(tap.makeService(options)) == [""]
+
+
+def test_greeting_reaches_every_line_door(tmp_path):
+    text = "cmdserver on build-7 \u00e9t\u00e9 \u2014 type 'help'"
+    options = parse("--data-dir", str(tmp_path / "b"), "--line", "tcp:0:interface=127.0.0.1",
+                    "--line", f"unix:{tmp_path}/s", "--greeting", text,
+                    "--pb", "none", "--http", "none", "--ssh", "tcp:0:interface=127.0.0.1")
+    service = tap.makeService(options)
+    assert line_greetings(service) == [text, text]
+    # The SSH shell keeps its own greeting.
+    [ssh] = [d for d in service.doors if d.door == "ssh"]
+    assert ssh.factory.wrappedFactory.settings.greeting.startswith("cmdserver ")
+
+
+def test_greeting_in_toml_and_an_empty_one_wins(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('greeting = "hello from the file"\n')
+    assert parse("--config", str(config))["greeting"] == "hello from the file"
+    assert parse("--config", str(config), "--greeting", "")["greeting"] == ""
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("two\nlines", r"'\n' at character 4"),
+    ("ready\r", r"'\r' at character 6"),
+    ("\x1b[2Jready", r"'\x1b' at character 1"),
+    ("tab\there", r"'\t' at character 4"),
+    ("evil \u202egnp", r"'\u202e' at character 6"),
+    ("c1 \x9b2J", r"'\x9b' at character 4"),
+])
+def test_a_greeting_must_be_one_printable_line(text, shown):
+    with pytest.raises(usage.UsageError) as e:
+        parse("--greeting", text)
+    assert str(e.value) == f"--greeting: {text!r} is not one line of printable text ({shown})"
+
+
+def test_a_greeting_in_toml_must_be_text(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("greeting = 5\n")
+    with pytest.raises(usage.UsageError) as e:
+        parse("--config", str(config))
+    assert str(e.value) == f"{config}: greeting: 5 is not a string"

@@ -32,7 +32,7 @@ CHUNK = 1 << 20
 SEND_STEP = 8 << 20  # bytes per sendfile call between progress updates
 DEFAULT_PORT = 9999
 KEY_ENV = "CMDSERVER_HMAC_KEY"
-MAX_PREAMBLE_LINES = 20  # greeting lines tolerated before "Ready" or an error
+MAX_PREAMBLE_LINES = 20  # lines tolerated before "Ready" or an error (a greeting, a login's)
 
 
 class UploadFailed(Exception):  # noqa: N818  (a client outcome, printed as is)
@@ -153,7 +153,7 @@ def upload(path: str, name: str, key: bytes, host: str = "127.0.0.1",
             if login is not None:  # pipelined: the upload line waits for the login
                 sock.sendall(f"login {shlex.join(login)}\n".encode())
             sock.sendall(f"upload {shlex.quote(name)} {size} {given}{options}\n".encode())
-            wait_ready(reader)
+            wait_ready(reader, size)
             t2 = time.monotonic()
             bar = Progress("sending", size, stderr)
             if mac_first:
@@ -198,11 +198,13 @@ def read_line(reader: IO[bytes]) -> str:
     return raw.decode("utf-8", "replace").rstrip("\r\n")
 
 
-def wait_ready(reader: IO[bytes]) -> None:
-    """Skip the greeting; stop at ``Ready for`` or fail with the server's error."""
+def wait_ready(reader: IO[bytes], size: int) -> None:
+    """Skip what comes first (the door's greeting if it sends one, the login's answer);
+    stop at ``Ready for SIZE bytes`` or fail with the server's error."""
+    ready = f"Ready for {size} bytes"
     for _ in range(MAX_PREAMBLE_LINES):
         line = read_line(reader)
-        if line.startswith("Ready for "):
+        if line == ready:
             return
         if line.startswith("Error") or line == "Command not found.":
             raise UploadFailed(line)

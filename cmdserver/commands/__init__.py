@@ -1,30 +1,19 @@
 """The command registry every door shares.
 
-Imported lazily: ``cmdserver upload`` (the client) imports
-:mod:`cmdserver.commands.upload.key` and :mod:`cmdserver.commands.upload.mac`,
-which need only the standard library, and must not pay for Twisted and every
-command on its way in.
+Nothing is imported here until :func:`default_registry` is called, so that a
+client (``cmdserver upload`` needs only :mod:`cmdserver.commands.upload.key`)
+does not load every command and the server's machinery with it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cmdserver.commands.base import Command, Context, ListSink, NullSink, Registry
+    from cmdserver.commands.base import Registry
     from cmdserver.commands.lastlog import LogSource
 
-__all__ = ["Command", "Context", "ListSink", "NullSink", "Registry", "default_registry"]
-
-_FROM_BASE = frozenset({"Command", "Context", "ListSink", "NullSink", "Registry"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_BASE:
-        from cmdserver.commands import base
-
-        return getattr(base, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["default_registry"]
 
 
 def default_registry(log_source: LogSource) -> Registry:

@@ -127,7 +127,7 @@ class ListSink:
         self.lines.append(text)
 
 
-@dataclass
+@dataclass(slots=True)
 class Context:
     """Everything a handler may use: who runs it, from where, and the core's services."""
 

@@ -147,7 +147,6 @@ class DeclaredCase(unittest.TestCase):
     def client(self) -> LineClient:
         c = LineClient(("127.0.0.1", self.ports["line"]))
         self.addCleanup(c.close)
-        c.read_line()  # the greeting
         return c
 
     def local_df(self, path: str) -> defer.Deferred:

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from cmdserver.commands.lastlog import LastLog
 from tests.end_to_end.support import LineClient, RunningService, in_thread
 
-GREETING = "cmdserver 0.1.0 ready; type 'help' for the commands."
+GREETING = "cmdserver on build-7; type 'help' for the commands."
 
 
 class ServiceCase(unittest.TestCase):
@@ -60,7 +60,6 @@ class LineDoorEndToEnd(ServiceCase):
 
         def session():
             c = self.client()
-            assert c.read_line() == GREETING
             assert c.ask("ping") == ["pong"]
             assert c.ask("comphash notes.txt") == [f"File hash is : {digest}"]
             assert c.ask("comphash") == ["Please provide a path."]
@@ -97,7 +96,6 @@ class LineDoorEndToEnd(ServiceCase):
     def test_telnet_style_and_pipelining(self):
         def session():
             c = self.client()
-            c.read_line()
             c.send(b"ping\r\nlastlog 1\r\nping\r\n")
             return c.read_lines(5)
 
@@ -116,13 +114,38 @@ class LineDoorEndToEnd(ServiceCase):
 
         data = yield in_thread(session)
         self.assertEqual(data.decode().split("\r\n"), [
-            GREETING, "pong", "Begin lastlog", "log line 19", "End lastlog", "pong", ""])
+            "pong", "Begin lastlog", "log line 19", "End lastlog", "pong", ""])
+
+    @defer.inlineCallbacks
+    def test_netcat_reads_the_first_reply_first(self):
+        """`printf 'test\\n' | nc -N host port`: no greeting, the reply is line one."""
+
+        def session():
+            c = self.client()
+            c.send(b"test\n")
+            c.sock.shutdown(socket.SHUT_WR)
+            return c.read_until_closed()
+
+        self.assertEqual((yield in_thread(session)), b"Command not found.\r\n")
+
+    @defer.inlineCallbacks
+    def test_nothing_is_sent_before_the_first_command(self):
+        def session():
+            c = self.client()
+            c.sock.settimeout(0.5)
+            try:
+                early = c.sock.recv(4096)
+            except TimeoutError:
+                early = b""
+            c.sock.settimeout(10)
+            return early, c.ask("test")
+
+        self.assertEqual((yield in_thread(session)), (b"", ["Command not found."]))
 
     @defer.inlineCallbacks
     def test_bad_input_over_the_wire(self):
         def session():
             c = self.client()
-            c.read_line()
             c.send(b"\x00\x01\x02\xff\xfe\n")
             first = c.read_line()
             c.send(b"A" * 5000 + b"\n")
@@ -137,7 +160,6 @@ class LineDoorEndToEnd(ServiceCase):
     def test_disconnect_kills_the_running_tail(self):
         _, tails = self.fifo_log()  # tail blocks on it: a command that never ends alone
         c = yield in_thread(self.client)
-        yield in_thread(c.read_line)
         yield in_thread(c.send, b"lastlog\n")
         yield self.wait_for(lambda: tails() and self.server.service.core.stats.in_flight == 1)
         c.reset()
@@ -169,7 +191,6 @@ class LineDoorEndToEnd(ServiceCase):
         # Ctrl-C in nc: a FIN, and the socket is closed; the command must not run on.
         fifo, tails = self.fifo_log()
         c = yield in_thread(self.client)
-        yield in_thread(c.read_line)
         yield in_thread(c.send, b"lastlog\n")
         yield self.wait_for(lambda: tails() and self.server.service.core.stats.in_flight == 1)
         c.close()  # nothing unread: a FIN, not a reset
@@ -181,7 +202,6 @@ class LineDoorEndToEnd(ServiceCase):
         # printf 'lastlog\nping\n' | nc -N: a FIN, then the answers are read.
         fifo, tails = self.fifo_log()
         c = yield in_thread(self.client)
-        yield in_thread(c.read_line)
         yield in_thread(c.send, b"lastlog\nping\n")
         c.sock.shutdown(socket.SHUT_WR)
         yield self.wait_for(lambda: tails() and self.server.service.core.stats.in_flight == 1)
@@ -207,10 +227,10 @@ class LimitsEndToEnd(ServiceCase):
 
         def open_two():
             a, b = self.client(), self.client()
-            return a, b, a.read_line(), b.read_line()
+            return a, b, a.ask("ping"), b.ask("ping")
 
-        a, b, *greetings = yield in_thread(open_two)
-        self.assertEqual(greetings, [GREETING, GREETING])
+        a, b, *replies = yield in_thread(open_two)
+        self.assertEqual(replies, [["pong"], ["pong"]])
 
         def refused():
             c = self.client()
@@ -221,7 +241,7 @@ class LimitsEndToEnd(ServiceCase):
         other = yield in_thread(LineClient, self.server.address, socket.AF_INET, 10,
                                 "127.0.0.2")
         self.addCleanup(other.close)
-        self.assertEqual((yield in_thread(other.read_line)), GREETING)
+        self.assertEqual((yield in_thread(other.ask, "ping")), ["pong"])
         # ...until the total is reached.
         third = yield in_thread(LineClient, self.server.address, socket.AF_INET, 10,
                                 "127.0.0.3")
@@ -235,7 +255,7 @@ class LimitsEndToEnd(ServiceCase):
         self.assertEqual(dict(limits.per_host), {"127.0.0.2": 1})
         self.assertEqual(stats.refused, 2)
         c = yield in_thread(self.client)
-        self.assertEqual((yield in_thread(c.read_line)), GREETING)
+        self.assertEqual((yield in_thread(c.ask, "ping")), ["pong"])
 
 
 class IdleEndToEnd(ServiceCase):
@@ -244,7 +264,6 @@ class IdleEndToEnd(ServiceCase):
     def test_idle_client_is_told_and_disconnected(self):
         def session():
             c = self.client()
-            c.read_line()
             return c.read_until_closed()
 
         d = in_thread(session)
@@ -255,7 +274,6 @@ class IdleEndToEnd(ServiceCase):
     def test_a_busy_client_stays(self):
         def session():
             c = self.client()
-            c.read_line()
             for _ in range(6):
                 time.sleep(0.1)
                 assert c.ask("ping") == ["pong"]
@@ -276,9 +294,35 @@ class UnixSocketEndToEnd(unittest.TestCase):
         def session():
             c = LineClient(path, socket.AF_UNIX)
             try:
-                c.read_line()
                 return c.ask("ping")
             finally:
                 c.close()
 
         self.assertEqual((yield in_thread(session)), ["pong"])
+
+
+class GreetingEndToEnd(ServiceCase):
+    argv = ("--greeting", GREETING)
+
+    @defer.inlineCallbacks
+    def test_the_greeting_comes_first(self):
+        def session():
+            c = self.client()
+            c.send(b"test\nping\n")
+            c.sock.shutdown(socket.SHUT_WR)
+            return c.read_until_closed()
+
+        data = yield in_thread(session)
+        self.assertEqual(data.decode().split("\r\n"),
+                         [GREETING, "Command not found.", "pong", ""])
+
+    @defer.inlineCallbacks
+    def test_every_connection_is_greeted_once(self):
+        def session():
+            c = self.client()
+            first = c.read_line()  # before anything is sent
+            return first, c.ask("ping"), c.ask("test")
+
+        self.assertEqual((yield in_thread(session)),
+                         (GREETING, ["pong"], ["Command not found."]))
+        self.assertEqual((yield in_thread(session))[0], GREETING)

@@ -186,7 +186,6 @@ class SharedCredentialsTests(unittest.TestCase):
         def session():
             c = LineClient(self.server.address)
             try:
-                c.read_line()
                 return [c.ask("ls"), c.ask("login ops s3cret-pass"), c.ask("ls")]
             finally:
                 c.close()

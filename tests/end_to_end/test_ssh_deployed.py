@@ -266,6 +266,7 @@ class DeployedSSHTest(DeployedSSHBase):
         payload = os.urandom(200_000)
         with open(local, "wb") as f:
             f.write(payload)
+        os.symlink(self.tmp, os.path.join(self.root, "out"))  # a symlink that leads out
         fetched = os.path.join(self.tmp, "fetched.bin")
         leaked = os.path.join(self.tmp, "leaked")
         batch = os.path.join(self.tmp, "batch")
@@ -274,29 +275,31 @@ class DeployedSSHTest(DeployedSSHBase):
                     f"rename up/data.bin up/renamed.bin\nget up/renamed.bin {fetched}\n"
                     f"ls -1 up\nrm up/renamed.bin\nrmdir up\n"
                     # '-': a failing command does not end the batch.
-                    f"-get /etc/hostname {leaked}\n-put {local} ../escape.bin\n-ls /etc\n")
+                    f"-get /etc/hostname {leaked}\n-get out/local.bin {leaked}\n"
+                    f"-put {local} ../out/escape.bin\n-ls /etc\n")
         out, err, status = yield self.openssh(SFTP, "-b", batch, "ops@127.0.0.1")
         self.assertEqual(status, 0, err)
         self.assertIn(b"up/data.bin", out)
         self.assertIn(b"up/renamed.bin", out)
         with open(fetched, "rb") as f:
             self.assertEqual(f.read(), payload)
-        self.assertEqual(os.listdir(self.root), [])
+        self.assertEqual(os.listdir(self.root), ["out"])
         self.assertFalse(os.path.exists(leaked))
-        self.assertFalse(os.path.exists(os.path.join(os.path.dirname(self.root),
-                                                     "escape.bin")))
-        # sftp stats a path before get and ls, and calls a refused stat "not found".
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "escape.bin")))
+        # sftp stats a path before get and ls, and calls a refused stat "not found";
+        # the paths it names are the client's: the root is /.
         self.assertEqual(err.decode().splitlines(), [
             'File "/etc/hostname" not found.',
-            f'dest open "{self.root}/../escape.bin": Permission denied',
+            'File "/out/local.bin" not found.',
+            'dest open "/../out/escape.bin": Permission denied',
             'Can\'t ls: "/etc" not found'])
         # Without '-', a refused path fails the batch (exit status 1).
         with open(batch, "w") as f:
-            f.write("mkdir ../outside\nls\n")
+            f.write("mkdir out/made\nls\n")
         out, err, status = yield self.openssh(SFTP, "-b", batch, "ops@127.0.0.1")
         self.assertEqual(status, 1)
         self.assertIn(b"Permission denied", err)
-        self.assertFalse(os.path.exists(os.path.join(os.path.dirname(self.root), "outside")))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "made")))
 
     @defer.inlineCallbacks
     def test_openssh_sftp_put_and_chmod_never_widen_a_file(self) -> Any:

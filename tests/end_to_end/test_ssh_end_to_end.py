@@ -669,6 +669,25 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
             self.assertEqual(got.read(), payload)
         self.assertEqual(sorted(os.listdir(self.root)), ["notes.txt"])
 
+    @defer.inlineCallbacks
+    def test_sftp_posix_rename_replaces(self) -> Any:
+        def session(sftp: paramiko.SFTPClient) -> tuple[str, list[str]]:
+            sftp.putfo(io.BytesIO(b"old"), "a.txt")
+            sftp.putfo(io.BytesIO(b"new"), "b.txt")
+            try:
+                sftp.rename("b.txt", "a.txt")  # SFTP v3: refused onto an existing name
+                refused = ""
+            except OSError as e:
+                refused = str(e)
+            sftp.posix_rename("b.txt", "a.txt")  # posix-rename@openssh.com
+            return refused, sorted(sftp.listdir("/"))
+
+        refused, names = yield self.sftp(session)
+        self.assertIn("file exists: a.txt", refused)
+        self.assertEqual(names, ["a.txt", "notes.txt"])
+        with open(os.path.join(self.root, "a.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"new")
+
     def test_sftp_ends_at_eof_after_an_env_request(self) -> defer.Deferred:
         # OpenSSH's sftp sends LANG first (SendEnv), then ends the session by EOF.
         def run() -> tuple[bool, list[str], bool]:
@@ -692,20 +711,27 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
         return self.in_thread(run).addCallback(self.assertEqual, (True, ["notes.txt"], True))
 
     @defer.inlineCallbacks
-    def test_sftp_refuses_paths_outside_the_jail(self) -> Any:
-        def session(sftp: paramiko.SFTPClient) -> list[type]:
+    def test_sftp_cannot_name_anything_outside_the_jail(self) -> Any:
+        # The root is / (as under OpenSSH's ChrootDirectory): .. stops there, an
+        # absolute path lies under it, and a symlink that leads out is refused.
+        os.symlink("/etc", os.path.join(self.root, "etc"))
+
+        def session(sftp: paramiko.SFTPClient) -> tuple[list[type], list[str]]:
             errors = []
-            for attempt in (lambda: sftp.stat("/etc/passwd"), lambda: sftp.listdir(".."),
-                            lambda: sftp.put(__file__, "../escape.py"),
-                            lambda: sftp.get("/etc/hostname", os.devnull)):
+            for attempt in (lambda: sftp.stat("/etc/passwd"),
+                            lambda: sftp.get("/tmp/../etc/hostname", os.devnull),
+                            lambda: sftp.stat("/proc/self")):
                 try:
                     attempt()
                 except OSError as e:
                     errors.append(type(e))
-            return errors
+            sftp.put(__file__, "../escape.py")
+            return errors, sorted(sftp.listdir("/.."))
 
-        errors = yield self.sftp(session)
-        self.assertEqual(errors, [PermissionError] * 4)
+        errors, names = yield self.sftp(session)
+        self.assertEqual(errors, [PermissionError, PermissionError, FileNotFoundError])
+        self.assertEqual(names, ["escape.py", "etc", "notes.txt"])
+        self.assertTrue(os.path.exists(os.path.join(self.root, "escape.py")))
         self.assertFalse(os.path.exists(os.path.join(os.path.dirname(self.root),
                                                      "escape.py")))
 
@@ -739,8 +765,11 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_sftp_jailed_user_lands_in_own_root(self) -> Any:
-        cwd = yield self.sftp(lambda sftp: sftp.normalize("."), user="jailed")
-        self.assertEqual(cwd, os.path.realpath(self.other_root))
+        with open(os.path.join(self.other_root, "mine.txt"), "w") as f:
+            f.write("mine")
+        cwd, names = yield self.sftp(lambda sftp: (sftp.normalize("."), sftp.listdir("/")),
+                                     user="jailed")
+        self.assertEqual((cwd, names), ("/", ["mine.txt"]))
 
     @defer.inlineCallbacks
     def test_sftp_upload_invisible_until_closed_and_gone_if_client_dies(self) -> Any:

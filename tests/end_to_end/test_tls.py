@@ -18,16 +18,17 @@ from tests.helpers.creds import TEST_COST, make_ca, make_client_cert, temp_dir
 PASSWORD = "tls pass word"
 
 
-def tls_session(port: int, cafile: str, lines: list[str], cert: tuple[str, str] | None = None
-                ) -> list[str]:
-    """Blocking client: connect, send each line, return every line the server sent."""
+def tls_session(port: int, cafile: str, lines: list[str], cert: tuple[str, str] | None = None,
+                greeting: bool = False) -> list[str]:
+    """Blocking client: connect, read the greeting if there is one, send each line and
+    read its reply; return every line the server sent."""
     context = ssl.create_default_context(cafile=cafile)
     if cert is not None:
         context.load_cert_chain(*cert)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
             context.wrap_socket(raw, server_hostname="localhost") as sock:
         f = sock.makefile("rwb")
-        received = [f.readline().decode()]
+        received = [f.readline().decode()] if greeting else []
         for line in lines:
             f.write(line.encode() + b"\n")
             f.flush()
@@ -69,9 +70,15 @@ class TLSDoorTests(unittest.TestCase):
         received = yield threads.deferToThread(
             tls_session, port, self.cert,
             ["ls", f"login ops '{PASSWORD}'", "whoami", "ls", "quit"])
-        self.assertTrue(received[0].startswith("cmdserver "))
-        self.assertEqual(received[1:], ["Error: login required", "Logged in as ops", "ops",
-                                        "hello.txt", "bye !"])
+        self.assertEqual(received, ["Error: login required", "Logged in as ops", "ops",
+                                    "hello.txt", "bye !"])
+
+    @defer.inlineCallbacks
+    def test_a_greeting_over_tls(self):
+        port = yield self.start("--greeting", "cmdserver over TLS")
+        received = yield threads.deferToThread(tls_session, port, self.cert, ["test"],
+                                               None, True)
+        self.assertEqual(received, ["cmdserver over TLS", "Command not found."])
 
     @defer.inlineCallbacks
     def test_client_certificate_logs_in(self):
@@ -88,12 +95,12 @@ class TLSDoorTests(unittest.TestCase):
 
         received = yield threads.deferToThread(tls_session, port, self.cert,
                                                ["whoami", "ls"], ops)
-        self.assertEqual(received[1:], ["ops", "hello.txt"])
+        self.assertEqual(received, ["ops", "hello.txt"])
 
         # A valid certificate for a name that is not a user: still anonymous.
         received = yield threads.deferToThread(tls_session, port, self.cert,
                                                ["whoami", "ls"], ghost)
-        self.assertEqual(received[1:], ["anonymous (not logged in)", "Error: login required"])
+        self.assertEqual(received, ["anonymous (not logged in)", "Error: login required"])
 
         # No certificate, or one from another CA: the handshake fails, nothing is served.
         for cert in (None, stranger):
@@ -102,7 +109,7 @@ class TLSDoorTests(unittest.TestCase):
                                                        ["whoami"], cert)
             except (ssl.SSLError, ConnectionError):
                 continue
-            self.assertEqual(received, [""])  # closed before the greeting
+            self.assertEqual(received, [""])  # closed before any reply
 
         # Every certificate login is audited, each in its connection's session; a
         # failed handshake is a failed certificate login too.

@@ -94,7 +94,7 @@ class TokenTests(unittest.TestCase):
                 c.close()
 
         lines = yield in_thread(session)
-        self.assertEqual(lines[-2:], ["Logged in as ops", "ops"])
+        self.assertEqual(lines, ["Logged in as ops", "ops"])
         self.assertEqual(self.bcrypt_checks, [])
 
     @defer.inlineCallbacks

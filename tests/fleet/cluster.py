@@ -2,7 +2,7 @@
 
 Shared by the fleet suite (tests/fleet) and bench/fleet.  Each daemon is a real
 ``twistd -n cmdserver`` with its own data directory, its SSH and PB doors on
-ephemeral 127.0.0.1 ports (read back from its log) and no line door.  The user
+ephemeral 127.0.0.1 ports (read back from its log) and no line or HTTP door.  The user
 is made once the deployed way (``cmdserver useradd``, ``cmdserver addkey``) and
 its users file and key copied into every data directory, as configuration
 management would; each daemon makes its own host keys on its first start.
@@ -100,6 +100,7 @@ class Fleet:
     cost: int = 4  # bcrypt cost of the user's password, and the daemons' --bcrypt-cost
     args: list[str] = field(default_factory=list)  # more twistd cmdserver options
     hosts: list[Host] = field(default_factory=list)
+    token: str = ""  # an API token of the user's, valid on every host (made by prepare)
 
     @property
     def key(self) -> Path:
@@ -123,6 +124,11 @@ class Fleet:
                            stdout=subprocess.DEVNULL)
             subprocess.run([CLI, "addkey", USER, f"{self.key}.pub", "--data-dir",
                             str(template)], check=True, timeout=60, stdout=subprocess.DEVNULL)
+            made = subprocess.run([CLI, "token", "add", USER, "--name", "fleet",
+                                   "--data-dir", str(template)], check=True, timeout=60,
+                                  capture_output=True, text=True)
+            (template / "fleet-token").write_text(made.stdout.split()[-1])
+        self.token = (template / "fleet-token").read_text()
         self.hosts = []
         for i in range(1, self.count + 1):
             host = Host(f"host{i:02d}", self.workdir / f"host{i:02d}")
@@ -130,6 +136,7 @@ class Fleet:
             os.chmod(host.data_dir, 0o700)
             shutil.copy2(template / "users", host.data_dir / "users")
             shutil.copytree(template / "keys", host.data_dir / "keys", dirs_exist_ok=True)
+            shutil.copy2(template / "tokens", host.data_dir / "tokens")
             # A file of its own, so that `ls` tells which host answered.
             (host.root / f"{host.name}.txt").write_text(f"{host.name}\n")
             self.hosts.append(host)
@@ -141,7 +148,7 @@ class Fleet:
         for host in self.hosts:
             host.log_path.unlink(missing_ok=True)  # the ports are read back from it
             cmd = [TWISTD, "-n", "--pidfile=", "-l", str(host.log_path), "cmdserver",
-                   "--data-dir", str(host.data_dir), "--line", "none",
+                   "--data-dir", str(host.data_dir), "--line", "none", "--http", "none",
                    "--ssh", ANY_PORT, "--pb", ANY_PORT, "--bcrypt-cost", str(self.cost),
                    *self.args]
             host.proc = subprocess.Popen(cmd, cwd=host.workdir, stdin=subprocess.DEVNULL,
@@ -325,9 +332,11 @@ def drive(fleet: Fleet, tools: Path, tool: str, command: str, pty: bool = False,
 
 
 def cmdserver_fleet(fleet: Fleet, command: list[str], forks: int = 20, timeout: float = 300,
-                    json_lines: bool = True) -> subprocess.CompletedProcess:
-    """``cmdserver fleet -i INVENTORY --forks N [--json] COMMAND …`` over the PB doors."""
-    env = dict(os.environ, CMDSERVER_PASSWORD=PASSWORD)
+                    json_lines: bool = True, token: bool = False
+                    ) -> subprocess.CompletedProcess:
+    """``cmdserver fleet -i INVENTORY --forks N [--json] COMMAND …`` over the PB doors,
+    logging in with the user's password (a bcrypt check per host) or its API token."""
+    env = dict(os.environ, CMDSERVER_PASSWORD=fleet.token if token else PASSWORD)
     return subprocess.run([CLI, "fleet", "-i", str(fleet.inventory_path), "--forks",
                            str(forks), *(["--json"] if json_lines else []), *command],
                           env=env, capture_output=True, text=True, timeout=timeout)

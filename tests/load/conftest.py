@@ -127,12 +127,13 @@ class Daemon:
 
 
 class Session:
-    """A blocking line-door client for checks between the loads."""
+    """A blocking line-door client for checks between the loads (from ``source``, a
+    loopback address, if given)."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    def __init__(self, port: int, source: str | None = None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30,
+                                             source_address=(source, 0) if source else None)
         self.buffer = b""
-        self.greeting = self.read_line()
 
     def read_line(self) -> str:
         while b"\r\n" not in self.buffer:

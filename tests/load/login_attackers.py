@@ -76,16 +76,15 @@ def parallel(line: int, ssh: int, pb_port: int, user: str, seconds: float) -> di
             try:
                 with socket.create_connection(("127.0.0.1", line), timeout=60) as s:
                     f = s.makefile("rwb")
-                    first = f.readline()
-                    if not first.startswith(b"cmdserver"):
-                        count("line: connection refused")
-                        time.sleep(0.05)
-                        continue
                     while time.monotonic() < stop:
                         i += 1
                         f.write(f"login {user} {GUESS.format(i)}\n".encode())
                         f.flush()
                         reply = f.readline()
+                        if reply.endswith(b". bye !\r\n"):  # refused, then closed
+                            count("line: connection refused")
+                            time.sleep(0.05)
+                            break
                         if not reply:
                             break
                         count("line: " + reply.decode().strip()[:40])

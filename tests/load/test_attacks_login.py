@@ -65,7 +65,6 @@ def line_login(port: int) -> float:
     started = time.monotonic()
     with source_socket(port) as sock:
         f = sock.makefile("rwb")
-        assert f.readline().startswith(b"cmdserver")
         f.write(f"login {USER} {PASSWORD}\nping\n".encode())
         f.flush()
         assert f.readline() == f"Logged in as {USER}\r\n".encode()
@@ -138,7 +137,6 @@ def stats(daemon: Daemon) -> dict[str, int]:
     """The login counters of ``stats``, asked from 127.0.0.2."""
     with source_socket(daemon.port) as sock:
         f = sock.makefile("rwb")
-        f.readline()
         f.write(f"login {USER} {PASSWORD}\n".encode() + b"stats\nping\n")
         f.flush()
         assert f.readline().startswith(b"Logged in")

@@ -45,8 +45,8 @@ PB_DIALECT = b"\x02\x82pb"
 
 
 class Watch:
-    """Pings the line door from OTHER every 50 ms (a new connection each time: the
-    greeting and ``ping``), and samples the daemon meanwhile; keeps the peaks."""
+    """Pings the line door from OTHER every 50 ms (a new connection each time), and
+    samples the daemon meanwhile; keeps the peaks."""
 
     def __init__(self, daemon: Any) -> None:
         self.daemon = daemon
@@ -114,7 +114,6 @@ def line_client(port: int, source: str = "127.0.0.1") -> socket.socket:
     sock.settimeout(30)
     sock.bind((source, 0))
     sock.connect(("127.0.0.1", port))
-    sock.recv(4096)  # greeting
     return sock
 
 
@@ -164,9 +163,7 @@ def sparse(path: Path, size: int) -> Path:
 def in_flight(daemon: Any) -> int:
     """Commands running in the daemon (asked from OTHER: the attack may use up the
     connections 127.0.0.1 may open)."""
-    session = Session.__new__(Session)
-    session.sock = line_client(daemon.port, OTHER)
-    session.buffer = b""
+    session = Session(daemon.port, OTHER)
     try:
         return session.stats()["in_flight"] - 1  # not counting its own stats
     finally:

@@ -35,7 +35,6 @@ def has_open(pid: int, path: Path) -> bool:
 def send(port: int, command: str) -> socket.socket:
     """Start a command on a new connection without waiting for its reply."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.recv(4096)  # greeting
     sock.sendall(command.encode() + b"\n")
     return sock
 

@@ -53,9 +53,7 @@ IDLE = {"open": 1, "in_flight": 1}  # the watcher's own connection and its stats
 
 
 async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-    await reader.readline()  # greeting
-    return reader, writer
+    return await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
 
 
 def abort(writer: asyncio.StreamWriter) -> None:

@@ -195,8 +195,7 @@ class HTTPChannel(http.HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.peer = format_peer(self.transport.getPeer())
-        self.session = self.door.core.open_session(DOOR, self.peer,
-                                                   self.transport.loseConnection)
+        self.session = self.door.core.open_session(DOOR, self.peer, self.transport)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)  # the requests' notifyFinish errbacks cancel commands

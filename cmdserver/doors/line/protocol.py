@@ -15,7 +15,6 @@ of an upload, and the trailer line after them), then lines resume.
 from __future__ import annotations
 
 import socket
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,15 +25,14 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, I
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import TimeoutMixin
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from cmdserver import __version__
 from cmdserver.auth.tls import handshake_failure
 from cmdserver.commands.base import Context
 from cmdserver.commands.upload.stream import direct_reads, widen_reads
 from cmdserver.core import CommandCore, TextReply
+from cmdserver.doors.idle import IdleClock
 from cmdserver.doors.limits import TOO_MANY_CONNECTIONS, format_peer
 from cmdserver.text import shown
 
@@ -66,42 +64,56 @@ TOO_MANY = refusal(TOO_MANY_CONNECTIONS)
 class LineSettings:
     max_line: int = 4096
     idle_timeout: float = 300
-    greeting: str = f"cmdserver {__version__} ready; type 'help' for the commands."
+    greeting: str = ""  # a line sent on connect, before any reply (--greeting); none if empty
     login: str = "off"  # "required", "optional" or "off" (see docs/security.md)
     # Called once, before the first command, with (ctx, transport): TLS client-cert login.
     peer_login: Callable[[Context, Any], None] | None = None
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
-class LineProtocol(LineReceiver, TimeoutMixin):
+class LineProtocol(LineReceiver):
     delimiter = b"\n"
     door = "line"
     transport: IStreamTransport  # set in makeConnection, before any other callback
 
-    def __init__(self, core: CommandCore, settings: LineSettings) -> None:
+    # State a connection rarely changes starts on the class: an instance gets its
+    # own value only once it changes, so an idle connection stays small.
+    ctx: Context | None = None
+    _running: Deferred | None = None  # the command being run
+    _draining = False
+    _write_paused = False
+    _reading = True
+    _closing = False
+    _connected = False
+    _eof = False  # the client closed its sending side (nc -N, shutdown(SHUT_WR))
+    _shutting_down = False  # the daemon is stopping: replies are no longer written
+    _peer_login: Callable[[Context, Any], None] | None = None
+    _raw: Any = None  # the consumer of raw bytes (an upload), if any
+    _raw_paused = False
+    _trailer: Any = None  # the upload that takes the next line (its MAC), if any
+    _yielding = False  # reading stopped until the next turn
+    _out_producer: Any = None  # the running command's output source (a child)
+    _probe: PeerProbe | None = None  # is a client that sent a FIN still there?
+    # Lines waiting for the running command (at most QUEUE_HIGH, so a list); made
+    # when the first one waits: most connections never queue a line.
+    _queue: list[bytes] | None = None
+
+    def __init__(self, core: CommandCore, settings: LineSettings,
+                 idle: IdleClock | None = None) -> None:
         self.core = core
         self.settings = settings
+        if idle is None and settings.idle_timeout:  # a connection made outside a factory
+            idle = IdleClock(core.reactor, settings.idle_timeout)
+        self._idle = idle  # the door's idle timeouts (None: none)
         self.MAX_LENGTH = settings.max_line
-        self.ctx: Context | None = None
-        self._queue: deque[bytes] = deque()
-        self._running: Deferred | None = None
-        self._draining = False
-        self._write_paused = False
-        self._reading = True
-        self._closing = False
-        self._connected = False
-        self._eof = False  # the client closed its sending side (nc -N, shutdown(SHUT_WR))
-        self._shutting_down = False  # the daemon is stopping: replies are no longer written
-        self._peer_login: Callable[[Context, Any], None] | None = None
-        self._raw: Any = None  # the consumer of raw bytes (an upload), if any
-        self._raw_paused = False
-        self._trailer: Any = None  # the upload that takes the next line (its MAC), if any
+        # Set by every read, so set here: CPython shares one key table among a class's
+        # instances only for names its first instances set; a name first set after
+        # many connections opened gives each instance a dictionary of its own.
         self._batch: list[bytes] | None = None  # output gathered during one dataReceived
         self._batch_size = 0
         self._turn_lines = 0  # lines taken since this reactor turn began
-        self._yielding = False  # reading stopped until the next turn
-        self._out_producer: Any = None  # the running command's output source (a child)
-        self._probe: PeerProbe | None = None  # is a client that sent a FIN still there?
+        self._buffer = b""  # LineReceiver's
+        self._busyReceiving = False  # LineReceiver's
 
     # -- connection life --------------------------------------------------
 
@@ -109,14 +121,14 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         self._connected = True
         peer = format_peer(self.transport.getPeer())
         # The connection's session in the core: audited from here to connectionLost.
-        self.audit_session = self.core.open_session(self.door, peer,
-                                                    self.transport.loseConnection)
+        self.audit_session = self.core.open_session(self.door, peer, self.transport)
         self.ctx = Context(self.core, user="anonymous", peer=peer,
                            door=self.door, out=self, session=self,
                            login=self.settings.login, session_id=self.audit_session.id)
-        self._peer_login = self.settings.peer_login
+        if self.settings.peer_login is not None:
+            self._peer_login = self.settings.peer_login
         self.transport.registerProducer(self, True)
-        self.setTimeout(self.settings.idle_timeout or None)
+        self.resetTimeout()
         if self.settings.login == "required":
             self.core.gate.login_deadline(self.audit_session, self._login_expired)
         if self.settings.greeting:
@@ -127,7 +139,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         if not self._connected or self._closing:
             return
         self._closing = True
-        self._queue.clear()
+        self._queue = None
         grace = self.core.gate.settings.login_grace
         self.line(f"Timeout: not logged in within {grace:g} s, closing the connection.")
         self._close()
@@ -140,10 +152,11 @@ class LineProtocol(LineReceiver, TimeoutMixin):
                 if failed is not None:
                     failed(self.ctx, reason)
         self._connected = False
-        self.setTimeout(None)
+        if self._idle is not None:
+            self._idle.forget(self)
         if self._probe is not None:
             self._probe.stop()
-        self._queue.clear()
+        self._queue = None
         self._raw = self._trailer = None
         if self._running is not None:
             running, self._running = self._running, None
@@ -213,13 +226,18 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         # A long command is not idleness, unless it waits for the client's bytes.
         waiting = (self._raw is not None and not self._raw_paused) or self._trailer is not None
         if self._running is not None and not waiting:
-            self.setTimeout(self.settings.idle_timeout)  # the mixin dropped its call
+            self.resetTimeout()
             return
         self.line(f"Timeout: idle for {self.settings.idle_timeout:g} s, closing the connection.")
         self._close()
 
+    def resetTimeout(self) -> None:
+        """The client did something: idleness counts from now."""
+        if self._idle is not None:
+            self._idle.touch(self)
+
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._queue.clear()
+        self._queue = None
         self._closing = True
         self.line(f"Error: line too long (the limit is {self.MAX_LENGTH} bytes)")
         self._close()
@@ -262,6 +280,8 @@ class LineProtocol(LineReceiver, TimeoutMixin):
             self.core.reactor.callLater(0, self._next_turn)
             self._update_reading()
         if self._running is not None or self._queue or self._write_paused:
+            if self._queue is None:
+                self._queue = []
             self._queue.append(line)
             self._update_reading()
             return
@@ -387,7 +407,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         try:
             while (self._queue and self._running is None and not self._write_paused
                    and not self._closing and self._raw is None and self._trailer is None):
-                self._handle(self._queue.popleft())
+                self._handle(self._queue.pop(0))
         finally:
             self._draining = False
         self._update_reading()
@@ -408,7 +428,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         if self._closing or not self._connected:
             return  # the transport is going away; leave it be
         want = (not self._yielding and not self._raw_paused
-                and len(self._queue) < (QUEUE_LOW if not self._reading else QUEUE_HIGH))
+                and len(self._queue or ()) < (QUEUE_LOW if not self._reading else QUEUE_HIGH))
         if want != self._reading:
             self._reading = want
             self.paused = not want  # LineReceiver stops delivering lines too
@@ -457,7 +477,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
         if not self._connected or self._shutting_down:
             return
         self._closing = self._shutting_down = True  # the cancelled command stays silent
-        self._queue.clear()
+        self._queue = None
         if self._running is not None:
             self._running.cancel()
         self.line("Error: the server is shutting down")
@@ -466,7 +486,7 @@ class LineProtocol(LineReceiver, TimeoutMixin):
     def end_session(self) -> None:
         """``exit``: close once the reply is written; later input is ignored."""
         self._closing = True
-        self._queue.clear()
+        self._queue = None
 
     # -- IPushProducer: the transport tells us when the client stops reading --
 
@@ -575,7 +595,8 @@ def build(env: Any, endpoint: str) -> Any:
     from cmdserver.doors.line.login import line_door_login
 
     options = env.options
-    settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"])
+    settings = LineSettings(max_line=options["max-line"], idle_timeout=options["idle-timeout"],
+                            greeting=options["greeting"] or "")
     settings, made = line_door_login(settings, endpoint, options["line-auth"],
                                      options["tls-client-ca"], env.credentials, env.reactor)
     return Door(LineFactory(env.core, settings), refusal, made)
@@ -589,8 +610,11 @@ class LineFactory(Factory):
     def __init__(self, core: CommandCore, settings: LineSettings) -> None:
         self.core = core
         self.settings = settings
+        # One timer for the idle timeouts of all its connections.
+        self.idle = IdleClock(core.reactor, settings.idle_timeout) \
+            if settings.idle_timeout else None
 
     def buildProtocol(self, addr: Any) -> LineProtocol:
-        p = LineProtocol(self.core, self.settings)
+        p = LineProtocol(self.core, self.settings, self.idle)
         p.factory = self
         return p

@@ -442,7 +442,7 @@ class DoorBroker(BoundedBanana, pb.Broker, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.audit_session = self.core.open_session(DOOR, format_peer(self.transport.getPeer()),
-                                                    self.transport.loseConnection)
+                                                    self.transport)
         cast(IConsumer, self.transport).registerProducer(_Reading(self.transport), True)
         super().connectionMade()
         self.setTimeout(self.idle_timeout)

@@ -1,16 +1,24 @@
 """The SFTP subsystem: ls, get, put, mkdir, rm, rename inside the user's jail.
 
 Conch's ``FileTransferServer`` speaks the protocol; :class:`JailedSFTPServer`
-is our ``ISFTPServer``.  Every path goes through the jail
-(:class:`cmdserver.jail.Jail`): files are opened and changed relative to a
-descriptor of their root or their directory, never by a checked absolute name,
-and every file operation runs in a thread.  Uploads never show a partial file:
-bytes go to an unnamed file in the target directory (``O_TMPFILE``; where the
-filesystem has none, a hidden temporary file named and made like the upload
-engine's, which the start-up sweep removes after a crash) that is linked into
-place on close and dropped if the session dies first.  Uploads obey the upload
-engine's rules: ``--max-upload`` and the free space on the disk.  A session
-holds at most ``--sftp-max-handles`` open files and directories.
+is our ``ISFTPServer``.  A client sees the jail as OpenSSH's ``ChrootDirectory``
+shows a directory (:mod:`cmdserver.doors.ssh.sftp_paths`): one root is ``/``;
+several are listed in a read-only ``/`` as ``root1``, ``root2`` … and the
+session starts in ``/root1``.  No server path reaches the client, in names or
+in messages.  Every path goes through the jail (:class:`cmdserver.jail.Jail`):
+files are opened and changed relative to a descriptor of their root or their
+directory, never by a checked absolute name, and every file operation runs in
+a thread.  Uploads never show a partial file: bytes go to an unnamed file in
+the target directory (``O_TMPFILE``; where the filesystem has none, a hidden
+temporary file named and made like the upload engine's, which the start-up
+sweep removes after a crash) that is linked into place on close and dropped if
+the session dies first.  Uploads obey the upload engine's rules:
+``--max-upload`` and the free space on the disk.  A session holds at most
+``--sftp-max-handles`` open files and directories.
+
+OpenSSH's extensions ``posix-rename@openssh.com``, ``statvfs@openssh.com``,
+``fstatvfs@openssh.com``, ``fsync@openssh.com`` and ``limits@openssh.com`` are
+served; ``hardlink@openssh.com`` is refused (and not advertised).
 
 Operations are audited through the core (:meth:`CommandCore.audit_operation`),
 in the SSH connection's session: ``get`` and ``put`` when the file is closed
@@ -24,6 +32,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -31,10 +40,13 @@ from typing import TYPE_CHECKING, Any
 from twisted.conch.interfaces import ISFTPServer
 from twisted.conch.ls import lsLine
 from twisted.conch.ssh import filetransfer
+from twisted.conch.ssh.common import getNS
 from twisted.conch.ssh.filetransfer import (
     FX_BAD_MESSAGE,
     FX_FAILURE,
     FX_FILE_ALREADY_EXISTS,
+    FX_NO_SUCH_FILE,
+    FX_OP_UNSUPPORTED,
     FX_PERMISSION_DENIED,
     FXF_APPEND,
     FXF_CREAT,
@@ -60,6 +72,9 @@ from zope.interface import implementer
 from cmdserver.commands.base import Context
 from cmdserver.doors.ssh.sftp_files import (
     MAX_DIR_MODE,
+    MAX_PACKET,
+    MAX_READ,
+    MAX_WRITE,
     DirectoryListing,
     ReadFile,
     UploadFile,
@@ -68,7 +83,8 @@ from cmdserver.doors.ssh.sftp_files import (
     stat_attrs,
     unsupported,
 )
-from cmdserver.errors import CommandError, Refused
+from cmdserver.doors.ssh.sftp_paths import ClientView, Place
+from cmdserver.errors import CommandError, PathOutsideRoots, Refused, RootProtected
 from cmdserver.jail import Entry
 
 if TYPE_CHECKING:
@@ -79,6 +95,20 @@ log = Logger()
 DOOR = "sftp"
 V3_LAST_STATUS = filetransfer.FX_OP_UNSUPPORTED  # 8: the last status code SFTP v3 defines
 
+# OpenSSH's extensions this server speaks, with their versions (OpenSSH's PROTOCOL).
+# hardlink@openssh.com is not among them: a client that asks anyway is refused.
+EXTENSIONS = {
+    b"posix-rename@openssh.com": b"1",
+    b"statvfs@openssh.com": b"2",
+    b"fstatvfs@openssh.com": b"2",
+    b"fsync@openssh.com": b"1",
+    b"limits@openssh.com": b"1",
+}
+STATVFS_ST_RDONLY = 0x1  # the f_flag bits of the statvfs reply
+STATVFS_ST_NOSUID = 0x2
+VIRTUAL_ROOT_READ_ONLY = "/ only lists the roots and cannot be changed"
+NO_HARD_LINKS = "hard links are not allowed in the jail"
+
 
 @implementer(ISFTPServer)
 class JailedSFTPServer:
@@ -88,6 +118,7 @@ class JailedSFTPServer:
         self.avatar = avatar
         self.policy = avatar.policy
         self.jail = avatar.policy.jail
+        self.view = ClientView(self.jail.roots)
         self.core = avatar.core
         settings = avatar.settings
         self.run_id = settings.temp_run_id
@@ -99,51 +130,95 @@ class JailedSFTPServer:
 
     # -- helpers -------------------------------------------------------------
 
-    def _run(self, action: str, f: Callable[[], Any], *paths: bytes) -> Deferred:
-        """Run ``f`` in a thread; jail refusals become (audited) SFTP errors."""
+    def place(self, raw: bytes) -> Place:
+        """Where a path the client sent leads (no disk access, never raises)."""
+        return self.view.place(os.fsdecode(raw))
+
+    def _run(self, action: str, f: Callable[[], Any], *places: Place) -> Deferred:
+        """Run ``f`` in a thread; jail refusals become (audited) SFTP errors whose
+        messages name the client's paths, never the server's."""
         def call() -> Any:
             try:
+                for place in places:
+                    if "\0" in place.shown:
+                        raise CommandError("invalid path: NUL byte")
                 return f()
             except Refused as e:
-                raise SFTPError(FX_PERMISSION_DENIED, e.message) from None
+                raise SFTPError(FX_PERMISSION_DENIED, self._message(e.message, places)) from None
             except CommandError as e:
-                raise SFTPError(FX_FAILURE, e.message) from None
+                raise SFTPError(FX_FAILURE, self._message(e.message, places)) from None
             except OSError as e:
-                raise os_error(e, _text(paths[0]) if paths else "") from None
+                raise os_error(e, places[0].shown if places else "") from None
 
         d = self.core.in_thread(call, ctx=self.ctx)
-        d.addErrback(self._refused, action, paths, self.core.reactor.seconds())
+        d.addErrback(self._refused, action, places, self.core.reactor.seconds())
         return d
 
-    def _refused(self, failure: Any, action: str, args: tuple, started: float) -> Any:
+    def _message(self, text: str, places: tuple[Place, ...]) -> str:
+        """A message of the jail's with the paths it was given written as the client
+        wrote them, and any other server path in the client's view."""
+        marks = []
+        for n, place in enumerate(sorted(places, key=lambda p: -len(p.jail))):
+            if place.jail:
+                mark = f"\0{n}\0"
+                text = text.replace(place.jail, mark)
+                marks.append((mark, place.shown))
+        text = self.view.scrub(text)
+        for mark, shown in marks:
+            text = text.replace(mark, shown)
+        return text
+
+    def _refused(self, failure: Any, action: str, places: tuple[Place, ...],
+                 started: float) -> Any:
         if failure.check(SFTPError) and failure.value.code == FX_PERMISSION_DENIED:
-            self._audit(action, args, "refused", failure.value.message, started)
+            self._audit(action, places, "refused", failure.value.message, started)
         return failure
 
-    def _audit(self, action: str, args: Any, outcome: str, error: str | None = None,
+    def _audit(self, action: str, places: Any, outcome: str, error: str | None = None,
                started: float | None = None, result: Any = None) -> None:
-        """Report an operation on the paths ``args`` (raw, as the client sent
-        them) to the core's audit trail; ``result`` says what it moved."""
-        shown = [self._shown(a) for a in args]
+        """Report an operation on ``places`` to the core's audit trail; ``result``
+        says what it moved."""
+        shown = [self._shown(p) for p in places]
         named = dict(zip(("path", "to"), shown, strict=False))
         duration = 0.0 if started is None else self.core.reactor.seconds() - started
         self.core.audit_operation(self.ctx, action, named, outcome, duration, error, result)
 
-    def _shown(self, raw: bytes) -> str:
-        """A path as the audit log shows it: inside the jail relative to it, never
-        the server's absolute path; outside it (refused) as the client sent it."""
-        path = _text(raw)
-        return self.policy.jail_path(path) or path
+    def _shown(self, place: Place) -> str:
+        """A path as the audit log shows it: inside the jail relative to it (as the
+        other doors' records do), never the server's absolute path; in the virtual
+        ``/`` of several roots, as the client sees it."""
+        if place.root is None:
+            return place.virtual
+        return self.policy.jail_path(place.jail) or place.virtual
 
-    def _entry(self, raw: bytes) -> Entry:
-        """The directory entry ``raw`` names, held by its directory's descriptor.
+    def _entry(self, place: Place) -> Entry:
+        """The directory entry ``place`` names, held by its directory's descriptor.
 
         Used to create, remove or rename an entry: a symlink is acted on itself,
         and only its parent directory must resolve inside the jail.  Names of
         upload temporary files are refused: another session's upload in progress
-        is not a file yet, and a new one by that name would be swept.
+        is not a file yet, and a new one by that name would be swept.  Nothing in
+        the virtual ``/`` of several roots can be made or changed.
         """
-        return self.jail.entry(os.fsdecode(raw))
+        if place.in_virtual_root:
+            raise SFTPError(FX_PERMISSION_DENIED, VIRTUAL_ROOT_READ_ONLY)
+        return self.jail.entry(place.jail)
+
+    @staticmethod
+    def _missing(place: Place) -> SFTPError:
+        return SFTPError(FX_NO_SUCH_FILE, f"no such file or directory: {place.shown}")
+
+    def _virtual_root_attrs(self) -> dict[str, int]:
+        """The virtual ``/`` of several roots: a directory nobody may write to, as
+        recent as its newest root."""
+        mtime = 0
+        for root in self.jail.roots:
+            try:
+                mtime = max(mtime, int(self.jail.stat(root).st_mtime))
+            except (OSError, CommandError):
+                continue
+        return {"size": 0, "uid": os.getuid(), "gid": os.getgid(),
+                "permissions": stat.S_IFDIR | 0o555, "atime": mtime, "mtime": mtime}
 
     # -- open handles ---------------------------------------------------------
 
@@ -158,76 +233,144 @@ class JailedSFTPServer:
         """An open file or directory was closed (each calls this once)."""
         self.handles -= 1
 
-    def _open_handle(self, action: str, f: Callable[[], Any], path: bytes) -> Deferred:
+    def _open_handle(self, action: str, f: Callable[[], Any], place: Place) -> Deferred:
         try:
             self._claim_handle()
         except SFTPError:
-            return self._audited(action, defer.fail(), path)
+            return self._audited(action, defer.fail(), place)
 
         def failed(failure: Failure) -> Failure:
             self.release_handle()
             return failure
 
-        return self._audited(action, self._run(action, f, path).addErrback(failed), path)
+        return self._audited(action, self._run(action, f, place).addErrback(failed), place)
 
     # -- ISFTPServer ---------------------------------------------------------
 
     def gotVersion(self, otherVersion: int, extData: dict) -> dict:
-        return {}
+        return dict(EXTENSIONS)
 
     def realPath(self, path: bytes) -> Deferred:
-        return self._run("realpath", lambda: os.fsencode(self.jail.real_path(_text(path))),
-                         path)
+        place = self.place(path)
+
+        def resolve() -> bytes:
+            if place.in_virtual_root:
+                if "/" in place.rel:  # below a name that is no root
+                    raise self._missing(place)
+                return os.fsencode(place.virtual)  # /, or a name that is not there
+            shown = self.view.client_path(self.jail.real_path(place.jail), place.root)
+            if shown is None:  # the jail resolves inside the roots only
+                raise PathOutsideRoots()
+            return os.fsencode(shown)
+
+        return self._run("realpath", resolve, place)
 
     def getAttrs(self, path: bytes, followLinks: bool) -> Deferred:
-        def stat_path() -> dict:
-            name = os.fsdecode(path)
-            return stat_attrs(self.jail.stat(name) if followLinks else self.jail.lstat(name))
+        place = self.place(path)
 
-        return self._run("stat", stat_path, path)
+        def stat_path() -> dict:
+            if place.in_virtual_root:
+                if place.rel:
+                    raise self._missing(place)
+                return self._virtual_root_attrs()
+            if followLinks:
+                return stat_attrs(self.jail.stat(place.jail))
+            return stat_attrs(self._link_sized(place, self.jail.lstat(place.jail)))
+
+        return self._run("stat", stat_path, place)
 
     def setAttrs(self, path: bytes, attrs: dict) -> Deferred:
+        place = self.place(path)
+
         def apply() -> None:
-            with self.jail.node(os.fsdecode(path)) as node:
+            if place.in_virtual_root:
+                if place.rel:
+                    raise self._missing(place)
+                raise SFTPError(FX_PERMISSION_DENIED, VIRTUAL_ROOT_READ_ONLY)
+            with self.jail.node(place.jail) as node:
                 _apply_attrs(node, attrs)
 
-        return self._run("setstat", apply, path)
+        return self._run("setstat", apply, place)
 
     def openDirectory(self, path: bytes) -> Deferred:
+        place = self.place(path)
+
         def listing() -> DirectoryListing:
+            if place.in_virtual_root:
+                if place.rel:
+                    raise self._missing(place)
+                found = self._roots_listing()
+            else:
+                found = [(name, self._link_sized(self.view.place(f"{place.virtual}/{name}"), st))
+                         for name, st in self.jail.scan_dir(place.jail)]
             entries = [(os.fsencode(name), lsLine(name, st).encode("utf-8", "replace"),
-                        stat_attrs(st))
-                       for name, st in self.jail.scan_dir(os.fsdecode(path))]
+                        stat_attrs(st)) for name, st in found]
             return DirectoryListing(entries, self)
 
-        return self._open_handle("ls", listing, path)
+        return self._open_handle("ls", listing, place)
+
+    def _link_sized(self, place: Place, st: os.stat_result) -> os.stat_result:
+        """``st``, but for a symlink the size of its target as the client sees it
+        (0 if it is not shown): a symlink's size is its target's length, and the
+        length of a server path is not told either."""
+        if not stat.S_ISLNK(st.st_mode):
+            return st
+        try:
+            shown = self.view.link_target(self._read_link(place), place)
+        except (OSError, CommandError, SFTPError):
+            shown = None
+        size = len(os.fsencode(shown)) if shown is not None else 0
+        fields = tuple(st)
+        return os.stat_result((*fields[:6], size, *fields[7:]))
+
+    def _read_link(self, place: Place) -> str:
+        """The target of the symlink ``place`` names, as it is on disk."""
+        with self._entry(place) as entry:
+            return os.readlink(entry.name, dir_fd=entry.dir_fd)
+
+    def _roots_listing(self) -> list[tuple[str, os.stat_result]]:
+        """The virtual ``/`` of several roots: each root by its name (a root that
+        is gone is left out)."""
+        found = []
+        for name, root in zip(self.view.names, self.jail.roots, strict=True):
+            try:
+                found.append((name, self.jail.stat(root)))
+            except (OSError, CommandError):
+                continue
+        return found
 
     def openFile(self, filename: bytes, flags: int, attrs: dict) -> Deferred:
+        place = self.place(filename)
         if flags & (FXF_WRITE | FXF_APPEND | FXF_CREAT | FXF_TRUNC):
-            if flags & (FXF_READ | FXF_APPEND):
-                return defer.fail(unsupported("reading and appending to an upload"))
+            if flags & FXF_READ:
+                return defer.fail(unsupported("reading and writing one open file"))
             return self._open_handle(
-                "put", lambda: self._open_upload(filename, flags, attrs), filename)
-        return self._open_handle("get", lambda: self._open_read(filename), filename)
+                "put", lambda: self._open_upload(place, flags), place)
+        return self._open_handle("get", lambda: self._open_read(place), place)
 
-    def _open_read(self, filename: bytes) -> ReadFile:
-        return ReadFile(self, self.jail.open_file(os.fsdecode(filename)), filename)
+    def _open_read(self, place: Place) -> ReadFile:
+        if place.in_virtual_root:
+            if place.rel:
+                raise self._missing(place)
+            raise SFTPError(FX_FAILURE, f"is a directory: {place.shown}")
+        return ReadFile(self, self.jail.open_file(place.jail), place)
 
-    def _open_upload(self, filename: bytes, flags: int, attrs: dict) -> UploadFile:
-        shown = os.fsdecode(filename)
-        with self._entry(filename) as entry:
+    def _open_upload(self, place: Place, flags: int) -> UploadFile:
+        shown = place.shown
+        with self._entry(place) as entry:
             st = entry.lstat()
             if st is not None and flags & FXF_EXCL:
                 raise SFTPError(FX_FILE_ALREADY_EXISTS, f"file exists: {shown}")
             if st is not None and stat.S_ISDIR(st.st_mode):
                 raise SFTPError(FX_FAILURE, f"is a directory: {shown}")
             if st is None and not flags & FXF_CREAT:
-                raise SFTPError(filetransfer.FX_NO_SUCH_FILE, f"no such file: {shown}")
+                raise SFTPError(FX_NO_SUCH_FILE, f"no such file: {shown}")
             replaced = None
             if st is not None and not flags & FXF_TRUNC:
-                # Written into without truncating (OpenSSH's scp does): the upload
-                # starts as the file's content and still replaces it whole on close.
-                replaced = self._open_replaced(entry, shown)
+                # Written into without truncating (OpenSSH's scp does) or appended
+                # to (its sftp's reput): the upload starts as the file's content
+                # and still replaces it whole on close.
+                replaced = self._open_replaced(entry)
             try:
                 temp = entry.create_temp(self.run_id)
             except BaseException:
@@ -236,11 +379,11 @@ class JailedSFTPServer:
                 raise
         # The mode the client asks for (OpenSSH's sftp sends the local file's) is
         # ignored: an uploaded file is 0600, as with the upload command.
-        return UploadFile(self, temp, exclusive=bool(flags & FXF_EXCL), name=filename,
-                          base=replaced)
+        return UploadFile(self, temp, exclusive=bool(flags & FXF_EXCL), place=place,
+                          base=replaced, append=bool(flags & FXF_APPEND))
 
     @staticmethod
-    def _open_replaced(entry: Entry, shown: str) -> int:
+    def _open_replaced(entry: Entry) -> int:
         """The file an upload writes into, for reading; never through a symlink."""
         try:
             return entry.open_existing()
@@ -250,48 +393,109 @@ class JailedSFTPServer:
             raise
 
     def removeFile(self, filename: bytes) -> Deferred:
+        place = self.place(filename)
+
         def remove() -> None:
-            with self._entry(filename) as entry:
+            with self._entry(place) as entry:
                 entry.unlink()
 
-        return self._audited("rm", self._run("rm", remove, filename), filename)
+        return self._audited("rm", self._run("rm", remove, place), place)
 
     def renameFile(self, oldpath: bytes, newpath: bytes) -> Deferred:
+        return self._rename(self.place(oldpath), self.place(newpath), replace=False)
+
+    def posix_rename(self, oldpath: bytes, newpath: bytes) -> Deferred:
+        """``posix-rename@openssh.com``: a rename that replaces an existing name, as
+        rename(2) does; the same checks and the same audit record as a rename."""
+        return self._rename(self.place(oldpath), self.place(newpath), replace=True)
+
+    def _rename(self, old: Place, new: Place, replace: bool) -> Deferred:
         def rename() -> None:
-            with self._entry(oldpath) as old, self._entry(newpath) as new:
+            with self._entry(old) as source, self._entry(new) as target:
                 try:
-                    old.rename_to(new)  # SFTP v3: renaming onto an existing name fails
+                    # SFTP v3: renaming onto an existing name fails; POSIX replaces it.
+                    source.rename_to(target, replace=replace)
                 except FileExistsError:
                     raise SFTPError(FX_FILE_ALREADY_EXISTS,
-                                    f"file exists: {os.fsdecode(newpath)}") from None
+                                    f"file exists: {new.shown}") from None
 
-        d = self._run("rename", rename, oldpath, newpath)
-        return self._audited("rename", d, oldpath, newpath)
+        d = self._run("rename", rename, old, new)
+        return self._audited("rename", d, old, new)
 
     def makeDirectory(self, path: bytes, attrs: dict) -> Deferred:
+        place = self.place(path)
+
         def mkdir() -> None:
-            with self._entry(path) as entry:
+            with self._entry(place) as entry:
                 entry.mkdir(attrs.get("permissions", MAX_DIR_MODE) & MAX_DIR_MODE)
 
-        return self._audited("mkdir", self._run("mkdir", mkdir, path), path)
+        return self._audited("mkdir", self._run("mkdir", mkdir, place), place)
 
     def removeDirectory(self, path: bytes) -> Deferred:
+        place = self.place(path)
+
         def rmdir() -> None:
-            with self._entry(path) as entry:
+            with self._entry(place) as entry:
                 entry.rmdir()
 
-        return self._audited("rmdir", self._run("rmdir", rmdir, path), path)
+        return self._audited("rmdir", self._run("rmdir", rmdir, place), place)
 
     def readLink(self, path: bytes) -> Deferred:
-        return defer.fail(unsupported("readlink"))
+        """A symlink's target, as the client may see it: an absolute target in a
+        root in the client's view, a relative one as it is if it stays in its
+        root; a target outside the jail is not shown (*Permission denied*)."""
+        place = self.place(path)
+
+        def read() -> bytes:
+            not_a_link = SFTPError(FX_FAILURE, f"not a symlink: {place.shown}")
+            if place.in_virtual_root and place.rel:
+                raise self._missing(place)
+            try:
+                target = self._read_link(place)
+            except (RootProtected, SFTPError):  # a root, or the virtual /
+                raise not_a_link from None
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    raise not_a_link from None
+                raise
+            shown = self.view.link_target(target, place)
+            if shown is None:
+                raise SFTPError(FX_PERMISSION_DENIED,
+                                f"the symlink leads outside the jail: {place.shown}")
+            return os.fsencode(shown)
+
+        return self._run("readlink", read, place)
 
     def makeLink(self, linkPath: bytes, targetPath: bytes) -> Deferred:
         return defer.fail(unsupported("symlink"))
 
+    def statvfs(self, path: bytes) -> Deferred:
+        """``statvfs@openssh.com``: the filesystem ``path`` lies on, through the
+        descriptor the jail resolves it to."""
+        place = self.place(path)
+
+        def look() -> bytes:
+            if place.in_virtual_root:
+                if place.rel:
+                    raise self._missing(place)
+                raise SFTPError(FX_FAILURE, "/ is on no filesystem: it lists the roots; "
+                                            "ask about a path inside one of them")
+            with self.jail.node(place.jail) as node:
+                return statvfs_reply(os.fstatvfs(node.fd))
+
+        return self._run("statvfs", look, place)
+
+    def limits(self) -> bytes:
+        """``limits@openssh.com``: the longest packet this server reads, the longest
+        read it answers and write it takes, and the session's cap on handles."""
+        return struct.pack("!4Q", MAX_PACKET, MAX_READ, MAX_WRITE, self.max_handles)
+
     def extendedRequest(self, extendedName: bytes, extendedData: bytes) -> Deferred:
+        if extendedName == b"hardlink@openssh.com":
+            return defer.fail(SFTPError(FX_OP_UNSUPPORTED, NO_HARD_LINKS))
         return defer.fail(unsupported(f"extension {_text(extendedName)}"))
 
-    def _audited(self, action: str, d: Deferred, *args: bytes) -> Deferred:
+    def _audited(self, action: str, d: Deferred, *places: Place) -> Deferred:
         """Audit a download or a change to the jail once it is done (or failed); a
         file opened for ``get`` or ``put`` is audited when it is closed."""
         started = self.core.reactor.seconds()
@@ -302,15 +506,26 @@ class JailedSFTPServer:
             if not (hasattr(result, "check") and result.check(SFTPError)
                     and result.value.code == FX_PERMISSION_DENIED):  # already audited
                 error = result.getErrorMessage() if hasattr(result, "check") else None
-                self._audit(action, args, "error" if error else "ok", error, started)
+                self._audit(action, places, "error" if error else "ok", error, started)
             return result
 
         return d.addBoth(done)
 
 
+def statvfs_reply(st: os.statvfs_result) -> bytes:
+    """The reply to ``statvfs@openssh.com`` and ``fstatvfs@openssh.com`` (OpenSSH's
+    PROTOCOL, 4.4): eleven uint64."""
+    flag = ((STATVFS_ST_RDONLY if st.f_flag & os.ST_RDONLY else 0)
+            | (STATVFS_ST_NOSUID if st.f_flag & os.ST_NOSUID else 0))
+    return struct.pack("!11Q", st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail,
+                       st.f_files, st.f_ffree, st.f_favail, st.f_fsid & (2**64 - 1), flag,
+                       st.f_namemax)
+
+
 class JailedFileTransferServer(filetransfer.FileTransferServer):
-    """Conch's SFTP protocol, except that a lost session aborts open uploads and
-    that it knows which requests are not answered yet.
+    """Conch's SFTP protocol, except that a lost session aborts open uploads, that
+    it knows which requests are not answered yet, that it serves OpenSSH's
+    extensions, and that a packet longer than :data:`MAX_PACKET` ends the session.
 
     The session ends at the client's EOF, but only once every request received
     before it is answered (:meth:`requests_answered`): a client may send its
@@ -319,9 +534,27 @@ class JailedFileTransferServer(filetransfer.FileTransferServer):
 
     def __init__(self, server: JailedSFTPServer) -> None:
         super().__init__(avatar=server)
+        self.server = server
         self._unanswered: Counter[bytes] = Counter()  # request id -> requests
         self._waiting: list[Deferred] = []
         self._dispatching = False
+        self._severed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._severed:
+            return
+        super().dataReceived(data)
+        if len(self.buf) >= 4:
+            (length,) = struct.unpack("!L", self.buf[:4])
+            if length > MAX_PACKET:
+                # OpenSSH's sftp-server does the same: limits@openssh.com says so.
+                self._severed = True
+                self.buf = b""
+                log.info("sftp: {user}@{peer} sent a packet of {length} bytes (the limit "
+                         "is {limit}): session closed", user=self.server.ctx.user,
+                         peer=self.server.ctx.peer, length=length, limit=MAX_PACKET)
+                if self.transport is not None:
+                    self.transport.loseConnection()
 
     def _sendStatus(self, requestId: bytes, code: int, message: bytes,
                     lang: bytes = b"") -> None:
@@ -331,6 +564,54 @@ class JailedFileTransferServer(filetransfer.FileTransferServer):
         if code > V3_LAST_STATUS:
             code = FX_FAILURE
         super()._sendStatus(requestId, code, message, lang)
+
+    # -- OpenSSH's extensions ---------------------------------------------------
+
+    def packet_EXTENDED(self, data: bytes) -> None:
+        """An extension request.  conch answers whatever the server returns as an
+        EXTENDED_REPLY; the extensions that answer a STATUS are handled here."""
+        request_id = data[:4]
+        name, payload = getNS(data[4:])
+        if name == b"posix-rename@openssh.com":
+            old, rest = getNS(payload)
+            new, _ = getNS(rest)
+            self._status(self.server.posix_rename(old, new), request_id, name)
+        elif name == b"fsync@openssh.com":
+            handle, _ = getNS(payload)
+            self._status(self._on_file(handle, "fsync"), request_id, name)
+        elif name == b"statvfs@openssh.com":
+            path, _ = getNS(payload)
+            self._reply(self.server.statvfs(path), request_id, name)
+        elif name == b"fstatvfs@openssh.com":
+            handle, _ = getNS(payload)
+            self._reply(self._on_file(handle, "statvfs"), request_id, name)
+        elif name == b"limits@openssh.com":
+            self._reply(defer.succeed(self.server.limits()), request_id, name)
+        else:  # hardlink@openssh.com and the unknown: refused
+            super().packet_EXTENDED(data)
+
+    def _on_file(self, handle: bytes, operation: str) -> Deferred:
+        """Run ``fsync`` or ``statvfs`` on an open file, in turn after the requests
+        on it before this one."""
+        open_file = self.openFiles.get(handle)
+        if not isinstance(open_file, (ReadFile, UploadFile)):
+            if handle in self.openDirs:
+                return defer.fail(SFTPError(FX_FAILURE, f"{operation} needs an open file, "
+                                                        f"not a directory listing"))
+            return defer.fail(SFTPError(FX_FAILURE, "invalid handle"))
+        if operation == "fsync":
+            return open_file.fsync()
+        return open_file.statvfs().addCallback(statvfs_reply)
+
+    def _status(self, d: Deferred, request_id: bytes, name: bytes) -> None:
+        d.addCallback(self._cbStatus, request_id)
+        d.addErrback(self._ebStatus, request_id, b"extended " + name + b" failed")
+
+    def _reply(self, d: Deferred, request_id: bytes, name: bytes) -> None:
+        d.addCallback(self._cbExtended, request_id)
+        d.addErrback(self._ebStatus, request_id, b"extended " + name + b" failed")
+
+    # -- answering every request ------------------------------------------------
 
     def requests_answered(self) -> Deferred:
         """A Deferred that fires once every request received so far is answered."""
@@ -384,7 +665,8 @@ class JailedFileTransferServer(filetransfer.FileTransferServer):
 
 
 def _counted(name: str) -> Callable[..., None]:
-    handler = getattr(filetransfer.FileTransferServer, name)
+    handler = (JailedFileTransferServer.__dict__.get(name)
+               or getattr(filetransfer.FileTransferServer, name))
 
     def handle(self: JailedFileTransferServer, data: bytes, *args: Any) -> None:
         self._dispatch(handler, data, *args)

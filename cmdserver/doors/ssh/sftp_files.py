@@ -7,9 +7,12 @@ the target directory (unnamed where the filesystem allows) that
 :meth:`UploadFile.close` fsyncs and links into place, and
 :meth:`UploadFile.abort` drops when the session ends first.  Writes past
 ``--max-upload`` or past the free space on the disk fail and discard the
-upload.  A file is audited (``get``, ``put``) when it is closed or abandoned,
-with the bytes read or written.  Each open file or listing counts against the
-session's cap on handles until it is closed.
+upload.  An upload opened to append (OpenSSH's ``reput``, ``put -a``) starts as
+the file it appends to and writes each chunk at its end; it too replaces the
+file whole on close, within the same limits.  A file is audited (``get``,
+``put``) when it is closed or abandoned, with the bytes read or written.  Each
+open file or listing counts against the session's cap on handles until it is
+closed.
 """
 
 from __future__ import annotations
@@ -40,11 +43,16 @@ from cmdserver.text import escape
 
 if TYPE_CHECKING:
     from cmdserver.doors.ssh.sftp import JailedSFTPServer
+    from cmdserver.doors.ssh.sftp_paths import Place
     from cmdserver.jail import TempFile
 
 log = Logger()
 
-MAX_READ = 256 * 1024  # bytes per read request; clients ask for 32 KiB anyway
+# The bounds limits@openssh.com announces, as OpenSSH's sftp-server has them: a
+# longer packet ends the session; a read is answered with at most MAX_READ bytes.
+MAX_PACKET = 256 * 1024
+MAX_READ = MAX_PACKET - 1024  # room for the DATA reply's header
+MAX_WRITE = MAX_PACKET - 1024  # room for the WRITE request's header and handle
 FILE_MODE = 0o600  # every file SFTP creates, whatever mode the client asks for
 MAX_DIR_MODE = 0o755  # the most a directory may be given (mkdir's default)
 
@@ -160,14 +168,22 @@ class _OpenFile:
         # _op refuses a closed file (fd None) before the lambda can run.
         return self._op(lambda: stat_attrs(os.fstat(cast(int, fd))))
 
+    def fsync(self) -> Deferred:
+        """``fsync@openssh.com``: in turn, after the writes before it."""
+        return self._op(os.fsync, self.fd)
+
+    def statvfs(self) -> Deferred:
+        """``fstatvfs@openssh.com``: the filesystem the file is on."""
+        return self._op(os.fstatvfs, self.fd)
+
 
 @implementer(ISFTPFile)
 class ReadFile(_OpenFile):
     """A jailed file opened for ``get``."""
 
-    def __init__(self, server: JailedSFTPServer, fd: int, name: bytes) -> None:
+    def __init__(self, server: JailedSFTPServer, fd: int, place: Place) -> None:
         super().__init__(server, fd)
-        self.name = name
+        self.place = place
 
     def readChunk(self, offset: int, length: int) -> Deferred:
         fd = self.fd
@@ -188,7 +204,7 @@ class ReadFile(_OpenFile):
             return defer.succeed(None)
         fd, self.fd = self.fd, None
         self._release()
-        self.server._audit("get", [self.name], "ok", None, self.started, {"bytes": self.moved})
+        self.server._audit("get", [self.place], "ok", None, self.started, {"bytes": self.moved})
         return self._in_turn(lambda: os.close(fd))
 
 
@@ -204,11 +220,13 @@ class UploadFile(_OpenFile):
     that), the upload starts as that file's content: ``base`` is the file, and
     the bytes the client does not write come from it.  They are copied only
     when needed: not at all when the client writes from the start and then
-    sets the size it wrote, as ``scp`` does.
+    sets the size it wrote, as ``scp`` does.  Opened to ``append``, every write
+    lands at the end of the upload, whatever its offset says (OpenSSH's
+    ``reput`` sends the offsets from the file's size, which is that end).
     """
 
     def __init__(self, server: JailedSFTPServer, temp: TempFile, exclusive: bool,
-                 name: bytes, base: int | None = None) -> None:
+                 place: Place, base: int | None = None, append: bool = False) -> None:
         super().__init__(server, temp.fd)
         self.base = base  # until its bytes are copied in or cut off
         self.base_size = os.fstat(base).st_size if base is not None else 0
@@ -217,7 +235,8 @@ class UploadFile(_OpenFile):
         self.temp = temp
         self.mode = FILE_MODE  # an FSETSTAT may narrow it before close
         self.exclusive = exclusive
-        self.name = name
+        self.append = append
+        self.place = place
         self.times: tuple[int, int] | None = None
         self.failed: str | None = None  # why a write failed: the upload is discarded
 
@@ -232,6 +251,8 @@ class UploadFile(_OpenFile):
     def _write(self, fd: int, data: bytes, offset: int) -> None:
         if self.failed is not None:
             raise SFTPError(FX_FAILURE, f"an earlier write failed ({self.failed})")
+        if self.append:
+            offset = self._size(fd)
         try:
             self._check_room(fd, offset + len(data))
             if self.base is not None and offset > self.prefix:
@@ -241,7 +262,7 @@ class UploadFile(_OpenFile):
             self.failed = e.message
             raise
         except OSError as e:
-            error = os_error(e, os.fsdecode(self.name))
+            error = os_error(e, self.place.shown)
             self.failed = error.message
             raise error from None
         if self.base is not None:
@@ -318,7 +339,7 @@ class UploadFile(_OpenFile):
             try:
                 os.ftruncate(fd, self.end)
             except OSError as e:
-                error = os_error(e, os.fsdecode(self.name))
+                error = os_error(e, self.place.shown)
                 self.failed = error.message  # what is left of the file may be in it
                 raise error from None
         if "permissions" in attrs:
@@ -336,10 +357,10 @@ class UploadFile(_OpenFile):
         server = self.server
 
         def audit_ok(_: Any) -> None:
-            server._audit("put", [self.name], "ok", None, self.started, {"bytes": self.moved})
+            server._audit("put", [self.place], "ok", None, self.started, {"bytes": self.moved})
 
         def audit_error(f: Failure) -> Failure:
-            server._audit("put", [self.name], "error", f.getErrorMessage(), self.started,
+            server._audit("put", [self.place], "error", f.getErrorMessage(), self.started,
                           {"bytes": self.moved})
             return f
 
@@ -361,7 +382,7 @@ class UploadFile(_OpenFile):
             temp.publish(replace=not self.exclusive)  # exclusive: fails if the name appeared
         except OSError as e:
             temp.discard()
-            raise os_error(e, os.fsdecode(self.name)) from None
+            raise os_error(e, self.place.shown) from None
 
     def abort(self) -> Deferred:
         """The session ended before close: drop the temporary file."""
@@ -375,8 +396,8 @@ class UploadFile(_OpenFile):
             self.temp.discard()
 
         log.info("sftp: upload of {name} abandoned, temporary file removed",
-                 name=escape(self.name))
-        self.server._audit("put", [self.name], "error", "the session ended before the upload "
+                 name=escape(self.place.shown))
+        self.server._audit("put", [self.place], "error", "the session ended before the upload "
                            "was closed", self.started, {"bytes": self.moved})
         return self._in_turn(drop)
 

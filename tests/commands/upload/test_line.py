@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from cmdserver.commands.upload.engine import BATCH, HIGH_WATER
+from cmdserver.doors.idle import IdleClock
 from cmdserver.doors.line.protocol import LineProtocol, LineSettings
 from tests.helpers.upload import (
     leftovers,
@@ -32,10 +33,10 @@ class LineUploadTests(unittest.TestCase):
     def connect(self, writer=None, idle_timeout: float = 300, max_upload: int = 1 << 30):
         self.core, self.uploads = make_core(self.root, writer=writer, max_upload=max_upload)
         self.clock = task.Clock()
-        self.proto = LineProtocol(self.core, LineSettings(idle_timeout=idle_timeout,
-                                                          greeting=""))
         # the idle timer runs on a fake clock
-        self.patch(self.proto, "callLater", self.clock.callLater)
+        self.proto = LineProtocol(self.core, LineSettings(idle_timeout=idle_timeout,
+                                                          greeting=""),
+                                  IdleClock(self.clock, idle_timeout))
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)
 

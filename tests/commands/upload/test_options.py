@@ -9,7 +9,7 @@ import pytest
 from twisted.python import usage
 
 from cmdserver.cli import build_parser
-from cmdserver.cli.upload import Progress, file_hmac
+from cmdserver.cli.upload import MAX_PREAMBLE_LINES, Progress, UploadFailed, file_hmac, wait_ready
 from cmdserver.commands.upload.engine import byte_size
 from cmdserver.commands.upload.key import BadKeyError, parse_key, read_key_file, server_key
 from cmdserver.tap import Options
@@ -141,3 +141,29 @@ def test_cli_upload_options():
     assert (args.mac, args.sha256, args.mac_first) == ("blake2b", True, True)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["upload", "f", "--mac", "md5"])
+
+
+@pytest.mark.parametrize("before", [
+    [],  # the line door greets no one unless told to
+    ["cmdserver 0.1.0 ready; type 'help' for the commands."],
+    ["Ready for anything: type 'help'", "Logged in as ops"],  # a greeting, the login's answer
+])
+def test_the_client_waits_for_its_ready_line(before):
+    lines = [*before, "Ready for 42 bytes", "more"]
+    reader = io.BytesIO("".join(f"{line}\r\n" for line in lines).encode())
+    wait_ready(reader, 42)
+    assert reader.readline() == b"more\r\n"  # nothing read past it
+
+
+@pytest.mark.parametrize("lines, message", [
+    (["Error: login failed"], "Error: login failed"),
+    (["Welcome", "Error: target exists: a.bin"], "Error: target exists: a.bin"),
+    (["Command not found."], "Command not found."),
+    ([], "Error: the server closed the connection"),
+    (["chatter"] * MAX_PREAMBLE_LINES, "Error: the server did not answer the upload command"),
+])
+def test_the_client_reports_what_came_instead(lines, message):
+    reader = io.BytesIO("".join(f"{line}\r\n" for line in lines).encode())
+    with pytest.raises(UploadFailed) as e:
+        wait_ready(reader, 42)
+    assert str(e.value) == message

@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from cmdserver.commands.upload.engine import BATCH
 from cmdserver.commands.upload.mac import trailer_line
 from cmdserver.commands.upload.spool import PARALLEL_MIN, TrailerUploadResult
+from cmdserver.doors.idle import IdleClock
 from cmdserver.doors.line.protocol import LineProtocol, LineSettings
 from tests.helpers.upload import (
     KEY,
@@ -40,10 +41,10 @@ class LineTrailerTests(unittest.TestCase):
 
     def connect(self, writer=None, idle_timeout: float = 300) -> None:
         self.core, self.uploads = make_core(self.root, writer=writer)
-        self.clock = task.Clock()
+        self.clock = task.Clock()  # the idle timer runs on a fake clock
         self.proto = LineProtocol(self.core, LineSettings(idle_timeout=idle_timeout,
-                                                          greeting=""))
-        self.patch(self.proto, "callLater", self.clock.callLater)
+                                                          greeting=""),
+                                  IdleClock(self.clock, idle_timeout))
         self.transport = StringTransport()
         self.proto.makeConnection(self.transport)
 

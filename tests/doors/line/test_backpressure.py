@@ -96,7 +96,7 @@ class BackPressureTests(unittest.TestCase):
         # the rest stays in LineReceiver's buffer as raw bytes.
         self.assertEqual(self.transport.producerState, "paused")
         self.assertEqual(self.transport.value(), b"")
-        self.assertEqual(len(self.proto._queue), QUEUE_HIGH)
+        self.assertEqual(len(self.proto._queue or ()), QUEUE_HIGH)
         self.assertEqual(self.core.stats.commands["ping"], 0)
         self.assertEqual(len(self.proto._buffer), (10_000 - QUEUE_HIGH) * 5)
         self.proto.resumeProducing()
@@ -114,7 +114,7 @@ class BackPressureTests(unittest.TestCase):
         self.assertLess(delivered, len(burst) // 50)
         one_help = len(self.transport.value()) // max(1, self.core.stats.commands["help"])
         self.assertLessEqual(self.transport.peak, SEND_BUFFER + BATCH_LIMIT + one_help)
-        self.assertLessEqual(len(self.proto._queue), QUEUE_HIGH)
+        self.assertLessEqual(len(self.proto._queue or ()), QUEUE_HIGH)
         self.assertLessEqual(len(self.proto._buffer), READ_SIZE)
 
     def test_burst_is_answered_in_full_once_the_client_reads(self) -> None:
@@ -144,7 +144,7 @@ class BackPressureTests(unittest.TestCase):
 
     def test_queue_bounded_while_a_command_runs(self) -> None:
         self.proto.dataReceived(b"later\n" + b"ping\n" * 1000)
-        self.assertEqual(len(self.proto._queue), QUEUE_HIGH)
+        self.assertEqual(len(self.proto._queue or ()), QUEUE_HIGH)
         self.assertEqual(self.transport.producerState, "paused")
         self.later.pending[0].callback("done")
         for _ in range(10):
@@ -157,6 +157,6 @@ class BackPressureTests(unittest.TestCase):
         running = self.later.pending[0]
         self.proto.connectionLost(None)
         self.assertTrue(running.called)  # cancelled
-        self.assertEqual(len(self.proto._queue), 0)
+        self.assertEqual(len(self.proto._queue or ()), 0)
         self.reactor.advance(0)  # a pending turn does nothing on a closed connection
         self.assertEqual(self.transport.value(), b"")

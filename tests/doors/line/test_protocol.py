@@ -57,7 +57,6 @@ class LineDoorTests(unittest.SynchronousTestCase):
 
     def connect(self, host: str = "10.1.2.3"):
         protocol = LineFactory(self.core, self.settings).buildProtocol(None)
-        self.patch(protocol, "callLater", self.clock.callLater)
         transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
         protocol.makeConnection(transport)
         return protocol, transport
@@ -76,6 +75,20 @@ class LineDoorTests(unittest.SynchronousTestCase):
         self.assertEqual(self.protocol.ctx.peer, "10.1.2.3:40000")
         self.assertEqual(self.protocol.ctx.user, "anonymous")
         self.assertEqual(self.protocol.ctx.door, "line")
+
+    def test_no_greeting_by_default(self) -> None:
+        # printf 'test\n' | nc HOST PORT: the first line read is the first reply.
+        self.settings = LineSettings()
+        protocol, transport = self.connect()
+        self.assertEqual(transport.value(), b"")
+        protocol.dataReceived(b"test\n")
+        self.assertEqual(transport.value(), b"Command not found.\r\n")
+
+    def test_a_greeting_comes_before_the_first_reply(self) -> None:
+        self.settings = LineSettings(greeting="cmdserver on host7")
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"test\n")
+        self.assertEqual(transport.value(), b"cmdserver on host7\r\nCommand not found.\r\n")
 
     def test_lf_and_crlf(self) -> None:
         self.output()

@@ -9,6 +9,7 @@ from typing import Any, cast
 
 from twisted.conch.ssh.filetransfer import (
     FX_FILE_ALREADY_EXISTS,
+    FX_NO_SUCH_FILE,
     FX_OP_UNSUPPORTED,
     FX_PERMISSION_DENIED,
     FXF_APPEND,
@@ -132,23 +133,32 @@ class SFTPJailTest(SFTPServerTestBase):
             self.assertIn("reserved name", self.error(attempt).message)
         self.assertEqual(len(self.temps()), 1)
 
-    def test_realpath_starts_at_the_first_root(self) -> None:
-        self.assertEqual(self.successResultOf(self.server.realPath(b".")),
-                         os.fsencode(self.root))
+    def test_the_root_is_slash(self) -> None:
+        for path in (b".", b"/", b"..", b"/../..", b"", b"a.txt/.."):
+            self.assertEqual(self.successResultOf(self.server.realPath(path)), b"/", path)
+        listing = self.successResultOf(self.server.openDirectory(b"/"))
+        self.assertEqual([name for name, _, _ in listing], [b"a.txt"])
+        handle = self.successResultOf(self.server.openFile(b"/a.txt", FXF_READ, {}))
+        self.assertEqual(self.successResultOf(handle.readChunk(0, 100)), b"alpha")
 
-    def test_outside_paths_refused(self) -> None:
+    def test_nothing_outside_can_be_named(self) -> None:
+        # As under OpenSSH's ChrootDirectory: .. stops at /, and an absolute path
+        # (the server's real paths too) names a path under the root.
         for attempt in (
             self.server.getAttrs(b"../outside/secret", True),
             self.server.openFile(os.fsencode(self.outside) + b"/secret", FXF_READ, {}),
-            self.server.openDirectory(b".."),
             self.server.openFile(b"../outside/new", PUT, {}),
             self.server.removeFile(b"../outside/secret"),
             self.server.renameFile(b"a.txt", b"../outside/a.txt"),
             self.server.makeDirectory(b"/tmp/x", {}),
-            self.server.removeDirectory(b"/"),
         ):
-            self.assertEqual(self.error(attempt).code, FX_PERMISSION_DENIED)
-        self.assertTrue(os.path.exists(os.path.join(self.outside, "secret")))
+            self.assertEqual(self.error(attempt).code, FX_NO_SUCH_FILE)
+        self.assertEqual(self.error(self.server.removeDirectory(b"/")).code,
+                         FX_PERMISSION_DENIED)
+        self.successResultOf(self.put(b"../../up.txt", b"up").close())
+        with open(self.path("up.txt"), "rb") as f:
+            self.assertEqual(f.read(), b"up")
+        self.assertEqual(sorted(os.listdir(self.outside)), ["secret"])
         self.assertTrue(os.path.exists(self.path("a.txt")))
 
     def test_symlink_out_is_not_followed(self) -> None:
@@ -209,8 +219,8 @@ class SFTPJailTest(SFTPServerTestBase):
         d = self.server.openFile(b"a.txt", FXF_WRITE | FXF_CREAT | FXF_EXCL, {})
         self.assertEqual(self.error(d).code, FX_FILE_ALREADY_EXISTS)
 
-    def test_read_write_and_append_refused(self) -> None:
-        for flags in (FXF_READ | PUT, FXF_WRITE | FXF_APPEND, FXF_WRITE | FXF_CREAT | FXF_APPEND):
+    def test_read_write_refused(self) -> None:
+        for flags in (FXF_READ | PUT, FXF_READ | FXF_WRITE, FXF_READ | FXF_APPEND):
             self.assertEqual(self.error(self.server.openFile(b"a.txt", flags, {})).code,
                              FX_OP_UNSUPPORTED)
         self.assertEqual(self.temps(), [])
@@ -242,9 +252,9 @@ class SFTPJailTest(SFTPServerTestBase):
         self.assertEqual(self.successResultOf(handle.readChunk(1, 100)), b"lpha")
         self.successResultOf(handle.close())
 
-    def test_links_and_extensions_unsupported(self) -> None:
-        for d in (self.server.makeLink(b"l", b"/etc/passwd"), self.server.readLink(b"a.txt"),
-                  self.server.extendedRequest(b"statvfs@openssh.com", b"")):
+    def test_symlinks_and_unknown_extensions_unsupported(self) -> None:
+        for d in (self.server.makeLink(b"l", b"/etc/passwd"),
+                  self.server.extendedRequest(b"nosuch@example.com", b"")):
             self.assertEqual(self.error(d).code, FX_OP_UNSUPPORTED)
         self.assertFalse(os.path.lexists(self.path("l")))
 
@@ -274,7 +284,7 @@ class SFTPJailTest(SFTPServerTestBase):
     def test_the_mode_of_a_root_never_changes(self) -> None:
         os.chmod(self.root, 0o755)
         os.symlink(".", self.path("self"))
-        for path in (b".", os.fsencode(self.root), b"self", b"sub/.."):
+        for path in (b".", b"/", b"/..", b"self", b"sub/.."):
             os.makedirs(self.path("sub"), exist_ok=True)
             error = self.error(self.server.setAttrs(path, {"permissions": 0o700}))
             self.assertEqual((error.code, error.message),
@@ -478,7 +488,66 @@ class SFTPWriteIntoTest(SFTPServerTestBase):
         self.assertEqual(self.content(), b"alpha")
 
 
+class SFTPAppendTest(SFTPServerTestBase):
+    """Opened to append (OpenSSH's reput and put -a): the upload starts as the file,
+    each write lands at its end, and it replaces the file whole on close."""
+
+    APPEND = FXF_WRITE | FXF_CREAT | FXF_APPEND
+
+    def content(self, name: str = "a.txt") -> bytes:
+        with open(self.path(name), "rb") as f:
+            return f.read()
+
+    def test_writes_land_at_the_end(self) -> None:
+        before = os.stat(self.path("a.txt")).st_ino
+        upload = self.put(b"a.txt", b" beta", flags=self.APPEND)  # at 0: still at the end
+        self.successResultOf(upload.writeChunk(10, b" gamma"))  # reput's offsets: the end
+        self.assertEqual(self.content(), b"alpha")  # nothing visible before close
+        self.successResultOf(upload.close())
+        self.assertEqual(self.content(), b"alpha beta gamma")
+        self.assertNotEqual(os.stat(self.path("a.txt")).st_ino, before)  # replaced whole
+        self.assertEqual(self.temps(), [])
+        os.symlink("a.txt", self.path("link"))  # never appended to through a symlink
+        self.assertEqual(self.error(self.server.openFile(b"link", self.APPEND, {})).code,
+                         FX_OP_UNSUPPORTED)
+        self.assertEqual(self.content(), b"alpha beta gamma")
+
+    def test_a_new_file(self) -> None:
+        self.successResultOf(self.put(b"new.txt", b"new", flags=self.APPEND).close())
+        self.assertEqual(self.content("new.txt"), b"new")
+
+    def test_the_whole_file_counts_against_the_limit(self) -> None:
+        self.server.max_upload = 8
+        upload = self.put(b"a.txt", b"123", flags=self.APPEND)  # 5 + 3: fits
+        error = self.error(upload.writeChunk(8, b"4"))
+        self.assertEqual(error.message, "upload too large: 9 bytes (the limit is 8 bytes)")
+        self.assertIn("upload discarded", self.error(upload.close()).message)
+        self.assertEqual(self.content(), b"alpha")
+        self.assertEqual(self.temps(), [])
+
+    def test_and_against_the_free_space(self) -> None:
+        with open(self.path("a.txt"), "wb") as f:
+            f.write(b"x" * 4096)
+        real = os.fstatvfs
+
+        def nearly_full(fd: int) -> Any:
+            st = real(fd)
+            return os.statvfs_result((st.f_bsize, 1024, st.f_blocks, 4, 4, *st[5:]))
+
+        self.patch(os, "fstatvfs", nearly_full)
+        upload = self.successResultOf(self.server.openFile(b"a.txt", self.APPEND, {}))
+        error = self.error(upload.writeChunk(4096, b"y"))
+        self.assertEqual(error.message, "not enough disk space: 4097 bytes needed, "
+                                        "4096 available")
+        self.error(upload.close())
+        self.assertEqual(self.content(), b"x" * 4096)
+
+
 class SFTPJailNamedTempTest(SFTPJailTest):
+    named_temps = True
+
+
+class SFTPAppendNamedTempTest(SFTPAppendTest):
     named_temps = True
 
 
@@ -542,7 +611,8 @@ class SFTPModeTest(SFTPServerTestBase):
     def test_setstat_outside_the_jail_is_refused(self) -> None:
         secret = os.path.join(self.outside, "secret")
         os.chmod(secret, 0o600)
-        d = self.server.setAttrs(b"../outside/secret", {"permissions": 0o400})
+        os.symlink(self.outside, self.path("out"))
+        d = self.server.setAttrs(b"out/secret", {"permissions": 0o400})
         self.assertEqual(self.error(d).code, FX_PERMISSION_DENIED)
         self.assertEqual(os.stat(secret).st_mode & 0o777, 0o600)
 

@@ -17,6 +17,8 @@ from twisted.conch.ssh.filetransfer import (
     FX_BAD_MESSAGE,
     FX_FAILURE,
     FX_OK,
+    FX_OP_UNSUPPORTED,
+    FX_PERMISSION_DENIED,
     FXF_CREAT,
     FXF_READ,
     FXF_TRUNC,
@@ -24,11 +26,14 @@ from twisted.conch.ssh.filetransfer import (
     FXP_ATTRS,
     FXP_CLOSE,
     FXP_DATA,
+    FXP_EXTENDED,
+    FXP_EXTENDED_REPLY,
     FXP_FSETSTAT,
     FXP_HANDLE,
     FXP_INIT,
     FXP_LSTAT,
     FXP_OPEN,
+    FXP_OPENDIR,
     FXP_READ,
     FXP_RENAME,
     FXP_STATUS,
@@ -50,8 +55,9 @@ from cmdserver.doors.ssh.door import (
 )
 from cmdserver.doors.ssh.session import RefusingSSHSession
 from cmdserver.doors.ssh.sftp import JailedFileTransferServer
+from cmdserver.doors.ssh.sftp_files import MAX_PACKET, MAX_READ, MAX_WRITE
 from cmdserver.policy import Policy
-from tests.helpers import OutsideTreeTempMixin
+from tests.helpers import OutsideTreeTempMixin, capture_audit
 
 PUT = FXF_WRITE | FXF_CREAT | FXF_TRUNC
 
@@ -96,7 +102,7 @@ def sftp_packet(kind: int, request_id: int, payload: bytes) -> bytes:
     return struct.pack("!L", len(body)) + body
 
 
-class SFTPSessionTest(OutsideTreeTempMixin, unittest.TestCase):
+class SFTPSessionBase(OutsideTreeTempMixin, unittest.TestCase):
     """An sftp subsystem on a RefusingSSHSession on a connection that records packets."""
 
     def setUp(self) -> None:
@@ -160,6 +166,30 @@ class SFTPSessionTest(OutsideTreeTempMixin, unittest.TestCase):
                 replies.append((body[0], struct.unpack("!L", body[1:5])[0], body[5:]))
         return replies
 
+    def version(self) -> tuple[int, dict[bytes, bytes]]:
+        """The VERSION packet: the version and the extensions it names."""
+        out = self.output()
+        (length,) = struct.unpack("!L", out[:4])
+        body = out[4:4 + length]
+        self.assertEqual(body[0], FXP_VERSION)
+        (version,), data, extensions = struct.unpack("!L", body[1:5]), body[5:], {}
+        while data:
+            name, data = common.getNS(data)
+            extensions[name], data = common.getNS(data)
+        return version, extensions
+
+    def extended(self, name: bytes, payload: bytes = b"") -> tuple[int, bytes]:
+        """Send an extension request and finish its work: (reply type, payload)."""
+        request_id = self.request(FXP_EXTENDED, common.NS(name) + payload)
+        self.threads.finish_newest_first()
+        [(kind, _, data)] = [r for r in self.replies() if r[1] == request_id]
+        return kind, data
+
+    def status_of(self, reply: tuple[int, bytes]) -> tuple[int, bytes]:
+        kind, data = reply
+        self.assertEqual(kind, FXP_STATUS)
+        return struct.unpack("!L", data[:4])[0], common.getNS(data[4:])[0]
+
     def statuses(self) -> list[tuple[int, int]]:
         return [(request_id, struct.unpack("!L", payload[:4])[0])
                 for kind, request_id, payload in self.replies() if kind == FXP_STATUS]
@@ -181,7 +211,9 @@ class SFTPSessionTest(OutsideTreeTempMixin, unittest.TestCase):
     def temps(self) -> list[str]:
         return [n for n in os.listdir(self.root) if TEMP_RE.match(n)]
 
-    # -- tests ------------------------------------------------------------------
+
+
+class SFTPSessionTest(SFTPSessionBase):
 
     def test_reads_are_answered_in_order_whatever_order_the_threads_finish(self) -> None:
         # OpenSSH 9.2's scp cuts a download at the first reply out of order.
@@ -264,3 +296,121 @@ class SFTPSessionTest(OutsideTreeTempMixin, unittest.TestCase):
         code = struct.unpack("!L", payload[:4])[0]
         self.assertEqual(code, FX_FAILURE)
         self.assertIn(b"file exists", common.getNS(payload[4:])[0])
+
+
+class SFTPExtensionsTest(SFTPSessionBase):
+    """OpenSSH's extensions (its PROTOCOL file, section 4), on the wire."""
+
+    def test_the_version_names_the_extensions_it_serves(self) -> None:
+        self.assertEqual(self.version(), (3, {
+            b"posix-rename@openssh.com": b"1", b"statvfs@openssh.com": b"2",
+            b"fstatvfs@openssh.com": b"2", b"fsync@openssh.com": b"1",
+            b"limits@openssh.com": b"1"}))
+
+    def test_limits_are_the_servers(self) -> None:
+        kind, data = self.extended(b"limits@openssh.com")
+        self.assertEqual(kind, FXP_EXTENDED_REPLY)
+        self.assertEqual(struct.unpack("!4Q", data), (MAX_PACKET, MAX_READ, MAX_WRITE, 64))
+        # A read of more is answered with MAX_READ bytes.
+        with open(os.path.join(self.root, "big.bin"), "wb") as f:
+            f.write(os.urandom(MAX_PACKET * 2))
+        handle = self.open(b"big.bin", FXF_READ)
+        self.request(FXP_READ, common.NS(handle) + struct.pack("!QL", 0, MAX_PACKET * 2))
+        self.threads.finish_newest_first()
+        kind, _, payload = self.replies()[-1]
+        self.assertEqual((kind, len(common.getNS(payload)[0])), (FXP_DATA, MAX_READ))
+
+    def test_a_packet_longer_than_the_limit_ends_the_session(self) -> None:
+        handle = self.open(b"up.bin", PUT)
+        header = common.NS(handle) + struct.pack("!Q", 0)
+        data = os.urandom(MAX_PACKET - 9 - len(header) - 4)  # type, id, handle, offset, length
+        write = self.request(FXP_WRITE, header + common.NS(data))  # as long as it may be
+        self.threads.finish_newest_first()
+        self.assertEqual(self.statuses(), [(write, FX_OK)])
+        self.send(struct.pack("!LBL", MAX_PACKET + 1, FXP_WRITE, 99) + b"x" * 1000)
+        self.assertIn("close", self.channel_events())
+        self.send(b"x" * 1000)  # whatever follows is dropped
+        self.threads.finish_newest_first()  # the upload is dropped
+        self.assertEqual(sorted(os.listdir(self.root)), ["big.bin"])
+        self.assertEqual(self.statuses(), [(write, FX_OK)])
+
+    def statvfs_fields(self, data: bytes) -> tuple[int, ...]:
+        fields = struct.unpack("!11Q", data)
+        return fields[:3] + fields[5:6] + fields[8:]  # sizes, files, fsid, flag, namemax
+
+    def test_statvfs_and_fstatvfs(self) -> None:
+        st = os.statvfs(self.root)
+        flag = (1 if st.f_flag & os.ST_RDONLY else 0) | (2 if st.f_flag & os.ST_NOSUID else 0)
+        expected = (st.f_bsize, st.f_frsize, st.f_blocks, st.f_files, st.f_fsid, flag,
+                    st.f_namemax)
+        for path in (b".", b"/", b"/big.bin"):
+            kind, data = self.extended(b"statvfs@openssh.com", common.NS(path))
+            self.assertEqual(kind, FXP_EXTENDED_REPLY)
+            self.assertEqual(self.statvfs_fields(data), expected)
+        for handle in (self.open(b"big.bin", FXF_READ), self.open(b"up.bin", PUT)):
+            kind, data = self.extended(b"fstatvfs@openssh.com", common.NS(handle))
+            self.assertEqual(kind, FXP_EXTENDED_REPLY)
+            self.assertEqual(self.statvfs_fields(data), expected)
+        code, message = self.status_of(self.extended(b"statvfs@openssh.com",
+                                                     common.NS(b"/nosuch")))
+        self.assertEqual(message, b"no such file or directory: /nosuch")
+
+    def test_fsync_in_turn_after_the_writes(self) -> None:
+        synced: list[int] = []
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            synced.append(fd)
+            real_fsync(fd)
+
+        self.patch(os, "fsync", fsync)
+        handle = self.open(b"up.bin", PUT)
+        writes = [self.request(FXP_WRITE, common.NS(handle) + struct.pack("!Q", offset)
+                               + common.NS(self.payload[offset:offset + 32768]))
+                  for offset in range(0, len(self.payload), 32768)]
+        sync = self.request(FXP_EXTENDED, common.NS(b"fsync@openssh.com") + common.NS(handle))
+        close = self.request(FXP_CLOSE, common.NS(handle))
+        self.assertEqual(self.threads.finish_newest_first(), 1)  # one at a time, in turn
+        self.assertEqual(self.statuses(), [(i, FX_OK) for i in [*writes, sync, close]])
+        self.assertEqual(len(synced), 2)  # the request's, then the close's
+        with open(os.path.join(self.root, "up.bin"), "rb") as f:
+            self.assertEqual(f.read(), self.payload)
+
+    def test_fsync_and_fstatvfs_need_an_open_file(self) -> None:
+        self.request(FXP_OPENDIR, common.NS(b"."))
+        self.threads.finish_newest_first()
+        listing = common.getNS(self.replies()[-1][2])[0]
+        for name, handle, message in (
+                (b"fsync@openssh.com", b"nosuch", b"invalid handle"),
+                (b"fstatvfs@openssh.com", b"nosuch", b"invalid handle"),
+                (b"fsync@openssh.com", listing,
+                 b"fsync needs an open file, not a directory listing")):
+            reply = self.extended(name, common.NS(handle))
+            self.assertEqual(self.status_of(reply), (FX_FAILURE, message))
+
+    def test_posix_rename_replaces_and_is_audited_as_a_rename(self) -> None:
+        audit = capture_audit(self)
+        with open(os.path.join(self.root, "other.bin"), "wb") as f:
+            f.write(b"old")
+        reply = self.extended(b"posix-rename@openssh.com",
+                              common.NS(b"big.bin") + common.NS(b"/other.bin"))
+        self.assertEqual(self.status_of(reply)[0], FX_OK)
+        self.assertEqual(os.listdir(self.root), ["other.bin"])
+        with open(os.path.join(self.root, "other.bin"), "rb") as f:
+            self.assertEqual(f.read(), self.payload)
+        self.assertEqual([(e["command"], e["args"], e["outcome"]) for e in audit],
+                         [("rename", {"path": "big.bin", "to": "other.bin"}, "ok")])
+        # The jail's checks are a rename's: a root is not replaced, nothing leads out.
+        os.symlink("/tmp", os.path.join(self.root, "out"))
+        for old, new in ((b"other.bin", b"/"), (b"other.bin", b"out/x"), (b"/", b"x")):
+            reply = self.extended(b"posix-rename@openssh.com", common.NS(old) + common.NS(new))
+            self.assertEqual(self.status_of(reply)[0], FX_PERMISSION_DENIED, (old, new))
+
+    def test_hard_links_are_refused(self) -> None:
+        reply = self.extended(b"hardlink@openssh.com",
+                              common.NS(b"big.bin") + common.NS(b"link.bin"))
+        self.assertEqual(self.status_of(reply),
+                         (FX_OP_UNSUPPORTED, b"hard links are not allowed in the jail"))
+        self.assertEqual(os.listdir(self.root), ["big.bin"])
+        reply = self.extended(b"nosuch@example.com")
+        self.assertEqual(self.status_of(reply)[0], FX_OP_UNSUPPORTED)
