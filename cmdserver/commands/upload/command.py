@@ -8,7 +8,7 @@ The command asks the door's session for the raw byte stream:
 ``ctx.session.receive_raw(size, consumer, trailer)`` must hand the next
 ``size`` bytes the client sends to ``consumer.write`` (and honour the producer
 the consumer is given for back-pressure); with ``trailer`` it then reads one
-line and hands it, without its ``\n``, to ``consumer.trailer`` (or calls
+line and hands it, without its newline, to ``consumer.trailer`` (or calls
 ``consumer.fail(why)`` if the stream ends first); then it goes back to reading
 commands.  The line door and the SSH exec channel do this; a door without it
 cannot run ``upload``, and ``ctx.session.raw_input_unavailable(usage)``, where

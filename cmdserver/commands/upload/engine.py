@@ -244,7 +244,7 @@ class Upload:
                 self._set_paused(True)
 
     def trailer(self, line: bytes) -> None:
-        """The line that came after the content (without its ``\n``): ``MAC <hex>``.
+        """The line that came after the content (without its newline): ``MAC <hex>``.
 
         A bad line fails the upload with why; a good one finishes it.  An upload
         that is already over (a disk error before the last byte) ignores it: the
