@@ -157,7 +157,9 @@ class LineProtocol(LineReceiver):
         if self._probe is not None:
             self._probe.stop()
         self._queue = None
-        self._raw = self._trailer = None
+        self._raw = None
+        if self._trailer is not None:  # (set on the instance only by a trailer upload)
+            self._trailer = None
         if self._running is not None:
             running, self._running = self._running, None
             running.cancel()
