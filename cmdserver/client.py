@@ -18,8 +18,7 @@ Every method returns a Deferred (or, blocking, the value) or fails with a
 
 from __future__ import annotations
 
-import hashlib
-import hmac as hmac_lib
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, cast
@@ -32,6 +31,7 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 
 from cmdserver.commands.upload.key import parse_key
+from cmdserver.commands.upload.mac import HMAC_SHA256, new_mac
 
 __all__ = [
     "BlockingSession", "CommandTimedOut", "ConnectionClosed", "LoginError",
@@ -161,37 +161,52 @@ class Session:
 
     @defer.inlineCallbacks
     def upload_file(self, path: str, name: str, key: bytes | str,
-                    on_progress: Callable[[int, int], Any] | None = None) -> Any:
+                    on_progress: Callable[[int, int], Any] | None = None,
+                    mac: str = HMAC_SHA256, sha256: bool = False) -> Any:
         """Send a local file as ``name``; fires with the server's result.
 
         ``key`` is read as the server reads its key files: hex text as
         ``cmdserver hmac-key`` prints it (str, or the bytes of such a file), else
-        raw bytes.  The HMAC-SHA256 of the file under it is computed first (in a
-        thread), then the bytes go in 64 KiB writes with a few in flight.
+        raw bytes.  The file is read once: each 64 KiB chunk is hashed (``mac``:
+        HMAC-SHA256 unless ``blake2b`` is asked for) and sent, a few writes in
+        flight, and ``close(MAC)`` carries the MAC after the content.  The result
+        is a dict: ``name``, ``size``, ``mac`` (``ALG:HEX``, the MAC the server
+        checked) and ``sha256`` (the content's SHA-256 with ``sha256=True``, else
+        None).
         """
         key = parse_key(key)
-        size, digest = yield threads.deferToThread(file_hmac, path, key)
-        writer = yield self._call("upload", name, size, digest)
-        sent = 0
-        in_flight: list[Deferred] = []
-        try:
-            with open(path, "rb") as f:
-                while chunk := f.read(CHUNK):
+        digest = new_mac(mac, key)  # ValueError for a key blake2b cannot take
+        options: dict[str, Any] = {}
+        if mac != HMAC_SHA256:
+            options["mac"] = mac
+        if sha256:
+            options["sha256"] = True
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            writer = yield self._call("upload", name, size, "-", **options)
+            sent = 0
+            in_flight: list[Deferred] = []
+            try:
+                while sent < size:
+                    chunk = f.read(min(CHUNK, size - sent))
+                    if not chunk:
+                        raise OSError(f"{path}: the file shrank while it was sent")
+                    digest.update(chunk)
                     in_flight.append(writer.callRemote("write", chunk).addErrback(_translate))
                     sent += len(chunk)
                     if len(in_flight) >= WINDOW:
                         yield in_flight.pop(0)
                     if on_progress is not None:
                         on_progress(sent, size)
-            while in_flight:
-                yield in_flight.pop(0)
-        except BaseException:
-            for d in in_flight:  # the first error is the one to report
-                d.addErrback(lambda _: None)
-            if not writer.broker.disconnected:
-                writer.callRemote("abort").addErrback(lambda _: None)
-            raise
-        result = yield writer.callRemote("close").addErrback(_translate)
+                while in_flight:
+                    yield in_flight.pop(0)
+            except BaseException:
+                for d in in_flight:  # the first error is the one to report
+                    d.addErrback(lambda _: None)
+                if not writer.broker.disconnected:
+                    writer.callRemote("abort").addErrback(lambda _: None)
+                raise
+        result = yield writer.callRemote("close", digest.hexdigest()).addErrback(_translate)
         return result
 
     def close(self) -> Deferred:
@@ -205,9 +220,11 @@ class Session:
         return d
 
 
-def file_hmac(path: str, key: bytes) -> tuple[int, str]:
-    """Size and hex HMAC-SHA256 of a file, read in chunks (memory stays flat)."""
-    mac = hmac_lib.new(key, digestmod=hashlib.sha256)
+def file_hmac(path: str, key: bytes, algorithm: str = HMAC_SHA256) -> tuple[int, str]:
+    """Size and hex MAC (HMAC-SHA256 unless ``algorithm`` says otherwise) of a
+    file, read in chunks (memory stays flat): for the form of ``upload`` whose
+    MAC comes first."""
+    mac = new_mac(algorithm, key)
     size = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -334,8 +351,9 @@ class BlockingSession:
     def portscan(self, host: str, ports: str | list[int] | None = None) -> dict[str, Any]:
         return self._block("portscan", host, ports)
 
-    def upload_file(self, path: str, name: str, key: bytes | str) -> Any:
-        return self._block("upload_file", path, name, key)
+    def upload_file(self, path: str, name: str, key: bytes | str, mac: str = HMAC_SHA256,
+                    sha256: bool = False) -> Any:
+        return self._block("upload_file", path, name, key, mac=mac, sha256=sha256)
 
     def close(self) -> None:
         self._block("close")

@@ -27,6 +27,7 @@ from cmdserver.commands.upload.engine import (
     UploadSettings,
     byte_size,
     flag,
+    mac_names,
 )
 from cmdserver.commands.upload.key import server_key
 from cmdserver.core import (
@@ -167,6 +168,7 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any] | None]] = {
     # uploads
     "max-upload": (1 << 30, byte_size),
     "overwrite": (False, flag),
+    "upload-macs": ("hmac-sha256,blake2b", mac_names),
 }
 REPEATABLE = ("line", "root", "scan-allow", "http", "http-host", "penalty-exempt")
 COMMANDS = "commands"  # the TOML file's [commands.NAME] tables (commands/declared.py)
@@ -227,6 +229,8 @@ class Options(usage.Options):
          f"[default: {PB_ENDPOINT}]"],
         ["max-upload", None, None, "Largest upload accepted (upload and SFTP). "
          "[default: 1G]"],
+        ["upload-macs", None, None, "MAC algorithms an upload may name, comma-separated: "
+         "hmac-sha256, blake2b; others are refused. [default: hmac-sha256,blake2b]"],
         ["command-timeout", None, None, "Seconds a command may run before it is stopped "
          "(0: no deadline); [command-limits.NAME] in the TOML file sets one command's. "
          f"[default: {DEFAULT_TIMEOUT:g}]"],
@@ -492,8 +496,8 @@ def makeService(options: Options, reactor: Any = None) -> CmdServerService:
     log.info("lastlog reads {source}", source=source.describe())
 
     registry = default_registry(source)
-    uploads = Uploads(UploadSettings(options["max-upload"], options["overwrite"]),
-                      server_key(data_dir))
+    uploads = Uploads(UploadSettings(options["max-upload"], options["overwrite"],
+                                     options["upload-macs"]), server_key(data_dir))
     registry.add(UploadCommand(uploads))
     gate = GateSettings(options["login-penalty"], options["login-penalty-max"],
                         tuple(options["penalty-exempt"]), options["login-grace"],

@@ -102,7 +102,7 @@ def test_reversed_range_is_named(before: list[str], a: int, b: int) -> None:
 UPLOAD = UploadCommand(Uploads(UploadSettings(max_upload=1 << 30), b"k" * 32))
 HEX = st.text(alphabet="0123456789abcdefABCDEF", min_size=64, max_size=64)
 words = st.one_of(st.text(max_size=20), HEX, st.integers(-5, 1 << 40).map(str),
-                  st.sampled_from(["..", "../x", "/etc/passwd", "\x00", "1e3", "0x10", "+5",
+                  st.sampled_from(["-", "..", "../x", "/etc/passwd", "\x00", "1e3", "0x10", "+5",
                                    " 5", "\N{ARABIC-INDIC DIGIT FIVE}", "1" * 400]))
 
 
@@ -118,12 +118,16 @@ def test_upload_parse_refuses_cleanly_or_gives_a_request(argv: list[str]) -> Non
                 f"SIZE must be a whole number of bytes: {argv[1]}").message
         return
     assert len(argv) == 3
-    assert kwargs == {"name": argv[0], "size": int(argv[1]), "hmac": argv[2]}
+    assert kwargs == {"name": argv[0], "size": int(argv[1]), "hmac": argv[2],
+                      "mac": "hmac-sha256", "sha256": False}
     assert argv[1].isascii() and argv[1].isdigit()
     try:
         mac = check_request(kwargs["name"], kwargs["size"], kwargs["hmac"], 1 << 30)
     except CommandError as e:
         assert "\n" not in e.text
+        return
+    if kwargs["hmac"] == "-":  # the MAC follows the content
+        assert mac is None
         return
     assert mac == bytes.fromhex(kwargs["hmac"]) and len(mac) == 32
 

@@ -56,7 +56,7 @@ SAMPLES: dict[str, tuple[list[str], dict[str, Any], str]] = {
 SPECIAL = {
     "exit": "the text doors close the connection (tests/doors/line)",
     "login": "the line door's login (tests/doors/line/test_login.py)",
-    "upload": "raw bytes after the line (tests/commands/upload, end_to_end)",
+    "upload": "raw bytes after the line, on every door (tests/doors/test_upload_parity.py)",
 }
 
 

@@ -71,6 +71,8 @@ SAME_REFUSAL: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
     (f"upload n -1 {MAC}", ("upload", "n", -1, MAC), {}),
     (f"upload n 5000 {MAC}", ("upload", "n", 5000, MAC), {}),
     ("upload n 1 00", ("upload", "n", 1, "00"), {}),
+    (f"upload n 1 {MAC} --mac md5", ("upload", "n", 1, MAC), {"mac": "md5"}),
+    ("upload n 1 - --mac md5", ("upload", "n", 1, "-"), {"mac": "md5"}),
     (f'upload "" 1 {MAC}', ("upload", "", 1, MAC), {}),
 ]
 
@@ -90,8 +92,9 @@ USAGE_STYLE: list[tuple[str, str, tuple[Any, ...], dict[str, Any], str]] = [
      "unknown argument bogus; usage: comphash(path, algo='sha256')"),
     ("ls a b", "Error: usage: ls [PATH]", ("ls", "a", None, "b"), {},
      "usage: ls(path=None)"),
-    ("upload n 1", "Error: usage: upload NAME SIZE HMAC", ("upload", "n", 1), {},
-     "usage: upload(name, size, hmac)"),
+    ("upload n 1", "Error: usage: upload NAME SIZE HMAC [--mac ALG] [--sha256]",
+     ("upload", "n", 1), {},
+     "usage: upload(name, size, hmac, mac='hmac-sha256', sha256=False)"),
     ("upload n x " + MAC, "Error: SIZE must be a whole number of bytes: x",
      ("upload", "n", "x", MAC), {}, "SIZE must be a whole number of bytes: x"),
 ]

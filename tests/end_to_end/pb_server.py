@@ -1,8 +1,9 @@
 """A real cmdserver with a PB door on loopback port 0, for the PB end-to-end tests.
 
 Also a small file upload engine for the PB writer seam: bytes go to a
-temporary file in the target directory, the HMAC is checked on finish and the
-file renamed into place only if it matches.
+temporary file in the target directory, the HMAC (given with the request, or
+to ``finish`` when it follows the content) is checked on finish and the file
+renamed into place only if it matches.
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ USERS = {"ops": "s3cret", "jailed": "pw2"}
 class FileEngine:
     """Streams into a temp file beside the target; renames it in place on a good HMAC."""
 
-    def __init__(self, target: str, size: int, mac_hex: str, key: bytes) -> None:
+    def __init__(self, target: str, size: int, mac_hex: str, key: bytes,
+                 sha256: bool = False) -> None:
         self.target = target
         self.size = size
         self.expected = mac_hex
+        self.trailer = mac_hex == "-"
+        self.want_sha256 = sha256 or not self.trailer
         self.mac = hmac.new(key, digestmod=hashlib.sha256)
         self.sha = hashlib.sha256()
         fd, self.temp = tempfile.mkstemp(prefix=".upload-", dir=os.path.dirname(target))
@@ -50,15 +54,20 @@ class FileEngine:
         self.sha.update(chunk)
         self.file.write(chunk)
 
-    def finish(self) -> Deferred:
+    def finish(self, mac: bytes | None = None) -> Deferred:
         self.events.append("finish")
         self.file.close()
-        if not hmac.compare_digest(self.mac.hexdigest(), self.expected):
+        expected = mac.hex() if mac is not None else self.expected
+        if not hmac.compare_digest(self.mac.hexdigest(), expected):
             os.unlink(self.temp)
             return defer.fail(CommandError("HMAC mismatch, upload discarded"))
         os.rename(self.temp, self.target)
-        return defer.succeed({"name": os.path.basename(self.target), "size": self.size,
-                              "sha256": self.sha.hexdigest()})
+        name = os.path.basename(self.target)
+        sha256 = self.sha.hexdigest() if self.want_sha256 else None
+        if self.trailer:
+            return defer.succeed({"name": name, "size": self.size,
+                                  "mac": f"hmac-sha256:{expected}", "sha256": sha256})
+        return defer.succeed({"name": name, "size": self.size, "sha256": sha256})
 
     def abort(self) -> None:
         self.events.append("abort")
@@ -73,14 +82,18 @@ class FileEngines:
     def __init__(self) -> None:
         self.started: list[FileEngine] = []
 
-    def __call__(self, ctx: Context, name: str, size: int, mac_hex: str) -> Deferred:
+    def __call__(self, ctx: Context, name: str, size: int, mac_hex: str,
+                 algorithm: str = "hmac-sha256", sha256: bool = False) -> Deferred:
+        if algorithm != "hmac-sha256":
+            return defer.fail(CommandError(f"MAC {algorithm} is not accepted here "
+                                           "(this server accepts: hmac-sha256)"))
         try:
             target = ctx.policy.jail.real_path(name)
         except (CommandError, OSError) as e:
             return defer.fail(e)
         if os.path.exists(target):
             return defer.fail(CommandError(f"target exists: {name}"))
-        engine = FileEngine(target, size, mac_hex, KEY)
+        engine = FileEngine(target, size, mac_hex, KEY, sha256)
         self.started.append(engine)
         return defer.succeed(engine)
 

@@ -360,8 +360,9 @@ class PBUploadTests(PBDoorTestBase):
             f.write(data)
         s = yield self.session()
         result = yield s.upload_file(local, "up.bin", KEY)
-        self.assertEqual(result, {"name": "up.bin", "size": len(data),
-                                  "sha256": hashlib.sha256(data).hexdigest()})
+        mac = hmac.new(KEY, data, "sha256").hexdigest()
+        self.assertEqual(result, {"name": "up.bin", "size": len(data), "sha256": None,
+                                  "mac": f"hmac-sha256:{mac}"})
         with open(os.path.join(self.root, "up.bin"), "rb") as f:
             self.assertEqual(f.read(), data)
         self.assertEqual(self.leftovers(), [])

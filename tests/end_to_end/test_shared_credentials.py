@@ -178,7 +178,7 @@ class SharedCredentialsTests(unittest.TestCase):
         self.assertEqual((yield in_thread(attempt, ("ops", "wrong"))), "Error: login failed")
         self.assertEqual(os.listdir(self.jail), ["only-ops.txt"])
         answer = yield in_thread(attempt, ("ops", "s3cret-pass"))
-        self.assertTrue(answer.startswith("Upload OK report.txt 7 sha256="), answer)
+        self.assertTrue(answer.startswith("Upload OK report.txt 7 mac=hmac-sha256:"), answer)
         with open(os.path.join(self.jail, "report.txt"), "rb") as got:
             self.assertEqual(got.read(), b"report\n")
 

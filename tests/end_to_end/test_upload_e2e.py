@@ -91,8 +91,9 @@ class ServiceTests(unittest.TestCase):
                                         str(self.port), "--key-file",
                                         os.path.join(self.data, "hmac.key"))
         self.assertEqual((code, err), (0, ""))
+        # One pass over the file: the MAC after the content, and the answer names it.
         self.assertEqual(out, f"Upload OK copy.bin {len(data)} "
-                              f"sha256={hashlib.sha256(data).hexdigest()}\n")
+                              f"mac=hmac-sha256:{mac_of(data, self.key)}\n")
         with open(os.path.join(self.root, "copy.bin"), "rb") as f:
             self.assertEqual(f.read(), data)
         # Again: the target exists now, and the client says so and fails.
@@ -123,8 +124,46 @@ class ServiceTests(unittest.TestCase):
         out, err, code = yield self.cli("upload", src, "--as", "with space.txt", "--port",
                                         str(self.port), env=env)
         self.assertEqual(code, 0, err)
-        self.assertTrue(out.startswith("Upload OK with space.txt 1000 sha256="))
+        self.assertTrue(out.startswith("Upload OK with space.txt 1000 mac=hmac-sha256:"))
         self.assertEqual(listing(self.root), ["with space.txt"])
+
+    @inlineCallbacks
+    def test_cli_upload_options(self):
+        """--mac blake2b and --sha256 on the trailer form; --mac-first, the older form."""
+        src = os.path.join(self.base, "source.bin")
+        data = os.urandom(DIRECT_MIN + 12345)  # large: the server hashes in its own thread
+        with open(src, "wb") as f:
+            f.write(data)
+        key = ["--port", str(self.port), "--key-file", os.path.join(self.data, "hmac.key")]
+        sha = hashlib.sha256(data).hexdigest()
+        b2 = hashlib.blake2b(data, key=self.key, digest_size=32).hexdigest()
+        for name, options, answer in [
+                ("b2.bin", ["--mac", "blake2b"], f"mac=blake2b:{b2}"),
+                ("sha.bin", ["--sha256"], f"mac=hmac-sha256:{mac_of(data, self.key)} "
+                                          f"sha256={sha}"),
+                ("first.bin", ["--mac-first"], f"sha256={sha}"),
+                ("b2first.bin", ["--mac-first", "--mac", "blake2b"], f"sha256={sha}")]:
+            out, err, code = yield self.cli("upload", src, "--as", name, *key, *options)
+            self.assertEqual((code, err, out), (0, "", f"Upload OK {name} {len(data)} "
+                                                       f"{answer}\n"))
+            with open(os.path.join(self.root, name), "rb") as f:
+                self.assertEqual(f.read(), data)
+
+    @inlineCallbacks
+    def test_cli_mac_the_server_does_not_take_is_refused_never_replaced(self):
+        from dataclasses import replace
+
+        self.assertEqual(self.uploads.settings.macs, ("hmac-sha256", "blake2b"))
+        self.uploads.settings = replace(self.uploads.settings, macs=("hmac-sha256",))
+        src = os.path.join(self.base, "f.txt")
+        with open(src, "wb") as f:
+            f.write(b"some content\n")
+        out, err, code = yield self.cli("upload", src, "--mac", "blake2b", "--port",
+                                        str(self.port), "--key-file",
+                                        os.path.join(self.data, "hmac.key"))
+        self.assertEqual((code, out, err), (1, "", "Error: MAC blake2b is not accepted here "
+                                                   "(this server accepts: hmac-sha256)\n"))
+        self.assertEqual(listing(self.root), [])
 
     @inlineCallbacks
     def test_cli_refused_outside_the_jail(self):
@@ -229,6 +268,73 @@ class ServiceTests(unittest.TestCase):
                                      f"sha256={hashlib.sha256(data).hexdigest()}")
         with open(os.path.join(self.root, "slow.bin"), "rb") as f:
             self.assertEqual(f.read(), data)
+
+    @inlineCallbacks
+    def test_trailer_form_then_the_next_command_in_one_send(self):
+        """Large (direct reads into the blocks, O_DIRECT): the content, the trailer and
+        the next command in one send; the trailer is never taken for a command."""
+        data = os.urandom(DIRECT_MIN + 3 * BATCH + 12345)
+        mac = mac_of(data, self.key)
+
+        def talk():
+            c = Client(self.port)
+            c.send(f"upload t.bin {len(data)} -\n".encode())
+            ready = c.readline()
+            c.send(data + f"MAC {mac}\r\nping\n".encode())
+            answers = [ready, c.readline(), c.readline()]
+            c.close()
+            return answers
+
+        answers = yield threads.deferToThread(talk)
+        self.assertEqual(answers, [f"Ready for {len(data)} bytes",
+                                   f"Upload OK t.bin {len(data)} mac=hmac-sha256:{mac}",
+                                   "pong"])
+        with open(os.path.join(self.root, "t.bin"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    @inlineCallbacks
+    def test_trailer_form_bad_endings_leave_nothing(self):
+        data = os.urandom(DIRECT_MIN + 5)
+        mac = mac_of(data, self.key)
+
+        def talk(ending: bytes, close: bool = False) -> list[str]:
+            c = Client(self.port)
+            c.send(f"upload bad.bin {len(data)} -\n".encode())
+            answers = [c.readline()]
+            c.send(data + ending)
+            if close:
+                c.sock.shutdown(socket.SHUT_WR)
+            else:
+                c.send(b"ping\n")
+            answers.append(c.readline())
+            answers.append(c.readline())
+            c.close()
+            return answers
+
+        ready = f"Ready for {len(data)} bytes"
+        for ending, close, lines in [
+                (f"MAC {'0' * 64}\n".encode(), False,
+                 ["Error: HMAC mismatch, upload discarded", "pong"]),
+                (b"ping\n", False, ["Error: expected the trailer line 'MAC <64 hex digits>' "
+                                    "after the content, upload discarded", "pong"]),
+                (f"MAC {mac[:-2]}\n".encode(), False,
+                 ["Error: the MAC must be 64 hex digits, upload discarded", "pong"]),
+                (f"MAC {mac} x\n".encode(), False,
+                 ["Error: extra bytes after the MAC in the trailer line, upload discarded",
+                  "pong"]),
+                (f"xMAC {mac}\n".encode(), False,  # one byte more than SIZE
+                 ["Error: expected the trailer line 'MAC <64 hex digits>' after the "
+                  "content, upload discarded", "pong"]),
+                (b"", True, ["Error: upload incomplete: the client closed the stream "
+                             "before the MAC trailer", ""])]:
+            answers = yield threads.deferToThread(talk, ending, close)
+            self.assertEqual(answers, [ready, *lines], ending)
+            yield self.settled()
+            self.assertEqual(listing(self.root), [], ending)
+        # A trailer without its newline still counts when the stream ends there.
+        answers = yield threads.deferToThread(talk, f"MAC {mac}".encode(), True)
+        self.assertEqual(answers, [ready, f"Upload OK bad.bin {len(data)} mac=hmac-sha256:{mac}",
+                                   ""])
 
     @inlineCallbacks
     def test_truncated_stream_then_disconnect(self):
@@ -367,8 +473,9 @@ class TlsTests(unittest.TestCase):
                              "--tls", "--ca-file", cert_pem, "--key-file",
                              os.path.join(data, "hmac.key")], env=ENV)
         self.assertEqual(code, 0, err)
+        service_key = read_key_file(os.path.join(data, "hmac.key"))
         self.assertEqual(out.decode(), f"Upload OK src.bin {len(content)} "
-                                       f"sha256={hashlib.sha256(content).hexdigest()}\n")
+                                       f"mac=hmac-sha256:{mac_of(content, service_key)}\n")
         with open(os.path.join(root, "src.bin"), "rb") as got:
             self.assertEqual(got.read(), content)
         self.assertEqual(sum(copied), len(content))

@@ -29,11 +29,13 @@ def mac(key: bytes, content: bytes) -> str:
     return hmac.new(key, content, hashlib.sha256).hexdigest()
 
 
-def begin_upload(daemon: Daemon, name: str, content: bytes) -> Session:
-    """Send ``upload NAME SIZE HMAC`` and wait for ``Ready``; no content yet."""
+def begin_upload(daemon: Daemon, name: str, content: bytes, trailer: bool = False) -> Session:
+    """Send ``upload NAME SIZE HMAC`` (``-`` with ``trailer``: the MAC is to follow the
+    content) and wait for ``Ready``; no content yet."""
     key = server_key(str(daemon.workdir / "data"))
     session = daemon.session()
-    session.sock.sendall(f"upload {name} {len(content)} {mac(key, content)}\n".encode())
+    given = "-" if trailer else mac(key, content)
+    session.sock.sendall(f"upload {name} {len(content)} {given}\n".encode())
     assert session.read_line() == f"Ready for {len(content)} bytes"
     return session
 
@@ -127,9 +129,11 @@ def test_disk_full_during_upload(start_daemon, jail: Path) -> None:
         # Space again: the next upload to the same place works.
         filler.unlink()
         small_content = os.urandom(MIB)
-        session2 = begin_upload(daemon, "small/big.bin", small_content)
-        session2.sock.sendall(small_content)
-        assert session2.read_line().startswith(f"Upload OK small/big.bin {MIB} sha256=")
+        session2 = begin_upload(daemon, "small/big.bin", small_content, trailer=True)
+        key = server_key(str(daemon.workdir / "data"))
+        session2.sock.sendall(small_content + f"MAC {mac(key, small_content)}\n".encode())
+        assert session2.read_line() == (f"Upload OK small/big.bin {MIB} "
+                                        f"mac=hmac-sha256:{mac(key, small_content)}")
         assert (small / "big.bin").read_bytes() == small_content
         session2.close()
         still_serving(daemon)
@@ -145,8 +149,9 @@ def test_sigterm_during_uploads_and_scans(start_daemon, jail: Path) -> None:
         uploads = []
         for i in range(4):
             content = os.urandom(8 * MIB)
-            session = begin_upload(daemon, f"up{i}.bin", content)
-            session.sock.sendall(content[: 3 * MIB + i * 1000])  # part of it, then nothing
+            session = begin_upload(daemon, f"up{i}.bin", content, trailer=i >= 2)
+            # Part of it, then nothing; the last one all of it, but not its trailer.
+            session.sock.sendall(content if i == 3 else content[: 3 * MIB + i * 1000])
             uploads.append(session)
         port = listener.getsockname()[1]
         scans = [daemon.session() for _ in range(3)]

@@ -1,12 +1,19 @@
-"""``upload NAME SIZE HMAC``: receive a file whose HMAC is checked before it appears.
+"""``upload NAME SIZE HMAC``: receive a file whose MAC is checked before it appears.
+
+The MAC comes in the command (64 hex digits) or, with ``-`` in its place, in a
+trailer line after the content (``MAC <64 hex digits>``): then the client
+hashes the file while it sends it, in one pass.
 
 The command asks the door's session for the raw byte stream:
-``ctx.session.receive_raw(size, consumer)`` must hand the next ``size`` bytes
-the client sends to ``consumer.write`` (and honour the producer the consumer
-is given for back-pressure), then go back to reading commands.  The line door
-and the SSH exec channel do this; a door without it cannot run ``upload``, and
-``ctx.session.raw_input_unavailable(usage)``, where a door has it, may refuse
-before anything is created (the SSH shell has no stdin to read).
+``ctx.session.receive_raw(size, consumer, trailer)`` must hand the next
+``size`` bytes the client sends to ``consumer.write`` (and honour the producer
+the consumer is given for back-pressure); with ``trailer`` it then reads one
+line and hands it, without its newline, to ``consumer.trailer`` (or calls
+``consumer.fail(why)`` if the stream ends first); then it goes back to reading
+commands.  The line door and the SSH exec channel do this; a door without it
+cannot run ``upload``, and ``ctx.session.raw_input_unavailable(usage)``, where
+a door has it, may refuse before anything is created (the SSH shell has no
+stdin to read).
 """
 
 from __future__ import annotations
@@ -16,8 +23,15 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from cmdserver.commands.base import Command, Context
-from cmdserver.commands.params import Param, ParamType
-from cmdserver.commands.upload.engine import Upload, UploadResult, Uploads
+from cmdserver.commands.params import SWITCH, Choice, Param, ParamType
+from cmdserver.commands.upload.engine import (
+    TRAILER,
+    TrailerUploadResult,
+    Upload,
+    UploadResult,
+    Uploads,
+)
+from cmdserver.commands.upload.mac import ALGORITHMS, HMAC_SHA256
 from cmdserver.errors import CommandError
 
 READY = "Ready for {size} bytes"
@@ -49,11 +63,19 @@ class Size(ParamType):
 
 class UploadCommand(Command):
     name = "upload"
-    summary = "Receive a file: SIZE raw bytes follow 'Ready', checked against HMAC-SHA256."
+    summary = ("Receive a file: SIZE raw bytes follow 'Ready', checked against their "
+               "MAC (HMAC-SHA256 unless --mac says otherwise).")
     params = (
         Param("name", help="where the file goes, inside the allowed roots"),
         Param("size", Size(), help="the file's size in bytes"),
-        Param("hmac", help="the hex HMAC-SHA256 of the content"),
+        Param("hmac", help="the content's MAC in hex (64 digits), or - to send it after "
+              "the content in a trailer line 'MAC <hex>'"),
+        Param("mac", Choice(ALGORITHMS), default=HMAC_SHA256, flag=True, metavar="ALG",
+              help="the MAC algorithm: hmac-sha256, or blake2b (keyed BLAKE2b, "
+              "32 bytes); refused, never replaced, where the server does not take it"),
+        Param("sha256", SWITCH, default=False, flag=True,
+              help="also compute the content's SHA-256 for the answer (with -; the "
+              "form with the MAC in the command always has it)"),
     )
     reads_input = True
     timeout = 0  # no deadline: a big file takes long; a stalled one meets the idle timeout
@@ -61,25 +83,33 @@ class UploadCommand(Command):
     def __init__(self, uploads: Uploads) -> None:
         self.uploads = uploads
 
-    def run(self, ctx: Context, name: str, size: int, hmac: str) -> Deferred:
+    def run(self, ctx: Context, name: str, size: int, hmac: str, mac: str = HMAC_SHA256,
+            sha256: bool = False) -> Deferred:
         receive = getattr(ctx.session, "receive_raw", None)
         if receive is None:
             raise CommandError("upload needs a door that can stream raw bytes")
         # A door may stream bytes on some channels only (SSH: exec, not the shell):
         # it says why not before anything is created.
         unavailable = getattr(ctx.session, "raw_input_unavailable", None)
-        reason = unavailable(self.usage) if unavailable is not None else None
+        words = " ".join([self.name, *(p.shown for p in self.params if not p.flag)])
+        reason = unavailable(words) if unavailable is not None else None
         if reason is not None:
             raise CommandError(reason)
 
         def ready(upload: Upload) -> Deferred:
             ctx.out.line(READY.format(size=size))
-            receive(size, upload)
+            if hmac == TRAILER:
+                receive(size, upload, trailer=True)
+            else:
+                receive(size, upload)
             return upload.done
 
-        return self.uploads.begin(ctx, name, size, hmac).addCallback(ready)
+        return self.uploads.begin(ctx, name, size, hmac, mac, sha256).addCallback(ready)
 
-    def text(self, result: UploadResult) -> list[str]:
+    def text(self, result: UploadResult | TrailerUploadResult) -> list[str]:
+        if isinstance(result, TrailerUploadResult):
+            sha = f" sha256={result.sha256}" if result.sha256 is not None else ""
+            return [f"Upload OK {result.name} {result.size} mac={result.mac}{sha}"]
         return [f"Upload OK {result.name} {result.size} sha256={result.sha256}"]
 
     def audit_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:

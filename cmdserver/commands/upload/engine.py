@@ -6,13 +6,18 @@ its socket straight into the upload's page-aligned blocks
 (:meth:`Upload.read_into`, :meth:`Upload.commit`), other doors copy into them
 with :meth:`Upload.write`.  Each full block (2 MiB) goes to the upload's
 worker thread, which writes it into a hidden temporary file (``O_DIRECT`` when
-large) while two more threads compute the HMAC-SHA256 and the SHA-256 (see
-:mod:`cmdserver.commands.upload.spool`); the block comes back to be filled again when
-all three are done with it.  When more than ``HIGH_WATER`` bytes wait for them
-the door's producer is paused, and resumed below ``LOW_WATER``: memory stays
-flat whatever the size.  After the last byte the worker checks the HMAC in
-constant time, fsyncs and moves the file into place; on a mismatch, an error
-or a cancel it removes the temporary file.
+large) while another thread computes the MAC, and one more the SHA-256 when
+that is wanted (see :mod:`cmdserver.commands.upload.spool`); the block comes
+back to be filled again when all of them are done with it.  When more than
+``HIGH_WATER`` bytes wait for them the door's producer is paused, and resumed
+below ``LOW_WATER``: memory stays flat whatever the size.
+
+The MAC comes with the request (``upload NAME SIZE HMAC``) or after the content
+(``upload NAME SIZE -``: the door hands the trailer line to
+:meth:`Upload.trailer`, PB the MAC to :meth:`Upload.finish`).  Once the last
+byte is hashed and the MAC is known, the worker checks it in constant time,
+fsyncs and moves the file into place; on a mismatch, an error or a cancel it
+removes the temporary file.
 """
 
 from __future__ import annotations
@@ -33,8 +38,16 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cmdserver.commands.upload.mac import (
+    ALGORITHMS,
+    HMAC_SHA256,
+    BadTrailer,
+    mac_error,
+    parse_trailer,
+)
 from cmdserver.commands.upload.spool import (
     Spool,
+    TrailerUploadResult,
     UploadResult,
     Writer,
     new_run_id,
@@ -56,18 +69,22 @@ HIGH_WATER = 12 << 20
 LOW_WATER = 6 << 20
 DEFAULT_MAX_UPLOAD = 1 << 30
 NO_THREAD = "upload failed: the server cannot start a thread now, upload discarded"
-_HEX_MAC = re.compile(r"\A[0-9a-fA-F]{64}\Z")
+TRAILER = "-"  # the HMAC argument that says: the MAC follows the content
+HEX_MAC = re.compile(r"\A[0-9a-fA-F]{64}\Z")
 _FINISH = object()
 
-__all__ = ["Upload", "UploadResult", "UploadSettings", "Uploads", "check_request"]
+__all__ = ["TRAILER", "TrailerUploadResult", "Upload", "UploadResult", "UploadSettings",
+           "Uploads", "check_request"]
 
 
 @dataclass(frozen=True)
 class UploadSettings:
-    """Server-wide upload policy: the size limit and whether uploads may replace files."""
+    """Server-wide upload policy: the size limit, whether uploads may replace files,
+    and the MAC algorithms a client may ask for."""
 
     max_upload: int = DEFAULT_MAX_UPLOAD
     overwrite: bool = False
+    macs: tuple[str, ...] = ALGORITHMS
 
 
 _SIZE = re.compile(r"\A\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
@@ -97,12 +114,25 @@ def flag(value: Any) -> bool:
     return value
 
 
+def mac_names(value: Any) -> tuple[str, ...]:
+    """The MAC algorithms uploads may use: ``hmac-sha256,blake2b`` (or a TOML list)."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{value!r} is not a list of MAC names")
+    chosen = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+    unknown = [n for n in chosen if n not in ALGORITHMS]
+    if unknown or not chosen:
+        raise ValueError(f"{value!r}: give one or more of {', '.join(ALGORITHMS)}")
+    return chosen
+
+
 # usage.Options reads a coerce function's coerceDoc attribute for --help.
 byte_size.coerceDoc = "Bytes; K, M, G, T suffixes are powers of 1024."  # type: ignore[attr-defined]
 
 
-def check_request(name: str, size: int, mac_hex: str, max_upload: int) -> bytes:
-    """Validate an upload request without touching the disk; returns the HMAC bytes."""
+def check_request(name: str, size: int, mac_hex: str, max_upload: int) -> bytes | None:
+    """Validate an upload request without touching the disk; returns the MAC bytes,
+    or None when the MAC follows the content (``mac_hex`` is ``-``)."""
     if not isinstance(name, str) or not name:
         raise CommandError("upload needs a file name")
     if "\0" in name:
@@ -111,28 +141,45 @@ def check_request(name: str, size: int, mac_hex: str, max_upload: int) -> bytes:
         raise CommandError(f"SIZE must be a whole number of bytes: {size}")
     if size > max_upload:
         raise TooLarge(f"upload too large: {size} bytes (the limit is {max_upload} bytes)")
-    if not isinstance(mac_hex, str) or not _HEX_MAC.match(mac_hex):
-        raise UsageError("HMAC must be 64 hex digits (HMAC-SHA256 of the content)")
+    if mac_hex == TRAILER:
+        return None
+    if not isinstance(mac_hex, str) or not HEX_MAC.match(mac_hex):
+        raise UsageError("HMAC must be 64 hex digits (the MAC of the content), "
+                         "or - to send it after the content")
     return bytes.fromhex(mac_hex)
+
+
+def check_mac(algorithm: str, key: bytes, accepted: tuple[str, ...]) -> None:
+    """Refuse, in one line, a MAC algorithm the server does not take: the client
+    named it, and nothing else is used in its place."""
+    if algorithm not in accepted:
+        raise CommandError(f"MAC {str(algorithm)[:32]} is not accepted here "
+                           f"(this server accepts: {', '.join(accepted)})")
+    problem = mac_error(algorithm, key)
+    if problem is not None:
+        raise CommandError(problem)
 
 
 class Upload:
     """One upload in progress: a consumer for exactly ``size`` bytes.
 
-    ``done`` fires with an :class:`UploadResult` once the file is in place, or
-    fails (HMAC mismatch, disk full, ...); cancelling it aborts the upload.
-    ``closed`` fires (never fails) when the worker has finished and no
-    temporary file is left behind.  ``write`` and the producer calls happen on
-    the reactor thread only.
+    ``done`` fires with an :class:`UploadResult` (a :class:`TrailerUploadResult`
+    when the MAC follows the content) once the file is in place, or fails (MAC
+    mismatch, disk full, ...); cancelling it aborts the upload.  ``closed``
+    fires (never fails) when the worker has finished and no temporary file is
+    left behind.  ``write`` and the producer calls happen on the reactor thread
+    only.  With ``expected_mac`` None the MAC comes after the content
+    (``wants_trailer``): through :meth:`trailer` or :meth:`finish`.
     """
 
-    def __init__(self, spool: Spool, expected_mac: bytes, reactor: Any) -> None:
+    def __init__(self, spool: Spool, expected_mac: bytes | None, reactor: Any) -> None:
         self.name = spool.name
         self.size = spool.size
         self.remaining = spool.size
         self.spool = spool
         self.done: Deferred = Deferred(self._cancel)
         self.closed: Deferred = Deferred()
+        self.wants_trailer = expected_mac is None
         self._expected = expected_mac
         self._reactor = reactor
         self._block: Block | None = None  # being filled
@@ -146,7 +193,7 @@ class Upload:
         self._thread = threading.Thread(target=self._work, name=f"upload {self.name}",
                                         daemon=True)
         self._thread.start()  # RuntimeError when the system is out of threads: see begin()
-        if self.size == 0:
+        if self.size == 0 and not self.wants_trailer:
             self._inbox.put(_FINISH)
 
     # -- the door's side (reactor thread) -----------------------------------
@@ -191,10 +238,37 @@ class Upload:
             self._block = None
             self._in_flight += block.fill
             self._inbox.put(block)
-            if not self.remaining:
+            if not self.remaining and not self.wants_trailer:
                 self._inbox.put(_FINISH)
             elif self._in_flight >= HIGH_WATER and not self._paused:
                 self._set_paused(True)
+
+    def trailer(self, line: bytes) -> None:
+        """The line that came after the content (without its newline): ``MAC <hex>``.
+
+        A bad line fails the upload with why; a good one finishes it.  An upload
+        that is already over (a disk error before the last byte) ignores it: the
+        door only had to take the line off the stream.
+        """
+        if self._over or self.done.called:
+            return
+        try:
+            mac = parse_trailer(line)
+        except BadTrailer as e:
+            self.fail(f"{e}, upload discarded")
+            return
+        self.finish(mac)
+
+    def finish(self, mac: bytes) -> None:
+        """The MAC that followed the content: check it once the last byte is hashed."""
+        if not self.wants_trailer:
+            raise ValueError("this upload's MAC came with the request")
+        if self.remaining:
+            raise ValueError(f"{self.remaining} bytes of the content are still missing")
+        if self._over or self.done.called or self._expected is not None:
+            return
+        self._expected = mac
+        self._inbox.put(_FINISH)  # after the last block: the worker hashes it first
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         """The door's reading side, paused while the worker is behind."""
@@ -244,7 +318,7 @@ class Upload:
         if self._paused and self._in_flight <= LOW_WATER:
             self._set_paused(False)
 
-    def _finished(self, outcome: UploadResult | Failure) -> None:
+    def _finished(self, outcome: UploadResult | TrailerUploadResult | Failure) -> None:
         if isinstance(outcome, Failure) and not outcome.check(CommandError, CancelledError):
             log.failure("upload of {name} failed", outcome, name=escape(self.name))
             outcome = Failure(CommandError("upload failed (see the server log), "
@@ -266,14 +340,21 @@ class Upload:
         name_thread("upload-write")
         spool, inbox, abort = self.spool, self._inbox, self._abort
         call = self._reactor.callFromThread
-        outcome: UploadResult | Failure
+        outcome: UploadResult | TrailerUploadResult | Failure
         try:
             while True:
                 item = inbox.get()
                 if abort.is_set():
                     raise CancelledError()
                 if item is _FINISH:
-                    outcome = spool.publish(self._expected)
+                    assert self._expected is not None  # set before _FINISH was queued
+                    mac, sha256 = spool.publish(self._expected)
+                    if self.wants_trailer:
+                        outcome = TrailerUploadResult(self.name, self.size,
+                                                      f"{spool.algorithm}:{mac}", sha256)
+                    else:
+                        assert sha256 is not None  # this form always computes it
+                        outcome = UploadResult(self.name, self.size, sha256)
                     break
                 try:
                     spool.write(item.view[:item.fill], partial(call, self._written, item))
@@ -314,18 +395,27 @@ class Uploads:
                 return key
         return self.server_key
 
-    def begin(self, ctx: Context, name: str, size: int, mac_hex: str) -> Deferred:
+    def begin(self, ctx: Context, name: str, size: int, mac_hex: str,
+              algorithm: str = HMAC_SHA256, sha256: bool = False) -> Deferred:
         """Check the request and create the temporary file; fires with an :class:`Upload`.
 
-        Fails with ``CommandError`` (nothing created) if the upload may not
-        start.  Cancelling it before it fires leaves nothing behind either.
+        ``mac_hex`` is the MAC in hex, or ``-``: it follows the content.  The
+        server hashes each byte once for the MAC (``algorithm``, which the
+        client named: refused, never replaced, if this server does not take it)
+        and once more for a SHA-256 only when the answer promises one: always
+        with the MAC in the request (that form's answer has it), else with
+        ``sha256``.  Fails with ``CommandError`` (nothing created) if the upload
+        may not start.  Cancelling it before it fires leaves nothing behind either.
         """
         expected = check_request(name, size, mac_hex, self.settings.max_upload)
         key = self.key_for(ctx.user)
+        check_mac(algorithm, key, self.settings.macs)
+        with_sha256 = sha256 or expected is not None
         cancelled = []
         outer: Deferred = Deferred(lambda _: cancelled.append(True))
         inner = ctx.core.in_thread(open_spool, ctx.policy, name, size, key,
-                                   self.settings.overwrite, self.run_id, self.writer, ctx=ctx)
+                                   self.settings.overwrite, self.run_id, self.writer,
+                                   algorithm, with_sha256, ctx=ctx)
 
         def opened(spool: Spool) -> None:
             if cancelled:  # nobody waits: remove the file we just made

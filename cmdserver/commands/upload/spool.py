@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
+from cmdserver.commands.upload.mac import HMAC_SHA256, new_mac
 from cmdserver.commands.upload.stream import Countdown, HashThread
 from cmdserver.errors import CommandError, Conflict, RootProtected
 from cmdserver.jail import (  # noqa: F401 - the temporary files' names live with the jail
@@ -46,17 +47,31 @@ Writer = Callable[[int, Sequence[Chunk]], int]
 
 
 class HmacMismatchError(CommandError):
-    def __init__(self) -> None:
-        super().__init__("HMAC mismatch, upload discarded")
+    def __init__(self, algorithm: str = HMAC_SHA256) -> None:
+        super().__init__("HMAC mismatch, upload discarded" if algorithm == HMAC_SHA256
+                         else f"MAC mismatch ({algorithm}), upload discarded")
 
 
 @dataclass(frozen=True)
 class UploadResult:
-    """What a finished upload reports: the name as given, its size, its SHA-256."""
+    """What an upload with its MAC in the command reports: the name as given, its
+    size, its SHA-256 (that form always computes it: its answer promises it)."""
 
     name: str
     size: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class TrailerUploadResult:
+    """What an upload whose MAC followed the content reports: the name as given,
+    its size, the MAC that matched (``ALG:HEX``), and the SHA-256 only if the
+    client asked for it (else None: no second pass over the bytes)."""
+
+    name: str
+    size: int
+    mac: str
+    sha256: str | None
 
 
 def new_run_id() -> str:
@@ -84,12 +99,14 @@ class Spool:
     """A hidden temporary file in the target directory, hashed as it is written.
 
     Owned by one worker thread from :func:`open_spool` to :meth:`publish` or
-    :meth:`discard`; it is never visible under the target name until the HMAC
-    matched and the bytes are on disk.
+    :meth:`discard`; it is never visible under the target name until the MAC
+    matched and the bytes are on disk.  Each byte is hashed once per digest:
+    the MAC (``algorithm``), and the SHA-256 only with ``sha256``.
     """
 
     def __init__(self, name: str, size: int, dir_fd: int, base: str, tmp: str, fd: int,
-                 key: bytes, overwrite: bool, writer: Writer) -> None:
+                 key: bytes, overwrite: bool, writer: Writer, algorithm: str = HMAC_SHA256,
+                 sha256: bool = True) -> None:
         self.name = name
         self.size = size
         self.base = base
@@ -98,14 +115,18 @@ class Spool:
         self._tmp: str | None = tmp
         self._fd: int | None = fd
         self._writer = writer
-        self._sha = hashlib.sha256()
-        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        self.algorithm = algorithm
+        self._mac = new_mac(algorithm, key)
+        self._sha = hashlib.sha256() if sha256 else None
+        self._digests = [d for d in (self._mac, self._sha) if d is not None]
         self._helpers: list[HashThread] = []
         self._written = self._flushed = self._dropped = 0
         self._direct = False
         if size >= PARALLEL_MIN:
-            self._helpers = [HashThread(self._mac, "upload-hmac"),
-                             HashThread(self._sha, "upload-sha256")]
+            label = "upload-hmac" if algorithm == HMAC_SHA256 else f"upload-{algorithm}"
+            self._helpers = [HashThread(self._mac, label)]
+            if self._sha is not None:
+                self._helpers.append(HashThread(self._sha, "upload-sha256"))
         if size >= DIRECT_MIN and O_DIRECT:
             self._set_direct(True)
 
@@ -115,7 +136,7 @@ class Spool:
         return self._tmp
 
     def write(self, data: memoryview, then: Callable[[], None]) -> None:
-        """Hash and write the next bytes; ``then()`` once both hashes and the disk have them.
+        """Hash and write the next bytes; ``then()`` once the hashes and the disk have them.
 
         ``data`` starts on a page boundary (a :class:`Block`), so every whole block
         of a large upload goes to the disk directly: no copy into the page cache,
@@ -131,8 +152,8 @@ class Spool:
             for helper in helpers:
                 helper.start(data, then)
         else:
-            self._mac.update(data)
-            self._sha.update(data)
+            for digest in self._digests:
+                digest.update(data)
         try:
             self._write_block(data)
         finally:
@@ -189,17 +210,19 @@ class Spool:
             return
         self._dropped, self._flushed = self._flushed, self._written
 
-    def publish(self, expected_mac: bytes) -> UploadResult:
-        """Check the HMAC in constant time, fsync, and move the file into place.
+    def publish(self, expected_mac: bytes) -> tuple[str, str | None]:
+        """Check the MAC in constant time, fsync, and move the file into place.
 
+        Returns the hex MAC and the hex SHA-256 (None if it was not computed).
         Raises :class:`HmacMismatchError` or another ``CommandError``; the caller then
         calls :meth:`discard`.
         """
         assert self._fd is not None and self._dir_fd is not None and self._tmp is not None
         for helper in self._helpers:
             helper.drain()
-        if not hmac.compare_digest(self._mac.digest(), expected_mac):
-            raise HmacMismatchError()
+        mac = self._mac.digest()
+        if not hmac.compare_digest(mac, expected_mac):
+            raise HmacMismatchError(self.algorithm)
         try:
             os.fsync(self._fd)
         except OSError as e:
@@ -212,7 +235,7 @@ class Spool:
             os.fsync(self._dir_fd)  # make the new name durable too
         except OSError:
             pass  # some filesystems cannot fsync a directory; the data is safe anyway
-        return UploadResult(self.name, self.size, self._sha.hexdigest())
+        return mac.hex(), None if self._sha is None else self._sha.hexdigest()
 
     def _move_into_place(self) -> None:
         dfd, tmp, base = self._dir_fd, self._tmp, self.base
@@ -282,7 +305,8 @@ def _exists(base: str, dir_fd: int) -> bool:
 
 
 def open_spool(policy: Policy, name: str, size: int, key: bytes, overwrite: bool,
-               run_id: str, writer: Writer = os.writev) -> Spool:
+               run_id: str, writer: Writer = os.writev, algorithm: str = HMAC_SHA256,
+               sha256: bool = True) -> Spool:
     """Check that ``name`` may receive ``size`` bytes, then create its temporary file.
 
     Runs in a thread.  Every refusal raises ``CommandError`` before anything is
@@ -308,14 +332,15 @@ def open_spool(policy: Policy, name: str, size: int, key: bytes, overwrite: bool
             raise CommandError(f"cannot open the directory of {name}: "
                                f"{(e.strerror or str(e)).lower()}") from None
     try:
-        return _create(name, size, dir_fd, base, key, overwrite, run_id, writer)
+        return _create(name, size, dir_fd, base, key, overwrite, run_id, writer, algorithm,
+                       sha256)
     except BaseException:
         os.close(dir_fd)
         raise
 
 
 def _create(name: str, size: int, dir_fd: int, base: str, key: bytes, overwrite: bool,
-            run_id: str, writer: Writer) -> Spool:
+            run_id: str, writer: Writer, algorithm: str, sha256: bool) -> Spool:
     if TEMP_RE.match(base):
         raise CommandError(f"reserved name (upload temporary files look like it): {name}")
     try:
@@ -342,7 +367,7 @@ def _create(name: str, size: int, dir_fd: int, base: str, key: bytes, overwrite:
     except OSError as e:
         raise CommandError(f"cannot create a file next to {name}: "
                            f"{(e.strerror or str(e)).lower()}") from None
-    return Spool(name, size, dir_fd, base, tmp, fd, key, overwrite, writer)
+    return Spool(name, size, dir_fd, base, tmp, fd, key, overwrite, writer, algorithm, sha256)
 
 
 def remove_stale(roots: Sequence[str], run_id: str) -> list[str]:

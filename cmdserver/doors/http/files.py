@@ -9,7 +9,9 @@ bytes sent), as SFTP's are.
 
 An upload is the ``upload`` command with the body for its bytes: ``PUT
 /v1/files/NAME`` with ``Content-Length`` (the size) and ``X-Cmdserver-HMAC``
-(the hex HMAC-SHA256 of the content).  The body is read straight into the
+(the hex HMAC-SHA256 of the content; ``X-Cmdserver-MAC-Algorithm: blake2b``
+for a keyed BLAKE2b MAC instead).  The MAC stays in a header: HTTP has no
+trailer line after the body that every client can send.  The body is read straight into the
 upload engine (:class:`UploadBody`): first the Host, the login and the
 upload's checks (the same as every door's: jail, size, existing target, free
 space), then the bytes, with the engine's back-pressure; the file appears only
@@ -38,7 +40,8 @@ from zope.interface import implementer
 from cmdserver.commands.base import Command, Context
 from cmdserver.commands.files import os_error
 from cmdserver.commands.upload.command import UploadCommand
-from cmdserver.commands.upload.engine import UploadResult
+from cmdserver.commands.upload.engine import HEX_MAC, UploadResult
+from cmdserver.commands.upload.mac import HMAC_SHA256
 from cmdserver.core import INTERNAL_ERROR
 from cmdserver.doors.http.door import HTTPDoor, answer, prepare
 from cmdserver.doors.http.errors import (
@@ -52,7 +55,7 @@ from cmdserver.doors.http.errors import (
     status_of,
 )
 from cmdserver.doors.http.login import Login, authenticate
-from cmdserver.errors import CommandError, Refused
+from cmdserver.errors import CommandError, Refused, UsageError
 from cmdserver.policy import Policy
 
 log = Logger()
@@ -61,6 +64,7 @@ PREFIX = b"/v1/files/"
 CHUNK = 256 << 10  # bytes read (in a thread) and written at a time
 HOLD = 256 << 10  # bytes of an upload's body kept while its checks run; then reading stops
 HMAC_HEADER = b"x-cmdserver-hmac"
+MAC_ALGORITHM_HEADER = b"x-cmdserver-mac-algorithm"
 OCTETS = b"application/octet-stream"
 _RANGE = re.compile(rb"bytes=(\d*)-(\d*)\Z")
 
@@ -233,8 +237,11 @@ class HTTPUpload(Command):
     def __init__(self, body: UploadBody) -> None:
         self.body = body
 
-    def run(self, ctx: Context, name: str, size: int, hmac: str) -> Deferred:
-        begun = self.body.uploads.begin(ctx, name, size, hmac)
+    def run(self, ctx: Context, name: str, size: int, hmac: str, mac: str = HMAC_SHA256,
+            sha256: bool = False) -> Deferred:
+        if not HEX_MAC.match(hmac):  # no trailer after the body here: no "-"
+            raise UsageError("HMAC must be 64 hex digits (HMAC-SHA256 of the content)")
+        begun = self.body.uploads.begin(ctx, name, size, hmac, mac)
         upload: list[Any] = []
 
         def cancel(_: Deferred) -> None:
@@ -328,8 +335,10 @@ class UploadBody:
             return
         ctx = login.ctx
         mac = request.requestHeaders.getRawHeaders(HMAC_HEADER)
+        algorithm = request.requestHeaders.getRawHeaders(MAC_ALGORITHM_HEADER)
         given = {"name": file_path(request), "size": self.length,
-                 "hmac": mac[0].decode("ascii", "replace").strip() if mac else None}
+                 "hmac": mac[0].decode("ascii", "replace").strip() if mac else None,
+                 "mac": algorithm[0].decode("ascii", "replace").strip() if algorithm else None}
         command = HTTPUpload(self)
         try:
             kwargs = self.door.core.bind(ctx, command, {k: v for k, v in given.items()

@@ -13,6 +13,7 @@ from typing import Any
 
 from cmdserver import __version__
 from cmdserver.commands.base import Command
+from cmdserver.commands.upload.mac import ALGORITHMS
 from cmdserver.doors.http.door import HTTPDoor
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -119,13 +120,19 @@ def openapi_document(door: HTTPDoor) -> dict[str, Any]:
                  "416": {"description": "The range lies outside the file."}})},
         "put": {
             "operationId": "uploadFile",
-            "summary": "Upload a file; it appears only if its HMAC-SHA256 matches.",
+            "summary": "Upload a file; it appears only if its MAC matches.",
             "tags": ["files"],
             "parameters": [*path_param, {
                 "name": "X-Cmdserver-HMAC", "in": "header", "required": True,
-                "description": "hex HMAC-SHA256 of the content (the user's or the "
-                               "server's upload key)",
-                "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}}],
+                "description": "hex MAC of the content (HMAC-SHA256 unless "
+                               "X-Cmdserver-MAC-Algorithm says otherwise) under the "
+                               "user's or the server's upload key",
+                "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}}, {
+                "name": "X-Cmdserver-MAC-Algorithm", "in": "header", "required": False,
+                "description": "the MAC: hmac-sha256 (the default) or blake2b (keyed "
+                               "BLAKE2b, 32 bytes); refused, never replaced, where the "
+                               "server does not take it",
+                "schema": {"type": "string", "enum": list(ALGORITHMS)}}],
             "requestBody": {"required": True,
                             "content": {"application/octet-stream": {}}},
             "responses": _responses(

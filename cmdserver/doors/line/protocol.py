@@ -9,7 +9,7 @@ the client does not read.  One connection runs
 at most ``LINES_PER_TURN`` lines per reactor turn, so a flood of short lines
 cannot starve the others.  A client that goes away cancels its running command.
 A command may take over the byte stream for a while (``receive_raw``: the bytes
-of an upload), then lines resume.
+of an upload, and the trailer line after them), then lines resume.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ QUEUE_LOW = 16  # queued lines at which it starts again
 BATCH_LIMIT = 16384  # output bytes gathered before they are handed to the transport
 LINES_PER_TURN = 256  # lines one connection may run before the others get a turn
 INCOMPLETE = "upload incomplete: the client closed the stream early"
+NO_TRAILER = "upload incomplete: the client closed the stream before the MAC trailer"
 
 
 def refusal(reason: str) -> bytes:
@@ -89,6 +90,7 @@ class LineProtocol(LineReceiver):
     _peer_login: Callable[[Context, Any], None] | None = None
     _raw: Any = None  # the consumer of raw bytes (an upload), if any
     _raw_paused = False
+    _trailer: Any = None  # the upload that takes the next line (its MAC), if any
     _yielding = False  # reading stopped until the next turn
     _out_producer: Any = None  # the running command's output source (a child)
     _probe: PeerProbe | None = None  # is a client that sent a FIN still there?
@@ -156,6 +158,8 @@ class LineProtocol(LineReceiver):
             self._probe.stop()
         self._queue = None
         self._raw = None
+        if self._trailer is not None:  # (set on the instance only by a trailer upload)
+            self._trailer = None
         if self._running is not None:
             running, self._running = self._running, None
             running.cancel()
@@ -172,6 +176,8 @@ class LineProtocol(LineReceiver):
         which ends the connection and cancels the running command.
         """
         self._eof = True
+        if self._trailer is not None and self._raw is None:
+            self._trailer_at_end()
         if self._raw is not None:  # the raw bytes can never be complete now
             self._closing = True
             self.line(f"Error: {INCOMPLETE}")
@@ -194,6 +200,14 @@ class LineProtocol(LineReceiver):
                      peer=self.audit_session.peer)
             self.transport.abortConnection()  # connectionLost cancels the running command
 
+    def _trailer_at_end(self) -> None:
+        """The client sent all it will send while an upload waits for its trailer:
+        a trailer line without its newline still counts; no line fails the upload."""
+        self._last_line()
+        if self._trailer is not None:
+            consumer, self._trailer = self._trailer, None
+            consumer.fail(NO_TRAILER)
+
     def _last_line(self) -> None:
         """What the client sent is complete: a last line counts without its newline."""
         rest = self.clearLineBuffer()  # lines not delivered yet, while reading was stopped
@@ -212,7 +226,8 @@ class LineProtocol(LineReceiver):
 
     def timeoutConnection(self) -> None:
         # A long command is not idleness, unless it waits for the client's bytes.
-        if self._running is not None and (self._raw is None or self._raw_paused):
+        waiting = (self._raw is not None and not self._raw_paused) or self._trailer is not None
+        if self._running is not None and not waiting:
             self.resetTimeout()
             return
         self.line(f"Timeout: idle for {self.settings.idle_timeout:g} s, closing the connection.")
@@ -255,6 +270,11 @@ class LineProtocol(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         if self._closing:
             return
+        if self._trailer is not None:  # the line after an upload's content: its MAC
+            consumer, self._trailer = self._trailer, None
+            consumer.trailer(line)
+            self._drain()  # lines that came meanwhile, if the upload is already over
+            return
         self._turn_lines += 1
         if self._turn_lines >= LINES_PER_TURN and not self._yielding:
             # A flood of lines in one read: let the other connections have a turn.
@@ -293,13 +313,21 @@ class LineProtocol(LineReceiver):
         self.setLineMode(rest)  # bytes after the content are command lines again
         self._drain()
 
-    def receive_raw(self, size: int, consumer: Any) -> None:
+    def receive_raw(self, size: int, consumer: Any, trailer: bool = False) -> None:
         """Hand the next ``size`` bytes to ``consumer.write``, then read lines again.
 
         The consumer gets a producer through ``registerProducer`` and may pause
-        reading with it while it is behind.
+        reading with it while it is behind.  With ``trailer`` the line after the
+        bytes goes to ``consumer.trailer`` (without its newline), not to the
+        command queue.
         """
-        if size == 0 or not self._connected:
+        if not self._connected:
+            return
+        if trailer:
+            self._trailer = consumer
+        if size == 0:
+            if self._eof and self._trailer is consumer:
+                self._trailer_at_end()
             return
         self._raw = consumer
         self._narrow_reads: Callable[[], None] = lambda: None
@@ -308,7 +336,7 @@ class LineProtocol(LineReceiver):
         self.dataReceived(b"")  # bytes that arrived with the command line
         if self._raw is consumer and self._eof:
             # The client closed its sending side (before `Ready`): no more can come.
-            self._raw = None
+            self._raw = self._trailer = None
             consumer.unregisterProducer()
             self.setLineMode()
             consumer.fail(INCOMPLETE)
@@ -318,6 +346,8 @@ class LineProtocol(LineReceiver):
             if hasattr(consumer, "read_into") and not self._buffer:
                 direct = direct_reads(self.transport, self, consumer, self._raw_read)
             self._narrow_reads = direct or widen_reads(self.transport)
+        elif self._eof and self._trailer is consumer:  # all came before `Ready`
+            self._trailer_at_end()
 
     def _pause_raw(self, paused: bool) -> None:
         self._raw_paused = paused
@@ -378,7 +408,7 @@ class LineProtocol(LineReceiver):
         self._draining = True
         try:
             while (self._queue and self._running is None and not self._write_paused
-                   and not self._closing and self._raw is None):
+                   and not self._closing and self._raw is None and self._trailer is None):
                 self._handle(self._queue.pop(0))
         finally:
             self._draining = False

@@ -222,14 +222,16 @@ class PBAvatar(pb.Avatar):
             result = {"value": result, "text": command.text(result)}
         return self._track(name, result)
 
-    def _upload(self, name: Any = None, size: Any = None, hmac: Any = None) -> Deferred:
-        """``upload(NAME, SIZE, HMAC)``: a writer (``write(bytes)``, ``close()``,
-        ``abort()``) for the file's bytes."""
+    def _upload(self, name: Any = None, size: Any = None, hmac: Any = None, mac: Any = None,
+                sha256: Any = None) -> Deferred:
+        """``upload(NAME, SIZE, HMAC, mac=ALG, sha256=False)``: a writer (``write(bytes)``,
+        ``close()``, ``abort()``) for the file's bytes; with HMAC ``"-"`` the MAC
+        follows them, in ``close(MAC)``."""
         if self.upload_starter is None:  # the text doors have no upload command then
             raise UnknownMethod(NOT_FOUND_TEXT)
         ready: Deferred = Deferred()
         command = PBUpload(self.upload_starter, ready)
-        given = {"name": name, "size": size, "hmac": hmac}
+        given = {"name": name, "size": size, "hmac": hmac, "mac": mac, "sha256": sha256}
         kwargs = self._bind(command, {k: v for k, v in given.items() if v is not None})
         d = self.calls.track(self.core.run_command(self._ctx, command, **kwargs))
 

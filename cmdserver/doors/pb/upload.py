@@ -1,19 +1,21 @@
 """PB uploads: a remote writer object in front of an upload engine.
 
-``upload(name, size, hmac)`` on the PB avatar starts an upload through an
-*engine starter* and hands the client an :class:`UploadWriter` (a
-``pb.Referenceable``): the client calls ``write(chunk)`` until SIZE bytes are
-sent, then ``close()``, which answers with the engine's result.  The engine
-owns the file: it streams bytes into a temporary file, checks the HMAC and
-renames the file into place only when it matches; the writer only bounds what
-the client may send and turns every ending (close, abort, disconnect, cancel)
-into exactly one engine call.
+``upload(name, size, hmac, mac=ALG, sha256=False)`` on the PB avatar starts an
+upload through an *engine starter* and hands the client an
+:class:`UploadWriter` (a ``pb.Referenceable``): the client calls
+``write(chunk)`` until SIZE bytes are sent, then ``close()``, which answers
+with the engine's result.  With ``hmac`` ``"-"`` the MAC follows the content:
+``close(MAC)`` carries it (the client hashes the file while it sends it).  The
+engine owns the file: it streams bytes into a temporary file, checks the MAC
+and renames the file into place only when it matches; the writer only bounds
+what the client may send and turns every ending (close, abort, disconnect,
+cancel) into exactly one engine call.
 
 The seam is small on purpose::
 
-    starter(ctx, name, size, hmac) -> Deferred[UploadEngine]   # refusals: CommandError
+    starter(ctx, name, size, hmac, mac, sha256) -> Deferred[UploadEngine]  # refusals: CommandError
     engine.feed(chunk) -> Deferred | None    # fires once the chunk is taken
-    engine.finish() -> Deferred[result]      # HMAC checked, file in place, or CommandError
+    engine.finish([mac]) -> Deferred[result] # MAC checked, file in place, or CommandError
     engine.abort() -> None                   # discard everything, temp file removed
 
 The whole upload runs as one command (``upload``) through the core, so it is
@@ -35,6 +37,8 @@ from twisted.spread import pb
 
 from cmdserver.commands.base import Command, Context
 from cmdserver.commands.upload.command import UploadCommand
+from cmdserver.commands.upload.engine import TRAILER
+from cmdserver.commands.upload.mac import HMAC_SHA256, BadTrailer, parse_hex
 from cmdserver.doors.pb.errors import BadArguments, CommandFailed, UnknownMethod, to_remote
 from cmdserver.errors import CommandError
 
@@ -49,12 +53,16 @@ class UploadEngine(Protocol):
 
     def feed(self, chunk: bytes) -> Deferred | None: ...
 
-    def finish(self) -> Deferred: ...
+    def finish(self, mac: bytes | None = None) -> Deferred: ...
 
     def abort(self) -> None: ...
 
 
-UploadStarter = Callable[[Context, str, int, str], Deferred]
+class UploadStarter(Protocol):
+    """Starts an upload: fires with an :class:`UploadEngine`, or fails (a refusal)."""
+
+    def __call__(self, ctx: Context, name: str, size: int, mac_hex: str,
+                 mac: str = HMAC_SHA256, sha256: bool = False, /) -> Deferred: ...
 
 
 class ConsumerEngine:
@@ -86,7 +94,9 @@ class ConsumerEngine:
             return d
         return None
 
-    def finish(self) -> Deferred:
+    def finish(self, mac: bytes | None = None) -> Deferred:
+        if mac is not None and not self._over:
+            self.upload.finish(mac)
         if self._over:
             return _settle(self._outcome)
         d: Deferred = Deferred()
@@ -128,23 +138,26 @@ def _settle(outcome: Any) -> Deferred:
     return defer.succeed(outcome)
 
 
-def consumer_starter(begin: Callable[[Context, str, int, str], Deferred]) -> UploadStarter:
+def consumer_starter(begin: Callable[..., Deferred]) -> UploadStarter:
     """An :data:`UploadStarter` from a function that starts a consumer-style upload
-    (``begin(ctx, name, size, hmac) -> Deferred[upload]``)."""
+    (``begin(ctx, name, size, hmac, mac, sha256) -> Deferred[upload]``)."""
 
-    def start(ctx: Context, name: str, size: int, mac_hex: str) -> Deferred:
-        return begin(ctx, name, size, mac_hex).addCallback(ConsumerEngine)
+    def start(ctx: Context, name: str, size: int, mac_hex: str, mac: str = HMAC_SHA256,
+              sha256: bool = False) -> Deferred:
+        return begin(ctx, name, size, mac_hex, mac, sha256).addCallback(ConsumerEngine)
 
     return start
 
 
 class UploadWriter(pb.Referenceable):
-    """The client's handle on one upload: ``write(chunk)``, ``close()``, ``abort()``."""
+    """The client's handle on one upload: ``write(chunk)``, ``close()`` (``close(MAC)``
+    when the MAC follows the content: ``trailer``), ``abort()``."""
 
     def __init__(self, engine: UploadEngine, size: int, done: Deferred,
-                 max_chunk: int = MAX_CHUNK) -> None:
+                 max_chunk: int = MAX_CHUNK, trailer: bool = False) -> None:
         self.engine = engine
         self.size = size
+        self.trailer = trailer
         self.received = 0
         self.max_chunk = max_chunk
         self.pending = 0
@@ -160,7 +173,9 @@ class UploadWriter(pb.Referenceable):
             raise UnknownMethod(f"no such method: {message[:64]}")
         args = broker.unserialize(args)
         kw = broker.unserialize(kw)
-        if kw or len(args) != method.__code__.co_argcount - 1:
+        code = method.__code__
+        optional = len(method.__defaults__ or ())
+        if kw or not code.co_argcount - 1 - optional <= len(args) <= code.co_argcount - 1:
             raise BadArguments(f"{message}: wrong arguments")
         return broker.serialize(method(self, *args))
 
@@ -190,13 +205,27 @@ class UploadWriter(pb.Referenceable):
 
         return d.addBoth(taken)
 
-    def remote_close(self) -> Deferred:
+    def remote_close(self, mac: Any = None) -> Deferred:
         if self.ended:
             raise CommandFailed("upload is already closed")
         if self.received != self.size:
             self.fail(f"short upload: {self.received} of {self.size} bytes")
+        digest = None
+        if self.trailer:
+            if mac is None:
+                self.fail("the MAC is missing: close(MAC) ends an upload whose MAC "
+                          "follows the content")
+            try:
+                digest = parse_hex(mac)
+            except BadTrailer as e:
+                self.fail(str(e))
+        elif mac is not None:
+            self.fail("the MAC came with upload(): close() takes none")
         self.ended = True
-        d = defer.maybeDeferred(self.engine.finish)
+        if digest is None:
+            d = defer.maybeDeferred(self.engine.finish)
+        else:
+            d = defer.maybeDeferred(self.engine.finish, digest)
         d.addBoth(self._finished)
         return d.addErrback(to_remote, "upload", True)
 
@@ -256,7 +285,8 @@ class PBUpload(Command):
         self.starter = starter
         self.ready = ready  # fires with the writer once the engine accepted the upload
 
-    def run(self, ctx: Context, name: str, size: int, hmac: str) -> Deferred:
+    def run(self, ctx: Context, name: str, size: int, hmac: str, mac: str = HMAC_SHA256,
+            sha256: bool = False) -> Deferred:
         writer: list[UploadWriter] = []
 
         def cancel(_: Deferred) -> None:
@@ -266,13 +296,13 @@ class PBUpload(Command):
                 starting.cancel()
 
         done: Deferred = Deferred(cancel)
-        starting = self.starter(ctx, name, size, hmac)
+        starting = self.starter(ctx, name, size, hmac, mac, sha256)
 
         def started(engine: UploadEngine) -> None:
             if done.called:  # cancelled while the engine was starting
                 engine.abort()
                 return
-            writer.append(UploadWriter(engine, size, done))
+            writer.append(UploadWriter(engine, size, done, trailer=hmac == TRAILER))
             self.ready.callback(writer[0])
 
         def refused(failure: Failure) -> None:

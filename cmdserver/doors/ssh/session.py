@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from cmdserver.commands.upload.mac import TRAILER_MAX
 from cmdserver.core import TextReply, split_line
 from cmdserver.doors.ssh.shell import LineSink, PipedCommands, ShellProtocol, command_text, render
 from cmdserver.errors import CommandError
@@ -387,11 +388,15 @@ class CommandSession:
             return None
         return f"{usage.split()[0]} reads its bytes from stdin: use 'ssh HOST {usage} < FILE'"
 
-    def receive_raw(self, size: int, consumer: Any) -> None:
-        """``ssh HOST upload NAME SIZE HMAC < FILE``: the next ``size`` bytes of stdin."""
-        if size == 0:
+    def receive_raw(self, size: int, consumer: Any, trailer: bool = False) -> None:
+        """``ssh HOST upload NAME SIZE HMAC < FILE``: the next ``size`` bytes of stdin.
+
+        With ``trailer`` (``upload NAME SIZE -``), stdin then has one more line, the
+        MAC, and ends: the line goes to ``consumer.trailer`` at the end of input.
+        """
+        if size == 0 and not trailer:
             return
-        if not self.read_input(_RawInput(self, consumer, size)):
+        if not self.read_input(_RawInput(self, consumer, size, trailer)):
             consumer.fail(self.raw_input_unavailable("upload NAME SIZE HMAC")
                           or "upload cannot read its bytes: the input was already taken")
 
@@ -423,27 +428,65 @@ class CommandSession:
 
 
 class _RawInput:
-    """Feeds exactly ``size`` bytes of stdin to an upload, with back-pressure."""
+    """Feeds exactly ``size`` bytes of stdin to an upload, with back-pressure.
 
-    def __init__(self, session: CommandSession, consumer: Any, size: int) -> None:
+    With ``trailer`` the rest of stdin must be one line, the MAC: it is handed
+    over at the end of input, so that bytes after it (a file that grew while
+    it was sent) discard the upload before its file can appear.
+    """
+
+    def __init__(self, session: CommandSession, consumer: Any, size: int,
+                 trailer: bool = False) -> None:
         self.session = session
         self.consumer = consumer
         self.size = size
+        self.trailer = trailer
+        self.line = bytearray()  # the trailer line so far
+        self.line_ended = False  # its newline came
+        self.over = False  # the trailer is handed over or refused
         consumer.registerProducer(self, True)
 
     def data_received(self, data: bytes) -> None:
         wanted = self.consumer.remaining
-        if not wanted:
-            return  # bytes past SIZE: nothing reads them
-        self.consumer.write(data[:wanted])
-        if not self.consumer.remaining:
+        if wanted:
+            self.consumer.write(data[:wanted])
+            if self.consumer.remaining:
+                return
             self.consumer.unregisterProducer()
+            if self.trailer:
+                self.session.resume_input()  # the trailer is small: let it in
+            data = data[wanted:]
+        if not self.trailer or self.over or not data:
+            return  # the form with the MAC in the command: bytes past SIZE are ignored
+        if self.line_ended:
+            self._refuse("extra bytes after the MAC trailer, upload discarded")
+            return
+        line, newline, rest = data.partition(b"\n")
+        self.line += line
+        if len(self.line) > TRAILER_MAX:  # no trailer is that long: let it say why
+            self.over = True
+            self.consumer.trailer(bytes(self.line[:TRAILER_MAX]))
+        elif newline:
+            self.line_ended = True
+            if rest:
+                self._refuse("extra bytes after the MAC trailer, upload discarded")
 
     def eof_received(self) -> None:
         if self.consumer.remaining:
             got = self.size - self.consumer.remaining
             self.consumer.fail(f"upload incomplete: the input ended after {got} of "
                                f"{self.size} bytes, upload discarded")
+        elif self.trailer and not self.over:
+            self.over = True
+            if self.line_ended or self.line:  # a last line counts without its newline
+                self.consumer.trailer(bytes(self.line))
+            else:
+                self.consumer.fail("upload incomplete: the input ended before the MAC "
+                                   "trailer, upload discarded")
+
+    def _refuse(self, reason: str) -> None:
+        self.over = True
+        self.consumer.fail(reason)
 
     # IPushProducer, for the upload's back-pressure
     def pauseProducing(self) -> None:

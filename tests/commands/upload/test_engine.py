@@ -445,8 +445,8 @@ class RefusalTests(unittest.TestCase):
     def test_bad_hmac_text(self):
         for mac in ("abc", "g" * 64, "0" * 63, "0" * 65):
             text = yield self.refused("x", mac=mac)
-            self.assertEqual(text, "Error: HMAC must be 64 hex digits (HMAC-SHA256 of the "
-                                   "content)")
+            self.assertEqual(text, "Error: HMAC must be 64 hex digits (the MAC of the "
+                                   "content), or - to send it after the content")
 
     @inlineCallbacks
     def test_name_too_long(self):

@@ -195,9 +195,11 @@ class LineUploadTests(unittest.TestCase):
                                       "100 bytes)"),
             (f"upload x -5 {mac}", "Error: SIZE must be a whole number of bytes: -5"),
             (f"upload x 5e3 {mac}", "Error: SIZE must be a whole number of bytes: 5e3"),
-            ("upload x 5 nothex", "Error: HMAC must be 64 hex digits (HMAC-SHA256 of the "
-                                  "content)"),
-            ("upload x 5", "Error: usage: upload NAME SIZE HMAC"),
+            ("upload x 5 nothex", "Error: HMAC must be 64 hex digits (the MAC of the "
+                                  "content), or - to send it after the content"),
+            ("upload x 5", "Error: usage: upload NAME SIZE HMAC [--mac ALG] [--sha256]"),
+            (f"upload x 5 {mac} --mac md5", "Error: mac must be one of hmac-sha256, "
+                                            "blake2b, not 'md5'"),
             (f"upload nodir/x 5 {mac}", "Error: no such directory: nodir"),
         ]
         for command, error in cases:

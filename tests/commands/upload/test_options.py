@@ -121,6 +121,28 @@ def test_cli_arguments():
                                             "V"])
 
 
+def test_upload_macs(tmp_path):
+    assert parse([], tmp_path)["upload-macs"] == ("hmac-sha256", "blake2b")
+    assert parse(["--upload-macs", "hmac-sha256"], tmp_path)["upload-macs"] == ("hmac-sha256",)
+    config = tmp_path / "c.toml"
+    config.write_text('upload-macs = ["blake2b", "hmac-sha256"]\n')
+    assert parse(["--config", str(config)], tmp_path)["upload-macs"] == ("blake2b",
+                                                                         "hmac-sha256")
+    for bad in ("md5", "", "hmac-sha256,sha1"):
+        with pytest.raises(usage.UsageError):
+            parse(["--upload-macs", bad], tmp_path)
+
+
+def test_cli_upload_options():
+    args = build_parser(only_upload=True).parse_args(["upload", "f"])
+    assert (args.mac, args.sha256, args.mac_first) == ("hmac-sha256", False, False)
+    args = build_parser().parse_args(["upload", "f", "--mac", "blake2b", "--sha256",
+                                      "--mac-first"])
+    assert (args.mac, args.sha256, args.mac_first) == ("blake2b", True, True)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["upload", "f", "--mac", "md5"])
+
+
 @pytest.mark.parametrize("before", [
     [],  # the line door greets no one unless told to
     ["cmdserver 0.1.0 ready; type 'help' for the commands."],

@@ -103,6 +103,26 @@ class FileTests(OutsideTreeTempMixin, unittest.TestCase):
         self.assertEqual(answer.status, 401)
 
     @defer.inlineCallbacks
+    def test_the_mac_stays_in_the_header_blake2b_when_named(self) -> Any:
+        data = os.urandom(100_000)
+        b2 = hashlib.blake2b(data, key=self.key, digest_size=32).hexdigest()
+        answer = yield self.put("b2.bin", data, b2, {"X-Cmdserver-MAC-Algorithm": "blake2b"})
+        self.assertEqual((answer.status, answer.json["result"]),
+                         (201, {"name": "b2.bin", "size": len(data),
+                                "sha256": hashlib.sha256(data).hexdigest()}))
+        for mac, headers, status, message in [
+                (self.mac(data), {"X-Cmdserver-MAC-Algorithm": "blake2b"}, 422,
+                 "MAC mismatch (blake2b), upload discarded"),
+                (b2, {"X-Cmdserver-MAC-Algorithm": "md5"}, 400,
+                 "mac must be one of hmac-sha256, blake2b, not 'md5'"),
+                # No trailer after an HTTP body: "-" is not a MAC here.
+                ("-", {}, 400, "HMAC must be 64 hex digits (HMAC-SHA256 of the content)")]:
+            answer = yield self.put("no.bin", data, mac, headers)
+            self.assertEqual((answer.status, answer.json["error"]), (status, message), headers)
+        yield self.wait_for_no_leftovers()
+        self.assertFalse(os.path.exists(os.path.join(self.server.root, "no.bin")))
+
+    @defer.inlineCallbacks
     def test_a_bad_upload_leaves_nothing(self) -> Any:
         data = b"content" * 1000
         answer = yield self.put("bad.bin", data, mac="0" * 64)

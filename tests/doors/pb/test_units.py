@@ -236,6 +236,6 @@ class ConsumerEngineTests(unittest.TestCase):
 
     def test_consumer_starter(self) -> None:
         upload = FakeConsumerUpload()
-        start = consumer_starter(lambda ctx, name, size, mac: defer.succeed(upload))
+        start = consumer_starter(lambda ctx, name, size, mac, *options: defer.succeed(upload))
         engine = self.successResultOf(start(cast(Context, None), "f", 1, "00"))  # never used
         self.assertIsInstance(engine, ConsumerEngine)

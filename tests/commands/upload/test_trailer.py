@@ -1,0 +1,194 @@
+"""``upload NAME SIZE -``: the MAC after the content, on the line door and in the engine."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+
+from twisted.internet import task
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from cmdserver.commands.upload.engine import BATCH
+from cmdserver.commands.upload.mac import trailer_line
+from cmdserver.commands.upload.spool import PARALLEL_MIN, TrailerUploadResult
+from cmdserver.doors.idle import IdleClock
+from cmdserver.doors.line.protocol import LineProtocol, LineSettings
+from tests.helpers.upload import (
+    KEY,
+    context,
+    leftovers,
+    listing,
+    mac_of,
+    make_core,
+    settle,
+    temp_dir,
+    wait_until,
+)
+
+
+def trailer(data: bytes, key: bytes = KEY) -> bytes:
+    return trailer_line(bytes.fromhex(mac_of(data, key)))
+
+
+class LineTrailerTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.root = temp_dir(self)
+        self.connect()
+
+    def connect(self, writer=None, idle_timeout: float = 300) -> None:
+        self.core, self.uploads = make_core(self.root, writer=writer)
+        self.clock = task.Clock()  # the idle timer runs on a fake clock
+        self.proto = LineProtocol(self.core, LineSettings(idle_timeout=idle_timeout,
+                                                          greeting=""),
+                                  IdleClock(self.clock, idle_timeout))
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+
+    def reconnect(self, **kwargs) -> None:
+        self.proto.connectionLost(Failure(Exception("replaced")))
+        self.connect(**kwargs)
+
+    def lines(self) -> list[str]:
+        return self.transport.value().decode().split("\r\n")[:-1]
+
+    def send(self, data: bytes) -> None:
+        self.proto.dataReceived(data)
+
+    def wait_for(self, line: str):
+        return wait_until(lambda: any(x.startswith(line) for x in self.lines()))
+
+    def tearDown(self):
+        if self.proto._connected:
+            self.proto.connectionLost(Failure(Exception("test over")))
+        return settle(self.uploads)
+
+    @inlineCallbacks
+    def test_content_then_trailer_in_small_pieces(self):
+        data = os.urandom(200_000)
+        self.send(f"upload t.bin {len(data)} -\n".encode())
+        yield self.wait_for("Ready for ")
+        stream = data + trailer(data) + b"ping\n"
+        for i in range(0, len(stream), 4093):  # pieces that cut the trailer anywhere
+            self.send(stream[i:i + 4093])
+        yield self.wait_for("pong")
+        self.assertEqual(self.lines(), [f"Ready for {len(data)} bytes",
+                                        f"Upload OK t.bin {len(data)} "
+                                        f"mac=hmac-sha256:{mac_of(data)}", "pong"])
+
+    @inlineCallbacks
+    def test_idle_timeout_while_the_trailer_is_awaited(self):
+        self.reconnect(idle_timeout=30)
+        self.send(b"upload slow 5 -\n")
+        yield self.wait_for("Ready for ")
+        self.send(b"12345")  # all the content, then nothing
+        self.clock.advance(29)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.lines()[-1], "Timeout: idle for 30 s, closing the connection.")
+        self.proto.connectionLost(Failure(Exception("closed")))
+        yield settle(self.uploads)
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
+    def test_disk_full_the_trailer_is_still_taken_off_the_stream(self):
+        def full(fd, buffers):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.reconnect(writer=full)
+        data = os.urandom(2 * BATCH)
+        self.send(f"upload full {len(data)} -\n".encode())
+        yield self.wait_for("Ready for ")
+        self.send(data[:BATCH])
+        yield self.wait_for("Error: disk full")
+        self.send(data[BATCH:] + trailer(data) + b"ping\n")
+        yield self.wait_for("pong")
+        # The trailer line was the upload's: never run as a command.
+        self.assertEqual(self.lines()[1:], ["Error: disk full, upload discarded", "pong"])
+        yield settle(self.uploads)
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
+    def test_everything_before_ready_then_half_close(self):
+        # `printf 'upload f 5 -\n12345MAC …' | nc -N`: the content and the trailer (no
+        # newline in the content) came with the command line, then the FIN.
+        data = b"12345"
+        self.send(b"upload early 5 -\n" + data + trailer(data).rstrip(b"\n"))
+        self.proto.readConnectionLost()
+        yield wait_until(lambda: self.transport.disconnecting)
+        self.assertEqual(self.lines()[1:], [f"Upload OK early 5 mac=hmac-sha256:{mac_of(data)}"])
+
+    @inlineCallbacks
+    def test_half_close_right_after_the_command(self):
+        self.send(b"upload f 0 -\n")
+        self.proto.readConnectionLost()
+        yield self.wait_for("Error: ")
+        self.assertEqual(self.lines(), ["Ready for 0 bytes", "Error: upload incomplete: the "
+                                        "client closed the stream before the MAC trailer"])
+        yield settle(self.uploads)
+        self.assertEqual(listing(self.root), [])
+
+
+class EngineTrailerTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.root = temp_dir(self)
+        self.core, self.uploads = make_core(self.root)
+        self.ctx = context(self.core)
+
+    def tearDown(self):
+        return settle(self.uploads)
+
+    @inlineCallbacks
+    def test_each_byte_is_hashed_once_per_digest_asked_for(self):
+        data = os.urandom(PARALLEL_MIN + 12345)  # large: each digest in its own thread
+        for name, mac_hex, sha256, threads in [
+                ("trailer", "-", False, ["upload-hmac"]),
+                ("trailer-sha", "-", True, ["upload-hmac", "upload-sha256"]),
+                ("header", mac_of(data), False, ["upload-hmac", "upload-sha256"]),
+                ("b2", "-", False, ["upload-blake2b"])]:
+            algorithm = "blake2b" if name == "b2" else "hmac-sha256"
+            upload = yield self.uploads.begin(self.ctx, name, len(data), mac_hex, algorithm,
+                                              sha256)
+            self.assertEqual([h._label for h in upload.spool._helpers], threads, name)
+            upload.write(data)
+            if mac_hex == "-":
+                if algorithm == "blake2b":
+                    upload.finish(hashlib.blake2b(data, key=KEY, digest_size=32).digest())
+                else:
+                    upload.finish(bytes.fromhex(mac_of(data)))
+            result = yield upload.done
+            if mac_hex == "-":
+                self.assertIsInstance(result, TrailerUploadResult)
+                self.assertEqual(result.sha256,
+                                 hashlib.sha256(data).hexdigest() if sha256 else None)
+            else:
+                self.assertEqual(result.sha256, hashlib.sha256(data).hexdigest())
+        self.assertEqual(listing(self.root), ["b2", "header", "trailer", "trailer-sha"])
+
+    @inlineCallbacks
+    def test_small_uploads_hash_only_what_is_asked_for_too(self):
+        upload = yield self.uploads.begin(self.ctx, "small", 5, "-")
+        self.assertIsNone(upload.spool._sha)
+        upload.write(b"12345")
+        upload.trailer(trailer(b"12345").rstrip(b"\n"))
+        result = yield upload.done
+        self.assertEqual(result, TrailerUploadResult("small", 5,
+                                                     f"hmac-sha256:{mac_of(b'12345')}", None))
+
+    @inlineCallbacks
+    def test_finish_only_once_and_only_after_the_content(self):
+        upload = yield self.uploads.begin(self.ctx, "f", 5, "-")
+        self.assertRaises(ValueError, upload.finish, b"\0" * 32)  # 5 bytes still missing
+        upload.write(b"12345")
+        upload.finish(b"\0" * 32)
+        upload.finish(bytes.fromhex(mac_of(b"12345")))  # the first one counts
+        yield self.assertFailure(upload.done, Exception)
+        yield upload.closed
+        self.assertEqual((listing(self.root), leftovers(self.root)), ([], []))
+        header = yield self.uploads.begin(self.ctx, "g", 0, mac_of(b""))
+        self.assertRaises(ValueError, header.finish, b"\0" * 32)  # its MAC came first
+        yield header.done
