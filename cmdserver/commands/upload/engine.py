@@ -58,6 +58,7 @@ from cmdserver.commands.upload.spool import (
 from cmdserver.commands.upload.stream import Block, name_thread
 from cmdserver.errors import CommandError, TooLarge, UsageError
 from cmdserver.text import escape
+from cmdserver.workers import background
 
 if TYPE_CHECKING:
     from cmdserver.commands.base import Context
@@ -190,8 +191,8 @@ class Upload:
         self._over = False  # the worker has stopped (finished, failed or aborted)
         self._abort = threading.Event()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name=f"upload {self.name}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=background(self._work),
+                                        name=f"upload {self.name}", daemon=True)
         self._thread.start()  # RuntimeError when the system is out of threads: see begin()
         if self.size == 0 and not self.wants_trailer:
             self._inbox.put(_FINISH)

@@ -18,6 +18,8 @@ from twisted.internet import main
 from twisted.internet.tcp import Connection
 from twisted.protocols.policies import ProtocolWrapper
 
+from cmdserver.workers import background
+
 RAW_READ_SIZE = 1 << 20  # socket reads while an upload streams in (without direct reads)
 
 
@@ -167,7 +169,8 @@ class HashThread:
         """Hash ``data`` after the blocks before it, then call ``then``; raises
         ``RuntimeError`` if the thread cannot start (nothing taken then)."""
         if self._thread is None:
-            thread = threading.Thread(target=self._run, name=self._label, daemon=True)
+            thread = threading.Thread(target=background(self._run), name=self._label,
+                                      daemon=True)
             thread.start()
             self._thread = thread
         self._inbox.put((data, then))
