@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import Daemon, rss_kib
+from _common import Daemon, machine, rss_kib
 
 MIB = 1 << 20
 
@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
     args = p.parse_args()
+    print(machine(), flush=True)
     daemon, root, big = daemon_with_big_file(args.size_mib)
     daemon.args = ["--root", str(root)]
     daemon.start()

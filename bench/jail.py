@@ -26,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import machine  # noqa: E402  (bench/ is the script's directory)
+
 from cmdserver.jail import Jail, have_openat2  # noqa: E402
 
 PATH = "a/b/link/d/f.txt"  # link -> c: a symlink inside the root, followed
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--count", type=int, default=20000)
     args = parser.parse_args()
+    print(machine(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.realpath(tmp)
         os.makedirs(os.path.join(root, "a", "b", "c", "d"))

@@ -13,8 +13,8 @@ connections.  The servers run at once and the runs alternate between them,
 ``--repeat`` times per point, so a change in the machine's load hits all
 alike; the median run counts, and the spread of the ratio over the runs is
 printed beside it.
-The last line is the throughput ratio cmdserver/bare at 100 connections with
-the audit log on.
+The last line is the ratio cmdserver/floor at 100 connections with the audit
+log on: throughput (the median of the runs' ratios) and server CPU per line.
 
     .venv/bin/python bench/line.py
 """
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-from _common import HERE, PYTHON, Daemon, cpu_seconds, greeting_lines, raise_nofile
+from _common import HERE, PYTHON, Daemon, cpu_seconds, greeting_lines, machine, raise_nofile
 
 CONNECTIONS = (1, 10, 100, 1000)
 
@@ -84,6 +84,7 @@ def main() -> None:
                    help="also run the cmdserver package found in DIR (an older version, "
                         "e.g. from git archive), audit on")
     args = p.parse_args()
+    print(machine(), flush=True)
     raise_nofile()
     limit = str(max(args.connections) + 10)
     runs: dict[str, dict[int, list[dict]]] = {}
@@ -146,6 +147,15 @@ def main() -> None:
               f"connections: {off:.2f}")
         on = results["cmdserver"][100]["lines_per_s"] / results["bare"][100]["lines_per_s"]
         print(f"cmdserver/bare throughput at 100 connections, audit on: {on:.2f}")
+        per_run = [mine["lines_per_s"] / floor_run["lines_per_s"] for mine, floor_run in
+                   zip(runs["cmdserver"][100], runs["floor"][100], strict=True)]
+
+        def cpu(name: str) -> float:
+            return statistics.median(r["cpu_us"] for r in runs[name][100])
+
+        print(f"cmdserver/floor at 100 connections, audit on: throughput "
+              f"{statistics.median(per_run):.2f} (median of the runs' ratios; target at "
+              f"least 0.8), CPU per line {cpu('floor') / cpu('cmdserver'):.2f}")
     sys.stdout.flush()
 
 
