@@ -182,11 +182,11 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0, help="how long the loads run")
     p.add_argument("--netns", action="store_true", help="re-run inside unshare -n")
     args = p.parse_args()
-    print(machine(), flush=True)
     if args.netns:
         script = " ".join([sys.executable, str(Path(__file__).resolve()),
                            "--size-mib", str(args.size_mib), "--seconds", str(args.seconds)])
         os.execvp("unshare", ["unshare", "-n", "sh", "-c", f"ip link set lo up && {script}"])
+    print(machine(), flush=True)
     daemon, root, big = daemon_with_big_file(args.size_mib)
     daemon.args = ["--root", str(root), "--max-clients", "50", "--max-per-ip", "50",
                    "--overwrite"]

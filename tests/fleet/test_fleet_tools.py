@@ -227,6 +227,25 @@ def test_cmdserver_fleet_over_pb(fleet: Fleet, plain: dict[str, Result]) -> None
     assert_audited(fleet, marks, "ls", "error", door="pb")
 
 
+def test_cmdserver_fleet_with_an_api_token(fleet: Fleet, plain: dict[str, Result]) -> None:
+    """One token, made once and its tokens file deployed with the users file, logs in
+    on every host: no bcrypt check, and each host audits a login by token."""
+    logins_before = {h.name: sum(r.get("event") == "login" for r in h.audit())
+                     for h in fleet.hosts}
+    marks = fleet.audit_marks()
+    done = cmdserver_fleet(fleet, ["ls"], token=True)
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(row) for row in done.stdout.splitlines()]
+    assert {a["status"] for a in answers} == {"ok"} and len(answers) == HOSTS
+    for a in answers:
+        assert a["output"] + a["text"] == lines(plain[a["host"]].stdout), a
+    assert_audited(fleet, marks, "ls", "ok", door="pb")
+    for host in fleet.hosts:
+        logins = [r for r in host.audit() if r.get("event") == "login"]
+        new = logins[logins_before[host.name]:]
+        assert [(r["outcome"], r["args"]["method"]) for r in new] == [("ok", "token")], new
+
+
 def test_cmdserver_fleet_table(fleet: Fleet) -> None:
     done = cmdserver_fleet(fleet, ["ls"], json_lines=False)
     assert done.returncode == 0, done.stderr
