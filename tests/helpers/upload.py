@@ -12,6 +12,8 @@ from typing import Any
 
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from cmdserver.commands import default_registry
 from cmdserver.commands.base import Context, ListSink
@@ -20,6 +22,8 @@ from cmdserver.commands.upload.command import UploadCommand
 from cmdserver.commands.upload.engine import Uploads, UploadSettings
 from cmdserver.commands.upload.spool import TEMP_MARK
 from cmdserver.core import CommandCore
+from cmdserver.doors.idle import IdleClock
+from cmdserver.doors.line.protocol import LineProtocol, LineSettings
 from cmdserver.policy import Policy
 
 KEY = bytes(range(32))
@@ -78,3 +82,39 @@ def wait_until(predicate: Callable[[], bool],
 def settle(uploads: Uploads) -> Generator[Deferred[Any], Any, None]:
     """Wait until every upload in flight has finished and cleaned up."""
     yield wait_until(lambda: not uploads.active)
+
+
+class LineDoorUploads:
+    """A line-door connection over StringTransport to a core with the upload
+    command and real worker threads, its idle timer on a fake clock (a trial
+    TestCase mix-in: ``connect`` in setUp, the uploads settled in tearDown)."""
+
+    root: str
+
+    def connect(self, writer: Callable | None = None, idle_timeout: float = 300,
+                max_upload: int = 1 << 30) -> None:
+        self.core, self.uploads = make_core(self.root, writer=writer, max_upload=max_upload)
+        self.clock = task.Clock()
+        self.proto = LineProtocol(self.core, LineSettings(idle_timeout=idle_timeout,
+                                                          greeting=""),
+                                  IdleClock(self.clock, idle_timeout))
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+
+    def reconnect(self, **kwargs: Any) -> None:
+        self.proto.connectionLost(Failure(Exception("replaced")))
+        self.connect(**kwargs)
+
+    def lines(self) -> list[str]:
+        return self.transport.value().decode().split("\r\n")[:-1]
+
+    def send(self, data: bytes) -> None:
+        self.proto.dataReceived(data)
+
+    def wait_for(self, line: str) -> Deferred[None]:
+        return wait_until(lambda: any(x.startswith(line) for x in self.lines()))
+
+    def tearDown(self) -> Any:
+        if self.proto._connected:
+            self.proto.connectionLost(Failure(Exception("test over")))
+        return settle(self.uploads)

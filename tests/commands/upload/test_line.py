@@ -5,54 +5,26 @@ from __future__ import annotations
 import errno
 import os
 
-from twisted.internet import task
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from cmdserver.commands.upload.engine import BATCH, HIGH_WATER
-from cmdserver.doors.idle import IdleClock
-from cmdserver.doors.line.protocol import LineProtocol, LineSettings
 from tests.helpers.upload import (
+    LineDoorUploads,
     leftovers,
     listing,
     mac_of,
-    make_core,
     settle,
     temp_dir,
     wait_until,
 )
 
 
-class LineUploadTests(unittest.TestCase):
+class LineUploadTests(LineDoorUploads, unittest.TestCase):
     def setUp(self) -> None:
         self.root = temp_dir(self)
         self.connect()
-
-    def connect(self, writer=None, idle_timeout: float = 300, max_upload: int = 1 << 30):
-        self.core, self.uploads = make_core(self.root, writer=writer, max_upload=max_upload)
-        self.clock = task.Clock()
-        # the idle timer runs on a fake clock
-        self.proto = LineProtocol(self.core, LineSettings(idle_timeout=idle_timeout,
-                                                          greeting=""),
-                                  IdleClock(self.clock, idle_timeout))
-        self.transport = StringTransport()
-        self.proto.makeConnection(self.transport)
-
-    def lines(self) -> list[str]:
-        return self.transport.value().decode().split("\r\n")[:-1]
-
-    def send(self, data: bytes) -> None:
-        self.proto.dataReceived(data)
-
-    def wait_for(self, line: str):
-        return wait_until(lambda: any(x.startswith(line) for x in self.lines()))
-
-    def tearDown(self):
-        if self.proto._connected:
-            self.proto.connectionLost(Failure(Exception("test over")))
-        return settle(self.uploads)
 
     @inlineCallbacks
     def test_good_upload_then_next_command(self):

@@ -6,19 +6,16 @@ import errno
 import hashlib
 import os
 
-from twisted.internet import task
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from cmdserver.commands.upload.engine import BATCH
 from cmdserver.commands.upload.mac import trailer_line
 from cmdserver.commands.upload.spool import PARALLEL_MIN, TrailerUploadResult
-from cmdserver.doors.idle import IdleClock
-from cmdserver.doors.line.protocol import LineProtocol, LineSettings
 from tests.helpers.upload import (
     KEY,
+    LineDoorUploads,
     context,
     leftovers,
     listing,
@@ -34,37 +31,10 @@ def trailer(data: bytes, key: bytes = KEY) -> bytes:
     return trailer_line(bytes.fromhex(mac_of(data, key)))
 
 
-class LineTrailerTests(unittest.TestCase):
+class LineTrailerTests(LineDoorUploads, unittest.TestCase):
     def setUp(self) -> None:
         self.root = temp_dir(self)
         self.connect()
-
-    def connect(self, writer=None, idle_timeout: float = 300) -> None:
-        self.core, self.uploads = make_core(self.root, writer=writer)
-        self.clock = task.Clock()  # the idle timer runs on a fake clock
-        self.proto = LineProtocol(self.core, LineSettings(idle_timeout=idle_timeout,
-                                                          greeting=""),
-                                  IdleClock(self.clock, idle_timeout))
-        self.transport = StringTransport()
-        self.proto.makeConnection(self.transport)
-
-    def reconnect(self, **kwargs) -> None:
-        self.proto.connectionLost(Failure(Exception("replaced")))
-        self.connect(**kwargs)
-
-    def lines(self) -> list[str]:
-        return self.transport.value().decode().split("\r\n")[:-1]
-
-    def send(self, data: bytes) -> None:
-        self.proto.dataReceived(data)
-
-    def wait_for(self, line: str):
-        return wait_until(lambda: any(x.startswith(line) for x in self.lines()))
-
-    def tearDown(self):
-        if self.proto._connected:
-            self.proto.connectionLost(Failure(Exception("test over")))
-        return settle(self.uploads)
 
     @inlineCallbacks
     def test_content_then_trailer_in_small_pieces(self):
