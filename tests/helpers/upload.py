@@ -114,6 +114,25 @@ class LineDoorUploads:
     def wait_for(self, line: str) -> Deferred[None]:
         return wait_until(lambda: any(x.startswith(line) for x in self.lines()))
 
+    @inlineCallbacks
+    def times_out_leaving_nothing(self, command: bytes, content: bytes
+                                  ) -> Generator[Deferred[Any], Any, None]:
+        """On a connection with a 30 s idle timeout, ``command`` then ``content``
+        and silence: closed after 30 s, and nothing is left in the root."""
+        test: Any = self
+        self.reconnect(idle_timeout=30)
+        self.send(command)
+        yield self.wait_for("Ready for ")
+        self.send(content)
+        self.clock.advance(29)
+        test.assertFalse(self.transport.disconnecting)
+        self.clock.advance(2)
+        test.assertTrue(self.transport.disconnecting)
+        test.assertEqual(self.lines()[-1], "Timeout: idle for 30 s, closing the connection.")
+        self.proto.connectionLost(Failure(Exception("closed")))
+        yield settle(self.uploads)
+        test.assertEqual(listing(self.root), [])
+
     def tearDown(self) -> Any:
         if self.proto._connected:
             self.proto.connectionLost(Failure(Exception("test over")))

@@ -136,21 +136,9 @@ class LineUploadTests(LineDoorUploads, unittest.TestCase):
     def wait_until_closed(self):
         return wait_until(lambda: self.transport.disconnecting)
 
-    @inlineCallbacks
     def test_idle_timeout_in_the_middle(self):
-        self.proto.connectionLost(Failure(Exception("replaced")))
-        self.connect(idle_timeout=30)
-        self.send(f"upload slow 10 {mac_of(b'0123456789')}\n".encode())
-        yield self.wait_for("Ready for ")
-        self.send(b"01234")
-        self.clock.advance(29)
-        self.assertFalse(self.transport.disconnecting)
-        self.clock.advance(2)
-        self.assertTrue(self.transport.disconnecting)
-        self.assertEqual(self.lines()[-1], "Timeout: idle for 30 s, closing the connection.")
-        self.proto.connectionLost(Failure(Exception("closed")))
-        yield settle(self.uploads)
-        self.assertEqual(listing(self.root), [])
+        return self.times_out_leaving_nothing(
+            f"upload slow 10 {mac_of(b'0123456789')}\n".encode(), b"01234")
 
     @inlineCallbacks
     def test_refusals_say_error_and_nothing_else(self):

@@ -7,7 +7,6 @@ import hashlib
 import os
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from cmdserver.commands.upload.engine import BATCH
@@ -49,20 +48,8 @@ class LineTrailerTests(LineDoorUploads, unittest.TestCase):
                                         f"Upload OK t.bin {len(data)} "
                                         f"mac=hmac-sha256:{mac_of(data)}", "pong"])
 
-    @inlineCallbacks
     def test_idle_timeout_while_the_trailer_is_awaited(self):
-        self.reconnect(idle_timeout=30)
-        self.send(b"upload slow 5 -\n")
-        yield self.wait_for("Ready for ")
-        self.send(b"12345")  # all the content, then nothing
-        self.clock.advance(29)
-        self.assertFalse(self.transport.disconnecting)
-        self.clock.advance(2)
-        self.assertTrue(self.transport.disconnecting)
-        self.assertEqual(self.lines()[-1], "Timeout: idle for 30 s, closing the connection.")
-        self.proto.connectionLost(Failure(Exception("closed")))
-        yield settle(self.uploads)
-        self.assertEqual(listing(self.root), [])
+        return self.times_out_leaving_nothing(b"upload slow 5 -\n", b"12345")  # then nothing
 
     @inlineCallbacks
     def test_disk_full_the_trailer_is_still_taken_off_the_stream(self):
