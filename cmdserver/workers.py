@@ -126,12 +126,16 @@ BACKGROUND_NICE = 10  # how much nicer than the reactor's thread a worker thread
 
 
 def lower_priority(by: int = BACKGROUND_NICE) -> None:
-    """Make the calling thread nicer by ``by`` (Linux keeps a nice value per
-    thread, and anyone may raise their own); elsewhere, nothing."""
+    """Make the calling thread ``by`` nicer than the process's main thread (the
+    reactor's), however nice it already was: a thread inherits its creator's
+    value, so a worker's own helper thread must not add ``by`` twice.  Linux
+    keeps a nice value per thread, and anyone may raise their own; elsewhere,
+    nothing."""
     try:
         tid = threading.get_native_id()
-        now = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, now + by))
+        target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + by)
+        if os.getpriority(os.PRIO_PROCESS, tid) < target:
+            os.setpriority(os.PRIO_PROCESS, tid, target)
     except (AttributeError, OSError):
         pass
 

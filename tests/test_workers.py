@@ -18,7 +18,14 @@ from cmdserver.commands.files import ComputeHash
 from cmdserver.core import CommandCore
 from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
-from cmdserver.workers import BACKGROUND_NICE, NO_THREAD, FairPool, Threads, address_of
+from cmdserver.workers import (
+    BACKGROUND_NICE,
+    NO_THREAD,
+    FairPool,
+    Threads,
+    address_of,
+    background,
+)
 from tests.helpers import ProcessReactor, make_context
 
 
@@ -209,6 +216,26 @@ class PriorityTests(unittest.TestCase):
         threads.run(own_nice, report)
         self.assertTrue(done.wait(10))
         self.assertEqual(seen, [min(19, own_nice() + BACKGROUND_NICE)])
+
+    def test_a_background_thread_started_by_another_is_no_nicer(self) -> None:
+        """Nice values are inherited: a worker's own helper thread (an upload's hash
+        thread) runs as nice as the worker, not twice as nice."""
+        seen: list[int] = []
+
+        def inner() -> None:
+            seen.append(own_nice())
+
+        def outer() -> None:
+            seen.append(own_nice())
+            t = threading.Thread(target=background(inner))
+            t.start()
+            t.join()
+
+        t = threading.Thread(target=background(outer))
+        t.start()
+        t.join(10)
+        wanted = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + BACKGROUND_NICE)
+        self.assertEqual(seen, [wanted, wanted])
 
     def test_bcrypt_threads_are_nicer_than_the_reactor(self) -> Any:
         pool = HashPool(size=1)

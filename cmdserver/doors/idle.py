@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from twisted.logger import Logger
+
+log = Logger()
+
 
 class Expiring(Protocol):
     def timeoutConnection(self) -> None: ...
@@ -64,7 +68,15 @@ class IdleClock:
             expired.append(conn)
         for conn in expired:
             del self._last[conn]
-        for conn in expired:
-            conn.timeoutConnection()  # may touch itself to stay
-        if self._call is None:
-            self._arm()
+        try:
+            for conn in expired:
+                try:
+                    conn.timeoutConnection()  # may touch itself to stay
+                except Exception:  # one connection's trouble is not the others'
+                    log.failure("idle timeout of {conn!r}", conn=conn)
+                    abort = getattr(getattr(conn, "transport", None), "abortConnection", None)
+                    if abort is not None:
+                        abort()
+        finally:
+            if self._call is None:
+                self._arm()

@@ -81,6 +81,34 @@ class IdleClockTests(unittest.SynchronousTestCase):
         self.assertEqual(self.log, ["busy", "busy", "busy"])
         self.assertEqual(len(self.idle), 0)
 
+    def test_one_failing_connection_does_not_stop_the_others(self) -> None:
+        """A connection whose timeout handler raises is logged and aborted; the
+        others due at the same time are still told, and the timer goes on."""
+        from tests.helpers import capture_log
+
+        logged = capture_log(self)
+        broken = self.conn("broken")
+        aborted: list[bool] = []
+
+        class Transport:
+            def abortConnection(self) -> None:
+                aborted.append(True)
+
+        def fail() -> None:
+            raise RuntimeError("write failed")
+
+        broken.timeoutConnection = fail  # type: ignore[method-assign]
+        broken.transport = Transport()  # type: ignore[attr-defined]
+        self.conn("next")
+        self.clock.advance(30)
+        self.assertEqual(self.log, ["next"])
+        self.assertEqual(aborted, [True])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(any("idle timeout" in str(e.get("log_format")) for e in logged))
+        self.conn("later")
+        self.clock.advance(30)
+        self.assertEqual(self.log, ["next", "later"])
+
     def test_forget_leaves_no_timer_behind(self) -> None:
         a, b = self.conn("a"), self.conn("b")
         self.idle.forget(a)
