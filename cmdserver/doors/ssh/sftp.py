@@ -86,6 +86,7 @@ from cmdserver.doors.ssh.sftp_files import (
 from cmdserver.doors.ssh.sftp_paths import ClientView, Place
 from cmdserver.errors import CommandError, PathOutsideRoots, Refused, RootProtected
 from cmdserver.jail import Entry
+from cmdserver.text import escaped
 
 if TYPE_CHECKING:
     from cmdserver.doors.ssh.avatar import SSHAvatar
@@ -155,13 +156,14 @@ class JailedSFTPServer:
         return d
 
     def _message(self, text: str, places: tuple[Place, ...]) -> str:
-        """A message of the jail's with the paths it was given written as the client
-        wrote them, and any other server path in the client's view."""
+        """A message of the jail's (a :class:`CommandError`'s, so escaped) with the
+        paths it was given written as the client wrote them, and any other server
+        path in the client's view."""
         marks = []
         for n, place in enumerate(sorted(places, key=lambda p: -len(p.jail))):
             if place.jail:
                 mark = f"\0{n}\0"
-                text = text.replace(place.jail, mark)
+                text = text.replace(escaped(place.jail), mark)
                 marks.append((mark, place.shown))
         text = self.view.scrub(text)
         for mark, shown in marks:
@@ -512,6 +514,23 @@ class JailedSFTPServer:
         return d.addBoth(done)
 
 
+def status_message(message: bytes | str) -> bytes:
+    """A status message as SFTP version 3 sends it: UTF-8 (ISO-10646).
+
+    It may name a path the client sent, which ``os.fsdecode`` made of any bytes:
+    a byte that is not UTF-8 is written ``\\xNN``, and an unprintable character
+    (one that could drive a terminal or reorder the line) as its escape
+    (:func:`cmdserver.text.escaped`), since a client may print the message."""
+    if isinstance(message, bytes):
+        raw = message
+    else:
+        try:
+            raw = os.fsencode(message)  # a name's own bytes
+        except UnicodeEncodeError:  # a lone surrogate that no name decodes to (escaped)
+            return escaped(message).encode("utf-8")
+    return escaped(raw.decode("utf-8", "backslashreplace")).encode("utf-8")
+
+
 def statvfs_reply(st: os.statvfs_result) -> bytes:
     """The reply to ``statvfs@openssh.com`` and ``fstatvfs@openssh.com`` (OpenSSH's
     PROTOCOL, 4.4): eleven uint64."""
@@ -556,14 +575,24 @@ class JailedFileTransferServer(filetransfer.FileTransferServer):
                 if self.transport is not None:
                     self.transport.loseConnection()
 
-    def _sendStatus(self, requestId: bytes, code: int, message: bytes,
+    def _ebStatus(self, reason: Failure, requestId: bytes,
+                  msg: bytes = b"request failed") -> None:
+        # conch encodes an SFTPError's message as ASCII: one that names a path with
+        # other characters would raise there, and the request would never be answered.
+        error = reason.value
+        if isinstance(error, SFTPError):
+            self._sendStatus(requestId, error.code, error.message)
+        else:
+            super()._ebStatus(reason, requestId, msg)
+
+    def _sendStatus(self, requestId: bytes, code: int, message: bytes | str,
                     lang: bytes = b"") -> None:
         # The session speaks SFTP version 3 (conch's), which defines status codes
         # 0 to 8: a later version's code (FILE_ALREADY_EXISTS, 11) reads as
         # "Unknown status" in a v3 client such as OpenSSH's; its message says it all.
         if code > V3_LAST_STATUS:
             code = FX_FAILURE
-        super()._sendStatus(requestId, code, message, lang)
+        super()._sendStatus(requestId, code, status_message(message), lang)
 
     # -- OpenSSH's extensions ---------------------------------------------------
 
