@@ -83,7 +83,7 @@ from cmdserver.doors.ssh.sftp_files import (
     stat_attrs,
     unsupported,
 )
-from cmdserver.doors.ssh.sftp_paths import ClientView, Place
+from cmdserver.doors.ssh.sftp_paths import ClientView, Place, path_in_text
 from cmdserver.errors import CommandError, PathOutsideRoots, Refused, RootProtected
 from cmdserver.jail import Entry
 from cmdserver.text import escaped
@@ -163,7 +163,7 @@ class JailedSFTPServer:
         for n, place in enumerate(sorted(places, key=lambda p: -len(p.jail))):
             if place.jail:
                 mark = f"\0{n}\0"
-                text = text.replace(escaped(place.jail), mark)
+                text = path_in_text(place.jail).sub(mark, text)
                 marks.append((mark, place.shown))
         text = self.view.scrub(text)
         for mark, shown in marks:

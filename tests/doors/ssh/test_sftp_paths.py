@@ -26,6 +26,7 @@ from cmdserver.doors.ssh.door import SSHAvatar
 from cmdserver.doors.ssh.sftp import VIRTUAL_ROOT_READ_ONLY, JailedSFTPServer
 from cmdserver.doors.ssh.sftp_paths import ClientView
 from cmdserver.policy import Policy
+from cmdserver.text import escaped
 from tests.doors.ssh.test_sftp_jail import PUT, FakeAvatar, SFTPServerTestBase
 from tests.helpers import OutsideTreeTempMixin, capture_audit
 
@@ -86,6 +87,9 @@ class ClientViewTest(unittest.TestCase):
         self.assertEqual(self.one.scrub("/srv/data/files2 stays"), "/srv/data/files2 stays")
         self.assertEqual(self.two.scrub("x: /var/log/app/y, /srv/data/files/z"),
                          "x: /root2/y, /root1/z")
+        # A root's name as an escaped message writes it (the jail's messages are).
+        odd = ClientView(["/srv/caf\udce9\x1b"])
+        self.assertEqual(odd.scrub(escaped("x: /srv/caf\udce9\x1b/y")), "x: /y")
 
     def test_link_targets(self) -> None:
         link = self.one.place("/a/b/link")
@@ -255,6 +259,16 @@ class NoServerPathTest(SFTPServerTestBase):
     def setUp(self) -> None:
         super().setUp()
         self.audit = capture_audit(self)
+
+
+    def test_a_message_names_whole_paths_only(self) -> None:
+        # The client's a is not found in its sibling ab: that one stays a path of
+        # the client's view, not "a" followed by "b/x".
+        root = self.root
+        places = (self.server.place(b"a"), self.server.place(b"/ab/../a/b"))
+        message = escaped(f"{root}/a, {root}/ab/x, {root}/a/b, {root}/a/bc, {root}/a.b")
+        self.assertEqual(self.server._message(message, places),
+                         "a, /ab/x, /ab/../a/b, a/bc, /a.b")
 
 
 class ReadLinkTest(SFTPServerTestBase):
