@@ -303,22 +303,28 @@ class JailedSFTPServer:
                     raise self._missing(place)
                 found = self._roots_listing()
             else:
-                found = [(name, self._link_sized(self.view.place(f"{place.virtual}/{name}"), st))
-                         for name, st in self.jail.scan_dir(place.jail)]
+                targets: dict[str, str] = {}  # read through the scan's own descriptor
+                found = [(name, self._link_sized(self.view.place(f"{place.virtual}/{name}"), st,
+                                                 targets.get(name)))
+                         for name, st in self.jail.scan_dir(place.jail, targets)]
             entries = [(os.fsencode(name), lsLine(name, st).encode("utf-8", "replace"),
                         stat_attrs(st)) for name, st in found]
             return DirectoryListing(entries, self)
 
         return self._open_handle("ls", listing, place)
 
-    def _link_sized(self, place: Place, st: os.stat_result) -> os.stat_result:
+    def _link_sized(self, place: Place, st: os.stat_result,
+                    target: str | None = None) -> os.stat_result:
         """``st``, but for a symlink the size of its target as the client sees it
         (0 if it is not shown): a symlink's size is its target's length, and the
-        length of a server path is not told either."""
+        length of a server path is not told either.  ``target`` is the link's,
+        if the caller read it already."""
         if not stat.S_ISLNK(st.st_mode):
             return st
         try:
-            shown = self.view.link_target(self._read_link(place), place)
+            if target is None:
+                target = self._read_link(place)
+            shown = self.view.link_target(target, place)
         except (OSError, CommandError, SFTPError):
             shown = None
         size = len(os.fsencode(shown)) if shown is not None else 0

@@ -322,3 +322,28 @@ class ReadLinkTest(SFTPServerTestBase):
             self.assertEqual(attrs["size"], size, name)
         self.assertEqual(self.successResultOf(self.server.getAttrs(b"abs", True))["size"],
                          os.stat(self.path("d")).st_size)
+
+    def test_a_listing_reads_links_through_the_directory_it_scans(self) -> None:
+        # Not by resolving the directory again for each link: that is one lookup
+        # for the listing, however many links and however deep.
+        deep = self.path("a", "b", "c", "d")
+        os.makedirs(deep)
+        for n in range(20):
+            self.link(f"../x{n}", "a", "b", "c", "d", f"rel{n}")
+        self.link(self.path("a"), "a", "b", "c", "d", "abs")
+        self.link(self.outside, "a", "b", "c", "d", "out")
+        self.link("../../../../../outside", "a", "b", "c", "d", "up")
+        resolved: list[list[str]] = []
+        jail = self.server.jail
+        resolve = jail._resolve
+
+        def counted(index: int, parts: list[str], follow: bool = True) -> int:
+            resolved.append(parts)
+            return resolve(index, parts, follow)
+
+        self.patch(jail, "_resolve", counted)
+        listing = self.successResultOf(self.server.openDirectory(b"/a/b/c/d"))
+        sizes = {name.decode(): attrs["size"] for name, _, attrs in listing}
+        self.assertEqual(sizes, {**{f"rel{n}": len(f"../x{n}") for n in range(20)},
+                                 "abs": len("/a"), "out": 0, "up": 0})
+        self.assertEqual(len(resolved), 1)
