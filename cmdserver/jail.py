@@ -409,9 +409,14 @@ class Jail:
             os.close(fd)
         return sorted(n for n in names if not is_reserved(n))
 
-    def scan_dir(self, path: str | None) -> list[tuple[str, os.stat_result]]:
+    def scan_dir(self, path: str | None, targets: dict[str, str] | None = None
+                 ) -> list[tuple[str, os.stat_result]]:
         """The sorted names in a directory with their ``lstat``, without upload
-        temporary files (and without entries removed while it was read)."""
+        temporary files (and without entries removed while it was read).
+
+        ``targets``, if given, gets each symlink's target by its name, read
+        through the directory's descriptor (none for a link replaced meanwhile).
+        """
         fd = self.open_dir(path)
         entries = []
         try:
@@ -420,9 +425,15 @@ class Jail:
                     if is_reserved(item.name):
                         continue
                     try:
-                        entries.append((item.name, item.stat(follow_symlinks=False)))
+                        st = item.stat(follow_symlinks=False)
                     except OSError:
                         continue  # removed meanwhile
+                    entries.append((item.name, st))
+                    if targets is not None and stat.S_ISLNK(st.st_mode):
+                        try:
+                            targets[item.name] = os.readlink(item.name, dir_fd=fd)
+                        except OSError:
+                            continue  # removed or replaced meanwhile
         finally:
             os.close(fd)
         return sorted(entries, key=lambda e: e[0])

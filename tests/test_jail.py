@@ -226,6 +226,9 @@ def test_scan_dir_gives_each_entrys_lstat(tree, make):
     found = dict(make(root).scan_dir("."))
     assert sorted(found) == ["link", "sub"]
     assert stat.S_ISLNK(found["link"].st_mode) and stat.S_ISDIR(found["sub"].st_mode)
+    targets: dict[str, str] = {}  # the symlinks' targets, if asked for
+    assert [name for name, _ in make(root).scan_dir(".", targets)] == ["link", "sub"]
+    assert targets == {"link": "sub"}
 
 
 def test_entries(tree, make):

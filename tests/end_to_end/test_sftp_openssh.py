@@ -92,6 +92,24 @@ class ChrootViewTest(OpenSSHSFTPBase):
         self.assertFalse(os.path.exists(self.local("leak")))
         self.assertFalse(os.path.exists(self.local("leak2")))
 
+    @defer.inlineCallbacks
+    def test_failures_naming_paths_that_are_not_ascii(self) -> Any:
+        # Each failure is answered (its message names the path in UTF-8): the batch
+        # goes on, and the session ends.
+        yield self.serve()
+        os.makedirs(os.path.join(self.root, "été"))
+        with open(os.path.join(self.root, "été", "café.txt"), "wb") as f:
+            f.write(b"caf\xc3\xa9\n")
+        fetched = self.local("fetched.txt")
+        out, err, status = yield self.batch(
+            "-rm /café.txt", "-cd /nosuch-é", f"-get été/nosuch-ü {self.local('x')}",
+            "-mkdir été", "-rmdir été/café.txt", "cd été", "pwd", f"get café.txt {fetched}")
+        self.assertEqual(status, 0, err)
+        self.assertEqual(err.count("\n"), 5, err)  # one line per failure
+        self.assertIn("Remote working directory: /", out)
+        with open(fetched, "rb") as f:
+            self.assertEqual(f.read(), "café\n".encode())
+
 
 class SeveralRootsTest(OpenSSHSFTPBase):
     def build(self) -> RunningService:

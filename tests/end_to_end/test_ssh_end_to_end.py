@@ -710,6 +710,42 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
 
         return self.in_thread(run).addCallback(self.assertEqual, (True, ["notes.txt"], True))
 
+    def test_sftp_errors_naming_a_path_that_is_not_ascii(self) -> defer.Deferred:
+        # Each is answered, in UTF-8, and the session goes on, then ends at EOF.
+        def run() -> tuple[list[str], list[str], bool]:
+            t = self.transport()
+            try:
+                t.auth_password("ops", PASSWORD)
+                chan = t.open_session()
+                chan.invoke_subsystem("sftp")
+                chan.settimeout(10)
+                sftp = paramiko.SFTPClient(chan)
+                errors = []
+                for attempt in (lambda: sftp.stat("café.txt"),
+                                lambda: sftp.open("/café.txt"),
+                                lambda: sftp.remove(b"caf\xe9.txt"),
+                                lambda: sftp.mkdir("notes.txt/été")):
+                    try:
+                        attempt()
+                    except OSError as e:
+                        errors.append(str(e))
+                listing = sftp.listdir(".")
+                chan.shutdown_write()
+                try:
+                    ended = chan.recv(1) == b""
+                except TimeoutError:
+                    ended = False
+                return errors, listing, ended
+            finally:
+                t.close()
+
+        return self.in_thread(run).addCallback(self.assertEqual, (
+            ["[Errno 2] no such file or directory: café.txt",
+             "[Errno 2] no such file or directory: /café.txt",
+             "[Errno 2] no such file or directory: caf\\xe9.txt",
+             "not a directory: notes.txt/été"],
+            ["notes.txt"], True))
+
     @defer.inlineCallbacks
     def test_sftp_cannot_name_anything_outside_the_jail(self) -> Any:
         # The root is / (as under OpenSSH's ChrootDirectory): .. stops there, an

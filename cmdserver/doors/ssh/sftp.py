@@ -83,9 +83,10 @@ from cmdserver.doors.ssh.sftp_files import (
     stat_attrs,
     unsupported,
 )
-from cmdserver.doors.ssh.sftp_paths import ClientView, Place
+from cmdserver.doors.ssh.sftp_paths import ClientView, Place, path_in_text
 from cmdserver.errors import CommandError, PathOutsideRoots, Refused, RootProtected
 from cmdserver.jail import Entry
+from cmdserver.text import escaped
 
 if TYPE_CHECKING:
     from cmdserver.doors.ssh.avatar import SSHAvatar
@@ -155,13 +156,14 @@ class JailedSFTPServer:
         return d
 
     def _message(self, text: str, places: tuple[Place, ...]) -> str:
-        """A message of the jail's with the paths it was given written as the client
-        wrote them, and any other server path in the client's view."""
+        """A message of the jail's (a :class:`CommandError`'s, so escaped) with the
+        paths it was given written as the client wrote them, and any other server
+        path in the client's view."""
         marks = []
         for n, place in enumerate(sorted(places, key=lambda p: -len(p.jail))):
             if place.jail:
                 mark = f"\0{n}\0"
-                text = text.replace(place.jail, mark)
+                text = path_in_text(place.jail).sub(mark, text)
                 marks.append((mark, place.shown))
         text = self.view.scrub(text)
         for mark, shown in marks:
@@ -301,22 +303,28 @@ class JailedSFTPServer:
                     raise self._missing(place)
                 found = self._roots_listing()
             else:
-                found = [(name, self._link_sized(self.view.place(f"{place.virtual}/{name}"), st))
-                         for name, st in self.jail.scan_dir(place.jail)]
+                targets: dict[str, str] = {}  # read through the scan's own descriptor
+                found = [(name, self._link_sized(self.view.place(f"{place.virtual}/{name}"), st,
+                                                 targets.get(name)))
+                         for name, st in self.jail.scan_dir(place.jail, targets)]
             entries = [(os.fsencode(name), lsLine(name, st).encode("utf-8", "replace"),
                         stat_attrs(st)) for name, st in found]
             return DirectoryListing(entries, self)
 
         return self._open_handle("ls", listing, place)
 
-    def _link_sized(self, place: Place, st: os.stat_result) -> os.stat_result:
+    def _link_sized(self, place: Place, st: os.stat_result,
+                    target: str | None = None) -> os.stat_result:
         """``st``, but for a symlink the size of its target as the client sees it
         (0 if it is not shown): a symlink's size is its target's length, and the
-        length of a server path is not told either."""
+        length of a server path is not told either.  ``target`` is the link's,
+        if the caller read it already."""
         if not stat.S_ISLNK(st.st_mode):
             return st
         try:
-            shown = self.view.link_target(self._read_link(place), place)
+            if target is None:
+                target = self._read_link(place)
+            shown = self.view.link_target(target, place)
         except (OSError, CommandError, SFTPError):
             shown = None
         size = len(os.fsencode(shown)) if shown is not None else 0
@@ -512,6 +520,23 @@ class JailedSFTPServer:
         return d.addBoth(done)
 
 
+def status_message(message: bytes | str) -> bytes:
+    """A status message as SFTP version 3 sends it: UTF-8 (ISO-10646).
+
+    It may name a path the client sent, which ``os.fsdecode`` made of any bytes:
+    a byte that is not UTF-8 is written ``\\xNN``, and an unprintable character
+    (one that could drive a terminal or reorder the line) as its escape
+    (:func:`cmdserver.text.escaped`), since a client may print the message."""
+    if isinstance(message, bytes):
+        raw = message
+    else:
+        try:
+            raw = os.fsencode(message)  # a name's own bytes
+        except UnicodeEncodeError:  # a lone surrogate that no name decodes to (escaped)
+            return escaped(message).encode("utf-8")
+    return escaped(raw.decode("utf-8", "backslashreplace")).encode("utf-8")
+
+
 def statvfs_reply(st: os.statvfs_result) -> bytes:
     """The reply to ``statvfs@openssh.com`` and ``fstatvfs@openssh.com`` (OpenSSH's
     PROTOCOL, 4.4): eleven uint64."""
@@ -556,14 +581,24 @@ class JailedFileTransferServer(filetransfer.FileTransferServer):
                 if self.transport is not None:
                     self.transport.loseConnection()
 
-    def _sendStatus(self, requestId: bytes, code: int, message: bytes,
+    def _ebStatus(self, reason: Failure, requestId: bytes,
+                  msg: bytes = b"request failed") -> None:
+        # conch encodes an SFTPError's message as ASCII: one that names a path with
+        # other characters would raise there, and the request would never be answered.
+        error = reason.value
+        if isinstance(error, SFTPError):
+            self._sendStatus(requestId, error.code, error.message)
+        else:
+            super()._ebStatus(reason, requestId, msg)
+
+    def _sendStatus(self, requestId: bytes, code: int, message: bytes | str,
                     lang: bytes = b"") -> None:
         # The session speaks SFTP version 3 (conch's), which defines status codes
         # 0 to 8: a later version's code (FILE_ALREADY_EXISTS, 11) reads as
         # "Unknown status" in a v3 client such as OpenSSH's; its message says it all.
         if code > V3_LAST_STATUS:
             code = FX_FAILURE
-        super()._sendStatus(requestId, code, message, lang)
+        super()._sendStatus(requestId, code, status_message(message), lang)
 
     # -- OpenSSH's extensions ---------------------------------------------------
 

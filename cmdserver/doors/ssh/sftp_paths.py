@@ -23,6 +23,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cmdserver.text import escaped
+
+
+def path_in_text(path: str) -> re.Pattern[str]:
+    """``path`` where a message names it whole: followed by ``/``, its end or a
+    character that is no part of a name (``/srv/a`` is not in ``/srv/ab/x``).
+    Also as an escaped message writes it (:func:`cmdserver.text.escaped`), as
+    every message of the jail's is."""
+    forms = sorted({path, escaped(path)}, key=len, reverse=True)
+    return re.compile(f"(?:{'|'.join(map(re.escape, forms))})" + r"(?=/|$|[^\w.@+-])")
+
 
 @dataclass(frozen=True)
 class Place:
@@ -59,8 +70,8 @@ class ClientView:
         self.home = f"/{self.names[0]}" if self.several else "/"
         # Longest first, so that a nested root's paths are rewritten by its own prefix.
         order = sorted(range(len(self.roots)), key=lambda i: -len(self.roots[i]))
-        self._scrubbers = [(re.compile(re.escape(self.roots[i]) + r"(?=/|$|[^\w.@+-])"),
-                            self._prefix(i)) for i in order if self.roots[i] != "/"]
+        self._scrubbers = [(path_in_text(self.roots[i]), self._prefix(i))
+                           for i in order if self.roots[i] != "/"]
 
     def _prefix(self, index: int) -> str:
         """The client's path of a root: ``/`` or ``/rootN``."""

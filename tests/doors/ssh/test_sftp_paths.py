@@ -26,6 +26,7 @@ from cmdserver.doors.ssh.door import SSHAvatar
 from cmdserver.doors.ssh.sftp import VIRTUAL_ROOT_READ_ONLY, JailedSFTPServer
 from cmdserver.doors.ssh.sftp_paths import ClientView
 from cmdserver.policy import Policy
+from cmdserver.text import escaped
 from tests.doors.ssh.test_sftp_jail import PUT, FakeAvatar, SFTPServerTestBase
 from tests.helpers import OutsideTreeTempMixin, capture_audit
 
@@ -86,6 +87,9 @@ class ClientViewTest(unittest.TestCase):
         self.assertEqual(self.one.scrub("/srv/data/files2 stays"), "/srv/data/files2 stays")
         self.assertEqual(self.two.scrub("x: /var/log/app/y, /srv/data/files/z"),
                          "x: /root2/y, /root1/z")
+        # A root's name as an escaped message writes it (the jail's messages are).
+        odd = ClientView(["/srv/caf\udce9\x1b"])
+        self.assertEqual(odd.scrub(escaped("x: /srv/caf\udce9\x1b/y")), "x: /y")
 
     def test_link_targets(self) -> None:
         link = self.one.place("/a/b/link")
@@ -257,6 +261,16 @@ class NoServerPathTest(SFTPServerTestBase):
         self.audit = capture_audit(self)
 
 
+    def test_a_message_names_whole_paths_only(self) -> None:
+        # The client's a is not found in its sibling ab: that one stays a path of
+        # the client's view, not "a" followed by "b/x".
+        root = self.root
+        places = (self.server.place(b"a"), self.server.place(b"/ab/../a/b"))
+        message = escaped(f"{root}/a, {root}/ab/x, {root}/a/b, {root}/a/bc, {root}/a.b")
+        self.assertEqual(self.server._message(message, places),
+                         "a, /ab/x, /ab/../a/b, a/bc, /a.b")
+
+
 class ReadLinkTest(SFTPServerTestBase):
     """readlink shows a target in the client's view, or refuses one that leads out."""
 
@@ -308,3 +322,28 @@ class ReadLinkTest(SFTPServerTestBase):
             self.assertEqual(attrs["size"], size, name)
         self.assertEqual(self.successResultOf(self.server.getAttrs(b"abs", True))["size"],
                          os.stat(self.path("d")).st_size)
+
+    def test_a_listing_reads_links_through_the_directory_it_scans(self) -> None:
+        # Not by resolving the directory again for each link: that is one lookup
+        # for the listing, however many links and however deep.
+        deep = self.path("a", "b", "c", "d")
+        os.makedirs(deep)
+        for n in range(20):
+            self.link(f"../x{n}", "a", "b", "c", "d", f"rel{n}")
+        self.link(self.path("a"), "a", "b", "c", "d", "abs")
+        self.link(self.outside, "a", "b", "c", "d", "out")
+        self.link("../../../../../outside", "a", "b", "c", "d", "up")
+        resolved: list[list[str]] = []
+        jail = self.server.jail
+        resolve = jail._resolve
+
+        def counted(index: int, parts: list[str], follow: bool = True) -> int:
+            resolved.append(parts)
+            return resolve(index, parts, follow)
+
+        self.patch(jail, "_resolve", counted)
+        listing = self.successResultOf(self.server.openDirectory(b"/a/b/c/d"))
+        sizes = {name.decode(): attrs["size"] for name, _, attrs in listing}
+        self.assertEqual(sizes, {**{f"rel{n}": len(f"../x{n}") for n in range(20)},
+                                 "abs": len("/a"), "out": 0, "up": 0})
+        self.assertEqual(len(resolved), 1)

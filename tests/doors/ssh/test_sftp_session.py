@@ -14,8 +14,10 @@ from typing import Any, cast
 
 from twisted.conch.ssh import common, connection
 from twisted.conch.ssh.filetransfer import (
+    FILEXFER_ATTR_PERMISSIONS,
     FX_BAD_MESSAGE,
     FX_FAILURE,
+    FX_NO_SUCH_FILE,
     FX_OK,
     FX_OP_UNSUPPORTED,
     FX_PERMISSION_DENIED,
@@ -32,10 +34,17 @@ from twisted.conch.ssh.filetransfer import (
     FXP_HANDLE,
     FXP_INIT,
     FXP_LSTAT,
+    FXP_MKDIR,
     FXP_OPEN,
     FXP_OPENDIR,
     FXP_READ,
+    FXP_READLINK,
+    FXP_REALPATH,
+    FXP_REMOVE,
     FXP_RENAME,
+    FXP_RMDIR,
+    FXP_SETSTAT,
+    FXP_STAT,
     FXP_STATUS,
     FXP_VERSION,
     FXP_WRITE,
@@ -54,7 +63,7 @@ from cmdserver.doors.ssh.door import (
     SSHSettings,
 )
 from cmdserver.doors.ssh.session import RefusingSSHSession
-from cmdserver.doors.ssh.sftp import JailedFileTransferServer
+from cmdserver.doors.ssh.sftp import JailedFileTransferServer, status_message
 from cmdserver.doors.ssh.sftp_files import MAX_PACKET, MAX_READ, MAX_WRITE
 from cmdserver.policy import Policy
 from tests.helpers import OutsideTreeTempMixin, capture_audit
@@ -103,16 +112,23 @@ def sftp_packet(kind: int, request_id: int, payload: bytes) -> bytes:
 
 
 class SFTPSessionBase(OutsideTreeTempMixin, unittest.TestCase):
-    """An sftp subsystem on a RefusingSSHSession on a connection that records packets."""
+    """An sftp subsystem on a RefusingSSHSession on a connection that records packets;
+    with ``several_roots``, the jail has a second root beside ``root``."""
+
+    several_roots = False
 
     def setUp(self) -> None:
         self.root = os.path.realpath(self.mktemp())
         os.makedirs(self.root)
+        roots = [self.root]
+        if self.several_roots:
+            roots.append(os.path.realpath(self.mktemp()))
+            os.makedirs(roots[1])
         self.payload = os.urandom(5 * 32768)
         with open(os.path.join(self.root, "big.bin"), "wb") as f:
             f.write(self.payload)
         self.threads = HeldThreads()
-        policy = Policy([self.root])
+        policy = Policy(roots)
         core = CommandCore(Registry(), policy, task.Clock(), run_in_thread=self.threads)
         avatar = SSHAvatar(core, Account("ops"), SSHSettings(temp_run_id="0123abcd"))
         self.conn = CmdServerConnection()
@@ -414,3 +430,130 @@ class SFTPExtensionsTest(SFTPSessionBase):
         self.assertEqual(os.listdir(self.root), ["big.bin"])
         reply = self.extended(b"nosuch@example.com")
         self.assertEqual(self.status_of(reply)[0], FX_OP_UNSUPPORTED)
+
+
+
+# A name a client sends, and how a status message writes it: SFTP v3's messages
+# are UTF-8 (ISO-10646); a byte that is not UTF-8, or a character that could drive
+# a terminal, is written as its escape.
+NAMES = {
+    "café.txt".encode(): "café.txt".encode(),
+    b"caf\xe9.txt": b"caf\\xe9.txt",
+    b"\x1b[2J\xe2\x80\xaeclear": b"\\x1b[2J\\u202eclear",
+}
+NO_ATTRS = struct.pack("!L", 0)
+MISSING = b"no such file or directory: {}"
+Case = tuple[int, bytes, int, bytes]  # request type, payload, status code, message
+
+
+class SFTPNamesInStatusTest(SFTPSessionBase):
+    """Every failure whose message names the client's path is answered, once, with
+    the path as the client wrote it, whatever bytes it is made of."""
+
+    def ask(self, cases: list[Case]) -> None:
+        """Send every request, then check that each got one status, with its code
+        and message; then that the session ends at EOF."""
+        sent = [self.request(kind, payload) for kind, payload, _, _ in cases]
+        self.threads.finish_newest_first()
+        replies = self.replies()
+        self.assertEqual(sorted(request_id for _, request_id, _ in replies), sent)
+        answers = {request_id: self.status_of((kind, payload))
+                   for kind, request_id, payload in replies}
+        for request_id, (kind, payload, code, message) in zip(sent, cases, strict=True):
+            self.assertEqual(answers[request_id], (code, message), (kind, payload))
+        self.eof()  # nothing is left unanswered: the session ends
+        self.assertEqual(self.channel_events(), [("exit-status", 0), "close"])
+
+    def test_status_message(self) -> None:
+        cases: list[tuple[bytes | str, bytes]] = [
+            *((os.fsdecode(name), shown) for name, shown in NAMES.items()),
+            (b"request failed", b"request failed"),
+            ("x\ud800y", b"x\\ud800y"),  # a surrogate that no name decodes to
+        ]
+        for message, sent in cases:
+            self.assertEqual(status_message(message), sent)
+
+    def test_in_a_root(self) -> None:
+        self.ask([case for name, shown in NAMES.items()
+                  for case in self.root_cases(name, shown)])
+
+    def root_cases(self, name: bytes, shown: bytes) -> list[Case]:
+        def disk(suffix: bytes) -> bytes:
+            return os.path.join(os.fsencode(self.root), name + suffix)
+
+        os.mkdir(disk(b"-dir"))
+        open(disk(b"-file"), "wb").close()
+        os.mkfifo(disk(b"-fifo"))
+        os.symlink(b"/", disk(b"-out"))
+
+        def ns(suffix: bytes = b"") -> bytes:
+            return common.NS(name + suffix)
+
+        reserved = b"." + name + b".cmdserver-upload-0123abcd-89abcdef"
+        read, put = struct.pack("!L", FXF_READ) + NO_ATTRS, struct.pack("!L", PUT) + NO_ATTRS
+        cases = [
+            # Nothing by that name.
+            (FXP_STAT, ns(), FX_NO_SUCH_FILE, MISSING),
+            (FXP_LSTAT, ns(), FX_NO_SUCH_FILE, MISSING),
+            (FXP_OPEN, ns() + read, FX_NO_SUCH_FILE, MISSING),
+            (FXP_REMOVE, ns(), FX_NO_SUCH_FILE, MISSING),
+            (FXP_RMDIR, ns(), FX_NO_SUCH_FILE, MISSING),
+            (FXP_OPENDIR, ns(), FX_NO_SUCH_FILE, MISSING),
+            (FXP_SETSTAT, ns() + struct.pack("!LL", FILEXFER_ATTR_PERMISSIONS, 0o600),
+             FX_NO_SUCH_FILE, MISSING),
+            (FXP_READLINK, ns(), FX_NO_SUCH_FILE, MISSING),
+            (FXP_RENAME, ns() + common.NS(b"x"), FX_NO_SUCH_FILE, MISSING),
+            (FXP_EXTENDED, common.NS(b"statvfs@openssh.com") + ns(), FX_NO_SUCH_FILE,
+             MISSING),
+            (FXP_EXTENDED, common.NS(b"posix-rename@openssh.com") + ns() + common.NS(b"x"),
+             FX_NO_SUCH_FILE, MISSING),
+            # No directory by that name.
+            (FXP_MKDIR, ns(b"/x") + NO_ATTRS, FX_NO_SUCH_FILE, MISSING + b"/x"),
+            (FXP_OPEN, ns(b"/x") + put, FX_NO_SUCH_FILE, MISSING + b"/x"),
+            (FXP_REALPATH, ns(b"/x/y"), FX_NO_SUCH_FILE, MISSING + b"/x/y"),
+            # The wrong kind of file, or one that is there already.
+            (FXP_MKDIR, ns(b"-dir") + NO_ATTRS, FX_FAILURE, b"file exists: {}-dir"),
+            (FXP_RENAME, ns(b"-file") + ns(b"-dir"), FX_FAILURE, b"file exists: {}-dir"),
+            (FXP_RMDIR, ns(b"-file"), FX_FAILURE, b"not a directory: {}-file"),
+            (FXP_REMOVE, ns(b"-dir"), FX_FAILURE, b"is a directory: {}-dir"),
+            (FXP_OPEN, ns(b"-dir") + read, FX_FAILURE, b"is a directory: {}-dir"),
+            (FXP_OPEN, ns(b"-fifo") + read, FX_FAILURE, b"not a regular file: {}-fifo"),
+            (FXP_READLINK, ns(b"-file"), FX_FAILURE, b"not a symlink: {}-file"),
+            (FXP_OPEN, common.NS(reserved) + put, FX_FAILURE,
+             b"reserved name (upload temporary files look like it): "
+             b".{}.cmdserver-upload-0123abcd-89abcdef"),
+            (FXP_EXTENDED, ns(b"@example.com"), FX_OP_UNSUPPORTED,
+             b"extension {}@example.com is not supported here"),
+            # Refused.
+            (FXP_READLINK, ns(b"-out"), FX_PERMISSION_DENIED,
+             b"the symlink leads outside the jail: {}-out"),
+            (FXP_STAT, ns(b"-out/x"), FX_PERMISSION_DENIED, b"path outside allowed roots"),
+        ]
+        return [(kind, payload, code, message.replace(b"{}", shown))
+                for kind, payload, code, message in cases]
+
+
+class SFTPNamesInStatusSeveralRootsTest(SFTPNamesInStatusTest):
+    """The same in a session of several roots, and in its virtual ``/``, where
+    nothing but the roots is found."""
+
+    several_roots = True
+
+    def test_in_the_virtual_root(self) -> None:
+        cases: list[Case] = []
+        for name, shown in NAMES.items():
+            path = b"/" + name
+            missing, below = MISSING.replace(b"{}", b"/" + shown), b"/x"
+            cases += [
+                (FXP_STAT, common.NS(path), FX_NO_SUCH_FILE, missing),
+                (FXP_LSTAT, common.NS(path), FX_NO_SUCH_FILE, missing),
+                (FXP_OPEN, common.NS(path) + struct.pack("!L", FXF_READ) + NO_ATTRS,
+                 FX_NO_SUCH_FILE, missing),
+                (FXP_OPENDIR, common.NS(path), FX_NO_SUCH_FILE, missing),
+                (FXP_SETSTAT, common.NS(path) + NO_ATTRS, FX_NO_SUCH_FILE, missing),
+                (FXP_READLINK, common.NS(path), FX_NO_SUCH_FILE, missing),
+                (FXP_REALPATH, common.NS(path + below), FX_NO_SUCH_FILE, missing + below),
+                (FXP_EXTENDED, common.NS(b"statvfs@openssh.com") + common.NS(path),
+                 FX_NO_SUCH_FILE, missing),
+            ]
+        self.ask(cases)
