@@ -87,6 +87,7 @@ from cmdserver.doors.ssh.sftp_paths import ClientView, Place, path_in_text
 from cmdserver.errors import CommandError, PathOutsideRoots, Refused, RootProtected
 from cmdserver.jail import Entry
 from cmdserver.text import escaped
+from cmdserver.text import shown as displayed
 
 if TYPE_CHECKING:
     from cmdserver.doors.ssh.avatar import SSHAvatar
@@ -307,7 +308,9 @@ class JailedSFTPServer:
                 found = [(name, self._link_sized(self.view.place(f"{place.virtual}/{name}"), st,
                                                  targets.get(name)))
                          for name, st in self.jail.scan_dir(place.jail, targets)]
-            entries = [(os.fsencode(name), lsLine(name, st).encode("utf-8", "replace"),
+            # The long name is for display: a name's control characters are shown
+            # as U+FFFD there (the short name stays the file's own bytes).
+            entries = [(os.fsencode(name), displayed(lsLine(name, st)).encode("utf-8"),
                         stat_attrs(st)) for name, st in found]
             return DirectoryListing(entries, self)
 

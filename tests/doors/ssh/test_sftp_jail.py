@@ -182,6 +182,16 @@ class SFTPJailTest(SFTPServerTestBase):
             self.assertEqual(f.read(), b"data")
         self.assertEqual(self.temps(), [])
 
+    def test_a_listing_long_name_cannot_drive_a_terminal(self) -> None:
+        name = "evil\x1b]0;title\x07\u202e\udce9.txt"
+        with open(os.path.join(os.fsencode(self.root), os.fsencode(name)), "wb"):
+            pass
+        listing = self.successResultOf(self.server.openDirectory(b"."))
+        [(short, longname, _)] = [e for e in listing if e[0].startswith(b"evil")]
+        self.assertEqual(short, os.fsencode(name))  # the file's own name, to use it
+        text = longname.decode("utf-8")
+        self.assertTrue(text.endswith("evil\ufffd]0;title\ufffd\ufffd\ufffd.txt"), text)
+
     def test_upload_replaces_an_existing_file_whole(self) -> None:
         self.successResultOf(self.put(b"a.txt", b"beta").close())
         with open(self.path("a.txt"), "rb") as f:
