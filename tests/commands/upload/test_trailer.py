@@ -70,6 +70,44 @@ class LineTrailerTests(LineDoorUploads, unittest.TestCase):
         self.assertEqual(listing(self.root), [])
 
     @inlineCallbacks
+    def test_a_file_that_grew_runs_nothing_after_the_bad_trailer(self):
+        # `(cat f; echo "MAC …") | nc`, f longer than SIZE by the time it is read: the
+        # first extra line fails the upload; the rest of the file must not run as
+        # commands under the user's login. One error line, then the connection closes.
+        data = b"12345"
+        grown = data + b"67\nping\nupload evil 0 -\nMAC " + mac_of(b"").encode() + b"\n"
+        self.send(f"upload grew {len(data)} -\n".encode())
+        yield self.wait_for("Ready for ")
+        self.send(grown + trailer(data) + b"ping\n")
+        yield self.wait_for("Error: ")
+        self.assertEqual(self.lines(), [
+            "Ready for 5 bytes",
+            "Error: expected the trailer line 'MAC <64 hex digits>' after the content, "
+            "upload discarded"])
+        self.assertTrue(self.transport.disconnecting)
+        self.send(b"ping\n")  # until the transport is gone, nothing runs either
+        self.assertEqual(len(self.lines()), 2)
+        yield settle(self.uploads)
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
+    def test_a_bad_trailer_after_a_disk_error_closes_too(self):
+        def full(fd, buffers):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.reconnect(writer=full)
+        data = os.urandom(2 * BATCH)
+        self.send(f"upload full {len(data)} -\n".encode())
+        yield self.wait_for("Ready for ")
+        self.send(data[:BATCH])
+        yield self.wait_for("Error: disk full")
+        self.send(data[BATCH:] + b"extra\nping\n" + trailer(data))
+        self.assertEqual(self.lines()[1:], ["Error: disk full, upload discarded"])
+        self.assertTrue(self.transport.disconnecting)
+        yield settle(self.uploads)
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
     def test_everything_before_ready_then_half_close(self):
         # `printf 'upload f 5 -\n12345MAC …' | nc -N`: the content and the trailer (no
         # newline in the content) came with the command line, then the FIN.
