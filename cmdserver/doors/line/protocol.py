@@ -228,8 +228,13 @@ class LineProtocol(LineReceiver):
             self._close()
 
     def timeoutConnection(self) -> None:
-        # A long command is not idleness, unless it waits for the client's bytes.
-        waiting = (self._raw is not None and not self._raw_paused) or self._trailer is not None
+        # A long command is not idleness, unless it waits for the client's bytes: the
+        # content while it reads them (not while the upload paused reading, its disk
+        # behind), or the trailer line once the content is in.
+        if self._raw is not None:
+            waiting = not self._raw_paused
+        else:
+            waiting = self._trailer is not None
         if self._running is not None and not waiting:
             self.resetTimeout()
             return

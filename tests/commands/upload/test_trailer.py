@@ -51,6 +51,10 @@ class LineTrailerTests(LineDoorUploads, unittest.TestCase):
     def test_idle_timeout_while_the_trailer_is_awaited(self):
         return self.times_out_leaving_nothing(b"upload slow 5 -\n", b"12345")  # then nothing
 
+    def test_slow_disk_is_not_idleness_while_the_content_comes(self):
+        return self.slow_disk_is_not_idleness(
+            lambda data: f"upload bp {len(data)} -\n".encode(), trailer)
+
     @inlineCallbacks
     def test_disk_full_the_trailer_is_still_taken_off_the_stream(self):
         def full(fd, buffers):
