@@ -36,6 +36,7 @@ from cmdserver.doors.pb.upload import consumer_starter
 from cmdserver.doors.ssh.avatar import SSHAvatar, SSHSettings
 from cmdserver.doors.ssh.session import CommandSession
 from tests.doors.test_command_contract import FakeChannel
+from tests.helpers import capture_audit, commands_audited
 from tests.helpers.upload import KEY, leftovers, listing, make_core, temp_dir, wait_until
 
 DATA = os.urandom(300_000)
@@ -195,6 +196,27 @@ class UploadParityTests(unittest.TestCase):
                     with open(os.path.join(self.root, "t.bin"), "rb") as f:
                         self.assertEqual(f.read(), data)
                 self.reset()
+
+    @inlineCallbacks
+    def test_the_audit_record_names_the_mac_on_every_door(
+            self) -> Generator[Deferred[Any], Any, None]:
+        events = capture_audit(self)
+        trailer = f"MAC {B2}\n".encode()
+        for door in ("line", "ssh", "pb"):
+            if door == "line":
+                lines = yield self.line(DATA, " --mac blake2b", trailer)
+            elif door == "ssh":
+                lines = yield self.ssh(DATA, " --mac blake2b", trailer)
+            else:
+                lines = yield self.pb(DATA, {"mac": "blake2b"}, (B2,))
+            self.assertTrue(lines[-1].startswith("Upload OK"), (door, lines))
+            yield self.settled()
+            self.reset()
+        records = [(e["door"], e["outcome"], e["args"]) for e in commands_audited(events)
+                   if e["command"] == "upload"]
+        args = {"name": "t.bin", "size": len(DATA), "mac": "blake2b"}
+        self.assertEqual(records, [("line", "ok", args), ("ssh", "ok", args),
+                                   ("pb", "ok", args)])
 
     @inlineCallbacks
     def test_a_mac_the_server_does_not_take_is_refused_on_every_door(

@@ -367,8 +367,8 @@ class PBUploadTests(PBDoorTestBase):
             self.assertEqual(f.read(), data)
         self.assertEqual(self.leftovers(), [])
         [event] = self.audited("upload")
-        self.assertEqual((event["outcome"], event["args"]), ("ok", {"name": "up.bin",
-                                                                     "size": len(data)}))
+        self.assertEqual((event["outcome"], event["args"]),
+                         ("ok", {"name": "up.bin", "size": len(data), "mac": "hmac-sha256"}))
 
     @defer.inlineCallbacks
     def test_upload_file_takes_the_key_as_hmac_key_prints_it(self) -> Any:

@@ -40,6 +40,7 @@ from zope.interface import implementer
 from cmdserver.commands.base import Command, Context
 from cmdserver.commands.files import os_error
 from cmdserver.commands.upload.command import UploadCommand
+from cmdserver.commands.upload.command import audit_args as upload_audit_args
 from cmdserver.commands.upload.engine import HEX_MAC, UploadResult
 from cmdserver.commands.upload.mac import HMAC_SHA256
 from cmdserver.core import INTERNAL_ERROR
@@ -268,7 +269,7 @@ class HTTPUpload(Command):
         return done
 
     def audit_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {"name": kwargs.get("name"), "size": kwargs.get("size")}
+        return upload_audit_args(kwargs)
 
 
 @implementer(IPushProducer)
