@@ -228,19 +228,6 @@ def _read_hashed(f: Any, digest: Any, n: int, path: str) -> bytes:
     return cast(bytes, chunk)
 
 
-def file_hmac(path: str, key: bytes, algorithm: str = HMAC_SHA256) -> tuple[int, str]:
-    """Size and hex MAC (HMAC-SHA256 unless ``algorithm`` says otherwise) of a
-    file, read in chunks (memory stays flat): for the form of ``upload`` whose
-    MAC comes first."""
-    mac = new_mac(algorithm, key)
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            mac.update(chunk)
-            size += len(chunk)
-    return size, mac.hexdigest()
-
-
 def connect_endpoint(endpoint: Any, user: str, password: str, reactor: Any = None,
                      timeout: float = 30) -> Deferred:
     """Log in over any client endpoint (or endpoint string, e.g. ``tls:host=…:port=…``).
