@@ -167,12 +167,12 @@ class Session:
 
         ``key`` is read as the server reads its key files: hex text as
         ``cmdserver hmac-key`` prints it (str, or the bytes of such a file), else
-        raw bytes.  The file is read once: each 64 KiB chunk is hashed (``mac``:
-        HMAC-SHA256 unless ``blake2b`` is asked for) and sent, a few writes in
-        flight, and ``close(MAC)`` carries the MAC after the content.  The result
-        is a dict: ``name``, ``size``, ``mac`` (``ALG:HEX``, the MAC the server
-        checked) and ``sha256`` (the content's SHA-256 with ``sha256=True``, else
-        None).
+        raw bytes.  The file is read once: each 64 KiB chunk is read and hashed
+        (``mac``: HMAC-SHA256 unless ``blake2b`` is asked for) in a thread, off
+        the reactor, then sent, a few writes in flight, and ``close(MAC)``
+        carries the MAC after the content.  The result is a dict: ``name``,
+        ``size``, ``mac`` (``ALG:HEX``, the MAC the server checked) and
+        ``sha256`` (the content's SHA-256 with ``sha256=True``, else None).
         """
         key = parse_key(key)
         digest = new_mac(mac, key)  # ValueError for a key blake2b cannot take
@@ -188,10 +188,9 @@ class Session:
             in_flight: list[Deferred] = []
             try:
                 while sent < size:
-                    chunk = f.read(min(CHUNK, size - sent))
-                    if not chunk:
-                        raise OSError(f"{path}: the file shrank while it was sent")
-                    digest.update(chunk)
+                    # One chunk at a time, in order: the MAC is still one pass.
+                    chunk = yield threads.deferToThread(_read_hashed, f, digest,
+                                                        min(CHUNK, size - sent), path)
                     in_flight.append(writer.callRemote("write", chunk).addErrback(_translate))
                     sent += len(chunk)
                     if len(in_flight) >= WINDOW:
@@ -220,17 +219,13 @@ class Session:
         return d
 
 
-def file_hmac(path: str, key: bytes, algorithm: str = HMAC_SHA256) -> tuple[int, str]:
-    """Size and hex MAC (HMAC-SHA256 unless ``algorithm`` says otherwise) of a
-    file, read in chunks (memory stays flat): for the form of ``upload`` whose
-    MAC comes first."""
-    mac = new_mac(algorithm, key)
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            mac.update(chunk)
-            size += len(chunk)
-    return size, mac.hexdigest()
+def _read_hashed(f: Any, digest: Any, n: int, path: str) -> bytes:
+    """The next ``n`` bytes of ``f`` (at most), added to ``digest``: in a thread."""
+    chunk = f.read(n)
+    if not chunk:
+        raise OSError(f"{path}: the file shrank while it was sent")
+    digest.update(chunk)
+    return cast(bytes, chunk)
 
 
 def connect_endpoint(endpoint: Any, user: str, password: str, reactor: Any = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ import pytest
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.python import threadable
 from twisted.spread import pb
 from twisted.trial import unittest
 
@@ -367,8 +369,68 @@ class PBUploadTests(PBDoorTestBase):
             self.assertEqual(f.read(), data)
         self.assertEqual(self.leftovers(), [])
         [event] = self.audited("upload")
-        self.assertEqual((event["outcome"], event["args"]), ("ok", {"name": "up.bin",
-                                                                     "size": len(data)}))
+        self.assertEqual((event["outcome"], event["args"]),
+                         ("ok", {"name": "up.bin", "size": len(data), "mac": "hmac-sha256"}))
+
+    @defer.inlineCallbacks
+    def test_upload_file_reads_and_hashes_off_the_reactor_thread(self) -> Any:
+        data = os.urandom(5 * client.CHUNK + 7)
+        local = os.path.join(self.tmp, "local")
+        with open(local, "wb") as out:
+            out.write(data)
+        on_reactor: list[tuple[str, bool]] = []  # (what, whether on the reactor's thread)
+
+        class WatchedFile(io.BufferedReader):
+            def read(self, n: int | None = -1) -> bytes:
+                on_reactor.append(("read", threadable.isInIOThread()))
+                return super().read(n)
+
+        class WatchedMac:
+            def __init__(self, inner: Any) -> None:
+                self.inner = inner
+
+            def update(self, chunk: bytes) -> None:
+                on_reactor.append(("update", threadable.isInIOThread()))
+                self.inner.update(chunk)
+
+            def hexdigest(self) -> str:
+                return str(self.inner.hexdigest())
+
+        new_mac = client.new_mac
+        self.patch(client, "new_mac", lambda *args: WatchedMac(new_mac(*args)))
+        # The client's open(): its module global, ahead of the builtin.
+        vars(client)["open"] = lambda path, mode: WatchedFile(io.FileIO(path, mode))
+        self.addCleanup(vars(client).pop, "open")
+        s = yield self.session()
+        self.assertTrue(threadable.isInIOThread())
+        result = yield s.upload_file(local, "up.bin", KEY)
+        self.assertEqual(result["mac"], f"hmac-sha256:{file_mac(data)}")
+        self.assertEqual(on_reactor, [("read", False), ("update", False)] * 6)
+        with open(os.path.join(self.root, "up.bin"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    @defer.inlineCallbacks
+    def test_upload_file_of_a_file_that_shrinks_fails_and_leaves_nothing(self) -> Any:
+        local = os.path.join(self.tmp, "local")
+        with open(local, "wb") as out:
+            out.write(os.urandom(3 * client.CHUNK))
+
+        class Shrinking(io.BufferedReader):
+            reads = 0
+
+            def read(self, n: int | None = -1) -> bytes:
+                self.reads += 1
+                return super().read(n) if self.reads < 3 else b""
+
+        vars(client)["open"] = lambda path, mode: Shrinking(io.FileIO(path, mode))
+        self.addCleanup(vars(client).pop, "open")
+        s = yield self.session()
+        e = yield self.assertFailure(s.upload_file(local, "shrunk.bin", KEY), OSError)
+        self.assertEqual(str(e), f"{local}: the file shrank while it was sent")
+        while self.server.core.stats.in_flight:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertFalse(os.path.exists(os.path.join(self.root, "shrunk.bin")))
+        self.assertEqual(self.leftovers(), [])
 
     @defer.inlineCallbacks
     def test_upload_file_takes_the_key_as_hmac_key_prints_it(self) -> Any:

@@ -315,16 +315,18 @@ class ServiceTests(unittest.TestCase):
         for ending, close, lines in [
                 (f"MAC {'0' * 64}\n".encode(), False,
                  ["Error: HMAC mismatch, upload discarded", "pong"]),
+                # A line that is not a trailer: the stream is out of step, so the
+                # connection closes after the error and the `ping` never runs.
                 (b"ping\n", False, ["Error: expected the trailer line 'MAC <64 hex digits>' "
-                                    "after the content, upload discarded", "pong"]),
+                                    "after the content, upload discarded", ""]),
                 (f"MAC {mac[:-2]}\n".encode(), False,
-                 ["Error: the MAC must be 64 hex digits, upload discarded", "pong"]),
+                 ["Error: the MAC must be 64 hex digits, upload discarded", ""]),
                 (f"MAC {mac} x\n".encode(), False,
                  ["Error: extra bytes after the MAC in the trailer line, upload discarded",
-                  "pong"]),
+                  ""]),
                 (f"xMAC {mac}\n".encode(), False,  # one byte more than SIZE
                  ["Error: expected the trailer line 'MAC <64 hex digits>' after the "
-                  "content, upload discarded", "pong"]),
+                  "content, upload discarded", ""]),
                 (b"", True, ["Error: upload incomplete: the client closed the stream "
                              "before the MAC trailer", ""])]:
             answers = yield threads.deferToThread(talk, ending, close)

@@ -7,6 +7,7 @@ import hmac
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -19,7 +20,7 @@ from cmdserver.commands import default_registry
 from cmdserver.commands.base import Context, ListSink
 from cmdserver.commands.lastlog import LogSource
 from cmdserver.commands.upload.command import UploadCommand
-from cmdserver.commands.upload.engine import Uploads, UploadSettings
+from cmdserver.commands.upload.engine import HIGH_WATER, Uploads, UploadSettings
 from cmdserver.commands.upload.spool import TEMP_MARK
 from cmdserver.core import CommandCore
 from cmdserver.doors.idle import IdleClock
@@ -132,6 +133,36 @@ class LineDoorUploads:
         self.proto.connectionLost(Failure(Exception("closed")))
         yield settle(self.uploads)
         test.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
+    def slow_disk_is_not_idleness(self, command: Callable[[bytes], bytes],
+                                  ending: Callable[[bytes], bytes]
+                                  ) -> Generator[Deferred[Any], Any, None]:
+        """While the disk is behind, reading stops (the transport is paused) and the
+        30 s idle timeout does not count: the client is not idle, we are.
+        ``command(data)`` is the upload's line, ``ending(data)`` what follows the content."""
+        test: Any = self
+        gate = threading.Event()
+        test.addCleanup(gate.set)  # a failed test must not leave the writer waiting
+
+        def slow(fd: int, buffers: Any) -> int:
+            gate.wait()
+            return os.writev(fd, buffers)
+
+        self.reconnect(writer=slow, idle_timeout=30)
+        data = os.urandom(HIGH_WATER + (1 << 20))
+        self.send(command(data))
+        yield self.wait_for("Ready for ")
+        self.send(data[:HIGH_WATER])
+        test.assertEqual(self.transport.producerState, "paused")
+        self.clock.advance(60)  # waiting for our own disk is not the client's idleness
+        test.assertFalse(self.transport.disconnecting)
+        gate.set()
+        yield wait_until(lambda: self.transport.producerState == "producing")
+        self.send(data[HIGH_WATER:] + ending(data))
+        yield self.wait_for("Upload OK")
+        with open(os.path.join(self.root, "bp"), "rb") as f:
+            test.assertEqual(f.read(), data)
 
     def tearDown(self) -> Any:
         if self.proto._connected:

@@ -77,6 +77,8 @@ class UploadCommand(Command):
               help="also compute the content's SHA-256 for the answer (with -; the "
               "form with the MAC in the command always has it)"),
     )
+    # ``upload NAME SIZE HMAC``: the usage without its options, for a door's hints.
+    synopsis = " ".join([name, *(p.shown for p in params if not p.flag)])
     reads_input = True
     timeout = 0  # no deadline: a big file takes long; a stalled one meets the idle timeout
 
@@ -91,8 +93,7 @@ class UploadCommand(Command):
         # A door may stream bytes on some channels only (SSH: exec, not the shell):
         # it says why not before anything is created.
         unavailable = getattr(ctx.session, "raw_input_unavailable", None)
-        words = " ".join([self.name, *(p.shown for p in self.params if not p.flag)])
-        reason = unavailable(words) if unavailable is not None else None
+        reason = unavailable(self.synopsis) if unavailable is not None else None
         if reason is not None:
             raise CommandError(reason)
 
@@ -113,4 +114,12 @@ class UploadCommand(Command):
         return [f"Upload OK {result.name} {result.size} sha256={result.sha256}"]
 
     def audit_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {"name": kwargs.get("name"), "size": kwargs.get("size")}
+        return audit_args(kwargs)
+
+
+def audit_args(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What the audit log keeps of an upload, on every door: the name, the size and
+    the MAC algorithm the client named, the one that authenticates the file (never
+    the MAC itself)."""
+    return {"name": kwargs.get("name"), "size": kwargs.get("size"),
+            "mac": kwargs.get("mac", HMAC_SHA256)}

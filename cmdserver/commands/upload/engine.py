@@ -43,6 +43,7 @@ from cmdserver.commands.upload.mac import (
     HMAC_SHA256,
     BadTrailer,
     mac_error,
+    parse_hex,
     parse_trailer,
 )
 from cmdserver.commands.upload.spool import (
@@ -71,7 +72,6 @@ LOW_WATER = 6 << 20
 DEFAULT_MAX_UPLOAD = 1 << 30
 NO_THREAD = "upload failed: the server cannot start a thread now, upload discarded"
 TRAILER = "-"  # the HMAC argument that says: the MAC follows the content
-HEX_MAC = re.compile(r"\A[0-9a-fA-F]{64}\Z")
 _FINISH = object()
 
 __all__ = ["TRAILER", "TrailerUploadResult", "Upload", "UploadResult", "UploadSettings",
@@ -144,10 +144,11 @@ def check_request(name: str, size: int, mac_hex: str, max_upload: int) -> bytes 
         raise TooLarge(f"upload too large: {size} bytes (the limit is {max_upload} bytes)")
     if mac_hex == TRAILER:
         return None
-    if not isinstance(mac_hex, str) or not HEX_MAC.match(mac_hex):
+    try:
+        return parse_hex(mac_hex)
+    except BadTrailer:
         raise UsageError("HMAC must be 64 hex digits (the MAC of the content), "
-                         "or - to send it after the content")
-    return bytes.fromhex(mac_hex)
+                         "or - to send it after the content") from None
 
 
 def check_mac(algorithm: str, key: bytes, accepted: tuple[str, ...]) -> None:

@@ -89,7 +89,8 @@ def parse_trailer(line: bytes) -> bytes:
 
 
 def parse_hex(text: str) -> bytes:
-    """A MAC given as hex text on its own (PB's ``close(MAC)``): 64 hex digits."""
+    """A MAC given as hex text on its own (the command's HMAC argument, PB's
+    ``close(MAC)``, HTTP's header): 64 hex digits, either case."""
     if not isinstance(text, str) or not text.isascii():
         raise BadTrailer(BAD_HEX)
     return _from_hex(text.encode("ascii"))

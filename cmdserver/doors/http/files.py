@@ -40,8 +40,9 @@ from zope.interface import implementer
 from cmdserver.commands.base import Command, Context
 from cmdserver.commands.files import os_error
 from cmdserver.commands.upload.command import UploadCommand
-from cmdserver.commands.upload.engine import HEX_MAC, UploadResult
-from cmdserver.commands.upload.mac import HMAC_SHA256
+from cmdserver.commands.upload.command import audit_args as upload_audit_args
+from cmdserver.commands.upload.engine import UploadResult
+from cmdserver.commands.upload.mac import HMAC_SHA256, BadTrailer, parse_hex
 from cmdserver.core import INTERNAL_ERROR
 from cmdserver.doors.http.door import HTTPDoor, answer, prepare
 from cmdserver.doors.http.errors import (
@@ -239,8 +240,10 @@ class HTTPUpload(Command):
 
     def run(self, ctx: Context, name: str, size: int, hmac: str, mac: str = HMAC_SHA256,
             sha256: bool = False) -> Deferred:
-        if not HEX_MAC.match(hmac):  # no trailer after the body here: no "-"
-            raise UsageError("HMAC must be 64 hex digits (HMAC-SHA256 of the content)")
+        try:
+            parse_hex(hmac)  # no trailer after the body here: no "-"
+        except BadTrailer:
+            raise UsageError("HMAC must be 64 hex digits (HMAC-SHA256 of the content)") from None
         begun = self.body.uploads.begin(ctx, name, size, hmac, mac)
         upload: list[Any] = []
 
@@ -268,7 +271,7 @@ class HTTPUpload(Command):
         return done
 
     def audit_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {"name": kwargs.get("name"), "size": kwargs.get("size")}
+        return upload_audit_args(kwargs)
 
 
 @implementer(IPushProducer)

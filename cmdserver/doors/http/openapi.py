@@ -95,6 +95,8 @@ def command_path(command: Command) -> dict[str, Any]:
 def openapi_document(door: HTTPDoor) -> dict[str, Any]:
     from cmdserver.doors.http.api import served
 
+    # The MAC algorithms this server takes (--upload-macs), not every one it knows.
+    macs = door.uploads.settings.macs if door.uploads is not None else ALGORITHMS
     paths: dict[str, Any] = {}
     for command in served(door):
         paths[f"/v1/commands/{command.name}"] = command_path(command)
@@ -132,7 +134,7 @@ def openapi_document(door: HTTPDoor) -> dict[str, Any]:
                 "description": "the MAC: hmac-sha256 (the default) or blake2b (keyed "
                                "BLAKE2b, 32 bytes); refused, never replaced, where the "
                                "server does not take it",
-                "schema": {"type": "string", "enum": list(ALGORITHMS)}}],
+                "schema": {"type": "string", "enum": list(macs)}}],
             "requestBody": {"required": True,
                             "content": {"application/octet-stream": {}}},
             "responses": _responses(

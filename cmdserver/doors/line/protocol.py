@@ -9,7 +9,9 @@ the client does not read.  One connection runs
 at most ``LINES_PER_TURN`` lines per reactor turn, so a flood of short lines
 cannot starve the others.  A client that goes away cancels its running command.
 A command may take over the byte stream for a while (``receive_raw``: the bytes
-of an upload, and the trailer line after them), then lines resume.
+of an upload, and the trailer line after them), then lines resume; a trailer
+line that is not one closes the connection instead (the stream is out of step:
+what follows may be more of the file, never commands to run).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from zope.interface import implementer
 
 from cmdserver.auth.tls import handshake_failure
 from cmdserver.commands.base import Context
+from cmdserver.commands.upload.mac import BadTrailer, parse_trailer
 from cmdserver.commands.upload.stream import direct_reads, widen_reads
 from cmdserver.core import CommandCore, TextReply
 from cmdserver.doors.idle import IdleClock
@@ -225,8 +228,13 @@ class LineProtocol(LineReceiver):
             self._close()
 
     def timeoutConnection(self) -> None:
-        # A long command is not idleness, unless it waits for the client's bytes.
-        waiting = (self._raw is not None and not self._raw_paused) or self._trailer is not None
+        # A long command is not idleness, unless it waits for the client's bytes: the
+        # content while it reads them (not while the upload paused reading, its disk
+        # behind), or the trailer line once the content is in.
+        if self._raw is not None:
+            waiting = not self._raw_paused
+        else:
+            waiting = self._trailer is not None
         if self._running is not None and not waiting:
             self.resetTimeout()
             return
@@ -271,9 +279,7 @@ class LineProtocol(LineReceiver):
         if self._closing:
             return
         if self._trailer is not None:  # the line after an upload's content: its MAC
-            consumer, self._trailer = self._trailer, None
-            consumer.trailer(line)
-            self._drain()  # lines that came meanwhile, if the upload is already over
+            self._take_trailer(line)
             return
         self._turn_lines += 1
         if self._turn_lines >= LINES_PER_TURN and not self._yielding:
@@ -288,6 +294,29 @@ class LineProtocol(LineReceiver):
             self._update_reading()
             return
         self._handle(line)
+
+    def _take_trailer(self, line: bytes) -> None:
+        """The line after an upload's content goes to the upload, never to the commands.
+
+        A line that is not ``MAC <64 hex digits>`` says the stream is out of step
+        with the upload: more than SIZE bytes came (a file that grew while it was
+        sent), and what follows may be more of the file.  Nothing after it runs:
+        the upload's one ``Error: …`` line, then the connection closes, as after a
+        line too long.  A well-formed trailer (the right MAC or not) keeps the
+        connection reading commands.
+        """
+        consumer, self._trailer = self._trailer, None
+        try:
+            parse_trailer(line)
+        except BadTrailer:
+            # Before the upload hears of it: its error may be answered at once (_reply).
+            self._closing = True
+            self._queue = None
+        consumer.trailer(line)
+        if not self._closing:
+            self._drain()  # lines that came meanwhile, if the upload is already over
+        elif self._running is None:  # answered, or over before (a disk error): close now
+            self._close()
 
     def rawDataReceived(self, data: bytes) -> None:
         consumer = self._raw

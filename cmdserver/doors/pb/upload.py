@@ -37,6 +37,7 @@ from twisted.spread import pb
 
 from cmdserver.commands.base import Command, Context
 from cmdserver.commands.upload.command import UploadCommand
+from cmdserver.commands.upload.command import audit_args as upload_audit_args
 from cmdserver.commands.upload.engine import TRAILER
 from cmdserver.commands.upload.mac import HMAC_SHA256, BadTrailer, parse_hex
 from cmdserver.doors.pb.errors import BadArguments, CommandFailed, UnknownMethod, to_remote
@@ -313,4 +314,4 @@ class PBUpload(Command):
         return done
 
     def audit_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {"name": kwargs["name"], "size": kwargs["size"]}
+        return upload_audit_args(kwargs)

@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from cmdserver.commands.upload.command import UploadCommand
 from cmdserver.commands.upload.mac import TRAILER_MAX
 from cmdserver.core import TextReply, split_line
 from cmdserver.doors.ssh.shell import LineSink, PipedCommands, ShellProtocol, command_text, render
@@ -397,7 +398,7 @@ class CommandSession:
         if size == 0 and not trailer:
             return
         if not self.read_input(_RawInput(self, consumer, size, trailer)):
-            consumer.fail(self.raw_input_unavailable("upload NAME SIZE HMAC")
+            consumer.fail(self.raw_input_unavailable(UploadCommand.synopsis)
                           or "upload cannot read its bytes: the input was already taken")
 
     def pause_input(self) -> None:

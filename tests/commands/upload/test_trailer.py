@@ -51,6 +51,10 @@ class LineTrailerTests(LineDoorUploads, unittest.TestCase):
     def test_idle_timeout_while_the_trailer_is_awaited(self):
         return self.times_out_leaving_nothing(b"upload slow 5 -\n", b"12345")  # then nothing
 
+    def test_slow_disk_is_not_idleness_while_the_content_comes(self):
+        return self.slow_disk_is_not_idleness(
+            lambda data: f"upload bp {len(data)} -\n".encode(), trailer)
+
     @inlineCallbacks
     def test_disk_full_the_trailer_is_still_taken_off_the_stream(self):
         def full(fd, buffers):
@@ -66,6 +70,44 @@ class LineTrailerTests(LineDoorUploads, unittest.TestCase):
         yield self.wait_for("pong")
         # The trailer line was the upload's: never run as a command.
         self.assertEqual(self.lines()[1:], ["Error: disk full, upload discarded", "pong"])
+        yield settle(self.uploads)
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
+    def test_a_file_that_grew_runs_nothing_after_the_bad_trailer(self):
+        # `(cat f; echo "MAC …") | nc`, f longer than SIZE by the time it is read: the
+        # first extra line fails the upload; the rest of the file must not run as
+        # commands under the user's login. One error line, then the connection closes.
+        data = b"12345"
+        grown = data + b"67\nping\nupload evil 0 -\nMAC " + mac_of(b"").encode() + b"\n"
+        self.send(f"upload grew {len(data)} -\n".encode())
+        yield self.wait_for("Ready for ")
+        self.send(grown + trailer(data) + b"ping\n")
+        yield self.wait_for("Error: ")
+        self.assertEqual(self.lines(), [
+            "Ready for 5 bytes",
+            "Error: expected the trailer line 'MAC <64 hex digits>' after the content, "
+            "upload discarded"])
+        self.assertTrue(self.transport.disconnecting)
+        self.send(b"ping\n")  # until the transport is gone, nothing runs either
+        self.assertEqual(len(self.lines()), 2)
+        yield settle(self.uploads)
+        self.assertEqual(listing(self.root), [])
+
+    @inlineCallbacks
+    def test_a_bad_trailer_after_a_disk_error_closes_too(self):
+        def full(fd, buffers):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.reconnect(writer=full)
+        data = os.urandom(2 * BATCH)
+        self.send(f"upload full {len(data)} -\n".encode())
+        yield self.wait_for("Ready for ")
+        self.send(data[:BATCH])
+        yield self.wait_for("Error: disk full")
+        self.send(data[BATCH:] + b"extra\nping\n" + trailer(data))
+        self.assertEqual(self.lines()[1:], ["Error: disk full, upload discarded"])
+        self.assertTrue(self.transport.disconnecting)
         yield settle(self.uploads)
         self.assertEqual(listing(self.root), [])
 

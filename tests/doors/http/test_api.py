@@ -243,6 +243,21 @@ class APITests(OutsideTreeTempMixin, unittest.TestCase):
         self.assertEqual(answer.status, 401)
 
     @defer.inlineCallbacks
+    def test_openapi_offers_the_upload_macs_this_server_takes(self) -> Any:
+        def offered(document: dict[str, Any]) -> list[str]:
+            [header] = [p for p in document["paths"]["/v1/files/{path}"]["put"]["parameters"]
+                        if p["name"] == "X-Cmdserver-MAC-Algorithm"]
+            return list(header["schema"]["enum"])
+
+        answer = yield self.server.call("GET", "/v1/openapi.json")
+        self.assertEqual(offered(answer.json), ["hmac-sha256", "blake2b"])
+        server = HTTPServer(self.mktemp(), "--upload-macs", "blake2b")
+        yield server.start()
+        self.addCleanup(server.stop)
+        answer = yield server.call("GET", "/v1/openapi.json")
+        self.assertEqual(offered(answer.json), ["blake2b"])
+
+    @defer.inlineCallbacks
     def test_a_revoked_token_ends_its_connection(self) -> Any:
         conn = self.server.connection()
         self.addCleanup(conn.close)

@@ -61,7 +61,8 @@ class FileTests(OutsideTreeTempMixin, unittest.TestCase):
         records = [(e["event"], e["command"], e["outcome"], e["args"]) for e in events
                    if e["event"] in ("command", "file")]
         self.assertEqual(records, [
-            ("command", "upload", "ok", {"name": "big.bin", "size": len(data)}),
+            ("command", "upload", "ok", {"name": "big.bin", "size": len(data),
+                                         "mac": "hmac-sha256"}),
             ("file", "get", "ok", {"path": "big.bin"})])
         self.assertEqual(self.server.service.core.stats.file_operations["get"], 1)
 
@@ -106,10 +107,13 @@ class FileTests(OutsideTreeTempMixin, unittest.TestCase):
     def test_the_mac_stays_in_the_header_blake2b_when_named(self) -> Any:
         data = os.urandom(100_000)
         b2 = hashlib.blake2b(data, key=self.key, digest_size=32).hexdigest()
+        events = capture_audit(self)
         answer = yield self.put("b2.bin", data, b2, {"X-Cmdserver-MAC-Algorithm": "blake2b"})
         self.assertEqual((answer.status, answer.json["result"]),
                          (201, {"name": "b2.bin", "size": len(data),
                                 "sha256": hashlib.sha256(data).hexdigest()}))
+        [record] = [e for e in events if e["event"] == "command"]
+        self.assertEqual(record["args"], {"name": "b2.bin", "size": len(data), "mac": "blake2b"})
         for mac, headers, status, message in [
                 (self.mac(data), {"X-Cmdserver-MAC-Algorithm": "blake2b"}, 422,
                  "MAC mismatch (blake2b), upload discarded"),
