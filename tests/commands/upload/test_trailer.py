@@ -56,7 +56,9 @@ class LineTrailerTests(LineDoorUploads, unittest.TestCase):
             lambda data: f"upload bp {len(data)} -\n".encode(), trailer)
 
     @inlineCallbacks
-    def test_disk_full_the_trailer_is_still_taken_off_the_stream(self):
+    def disk_full_half_way(self):
+        """A trailer-form upload whose disk fills after its first batch: the
+        error is out, the rest of the content and the trailer are still to come."""
         def full(fd, buffers):
             raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -66,6 +68,11 @@ class LineTrailerTests(LineDoorUploads, unittest.TestCase):
         yield self.wait_for("Ready for ")
         self.send(data[:BATCH])
         yield self.wait_for("Error: disk full")
+        return data
+
+    @inlineCallbacks
+    def test_disk_full_the_trailer_is_still_taken_off_the_stream(self):
+        data = yield self.disk_full_half_way()
         self.send(data[BATCH:] + trailer(data) + b"ping\n")
         yield self.wait_for("pong")
         # The trailer line was the upload's: never run as a command.
@@ -96,15 +103,7 @@ class LineTrailerTests(LineDoorUploads, unittest.TestCase):
 
     @inlineCallbacks
     def test_a_bad_trailer_after_a_disk_error_closes_too(self):
-        def full(fd, buffers):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        self.reconnect(writer=full)
-        data = os.urandom(2 * BATCH)
-        self.send(f"upload full {len(data)} -\n".encode())
-        yield self.wait_for("Ready for ")
-        self.send(data[:BATCH])
-        yield self.wait_for("Error: disk full")
+        data = yield self.disk_full_half_way()
         self.send(data[BATCH:] + b"extra\nping\n" + trailer(data))
         self.assertEqual(self.lines()[1:], ["Error: disk full, upload discarded"])
         self.assertTrue(self.transport.disconnecting)
