@@ -550,15 +550,30 @@ def statvfs_reply(st: os.statvfs_result) -> bytes:
                        st.f_namemax)
 
 
+class _RequestKinds(dict):
+    """The packet kinds a server is asked (conch's names for them); any other kind
+    (a reply's, or one no version defines) is ``UNSUPPORTED``.  Conch drops an
+    unknown kind unanswered and fails on a reply's kind, where OpenSSH's
+    sftp-server answers both with OP_UNSUPPORTED."""
+
+    def get(self, kind: int, default: Any = None) -> str:
+        return super().get(kind, "UNSUPPORTED")
+
+
 class JailedFileTransferServer(filetransfer.FileTransferServer):
     """Conch's SFTP protocol, except that a lost session aborts open uploads, that
     it knows which requests are not answered yet, that it serves OpenSSH's
-    extensions, and that a packet longer than :data:`MAX_PACKET` ends the session.
+    extensions, that it answers a packet of a kind it does not serve with
+    OP_UNSUPPORTED, and that a packet longer than :data:`MAX_PACKET` ends the session.
 
     The session ends at the client's EOF, but only once every request received
     before it is answered (:meth:`requests_answered`): a client may send its
     last reads, writes or closes and its EOF without waiting for the replies.
     """
+
+    packetTypes = _RequestKinds(
+        (kind, name) for kind, name in filetransfer.FileTransferBase.packetTypes.items()
+        if hasattr(filetransfer.FileTransferServer, f"packet_{name}"))
 
     def __init__(self, server: JailedSFTPServer) -> None:
         super().__init__(avatar=server)
@@ -602,6 +617,13 @@ class JailedFileTransferServer(filetransfer.FileTransferServer):
         if code > V3_LAST_STATUS:
             code = FX_FAILURE
         super()._sendStatus(requestId, code, status_message(message), lang)
+
+    def packet_UNSUPPORTED(self, data: bytes) -> None:
+        """A packet of a kind this server does not serve: answered, in turn."""
+        def refuse(self: JailedFileTransferServer, data: bytes) -> None:
+            self._sendStatus(data[:4], FX_OP_UNSUPPORTED, b"operation unsupported")
+
+        self._dispatch(refuse, data)
 
     # -- OpenSSH's extensions ---------------------------------------------------
 

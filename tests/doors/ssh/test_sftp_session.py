@@ -292,6 +292,21 @@ class SFTPSessionTest(SFTPSessionBase):
         self.eof()
         self.assertEqual(self.channel_events(), [("exit-status", 0), "close"])
 
+    def test_a_packet_of_a_kind_not_served_is_answered_unsupported(self) -> None:
+        """A reply's kind (STATUS) or one no version defines gets OP_UNSUPPORTED in
+        its turn, with no error logged, and the session goes on and ends cleanly."""
+        reply_kind = self.request(FXP_STATUS, struct.pack("!L", 0))
+        unknown = self.request(250, b"whatever")
+        stat = self.request(FXP_STAT, common.NS(b"big.bin"))
+        self.threads.finish_newest_first()
+        self.assertEqual([(kind, i) for kind, i, _ in self.replies()],
+                         [(FXP_STATUS, reply_kind), (FXP_STATUS, unknown), (FXP_ATTRS, stat)])
+        self.assertEqual(self.statuses(), [(reply_kind, FX_OP_UNSUPPORTED),
+                                           (unknown, FX_OP_UNSUPPORTED)])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.eof()
+        self.assertEqual(self.channel_events(), [("exit-status", 0), "close"])
+
     def test_closing_the_channel_first_aborts_open_uploads(self) -> None:
         handle = self.open(b"up.bin", PUT)
         self.request(FXP_WRITE, common.NS(handle) + struct.pack("!Q", 0) + common.NS(b"x"))
