@@ -49,9 +49,10 @@ from cmdserver.errors import (
 )
 from cmdserver.policy import Policy
 from cmdserver.sessions import Session, SessionIds
+from cmdserver.sources import LOCAL, source_of
 from cmdserver.stats import DURATION_BUCKETS, Stats
 from cmdserver.text import escape
-from cmdserver.workers import DEFAULT_PER_ADDRESS, DEFAULT_THREADS, FairPool, address_of
+from cmdserver.workers import DEFAULT_PER_ADDRESS, DEFAULT_THREADS, FairPool
 
 log = Logger()
 
@@ -62,7 +63,6 @@ LOGIN_REQUIRED = "login required"
 INTERNAL_ERROR = "internal error (see the server log)"
 DEFAULT_MAX_CALLS_PER_ADDRESS = 32  # commands running at once from one client address
 DEFAULT_MAX_CALLS_PER_SESSION = 16  # and on one connection (PB pipelines calls)
-LOCAL = "local"  # the address of every UNIX-socket client: no per-address limit
 
 
 @final  # so that ``type(reply) is TextReply`` narrows run_text's result
@@ -284,7 +284,7 @@ class CommandCore:
         if self._run_in_thread is not None:
             return self._run_in_thread(f, *args, **kwargs)
         if ctx is not None:
-            return self.workers.submit(address_of(ctx.peer), f, *args, **kwargs)
+            return self.workers.submit(source_of(ctx.peer), f, *args, **kwargs)
         pool = self.reactor.getThreadPool()
         return threads.deferToThreadPool(self.reactor, pool, f, *args, **kwargs)
 
@@ -485,7 +485,7 @@ class CommandCore:
             return result
         if kind is Deferred or isinstance(result, Deferred):
             if not result.called or result.paused or is_deferred(result.result):
-                address = address_of(ctx.peer)
+                address = source_of(ctx.peer)
                 self._held[address] = self._held.get(address, 0) + 1
                 self._held_total += 1
                 if session is not None:
@@ -515,7 +515,7 @@ class CommandCore:
             error = TooManyCalls("on this connection", limit)
         else:
             limit = self.max_calls_per_address
-            address = address_of(ctx.peer)
+            address = source_of(ctx.peer)
             if not limit or address == LOCAL or self._held.get(address, 0) < limit:
                 return None
             error = TooManyCalls("from this address", limit)

@@ -51,16 +51,6 @@ Work = Callable[[], Any]
 Report = Callable[[bool, Any], None]
 
 
-def address_of(peer: str) -> str:
-    """The client address of a peer as doors write it: ``127.0.0.1:5555`` →
-    ``127.0.0.1``, ``[::1]:5555`` → ``::1``; ``local`` (UNIX sockets) as it is."""
-    if peer.startswith("["):
-        end = peer.find("]")
-        return peer[1:end] if end > 0 else peer
-    host, colon, port = peer.rpartition(":")
-    return host if colon and port.isdigit() else peer
-
-
 class Threads:
     """Daemon threads that run one job each at a time, started on demand.
 

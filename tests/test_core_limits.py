@@ -43,6 +43,16 @@ class CallLimitTests(unittest.SynchronousTestCase):
         self.core.run_text(self.ctx("10.0.0.1:10"), "later")
         self.assertEqual(len(self.later.pending), 7)
 
+    def test_an_ipv6_64_is_one_address(self) -> None:
+        """Another address of the same /64 shares the limit; another /64 does not."""
+        for i in range(4):
+            self.core.run_text(self.ctx(f"[2001:db8:0:1::{i + 1}]:1"), "later")
+        refused = self.core.run_text(self.ctx("[2001:db8:0:1:ffff::9]:2"), "later")
+        self.assertEqual(refused.lines,  # type: ignore[union-attr]
+                         ["Error: too many calls in flight from this address (the limit is 4)"])
+        self.core.run_text(self.ctx("[2001:db8:0:2::1]:1"), "later")
+        self.assertEqual(len(self.later.pending), 5)
+
     def test_commands_that_answer_at_once_hold_nothing(self) -> None:
         ctx = self.ctx("10.0.0.1:1")
         for _ in range(50):

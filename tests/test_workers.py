@@ -18,12 +18,12 @@ from cmdserver.commands.files import ComputeHash
 from cmdserver.core import CommandCore
 from cmdserver.errors import CommandError
 from cmdserver.policy import Policy
+from cmdserver.sources import address_of
 from cmdserver.workers import (
     BACKGROUND_NICE,
     NO_THREAD,
     FairPool,
     Threads,
-    address_of,
     background,
 )
 from tests.helpers import ProcessReactor, make_context
@@ -281,6 +281,19 @@ class CoreInThreadTests(unittest.SynchronousTestCase):
         self.threads.finish()
         self.threads.finish()
         self.assertEqual((self.pool.busy, self.threads.jobs), (0, []))
+
+    def test_an_ipv6_64_has_one_share(self) -> None:
+        """Hashes from several addresses of one /64 wait for one share of threads."""
+        hashes = [self.core.call(make_context(self.core, peer=f"[2001:db8:5:6::{i + 1}]:4000",
+                                              out=ListSink()), "comphash", path="f")
+                  for i in range(4)]
+        self.assertEqual((len(self.threads.jobs), self.pool.queued("2001:db8:5:6::/64")),
+                         (2, 2))
+        for d in hashes:
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+        self.threads.finish()
+        self.threads.finish()
 
     def test_without_a_context_the_reactor_pool_is_used(self) -> None:
         seen: list[Any] = []

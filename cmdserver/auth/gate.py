@@ -42,7 +42,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cmdserver.auth.penalty import Penalties, peer_host
+from cmdserver.auth.penalty import Penalties
+from cmdserver.sources import address_of
 
 CHECKS_PER_SOURCE = 2  # password checks queued or running per source address
 LOGIN_GRACE = 30.0  # seconds a connection that must log in has to do so
@@ -163,7 +164,7 @@ class LoginGate:
 
     def source(self, session: Any) -> str | None:
         """The source a session's logins count against (None: exempt)."""
-        return self.penalties.key(peer_host(session.peer))
+        return self.penalties.key(address_of(session.peer))
 
     def refusal(self, session: Any) -> str | None:
         """Why a login attempt on ``session`` would be refused now, or None."""

@@ -5,9 +5,8 @@ source adds penalty time to it, and while a source is penalised the doors
 refuse its new connections before any work and its login attempts without
 checking them (:class:`cmdserver.auth.gate.LoginGate` applies this).
 
-A source is an IPv4 address, an IPv6 /64 (one host usually owns a whole /64
-and its privacy addresses rotate inside it; an IPv4-mapped IPv6 address is the
-IPv4 address), or ``local`` for every UNIX-socket client.
+A source is an IPv4 address, an IPv6 /64 or ``local``, as for every
+per-address policy (:mod:`cmdserver.sources`).
 
 The n-th failure counted against a source adds ``step * 2**(n-1)`` seconds
 (1, 2, 4 … with the default step) to what is left of its penalty, which never
@@ -30,39 +29,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-LOCAL = "local"  # the source of every UNIX-socket client
-IPV6_PREFIX = 64  # IPv6 sources are networks of this size
+from cmdserver.sources import LOCAL, ip_of, source_key
+
 MAX_SOURCES = 65536  # remembered at most (OpenSSH's max-sources default)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def peer_host(peer: str) -> str:
-    """The address part of a session's peer (``1.2.3.4:5``, ``[::1]:5``, ``local``)."""
-    if peer.startswith("["):
-        return peer[1:].split("]", 1)[0]
-    return peer.rsplit(":", 1)[0] if ":" in peer else peer
-
-
-def _address(host: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if host is None or host == LOCAL:
-        return None
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])  # no IPv6 zone index
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-def source_key(host: str | None) -> str:
-    """The source ``host`` is penalised under: ``10.0.0.7``, ``2001:db8:1:2::/64``, ``local``."""
-    ip = _address(host)
-    if ip is None:
-        return LOCAL if host is None or host == LOCAL else host
-    if isinstance(ip, ipaddress.IPv6Address):
-        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
-    return str(ip)
 
 
 def parse_exempt(values: Iterable[str]) -> tuple[tuple[Network, ...], bool]:
@@ -112,7 +82,7 @@ class Penalties:
     def key(self, host: str | None) -> str | None:
         """The source of a client at ``host`` (None for a UNIX socket), or None if exempt."""
         if self.networks or self.local_exempt:
-            ip = _address(host)
+            ip = ip_of(host)
             if ip is None:
                 if self.local_exempt and (host is None or host == LOCAL):
                     return None

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import alsoProvides
 
+from cmdserver.sources import source_key
 from cmdserver.stats import Stats
 
 log = Logger()
@@ -38,7 +39,7 @@ Refusal = bytes | Callable[[str], bytes] | None
 
 
 def peer_host(addr: IAddress | None) -> str | None:
-    """The client's host for per-address limits; None for local (UNIX) sockets."""
+    """The client's host; None for local (UNIX) sockets."""
     return getattr(addr, "host", None)
 
 
@@ -59,21 +60,25 @@ class ConnectionLimits:
         self.per_host: Counter[str] = Counter()
 
     def acquire(self, host: str | None) -> bool:
+        """Count a connection from ``host`` (None: a UNIX socket, in the total only),
+        or False past a limit.  Per host means per source (an IPv6 /64 is one)."""
         if self.total >= self.max_total:
             return False
-        if host is not None and self.per_host[host] >= self.max_per_host:
-            return False
-        self.total += 1
         if host is not None:
-            self.per_host[host] += 1
+            source = source_key(host)
+            if self.per_host[source] >= self.max_per_host:
+                return False
+            self.per_host[source] += 1
+        self.total += 1
         return True
 
     def release(self, host: str | None) -> None:
         self.total -= 1
         if host is not None:
-            self.per_host[host] -= 1
-            if not self.per_host[host]:
-                del self.per_host[host]
+            source = source_key(host)
+            self.per_host[source] -= 1
+            if not self.per_host[source]:
+                del self.per_host[source]
 
 
 class _Refusal(Protocol):

@@ -5,7 +5,9 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from cmdserver.auth.penalty import Penalties, parse_exempt, peer_host, source_key
+from cmdserver.auth.penalty import Penalties, parse_exempt
+from cmdserver.sources import address_of as peer_host
+from cmdserver.sources import source_key
 
 
 class SourceKeyTests(unittest.SynchronousTestCase):

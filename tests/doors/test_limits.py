@@ -69,10 +69,22 @@ class LimitTests(unittest.SynchronousTestCase):
 
     def test_ipv6_and_unix(self) -> None:
         self.connect("::1", IPv6Address)
-        self.assertEqual(self.limits.per_host["::1"], 1)
+        self.assertEqual(self.limits.per_host["::/64"], 1)
         for _ in range(3):  # local sockets only count in the total
             self.assertFalse(self.connect(cls=UNIXAddress)[1].disconnecting)
         self.assertTrue(self.connect(cls=UNIXAddress)[1].disconnecting)
+
+    def test_an_ipv6_64_is_one_client(self) -> None:
+        """Addresses of one /64 share --max-per-ip (a host's privacy addresses
+        rotate inside its /64); another /64 has its own share."""
+        first = self.connect("2001:db8:1:2::10", IPv6Address)[1]
+        second = self.connect("2001:db8:1:2:aaaa::1", IPv6Address)[1]
+        third = self.connect("2001:db8:1:2:ffff::ffff", IPv6Address)[1]
+        self.assertEqual([t.disconnecting for t in (first, second, third)],
+                         [False, False, True])
+        self.assertFalse(self.connect("2001:db8:1:3::10", IPv6Address)[1].disconnecting)
+        self.assertEqual(dict(self.limits.per_host),
+                         {"2001:db8:1:2::/64": 2, "2001:db8:1:3::/64": 1})
 
     def test_declined_connection_releases(self) -> None:
         class Declining(Factory):

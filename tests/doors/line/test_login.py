@@ -9,7 +9,6 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from cmdserver.auth.credentials import Credentials, build_checkers
-from cmdserver.auth.penalty import peer_host
 from cmdserver.auth.portal import Realm, build_portal
 from cmdserver.auth.users import UserRecord, UserStore, hash_password
 from cmdserver.commands.account import Login, PasswordLogin, Whoami
@@ -19,6 +18,7 @@ from cmdserver.commands.files import ListDir
 from cmdserver.core import CommandCore
 from cmdserver.doors.line.protocol import LineProtocol, LineSettings
 from cmdserver.policy import Policy
+from cmdserver.sources import address_of as peer_host
 from tests.helpers import capture_audit, capture_log, commands_audited
 from tests.helpers.creds import TEST_COST, flatten_events, run_now, temp_dir
 
