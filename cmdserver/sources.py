@@ -11,7 +11,9 @@ client cannot get around one of them by taking another address of its /64.
 from __future__ import annotations
 
 import ipaddress
+import math
 from functools import lru_cache
+from typing import Any
 
 LOCAL = "local"  # the source of every UNIX-socket client
 IPV6_PREFIX = 64  # IPv6 sources are networks of this size
@@ -55,3 +57,35 @@ def source_of(peer: str) -> str:
     """The source of a peer as doors write it (``[2001:db8::7]:5555`` →
     ``2001:db8::/64``)."""
     return source_key(address_of(peer))
+
+
+class SourceReports:
+    """Refusals counted per source and reported at most once per ``interval``
+    seconds each: a flood of refused connections costs one audit record and one
+    log line a second per source, not one each.  At most ``max_sources`` are
+    remembered (all are forgotten past it: a report then comes early)."""
+
+    def __init__(self, clock: Any, interval: float = 1.0, max_sources: int = 4096) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.max_sources = max_sources
+        self._pending: dict[str, list[float]] = {}  # source -> [not reported, last report]
+
+    def count(self, source: str) -> int:
+        """Count one refusal of ``source``; how many to report now (this one and
+        those not reported yet), or 0 within ``interval`` of the last report."""
+        now = self.clock.seconds()
+        entry = self._pending.get(source)
+        if entry is None:
+            if len(self._pending) >= self.max_sources:
+                self._pending.clear()
+            entry = self._pending[source] = [0, -math.inf]
+        entry[0] += 1
+        if now - entry[1] < self.interval:
+            return 0
+        count = int(entry[0])
+        entry[0], entry[1] = 0, now
+        return count
+
+    def forget(self, source: str) -> None:
+        self._pending.pop(source, None)

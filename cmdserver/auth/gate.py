@@ -134,7 +134,7 @@ class LoginGate:
         self.clock = core.reactor
         self.settings = settings = settings or GateSettings()
         self.penalties = Penalties(self.clock, settings.penalty, settings.penalty_max,
-                                   settings.exempt)
+                                   settings.exempt, report_interval=REFUSAL_REPORT_INTERVAL)
         self._logins: dict[Any, Deferred] = {}  # session -> its login in flight
         self._checks: Counter[str] = Counter()  # source -> password checks not finished
         self._deadlines: dict[Any, Any] = {}  # session -> its login deadline (DelayedCall)
@@ -155,7 +155,7 @@ class LoginGate:
             return None
         reason = PENALISED.format(seconds=math.ceil(wait))
         self.core.stats.refused_penalised += 1
-        count = self.penalties.refused(key, REFUSAL_REPORT_INTERVAL)
+        count = self.penalties.refused(key)
         if count:
             self.core.audit_refusal(door, peer, reason, {"source": key, "connections": count})
         return reason

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from cmdserver.sources import LOCAL, ip_of, source_key
+from cmdserver.sources import LOCAL, SourceReports, ip_of, source_key
 
 MAX_SOURCES = 65536  # remembered at most (OpenSSH's max-sources default)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -61,16 +61,16 @@ class Source:
     strikes: int = 0  # failures not yet forgiven
     last: float = 0.0  # time of the last failure (forgiveness counts from here)
     until: float = 0.0  # penalised until then
-    refused: int = 0  # connections refused since the last report of them
-    reported: float = -math.inf  # when refused connections were last reported
 
 
 class Penalties:
     """Penalty time per source (see the module's description)."""
 
     def __init__(self, clock: Any, step: float = 1.0, cap: float = 60.0,
-                 exempt: Iterable[str] = (), max_sources: int = MAX_SOURCES) -> None:
+                 exempt: Iterable[str] = (), max_sources: int = MAX_SOURCES,
+                 report_interval: float = 1.0) -> None:
         self.clock = clock
+        self.reports = SourceReports(clock, report_interval)  # refused connections
         self.step = step
         self.cap = max(cap, step)
         self.networks, self.local_exempt = parse_exempt(exempt)
@@ -117,20 +117,14 @@ class Penalties:
         self._trim(now)
         return source.until - now
 
-    def refused(self, key: str, interval: float) -> int:
+    def refused(self, key: str) -> int:
         """Count a connection of ``key`` refused for its penalty.
 
         Returns how many refusals to report now (this one and those not
-        reported yet), at most once per ``interval`` seconds; else 0."""
-        source = self.sources.get(key)
-        if source is None:
+        reported yet), at most once per report interval; else 0."""
+        if key not in self.sources:
             return 0
-        source.refused += 1
-        now = self.clock.seconds()
-        if now - source.reported < interval:
-            return 0
-        count, source.refused, source.reported = source.refused, 0, now
-        return count
+        return self.reports.count(key)
 
     def __len__(self) -> int:
         return len(self.sources)

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import alsoProvides
 
-from cmdserver.sources import source_key
+from cmdserver.sources import SourceReports, source_key
 from cmdserver.stats import Stats
 
 log = Logger()
@@ -136,6 +136,7 @@ class LimitedFactory(WrappingFactory[_Counted]):
         self.door = door
         self.refusal = refusal
         self.gate = gate  # the core's LoginGate: refuses penalised addresses
+        self.refusals: SourceReports | None = None  # refused connections, to report
 
     def words(self, reason: str) -> bytes | None:
         """What the door says when it refuses a connection for ``reason``."""
@@ -153,8 +154,7 @@ class LimitedFactory(WrappingFactory[_Counted]):
                 return _Refusal(self.words(why[0].upper() + why[1:]))
         if not self.limits.acquire(host):
             self.stats.refused += 1
-            log.info("{door}: refused {peer}: too many connections", door=self.door,
-                     peer=format_peer(addr))
+            self._report_refusal(host, format_peer(addr))
             return _Refusal(self.words(TOO_MANY_CONNECTIONS))
         inner = self.wrappedFactory.buildProtocol(addr)
         if inner is None:  # the door declined the connection itself
@@ -164,6 +164,21 @@ class LimitedFactory(WrappingFactory[_Counted]):
         wrapper.host = host
         self.stats.connection_opened(self.door)
         return wrapper
+
+    def _report_refusal(self, host: str | None, peer: str) -> None:
+        """A connection refused by the limits: in the audit log and the main log, at
+        most once a second per source, with how many were refused meanwhile."""
+        core = getattr(self.gate, "core", None)
+        if core is None:  # no core to audit through (a door used on its own)
+            log.info("{door}: refused {peer}: too many connections", door=self.door, peer=peer)
+            return
+        source = source_key(host)
+        if self.refusals is None:
+            self.refusals = SourceReports(core.reactor)
+        count = self.refusals.count(source)
+        if count:
+            core.audit_refusal(self.door, peer, TOO_MANY_CONNECTIONS,
+                               {"source": source, "connections": count})
 
     def unregisterProtocol(self, p: _Counted) -> None:
         if p in self.protocols:

@@ -108,11 +108,11 @@ class PenaltyTests(unittest.SynchronousTestCase):
 
     def test_refusals_are_reported_at_most_once_an_interval(self) -> None:
         self.penalties.failure("a")
-        self.assertEqual(self.penalties.refused("a", 1.0), 1)
-        self.assertEqual([self.penalties.refused("a", 1.0) for _ in range(5)], [0] * 5)
+        self.assertEqual(self.penalties.refused("a"), 1)
+        self.assertEqual([self.penalties.refused("a") for _ in range(5)], [0] * 5)
         self.clock.advance(1)
-        self.assertEqual(self.penalties.refused("a", 1.0), 6)  # these and the 5 before
-        self.assertEqual(self.penalties.refused("unknown", 1.0), 0)
+        self.assertEqual(self.penalties.refused("a"), 6)  # these and the 5 before
+        self.assertEqual(self.penalties.refused("unknown"), 0)
 
 
 class ExemptTests(unittest.SynchronousTestCase):

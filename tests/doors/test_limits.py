@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
@@ -9,8 +11,14 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from cmdserver.doors.limits import ConnectionLimits, LimitedFactory, format_peer
+from cmdserver.doors.limits import (
+    TOO_MANY_CONNECTIONS,
+    ConnectionLimits,
+    LimitedFactory,
+    format_peer,
+)
 from cmdserver.stats import Stats
+from tests.helpers import capture_audit, make_core
 
 
 class LimitTests(unittest.SynchronousTestCase):
@@ -198,3 +206,42 @@ class PenaltyRefusalTests(unittest.SynchronousTestCase):
         transport = self.connect("10.0.0.1", tls)
         self.assertEqual(transport.value(), b"")  # closed before any handshake
         self.assertTrue(transport.disconnecting)
+
+
+class RefusalAuditTests(unittest.SynchronousTestCase):
+    """Connections the limits refuse are in the audit log (and the main log) once a
+    second per source at most, with how many were refused: a flood of refused
+    connections is not a flood of records."""
+
+    def setUp(self) -> None:
+        self.core = make_core(self.mktemp())
+        self.clock = self.core.reactor
+        self.audit = capture_audit(self)
+        self.limits = ConnectionLimits(max_total=10, max_per_host=1)
+        self.factory = LimitedFactory(Factory.forProtocol(Protocol), self.limits,
+                                      self.core.stats, "line", gate=self.core.gate)
+
+    def connect(self, host: str) -> StringTransport:
+        addr = IPv6Address("TCP", host, 1234) if ":" in host else IPv4Address("TCP", host, 1)
+        transport = StringTransport(peerAddress=addr)
+        self.factory.buildProtocol(addr).makeConnection(transport)
+        return transport
+
+    def refusals(self) -> list[tuple[str, str, Any]]:
+        return [(r["door"], r["error"], r.get("result")) for r in self.audit
+                if r["event"] == "refused"]
+
+    def test_refusals_audited_once_a_second_per_source(self) -> None:
+        self.connect("10.0.0.1")
+        for _ in range(5):
+            self.assertTrue(self.connect("10.0.0.1").disconnecting)
+        self.connect("2001:db8::1")
+        self.connect("2001:db8::2")  # the same /64: refused, and reported apart
+        self.assertEqual(self.refusals(), [
+            ("line", TOO_MANY_CONNECTIONS, {"source": "10.0.0.1", "connections": 1}),
+            ("line", TOO_MANY_CONNECTIONS, {"source": "2001:db8::/64", "connections": 1})])
+        self.clock.advance(1)
+        self.connect("10.0.0.1")
+        self.assertEqual(self.refusals()[-1],
+                         ("line", TOO_MANY_CONNECTIONS, {"source": "10.0.0.1", "connections": 5}))
+        self.assertEqual(self.core.stats.refused, 7)
