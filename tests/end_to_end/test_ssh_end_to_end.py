@@ -698,13 +698,7 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
                 accepted = _env_request(chan, "LANG", "C.UTF-8")
                 chan.invoke_subsystem("sftp")
                 listing = paramiko.SFTPClient(chan).listdir(".")
-                chan.shutdown_write()
-                chan.settimeout(10)
-                try:
-                    ended = chan.recv(1) == b""
-                except TimeoutError:
-                    ended = False
-                return accepted, listing, ended
+                return accepted, listing, _ends_at_eof(chan)
             finally:
                 t.close()
 
@@ -730,12 +724,7 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
                     except OSError as e:
                         errors.append(str(e))
                 listing = sftp.listdir(".")
-                chan.shutdown_write()
-                try:
-                    ended = chan.recv(1) == b""
-                except TimeoutError:
-                    ended = False
-                return errors, listing, ended
+                return errors, listing, _ends_at_eof(chan)
             finally:
                 t.close()
 
@@ -922,6 +911,17 @@ class SSHDoorTest(OutsideTreeTempMixin, unittest.TestCase):
         self.assertEqual(status, 0, err)
         with open(os.path.join(self.root, "up", "u.py"), "rb") as f, open(__file__, "rb") as g:
             self.assertEqual(f.read(), g.read())
+
+
+def _ends_at_eof(chan: paramiko.Channel) -> bool:
+    """Send EOF; whether the server then ends the channel (within 10 s) with
+    nothing more to say."""
+    chan.shutdown_write()
+    chan.settimeout(10)
+    try:
+        return chan.recv(1) == b""
+    except TimeoutError:
+        return False
 
 
 def _env_request(chan: paramiko.Channel, name: str, value: str) -> bool:
